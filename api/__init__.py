@@ -1,0 +1,1 @@
+"""The REST service and search page: thin, calls the service facade."""

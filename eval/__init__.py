@@ -1,0 +1,1 @@
+"""Benchmark readers and metrics (Flickr30k / COCO retrieval, SugarCrepe, QA)."""

@@ -1,0 +1,153 @@
+"""Tiny random LLaVA models, built from configs, for tests and for training a base from scratch.
+
+Nothing here downloads: the tokenizer is a byte-level BPE trained in-process on a small corpus, so
+any English text encodes (unknown words fall back to bytes). Models are saved and reloaded through
+the real ``from_pretrained`` so tests exercise the same loading path a user's checkpoint takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+# A small built-in corpus so the BPE learns common English pieces; bytes cover everything else.
+_BASE_CORPUS = (
+    "a an the of and or with in on at to from is are was were there this that these those "
+    "red green blue yellow orange purple white black gray brown pink cyan magenta "
+    "circle square triangle star cross diamond hexagon ring small large big tiny "
+    "left right above below top bottom middle center next beside behind front "
+    "how many what color which shape where is there any yes no one two three four five "
+    "image picture photo scene shows contains summary above sentence word user assistant "
+    "a man woman dog cat people person table street car sitting standing holding "
+)
+
+CHAT_TEMPLATE_FALLBACK = "USER: {prompt} ASSISTANT:"
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Geometry of a tiny LLaVA: image size / patch set the number of visual tokens."""
+
+    text_family: str = "llama"  # "llama" or "qwen2"
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    vocab_size: int = 512
+    max_positions: int = 1024
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def train_tokenizer(vocab_size: int = 512, corpus: Iterable[str] = ()):
+    """A byte-level BPE tokenizer trained in-process, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<image>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = [_BASE_CORPUS] * 4 + list(corpus)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token=None,
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+        chat_template=None,
+    )
+
+
+def build_tiny_llava(spec: TinySpec = TinySpec(), seed: int = 0, tokenizer=None):
+    """Return (model, processor) for a random tiny LLaVA of the given geometry."""
+    import torch
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        Qwen2Config,
+    )
+
+    tokenizer = tokenizer or train_tokenizer(spec.vocab_size)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_hidden * 2,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=4,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+    )
+    text_kwargs = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    if spec.text_family == "llama":
+        text = LlamaConfig(**text_kwargs)
+    elif spec.text_family == "qwen2":
+        text = Qwen2Config(**text_kwargs)
+    else:
+        raise ValueError(f"unknown tiny text family {spec.text_family!r}: use 'llama' or 'qwen2'")
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        image_seq_length=spec.image_tokens,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+def save_tiny_llava(path: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
+    """Build a tiny LLaVA and save model + processor to ``path`` (a stock-checkpoint folder)."""
+    path = Path(path)
+    model, processor = build_tiny_llava(spec, seed)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
