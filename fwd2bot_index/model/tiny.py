@@ -151,3 +151,12 @@ def save_tiny_llava(path: str | Path, spec: TinySpec = TinySpec(), seed: int = 0
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def random_images(n: int, seed: int = 0, size: tuple[int, int] = (48, 40)):
+    """``n`` seeded random-noise RGB images (width, height = ``size``) for tests and benchmarks."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    return [Image.fromarray(rng.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]

@@ -1,0 +1,268 @@
+"""Backbone adapters: the one seam between Fwd2Bot and a model family.
+
+Fwd2Bot needs six things from a vision-language model: preprocess images, project them into visual
+tokens in the LLM's input-embedding space, embed text ids, run the decoder on embeddings, map
+hidden states to logits, and generate from embeddings. ``LlavaBackbone`` provides them for every
+checkpoint transformers loads as ``LlavaForConditionalGeneration``; another family (LLaVA-OneVision,
+Qwen2-VL, Idefics3) is one more class registered in ``_ADAPTERS``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is not an architecture Fwd2Bot has a backbone adapter for."""
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint could not be found or read."""
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'auto' (or None) picks CUDA when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto' means bf16 on CUDA and fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of fp32, bf16, fp16, auto") from None
+
+
+_SLOT = "\u2063PROMPT\u2063"
+
+
+@dataclass(frozen=True)
+class ChatParts:
+    """A prompt split around the image slot: ``before`` + <visual tokens> + ``after``."""
+
+    before: str
+    after: str
+
+
+class LlavaBackbone:
+    """Adapter over ``LlavaForConditionalGeneration`` (transformers 5.x layout).
+
+    ``hf`` may later be wrapped by peft; LoRA layers are injected in place, so the decoder reached
+    through ``hf.model.language_model`` always runs with whichever adapter is active.
+    """
+
+    family = "llava"
+    image_placeholder = "<image>"
+
+    def __init__(self, hf_model: Any, processor: Any, reference: str, revision: str | None = None):
+        self.hf = hf_model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.reference = reference
+        self.revision = revision
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    # -- geometry --------------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        return self.hf.config
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf.config.text_config.hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.hf.config.text_config.num_hidden_layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf.get_input_embeddings().weight.dtype
+
+    @property
+    def num_image_tokens(self) -> int:
+        vision = self.hf.config.vision_config
+        n = (vision.image_size // vision.patch_size) ** 2
+        if self.hf.config.vision_feature_select_strategy == "full":
+            n += 1
+        return n
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return self.hf.model.language_model
+
+    # -- inputs ----------------------------------------------------------------------------
+    def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
+        """PIL images -> normalized pixel tensor on the model's device and dtype."""
+        out = self.processor.image_processor(images=list(images), return_tensors="pt")
+        return out["pixel_values"].to(self.device, self.dtype)
+
+    def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, H): projected visual tokens in the input-embedding space."""
+        out = self.hf.get_image_features(pixel_values=pixel_values)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        if isinstance(feats, (list, tuple)):
+            feats = torch.stack(list(feats))
+        return feats
+
+    def token_ids(self, text: str, bos: bool = False) -> list[int]:
+        """Token ids without the tokenizer's own specials; BOS prepended explicitly when asked."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if bos and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id] + ids
+        return ids
+
+    def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
+        """(L,) ids -> (L, H) input embeddings."""
+        t = torch.tensor(list(ids), dtype=torch.long, device=self.device)
+        return self.hf.get_input_embeddings()(t)
+
+    def chat(self, prompt: str) -> ChatParts:
+        """Wrap a user turn containing one ``<image>`` slot in the model's chat template.
+
+        Without a template (tiny test models) the LLaVA-1.5 convention is used.
+        """
+        template = getattr(self.processor, "chat_template", None) or getattr(
+            self.tokenizer, "chat_template", None
+        )
+        if template:
+            turn = [{"role": "user", "content": [{"type": "text", "text": _SLOT}]}]
+            rendered = self.processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+            bos = self.tokenizer.bos_token
+            if bos and rendered.startswith(bos):
+                rendered = rendered[len(bos) :]  # BOS is added once, as an id, by token_ids()
+            text = rendered.replace(_SLOT, prompt)
+        else:
+            text = f"USER: {prompt} ASSISTANT:"
+        before, _, after = text.partition(self.image_placeholder)
+        return ChatParts(before=before, after=after)
+
+    # -- running ---------------------------------------------------------------------------
+    def run_decoder(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last-layer hidden states (after the final norm) for left-padded embedded sequences."""
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.hf.lm_head(hidden)
+
+    def generate(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, streamer=None):
+        """Greedy generation from embedded prompts; returns only the new token ids."""
+        eos = self.tokenizer.eos_token_id
+        return self.hf.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos,
+            pad_token_id=self.tokenizer.pad_token_id,
+            streamer=streamer,
+        )
+
+    # -- identity --------------------------------------------------------------------------
+    def signature(self) -> dict:
+        """A content signature of the base weights: geometry plus a probe of the embedding matrix.
+
+        Stored in a compressor checkpoint so that loading it onto another base fails clearly.
+        The probe is dtype-tolerant (compared with a relative tolerance), not a path.
+        """
+        emb = self.hf.get_input_embeddings().weight.detach()
+        rows = emb[: min(64, emb.shape[0])].float().cpu()
+        probe = rows.sum(dim=1).tolist()
+        text = self.hf.config.text_config
+        return {
+            "family": self.family,
+            "text_model_type": text.model_type,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "vocab_size": int(emb.shape[0]),
+            "num_image_tokens": self.num_image_tokens,
+            "embedding_probe": [round(x, 6) for x in probe],
+        }
+
+
+_ADAPTERS = {"LlavaForConditionalGeneration": LlavaBackbone}
+_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration"}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def _architecture(config: Any) -> str | None:
+    for arch in getattr(config, "architectures", None) or []:
+        if arch in _ADAPTERS:
+            return arch
+    return _MODEL_TYPES.get(getattr(config, "model_type", None))
+
+
+def load_backbone(
+    name_or_path: str | Path,
+    device: str | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    revision: str | None = None,
+) -> LlavaBackbone:
+    """Load a stock checkpoint (local folder or hub id) through its family's adapter."""
+    from transformers import AutoConfig, AutoProcessor
+
+    ref = str(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(ref, revision=revision)
+    except (OSError, ValueError) as exc:
+        hint = " (no network: set HF_HUB_OFFLINE=1 and use a local folder)" if not Path(ref).exists() else ""
+        raise ModelLoadError(f"cannot load model {ref!r}: {exc}{hint}") from exc
+    arch = _architecture(config)
+    if arch is None:
+        found = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise UnsupportedModelError(
+            f"{ref}: architecture {found} is not supported. Supported: "
+            f"{', '.join(supported_architectures())} (LLaVA-1.5, llava-interleave-qwen and other "
+            "checkpoints transformers loads as LlavaForConditionalGeneration)."
+        )
+    import transformers
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    model_cls = getattr(transformers, arch)
+    hf = model_cls.from_pretrained(ref, revision=revision, dtype=torch_dtype).to(torch_device).eval()
+    processor = AutoProcessor.from_pretrained(ref, revision=revision)
+    return _ADAPTERS[arch](hf, processor, reference=ref, revision=revision)
+
+
+def quiet_transformers() -> None:
+    """Keep library progress bars and advisory warnings off stderr for CLI use."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - logging is best effort
+        pass

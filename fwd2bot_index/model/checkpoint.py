@@ -1,0 +1,217 @@
+"""Checkpoint folders: save, load, and fingerprint a Fwd2Bot model.
+
+Layout (ARCHITECTURE.md "Contracts"):
+  fwd2bot_config.json        config (format version, base reference + revision + signature, K, dims, prompts)
+  compressor.safetensors     summary tokens, heads, pass-2 projection, temperature
+  adapters/pass1/ adapters/pass2/   peft's own adapter format
+  base/                      the base model + processor, when the base was trained here (self-contained)
+
+No pickles anywhere. The fingerprint hashes content (config + weight files), never a path, so a
+reinstall or a moved folder keeps collections valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .backbone import ModelLoadError, load_backbone
+from .config import Fwd2BotConfig
+from .fwd2bot import PASS1, PASS2, Compressor, Fwd2Bot
+
+CONFIG_FILE = "fwd2bot_config.json"
+COMPRESSOR_FILE = "compressor.safetensors"
+DEMO_NAME = "demo"
+_HASH_FULL_LIMIT = 256 * 2**20  # larger weight files are hashed by size, header and both ends
+_HASH_ENDS = 4 * 2**20
+_CARD_FILES = {"README.md", "MODEL_CARD.md"}
+
+
+class CheckpointMismatchError(ValueError):
+    """A compressor checkpoint was loaded onto a base model it was not trained on."""
+
+
+def demo_model_path() -> Path:
+    """The shipped demo model folder (package data)."""
+    return Path(str(resources.files("fwd2bot_index"))) / "demo_model"
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def resolve_model_name(name: str) -> str:
+    """Map ``demo`` to the shipped folder; leave folders and hub ids alone."""
+    if name == DEMO_NAME:
+        path = demo_model_path()
+        if not is_checkpoint(path):
+            raise ModelLoadError(
+                f"the demo model is not installed at {path}; reinstall fwd2bot-index, or pass --model "
+                "with a checkpoint folder or a LLaVA model"
+            )
+        return str(path)
+    return name
+
+
+# -- fingerprint -----------------------------------------------------------------------------
+def _hash_file(digest: "hashlib._Hash", path: Path) -> None:
+    size = path.stat().st_size
+    digest.update(f"{size}\0".encode())
+    with path.open("rb") as fh:
+        if size <= _HASH_FULL_LIMIT:
+            for block in iter(lambda: fh.read(2**20), b""):
+                digest.update(block)
+        else:
+            digest.update(fh.read(_HASH_ENDS))
+            fh.seek(size - _HASH_ENDS)
+            digest.update(fh.read(_HASH_ENDS))
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """sha256 over the relative names and contents of a folder's model files (cards excluded)."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if path.name in _CARD_FILES or "/." in f"/{rel}" or rel.endswith(".lock"):
+            continue
+        digest.update(rel.encode() + b"\0")
+        _hash_file(digest, path)
+    return digest.hexdigest()[:32]
+
+
+def model_fingerprint(model: Fwd2Bot) -> str:
+    """The checkpoint folder's content hash, or for a stock model its signature plus folder hash."""
+    source = Path(model.source) if model.source else None
+    if source is not None and source.is_dir():
+        return folder_fingerprint(source)
+    digest = hashlib.sha256(json.dumps(model.config.base_signature, sort_keys=True).encode())
+    digest.update(f"{model.config.base_model}@{model.config.base_revision}".encode())
+    return digest.hexdigest()[:32]
+
+
+# -- save ------------------------------------------------------------------------------------
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    from .. import __version__
+
+    return {"fwd2bot_index": __version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "torch": torch.__version__}
+
+
+def _clean_base_state_dict(model: Fwd2Bot) -> dict:
+    """Base weights without LoRA tensors and with peft's ``base_layer`` indirection removed."""
+    hf = model.peft.get_base_model() if model.peft is not None else model.backbone.hf
+    state = {}
+    for key, value in hf.state_dict().items():
+        if "lora_" in key:
+            continue
+        state[key.replace(".base_layer", "")] = value.detach().contiguous()
+    return state
+
+
+def save_model(model: Fwd2Bot, path: str | Path, include_base: bool | None = None) -> None:
+    """Write a checkpoint folder atomically (a temp folder renamed into place)."""
+    if model.compressor is None:
+        raise ValueError("a stock model has no compressor to save; it is used directly from its folder")
+    path = Path(path)
+    include_base = model.config.base_model == "base" if include_base is None else include_base
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        config = model.config
+        config.versions = _versions()
+        if include_base:
+            config.base_model, config.base_revision = "base", None
+            hf = model.peft.get_base_model() if model.peft is not None else model.backbone.hf
+            hf.save_pretrained(tmp / "base", state_dict=_clean_base_state_dict(model))
+            model.backbone.processor.save_pretrained(tmp / "base")
+        (tmp / CONFIG_FILE).write_text(config.to_json())
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.compressor.state_dict().items()}
+        save_file(tensors, str(tmp / COMPRESSOR_FILE), metadata={"format": "fwd2bot-compressor"})
+        model.peft.save_pretrained(str(tmp / "adapters"), selected_adapters=[PASS1, PASS2])
+        for card in (tmp / "adapters").rglob("README.md"):  # peft's generic card says nothing of ours
+            card.unlink()
+        card = path / "README.md"
+        if card.is_file():
+            shutil.copy2(card, tmp / "README.md")
+        backup = None
+        if path.exists():
+            backup = path.with_name(f".{path.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(path, backup)
+        os.replace(tmp, path)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    model.source = str(path)
+    model._fingerprint = None
+
+
+# -- load ------------------------------------------------------------------------------------
+def _check_signature(expected: dict, actual: dict, base_ref: str) -> None:
+    exact = ("family", "hidden_size", "num_layers", "vocab_size", "num_image_tokens")
+    differs = [k for k in exact if k in expected and expected[k] != actual.get(k)]
+    probe_a, probe_b = expected.get("embedding_probe", []), actual.get("embedding_probe", [])
+    if not differs and probe_a and len(probe_a) == len(probe_b):
+        a, b = torch.tensor(probe_a), torch.tensor(probe_b)
+        if not torch.allclose(a, b, rtol=2e-2, atol=2e-2):
+            differs.append("weights")
+    if differs:
+        raise CheckpointMismatchError(
+            f"this compressor checkpoint was trained on another base model than {base_ref} "
+            f"(different {', '.join(differs)}); load it with the base it was trained on "
+            f"(its fwd2bot_config.json names it), or retrain with `f2b train`"
+        )
+
+
+def load_checkpoint(path: str | Path, device: str | None = "auto", dtype: str | None = "auto",
+                    base: str | None = None, revision: str | None = None) -> Fwd2Bot:
+    """Load a Fwd2Bot checkpoint folder onto its base (or onto ``base``, checked for a match)."""
+    from peft import PeftModel
+
+    path = Path(path)
+    config = Fwd2BotConfig.read(path)
+    if base is not None:
+        base_ref, base_rev = base, revision
+    elif config.base_model == "base":
+        base_ref, base_rev = str(path / "base"), None
+    else:
+        base_ref, base_rev = config.base_model, config.base_revision
+    backbone = load_backbone(base_ref, device=device, dtype=dtype, revision=base_rev)
+    _check_signature(config.base_signature, backbone.signature(), base_ref)
+    compressor = Compressor(config.hidden_size, config.num_summary_tokens, config.embed_dim)
+    compressor.load_state_dict(load_file(str(path / COMPRESSOR_FILE)))
+    compressor.to(backbone.device, backbone.dtype)
+    peft_model = PeftModel.from_pretrained(backbone.hf, str(path / "adapters" / PASS1), adapter_name=PASS1)
+    peft_model.load_adapter(str(path / "adapters" / PASS2), adapter_name=PASS2)
+    peft_model.eval()
+    return Fwd2Bot(backbone, config, compressor, peft_model, source=str(path))
+
+
+def load_model(name_or_path: str, device: str | None = "auto", dtype: str | None = "auto",
+               base: str | None = None, revision: str | None = None) -> Fwd2Bot:
+    """``demo`` | checkpoint folder | stock LLaVA folder or hub id -> a ready Fwd2Bot."""
+    resolved = resolve_model_name(str(name_or_path))
+    if is_checkpoint(resolved):
+        return load_checkpoint(resolved, device=device, dtype=dtype, base=base, revision=revision)
+    if base is not None:
+        raise ValueError(f"--base only applies to a Fwd2Bot checkpoint; {resolved} is a stock model")
+    if Path(resolved).exists() and not (Path(resolved) / "config.json").is_file():
+        raise ModelLoadError(
+            f"{resolved} is neither a Fwd2Bot checkpoint (no {CONFIG_FILE}) nor a transformers model "
+            "folder (no config.json)"
+        )
+    backbone = load_backbone(resolved, device=device, dtype=dtype, revision=revision)
+    return Fwd2Bot.stock(backbone)

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random LLaVA models saved to disk and loaded through from_pretrained."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A stock-checkpoint folder: tiny CLIP vision + Llama text, random weights."""
+    from fwd2bot_index.model.tiny import TinySpec, save_tiny_llava
+
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny") / "llava", TinySpec(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    """The same geometry with a Qwen2 text model."""
+    from fwd2bot_index.model.tiny import TinySpec, save_tiny_llava
+
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny") / "qwen", TinySpec(text_family="qwen2"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_llava_dir):
+    from fwd2bot_index.model import Fwd2Bot
+
+    return Fwd2Bot.from_pretrained(str(tiny_llava_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture
+def images():
+    from fwd2bot_index.model.tiny import random_images
+
+    return random_images(5)
