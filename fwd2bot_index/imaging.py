@@ -1,0 +1,457 @@
+"""Reading image files safely: decode fully or fail clearly, scan folders, hash, and read EXIF metadata.
+
+Pillow only (numpy for the 16-bit rescale). Every failure to read an image raises ``ImageDecodeError``
+whose text names the file and says what is wrong in words a user can act on, so an indexing run can
+record the reason per file and carry on instead of crashing or silently storing a half-decoded picture.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import logging
+import os
+import struct
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "HEIF_SUPPORTED",
+    "IMAGE_EXTENSIONS",
+    "ImageDecodeError",
+    "ScanError",
+    "file_sha256",
+    "image_metadata",
+    "load_image",
+    "load_image_bytes",
+    "scan_images",
+]
+
+log = logging.getLogger(__name__)
+
+#: Pillow's own default, restated so the limit is a decision of this package, not an accident.
+DEFAULT_MAX_PIXELS = 89_478_485
+# Pillow's global guard stays as an outer bound (it raises at twice this value inside Image.open);
+# the per-call ``max_pixels`` check below is the one that decides.
+Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
+
+try:  # optional HEIC/HEIF support
+    import pillow_heif  # type: ignore[import-not-found]
+
+    pillow_heif.register_heif_opener()
+    HEIF_SUPPORTED = True
+except Exception:  # noqa: BLE001 - absent or broken plug-in: HEIC files then fail with a clear reason
+    HEIF_SUPPORTED = False
+
+#: File name endings treated as images by ``scan_images`` (lower case, with the dot). HEIC/HEIF and
+#: AVIF are listed even without their decoders so such files are reported, not silently skipped.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff",
+     ".heic", ".heif", ".avif"}
+)
+
+_HEIF_EXTENSIONS = {".heic", ".heif"}
+_WHITE = (255, 255, 255)
+
+
+class ImageDecodeError(Exception):
+    """An image that cannot be used. ``str()`` is ``"<file>: <reason>"``, meant for the user."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class ScanError(FileNotFoundError):
+    """A folder given to ``scan_images`` that does not exist or cannot be listed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``path`` completely into an 8-bit RGB image, or raise ``ImageDecodeError``.
+
+    EXIF orientation is applied, 16-bit greyscale is rescaled (not clipped), CMYK / palette / alpha
+    images become plain RGB (alpha composited on white), animations give their first frame.
+    Truncated data is an error: a half-grey picture must never be indexed as if it were whole.
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if p.is_dir():
+            raise ImageDecodeError(path, "is a folder, not an image file")
+        with open(p, "rb") as fh:
+            return _decode(fh, str(path), size, max_pixels)
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file not found (was it moved or deleted?)") from None
+    except PermissionError:
+        raise ImageDecodeError(path, "permission denied (the file cannot be read; check its permissions)") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(path, "is a folder, not an image file") from None
+    except OSError as exc:
+        raise ImageDecodeError(path, f"cannot read the file ({exc.strerror or exc})") from None
+
+
+def load_image_bytes(
+    data: bytes | bytearray | memoryview | BinaryIO, name: str = "upload", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Like ``load_image`` for an upload held in memory (bytes or a binary file-like object).
+
+    ``name`` only labels error messages (use the uploaded file name).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        data = data.read()
+    raw = bytes(data)
+    return _decode(io.BytesIO(raw), name, len(raw), max_pixels)
+
+
+def _decode(fh: BinaryIO, name: str, size: int, max_pixels: int) -> Image.Image:
+    """Open, bound-check, fully load and normalise one image from an open binary stream."""
+    if size == 0:
+        raise ImageDecodeError(name, "empty file (0 bytes)")
+    _check_riff_length(fh, name, size)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(fh)
+    except UnidentifiedImageError:
+        raise ImageDecodeError(name, _unidentified_reason(name)) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(name, f"image too large ({exc}); possible decompression bomb") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(name, _reason_from_exception(exc)) from None
+    with im:
+        width, height = im.size
+        if width * height > max_pixels:
+            raise ImageDecodeError(
+                name,
+                f"image too large: {width}x{height} = {width * height:,} pixels exceeds the limit of "
+                f"{max_pixels:,} (possible decompression bomb; raise max_pixels if the file is trusted)",
+            )
+        source_format = im.format
+        try:
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            im.load()
+        except Image.DecompressionBombError as exc:
+            raise ImageDecodeError(name, f"image too large ({exc}); possible decompression bomb") from None
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
+            raise ImageDecodeError(name, _reason_from_exception(exc)) from None
+        if ImageFile.LOAD_TRUNCATED_IMAGES:
+            log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set by some other code: truncated files may pass")
+        oriented = _apply_orientation(im)
+        rgb = _to_rgb(oriented)
+    rgb.info["source_format"] = source_format
+    return rgb
+
+
+def _check_riff_length(fh: BinaryIO, name: str, size: int) -> None:
+    """WebP decoders report cut files as a generic failure; the RIFF header knows the true length."""
+    head = fh.read(12)
+    fh.seek(0)
+    if len(head) == 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        declared = int.from_bytes(head[4:8], "little") + 8
+        if declared > size:
+            raise ImageDecodeError(name, _TRUNCATED)
+
+
+_TRUNCATED = "truncated image data (the file is incomplete; re-copy it)"
+
+
+def _reason_from_exception(exc: BaseException) -> str:
+    """Turn Pillow's assorted decoder exceptions into one user-readable sentence."""
+    text = str(exc)
+    low = text.lower()
+    if "truncated" in low or isinstance(exc, EOFError) or "premature end" in low:
+        return _TRUNCATED
+    return f"corrupt or unsupported image data ({text or type(exc).__name__}); the file may be damaged"
+
+
+def _unidentified_reason(name: str) -> str:
+    ext = Path(name).suffix.lower()
+    if ext in _HEIF_EXTENSIONS and not HEIF_SUPPORTED:
+        return "HEIC/HEIF images need the optional package pillow-heif (pip install pillow-heif)"
+    return "not an image file, or an image format Pillow cannot read"
+
+
+def _apply_orientation(im: Image.Image) -> Image.Image:
+    """Rotate/flip as the EXIF orientation tag says; a broken EXIF block is ignored, not fatal."""
+    try:
+        return ImageOps.exif_transpose(im) or im
+    except Exception as exc:  # noqa: BLE001 - malformed EXIF must not make a good picture unusable
+        log.debug("ignoring unreadable EXIF orientation: %s", exc)
+        return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB without clipping high bit depths."""
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        return _rescale_to_l(np.asarray(im), 65535.0).convert("RGB")
+    if mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        top = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 255.0
+        return _rescale_to_l(arr, top).convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+    if "A" in mode or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _rescale_to_l(arr: np.ndarray, top: float) -> Image.Image:
+    """Map 0..top linearly to 0..255 (16-bit data is scaled, never clipped at 255)."""
+    scaled = np.clip(np.nan_to_num(arr.astype(np.float64)), 0.0, top) * (255.0 / top)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+
+
+# --------------------------------------------------------------------------------------------
+# Scanning
+# --------------------------------------------------------------------------------------------
+
+
+def scan_images(
+    roots: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    exclude: Iterable[str] = (),
+    include_hidden: bool = False,
+    follow_symlinks: bool = False,
+    skip_dirs: Iterable[str | os.PathLike[str]] = (),
+    on_error: Callable[[Path, OSError], None] | None = None,
+) -> Iterator[Path]:
+    """Yield image files under ``roots`` as absolute resolved paths, in a stable sorted order.
+
+    Hidden files/folders (name starting with ``.``) are skipped unless ``include_hidden``; folders in
+    ``skip_dirs`` (the collection folder) are never entered; ``exclude`` holds glob patterns matched
+    against each entry's path relative to its root and against its bare name (``"*.tmp"``,
+    ``"raw/*"``, ``"thumbs"``). Symbolic links are skipped unless ``follow_symlinks``; then each
+    folder is visited once, so link loops end. A file given directly as a root is yielded as is.
+    A root that does not exist raises ``ScanError``; an unreadable sub-folder is reported to
+    ``on_error`` (default: a logged warning) and skipped.
+    """
+    root_list = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
+    patterns = [p.rstrip("/") for p in exclude if p and p.strip()]
+    skip = {Path(d).resolve() for d in skip_dirs}
+    report = on_error or _warn_unreadable
+    seen_files: set[Path] = set()
+    seen_dirs: set[tuple[int, int]] = set()
+    for raw in root_list:
+        root = Path(raw).expanduser()
+        if not root.exists():
+            raise ScanError(f"folder to scan does not exist: {raw}")
+        root = root.resolve()
+        if root.is_file():
+            if root not in seen_files:
+                seen_files.add(root)
+                yield root
+            continue
+        walker = _Walker(root, patterns, include_hidden, follow_symlinks, skip, report, seen_dirs)
+        for path in walker.walk(root):
+            if path not in seen_files:
+                seen_files.add(path)
+                yield path
+
+
+def _warn_unreadable(path: Path, exc: OSError) -> None:
+    log.warning("skipping unreadable folder %s: %s", path, exc.strerror or exc)
+
+
+class _Walker:
+    """Depth-first, name-sorted directory walk with the scan policy applied."""
+
+    def __init__(
+        self,
+        root: Path,
+        patterns: list[str],
+        include_hidden: bool,
+        follow_symlinks: bool,
+        skip: set[Path],
+        report: Callable[[Path, OSError], None],
+        seen_dirs: set[tuple[int, int]],
+    ) -> None:
+        self.root = root
+        self.patterns = patterns
+        self.include_hidden = include_hidden
+        self.follow = follow_symlinks
+        self.skip = skip
+        self.report = report
+        self.seen_dirs = seen_dirs
+
+    def walk(self, folder: Path) -> Iterator[Path]:
+        if folder in self.skip or not self._first_visit(folder):
+            return
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            self.report(folder, exc)
+            return
+        for entry in entries:
+            yield from self._entry(folder, entry)
+
+    def _first_visit(self, folder: Path) -> bool:
+        try:
+            st = folder.stat()
+        except OSError:
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in self.seen_dirs:
+            return False
+        self.seen_dirs.add(key)
+        return True
+
+    def _entry(self, folder: Path, entry: os.DirEntry[str]) -> Iterator[Path]:
+        if not self.include_hidden and entry.name.startswith("."):
+            return
+        path = folder / entry.name
+        if self._excluded(path):
+            return
+        try:
+            is_link = entry.is_symlink()
+            if is_link and not self.follow:
+                return
+            is_dir = entry.is_dir(follow_symlinks=True)
+            is_file = not is_dir and entry.is_file(follow_symlinks=True)
+        except OSError:
+            return
+        if is_dir:
+            yield from self.walk(path.resolve() if is_link else path)
+        elif is_file and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+            yield path.resolve() if is_link else path
+
+    def _excluded(self, path: Path) -> bool:
+        if not self.patterns:
+            return False
+        rel = path.relative_to(self.root).as_posix()
+        return any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(path.name, pat) for pat in self.patterns)
+
+
+# --------------------------------------------------------------------------------------------
+# Hashing and metadata
+# --------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (identical files get one catalog entry)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_TAG_MAKE, _TAG_MODEL, _TAG_DATETIME, _TAG_ORIENTATION = 0x010F, 0x0110, 0x0132, 0x0112
+_IFD_EXIF, _IFD_GPS = 0x8769, 0x8825
+_TAG_DATE_ORIGINAL, _TAG_DATE_DIGITIZED, _TAG_OFFSET_ORIGINAL = 0x9003, 0x9004, 0x9011
+
+
+def image_metadata(img_or_path: Image.Image | str | os.PathLike[str]) -> dict[str, Any]:
+    """Filterable facts about an image, JSON-serialisable.
+
+    Always ``width``, ``height`` (as displayed, i.e. after EXIF rotation) and ``format``; when the
+    EXIF block has them: ``date_taken`` (ISO 8601), ``camera_make``, ``camera_model``, ``gps_lat``,
+    ``gps_lon`` (decimal degrees, south/west negative). A path is opened lazily (header only).
+    """
+    if isinstance(img_or_path, Image.Image):
+        return _metadata_of(img_or_path, img_or_path.format or img_or_path.info.get("source_format"))
+    try:
+        with Image.open(img_or_path) as im:
+            return _metadata_of(im, im.format)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(img_or_path, _reason_from_exception(exc)) from None
+
+
+def _metadata_of(im: Image.Image, fmt: str | None) -> dict[str, Any]:
+    try:
+        exif = im.getexif()
+    except Exception:  # noqa: BLE001 - a broken EXIF block means no EXIF facts, not a broken image
+        exif = Image.Exif()
+    width, height = im.size
+    if exif.get(_TAG_ORIENTATION) in (5, 6, 7, 8):
+        width, height = height, width
+    meta: dict[str, Any] = {"width": int(width), "height": int(height), "format": fmt}
+    _safe(meta, exif, _exif_date)
+    _safe(meta, exif, _exif_camera)
+    _safe(meta, exif, _exif_gps)
+    return meta
+
+
+def _safe(meta: dict[str, Any], exif: Image.Exif, reader: Callable[[Image.Exif], dict[str, Any]]) -> None:
+    try:
+        meta.update(reader(exif))
+    except Exception as exc:  # noqa: BLE001 - each EXIF field is optional; bad values are dropped
+        log.debug("ignoring malformed EXIF field: %s", exc)
+
+
+def _exif_date(exif: Image.Exif) -> dict[str, Any]:
+    sub = exif.get_ifd(_IFD_EXIF)
+    for raw in (sub.get(_TAG_DATE_ORIGINAL), sub.get(_TAG_DATE_DIGITIZED), exif.get(_TAG_DATETIME)):
+        text = _text(raw)
+        if not text:
+            continue
+        try:
+            when = datetime.strptime(text[:19], "%Y:%m:%d %H:%M:%S")
+        except ValueError:
+            continue
+        iso = when.isoformat()
+        offset = _text(sub.get(_TAG_OFFSET_ORIGINAL))
+        if offset and len(offset) == 6 and offset[0] in "+-" and offset[3] == ":":
+            iso += offset
+        return {"date_taken": iso}
+    return {}
+
+
+def _exif_camera(exif: Image.Exif) -> dict[str, Any]:
+    out = {}
+    for key, tag in (("camera_make", _TAG_MAKE), ("camera_model", _TAG_MODEL)):
+        text = _text(exif.get(tag))
+        if text:
+            out[key] = text
+    return out
+
+
+def _exif_gps(exif: Image.Exif) -> dict[str, Any]:
+    gps = exif.get_ifd(_IFD_GPS)
+    if not gps:
+        return {}
+    lat = _degrees(gps.get(2), _text(gps.get(1)), "S")
+    lon = _degrees(gps.get(4), _text(gps.get(3)), "W")
+    if lat is None or lon is None or not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        return {}
+    return {"gps_lat": lat, "gps_lon": lon}
+
+
+def _degrees(value: Any, ref: str | None, negative_ref: str) -> float | None:
+    if value is None:
+        return None
+    parts = [float(v) for v in (value if isinstance(value, (tuple, list)) else (value,))]
+    parts += [0.0] * (3 - len(parts))
+    deg = parts[0] + parts[1] / 60.0 + parts[2] / 3600.0
+    if not np.isfinite(deg):
+        return None
+    return round(-deg if (ref or "").upper().startswith(negative_ref) else deg, 7)
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    text = str(value).replace("\x00", "").strip()
+    return text or None
