@@ -1,36 +1,22 @@
-"""Image loading for evaluation: the library's loader when present, else Pillow directly."""
+"""Image loading for evaluation: the library's safe decoder, so benchmarks see exactly what indexing sees.
+
+``fwd2bot_index.imaging.load_image`` decodes fully (a truncated file is an error, never a half-grey
+picture), applies EXIF orientation and converts 16-bit / CMYK / alpha correctly to 8-bit RGB; its
+``ImageDecodeError`` names the file.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
+from fwd2bot_index.imaging import ImageDecodeError, load_image
 
-def _library_loader():  # type: ignore[no-untyped-def]
-    try:
-        from fwd2bot_index.imaging import load_image
-    except ModuleNotFoundError as e:
-        if e.name in ("fwd2bot_index.imaging",):
-            return None
-        raise
-    return load_image
+__all__ = ["load_rgb", "ImageDecodeError"]
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode one image as RGB (EXIF orientation applied); errors name the file."""
-    loader = _library_loader()
-    try:
-        if loader is not None:
-            image = loader(path)
-        else:
-            with Image.open(path) as opened:
-                image = ImageOps.exif_transpose(opened)
-                image.load()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise OSError(f"{path}: cannot decode image ({e})") from e
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"{path}: image loader returned {type(image).__name__}, expected a PIL image")
+    """Decode one image as 8-bit RGB; raises ``ImageDecodeError`` naming the file."""
+    image = load_image(path)
     return image if image.mode == "RGB" else image.convert("RGB")

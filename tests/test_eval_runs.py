@@ -300,3 +300,15 @@ def test_demo_layout_retrieval(tmp_path: Path) -> None:
     (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = run_retrieval(enc, read_captions_jsonl(tmp_path / "captions.jsonl"), show_progress=False)
     assert result["recall"]["t2i"][1] == 1.0 and result["recall"]["i2t"][1] == 1.0
+
+
+def test_truncated_gallery_image_fails_naming_the_file(rendered_flickr) -> None:
+    from fwd2bot_index.imaging import ImageDecodeError
+
+    path, images, enc = rendered_flickr
+    rs = read_karpathy_json(path, images, limit=4)
+    victim = rs.image_paths[2]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageDecodeError, match=victim.name):
+        run_retrieval(enc, rs, show_progress=False)
