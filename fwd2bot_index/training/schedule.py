@@ -1,0 +1,136 @@
+"""Schedules: LLaVolta's staged visual-token compression, and warmup + cosine learning rate.
+
+LLaVolta trains with the visual tokens average-pooled heavily at first, then lightly, then not at
+all, so that most steps are cheap and the last stage matches inference (all tokens). Its default is
+four stages of about a quarter of the steps each: stride 8 before LLM layer 2, stride 2 before layer
+2, stride 2 before layer 16, none. Fwd2Bot pools before the LLM (layer 0, see ARCHITECTURE.md
+"Pooling position"), where LLaVolta's two stride-2 stages coincide; the preset keeps its four stages
+and step fractions so the share of cheap steps is the same.
+
+A stride ``s`` on a square grid of side ``n`` keeps ``(n/s)^2`` tokens; a stride that does not
+divide the side is lowered to the largest one that does (a 4x4 grid cannot pool by 8: it pools by
+4), so every stage pools whole 2-D blocks on any model's grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+LLAVOLTA = ((0.25, 8), (0.25, 2), (0.25, 2), (0.25, 1))
+PRESETS = {"llavolta": LLAVOLTA, "none": ((1.0, 1),), "off": ((1.0, 1),)}
+
+
+class ScheduleError(ValueError):
+    """A pooling schedule that cannot be used."""
+
+
+@dataclass(frozen=True)
+class PoolSchedule:
+    """Stages of (fraction of the steps, pooling stride); the last stage must be stride 1."""
+
+    stages: tuple[tuple[float, int], ...] = ((1.0, 1),)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ScheduleError("a pooling schedule needs at least one stage")
+        for fraction, stride in self.stages:
+            if not fraction > 0:
+                raise ScheduleError(f"stage fraction must be positive, got {fraction}")
+            if int(stride) != stride or stride < 1:
+                raise ScheduleError(f"stage stride must be a whole number >= 1, got {stride}")
+        if self.stages[-1][1] != 1:
+            raise ScheduleError(
+                f"the last stage must be uncompressed (stride 1) so training ends on what inference sees; "
+                f"got stride {self.stages[-1][1]}: append a stage like 0.25:1"
+            )
+        total = sum(f for f, _ in self.stages)
+        object.__setattr__(self, "stages", tuple((f / total, int(s)) for f, s in self.stages))
+
+    @classmethod
+    def parse(cls, spec: "str | Sequence[tuple[float, int]] | PoolSchedule | None") -> "PoolSchedule":
+        """``None``/'none' (off), 'llavolta', '0.25:8,0.25:2,0.5:1', or a list of (fraction, stride)."""
+        if isinstance(spec, PoolSchedule):
+            return spec
+        if spec is None:
+            return cls()
+        if isinstance(spec, str):
+            text = spec.strip().lower()
+            if text in PRESETS:
+                return cls(PRESETS[text])
+            stages = []
+            for part in text.split(","):
+                fraction, sep, stride = part.partition(":")
+                try:
+                    if not sep:
+                        raise ValueError
+                    stages.append((float(fraction), int(stride)))
+                except ValueError:
+                    raise ScheduleError(
+                        f"pool schedule {spec!r}: write stages as FRACTION:STRIDE separated by commas "
+                        f"(e.g. 0.25:8,0.25:2,0.5:1) or use a preset ({', '.join(PRESETS)})"
+                    ) from None
+            return cls(tuple(stages))
+        return cls(tuple((float(f), int(s)) for f, s in spec))
+
+    @property
+    def is_staged(self) -> bool:
+        return any(s > 1 for _, s in self.stages)
+
+    def stage_index(self, step: int, total: int) -> int:
+        """Which stage optimizer step ``step`` (0-based) of ``total`` falls in."""
+        if total <= 0 or step >= total - 1:  # the last step always sees all tokens, even in a short run
+            return len(self.stages) - 1
+        position = min(max(step, 0), total - 1) / total
+        edge = 0.0
+        for i, (fraction, _) in enumerate(self.stages):
+            edge += fraction
+            if position < edge - 1e-12:
+                return i
+        return len(self.stages) - 1
+
+    def stage_at(self, step: int, total: int) -> int:
+        """The pooling stride at optimizer step ``step`` (0-based) of ``total``."""
+        return self.stages[self.stage_index(step, total)][1]
+
+    def to_list(self) -> list[list[float]]:
+        return [[f, s] for f, s in self.stages]
+
+
+def stage_at(step: int, total: int, schedule: "str | Sequence[tuple[float, int]] | PoolSchedule" = "llavolta") -> int:
+    """The pooling stride at ``step`` of ``total`` under ``schedule`` (LLaVolta's preset by default)."""
+    return PoolSchedule.parse(schedule).stage_at(step, total)
+
+
+def effective_stride(stride: int, num_tokens: int) -> int:
+    """``stride`` lowered to one that pools whole blocks of this model's visual-token grid."""
+    side = math.isqrt(num_tokens)
+    if stride <= 1:
+        return 1
+    if side * side != num_tokens:
+        return max(1, min(stride, num_tokens))  # 1-D pooling along the sequence
+    for s in range(min(stride, side), 0, -1):
+        if side % s == 0:
+            return s
+    return 1
+
+
+def pooled_token_count(num_tokens: int, stride: int) -> int:
+    """How many visual tokens pass 1 sees at this stride (as ``pool_by_stride`` computes them)."""
+    stride = effective_stride(stride, num_tokens)
+    if stride <= 1:
+        return num_tokens
+    side = math.isqrt(num_tokens)
+    if side * side == num_tokens:
+        return (side // stride) ** 2
+    return num_tokens // stride
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
