@@ -13,7 +13,6 @@ import io
 import logging
 import os
 import struct
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -40,7 +39,8 @@ log = logging.getLogger(__name__)
 #: Pillow's own default, restated so the limit is a decision of this package, not an accident.
 DEFAULT_MAX_PIXELS = 89_478_485
 # Pillow's global guard stays as an outer bound (it raises at twice this value inside Image.open);
-# the per-call ``max_pixels`` check below is the one that decides.
+# the per-call ``max_pixels`` check below is the one that decides. A caller allowing more than
+# twice this must raise ``PIL.Image.MAX_IMAGE_PIXELS`` too (a process-wide, deliberate choice).
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 
 try:  # optional HEIC/HEIF support
@@ -125,9 +125,7 @@ def _decode(fh: BinaryIO, name: str, size: int, max_pixels: int) -> Image.Image:
         raise ImageDecodeError(name, "empty file (0 bytes)")
     _check_riff_length(fh, name, size)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(fh)
+        im = Image.open(fh)  # lazy: reads the header only, so the size check below is cheap
     except UnidentifiedImageError:
         raise ImageDecodeError(name, _unidentified_reason(name)) from None
     except Image.DecompressionBombError as exc:

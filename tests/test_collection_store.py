@@ -210,9 +210,13 @@ def test_changed_content_replaces_the_old_image(col, tmp_path):
 
 def test_failure_of_a_previously_indexed_path_removes_its_image(col):
     [image_id] = add(col, [1])
+    assert col.path_status("/data/1.jpg")["status"] == "indexed" and col.path_status("/data/1.jpg")["id"] == image_id
     col.record_failure("/data/1.jpg", 5, 9.0, "truncated image data (the file is incomplete; re-copy it)")
     assert col.get(image_id) is None and len(col.index) == 0 and col.verify().ok
     assert col.failures()[0]["path"] == "/data/1.jpg"
+    status = col.path_status("/data/1.jpg")
+    assert status["status"] == "failed" and status["reason"].startswith("truncated")
+    assert col.path_status("/data/other.jpg") == {"path": "/data/other.jpg", "status": "unknown"}
 
 
 def test_moved_file_is_relinked_by_hash_not_re_encoded(col, tmp_path):
@@ -302,6 +306,19 @@ def test_removal_hides_images_everywhere(col):
     assert ids[0] not in [h.id for h in col.search(emb(0), k=10)]
     assert col.remove_paths(["/data/2.jpg"]) == [ids[2]]
     assert len(col) == 7 and len(col.index) == 7 and col.verify().ok
+
+
+def test_qdrant_server_backend_through_the_shared_client_code(tmp_path):
+    # No server can run here: ":memory:" gives qdrant-client's in-process engine behind the same
+    # class. It forgets everything on close, so reopening exercises the rebuild from the token store.
+    opts = {"url": ":memory:", "collection_name": "photos"}
+    with Collection.create(tmp_path / "c", manifest(), backend="qdrant-server", backend_options=opts) as c:
+        add(c, list(range(15)))
+        assert c.search(emb(4), k=1)[0].path == "/data/4.jpg"
+    assert Manifest.load(tmp_path / "c").backend_options == opts
+    with Collection.open(tmp_path / "c", writable=True) as again:
+        assert len(again.index) == 15 and again.verify().ok
+        assert again.search(emb(9), k=1)[0].path == "/data/9.jpg"
 
 
 def test_ivfpq_scores_are_rescored_exactly(tmp_path):

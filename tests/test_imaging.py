@@ -198,6 +198,18 @@ def test_decompression_bomb_limit_is_per_call(tmp_path):
     assert load_image(path, max_pixels=20_000).size == (200, 100)
 
 
+def test_header_claiming_a_huge_image_is_refused_before_decoding(tmp_path):
+    """A tiny file whose PNG header claims 30000 x 20000 pixels: refused from the header alone."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 30000, 20000, 8, 2, 0, 0, 0)
+    path = tmp_path / "bomb.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 100)))
+    with pytest.raises(ImageDecodeError, match="too large"):
+        load_image(path)
+
+
 def test_missing_and_folder_and_unreadable(tmp_path):
     with pytest.raises(ImageDecodeError, match="file not found"):
         load_image(tmp_path / "nope.jpg")

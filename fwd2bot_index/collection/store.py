@@ -41,7 +41,6 @@ from .errors import (
     CollectionExistsError,
     CollectionFormatError,
     CollectionLockedError,
-    CollectionNotFoundError,
     CollectionReadOnlyError,
 )
 from .index import ExactIndex, VectorIndex, index_location, normalize, open_index
@@ -242,6 +241,13 @@ class Collection:
             tokens = _token_store(folder, manifest, catalog)
             (folder / TOKENS_DIR).mkdir(exist_ok=True)
             index = open_index(manifest.backend, folder, manifest.embed_dim, manifest.backend_options)
+            if len(index) and not overwrite:  # only a remote (server) index can hold data here
+                n = len(index)
+                index.close()
+                raise CollectionExistsError(
+                    f"the Qdrant collection for {folder} already holds {n} vectors; pick another "
+                    f"collection_name, or pass --reindex to replace them"
+                )
             index.clear()
             col = cls(folder, manifest, catalog, tokens, index, lock, save_every)
             col._save_index()
@@ -342,22 +348,23 @@ class Collection:
         plan = IndexPlan()
         with self._mutex:
             states = self.catalog.path_states([f.path for f in stats])
-            to_hash: list[FileStat] = []
-            for f in stats:
-                state = states.get(f.path)
-                if state is not None and state[1] == f.size and state[2] == f.mtime:
-                    if state[0] == "indexed":
-                        plan.already_indexed.append((f, int(state[3])))
-                    else:
-                        plan.failed_unchanged.append((f, str(state[3])))
+        to_hash: list[FileStat] = []
+        for f in stats:  # hashing reads files: done outside the mutex so searches are not blocked
+            state = states.get(f.path)
+            if state is not None and state[1] == f.size and state[2] == f.mtime:
+                if state[0] == "indexed":
+                    plan.already_indexed.append((f, int(state[3])))
+                else:
+                    plan.failed_unchanged.append((f, str(state[3])))
+                continue
+            if f.hash is None:
+                try:
+                    f = FileStat(f.path, f.size, f.mtime, file_sha256(f.path))
+                except OSError as exc:
+                    plan.unreadable.append((f, f"cannot read the file ({exc.strerror or exc})"))
                     continue
-                if f.hash is None:
-                    try:
-                        f = FileStat(f.path, f.size, f.mtime, file_sha256(f.path))
-                    except OSError as exc:
-                        plan.unreadable.append((f, f"cannot read the file ({exc.strerror or exc})"))
-                        continue
-                to_hash.append(f)
+            to_hash.append(f)
+        with self._mutex:
             known = self.catalog.ids_by_hashes({f.hash for f in to_hash})
         first: set[str] = set()
         for f in to_hash:
@@ -588,6 +595,18 @@ class Collection:
                 raise KeyError(f"{id_or_path} is not indexed in collection {self.path}")
             return self.catalog.image(image_id)  # type: ignore[return-value]
 
+    def path_status(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """``{"path", "status": "indexed"|"failed"|"unknown", ...}`` for one file path: the image id
+        when indexed, the reason when it failed."""
+        p = _abs(path)
+        with self._mutex:
+            state = self.catalog.path_states([p]).get(p)
+        if state is None:
+            return {"path": p, "status": "unknown"}
+        kind, size, mtime, detail = state
+        key = "id" if kind == "indexed" else "reason"
+        return {"path": p, "status": kind, "size": size, "mtime": mtime, key: detail}
+
     def list_images(self, offset: int = 0, limit: int = 100) -> list[ImageRow]:
         with self._mutex:
             return self.catalog.images(self.catalog.page_ids(offset, limit))
@@ -650,8 +669,12 @@ class Collection:
             }
 
     def verify(self) -> VerifyReport:
-        """Check that catalog, token shards and index agree (same ids, no orphans, no lost rows)."""
+        """Check that catalog, token shards and index agree (same ids, no orphans, no lost rows).
+
+        On a read-only open while a writer is active, a batch being written shows up as an orphan
+        shard; the writer's own ``verify`` is authoritative."""
         with self._mutex:
+            self._refresh()
             problems: list[str] = []
             cat_ids = set(self.catalog.ids().tolist())
             locations = self.catalog.locations()
@@ -886,6 +909,13 @@ class Collection:
         """Reader: cover the gap between the loaded index and the catalog without writing anything.
         Index ids the catalog no longer has are hidden; catalog ids the index lacks are searched
         exactly from their stored embeddings."""
+        try:
+            self._sync_overlay_once()
+        except FileNotFoundError:  # a writer compacted a shard under us: look again
+            self.tokens.close()
+            self._sync_overlay_once()
+
+    def _sync_overlay_once(self) -> None:
         self._synced_version = self.catalog.version()
         cat_ids = self.catalog.ids()
         idx_ids = self.index.ids()
@@ -950,9 +980,13 @@ def _fill(index: VectorIndex, tokens: TokenStore, ids: Sequence[int] | None = No
         for part_ids, vecs in tokens.iter_embeddings(chunk):
             index.add(part_ids, vecs)
         return
+    assert tokens.locate is not None
     for start in range(0, len(ids), chunk):
-        part = list(ids[start : start + chunk])
-        index.add(np.asarray(part, dtype=np.int64), tokens.get_embeddings(part))
+        # Locate through the catalog and skip ids deleted meanwhile (a reader racing a writer).
+        found = tokens.locate([int(i) for i in ids[start : start + chunk]])
+        if found:
+            part = np.asarray([i for i, _, _ in found], dtype=np.int64)
+            index.add(part, tokens.read_embeddings([(s, r) for _, s, r in found]))
 
 
 def _remove_index_files(folder: Path, backend: str) -> None:
