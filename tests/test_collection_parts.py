@@ -157,6 +157,14 @@ def test_catalog_filters(catalog):
         catalog.filter_ids({"width": {"about": 3}})
 
 
+def test_standard_metadata_filters_use_an_index(catalog):
+    from fwd2bot_index.collection.catalog import _compile_filter
+
+    where, params = _compile_filter({"camera_make": "Canon", "date_taken>=": "2020"})
+    plan = catalog._db.execute(f"EXPLAIN QUERY PLAN SELECT id FROM images WHERE {where}", params).fetchall()
+    assert "USING INDEX meta_" in " ".join(str(row) for row in plan)
+
+
 def test_parse_filter_expressions():
     assert parse_filter(["camera_make=Canon", "width>=1000", "gps_lat<-10.5", "flash=true", "model!=null"]) == {
         "camera_make": "Canon", "width>=": 1000, "gps_lat<": -10.5, "flash": True, "model!=": None}

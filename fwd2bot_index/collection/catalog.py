@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS paths (
     added TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS paths_image ON paths(image_id);
+{metadata_indexes}
 CREATE TABLE IF NOT EXISTS failures (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -60,6 +61,14 @@ CREATE TABLE IF NOT EXISTS failures (
     recorded TEXT NOT NULL
 );
 """
+
+
+#: Metadata keys written by ``imaging.image_metadata``; filters on them use an expression index
+#: instead of parsing every row's JSON.
+INDEXED_KEYS = ("camera_make", "camera_model", "date_taken", "width", "height", "format", "gps_lat", "gps_lon")
+_SCHEMA = _SCHEMA.replace("{metadata_indexes}", "\n".join(
+    f"CREATE INDEX IF NOT EXISTS meta_{k} ON images(json_extract(metadata, '$.\"{k}\"'));" for k in INDEXED_KEYS
+))
 
 
 class FilterError(ValueError):
@@ -444,8 +453,10 @@ def _add_clause(clauses: list[str], params: list[Any], key: str, op: str, value:
         params.append(str(value))
         return
     column = {"id": "id", "hash": "hash", "size": "size", "added": "added"}.get(key)
-    expr = column or "json_extract(metadata, ?)"
-    key_params = [] if column else [f'$."{key}"']
+    # The key is inlined (it matched _KEY, so it holds no quote) so SQLite can use the expression
+    # indexes on INDEXED_KEYS; values are always bound parameters.
+    expr = column or f"json_extract(metadata, '$.\"{key}\"')"
+    key_params: list[Any] = []
     if op == "in":
         values = [_json_value(key, v) for v in value]
         if not values:

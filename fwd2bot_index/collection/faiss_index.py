@@ -53,6 +53,7 @@ class FaissIndex(VectorIndex):
         nprobe: int = 16,
         train_min: int = 10_000,
         small_filter: int = 2048,
+        threads: int | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"faiss index kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -63,6 +64,7 @@ class FaissIndex(VectorIndex):
         self.auto_threshold, self.tombstone_fraction = auto_threshold, tombstone_fraction
         self.ivf_nlist, self.pq_m, self.pq_nbits, self.nprobe = ivf_nlist, pq_m, pq_nbits, nprobe
         self.train_min, self.small_filter = train_min, small_filter
+        self.threads = threads
         self._tomb: set[int] = set()
         self._dirty = False
         if self.path is not None and self.path.exists():
@@ -229,11 +231,29 @@ class FaissIndex(VectorIndex):
             params = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe if n_allowed > self.small_filter else self._index.nlist)
         else:
             params = faiss.SearchParameters(sel=sel) if sel is not None else None
-        scores, ids = self._index.search(q, k, params=params) if params is not None else self._index.search(q, k)
+        threads = self._threads_for(len(q))
+        previous = faiss.omp_get_max_threads()
+        if threads is not None:
+            faiss.omp_set_num_threads(threads)
+        try:
+            scores, ids = self._index.search(q, k, params=params) if params is not None else self._index.search(q, k)
+        finally:
+            if threads is not None:
+                faiss.omp_set_num_threads(previous)
         return [
             [(int(i), float(s)) for i, s in zip(id_row, score_row) if i >= 0]
             for id_row, score_row in zip(ids, scores)
         ]
+
+    def _threads_for(self, n_queries: int) -> int | None:
+        """OpenMP threads for one search. A single query over a small flat index gains nothing from
+        threads and, on a busy machine, loses a lot to spinning workers (25 ms instead of 2 ms for
+        20k x 256 on 2 shared cores), so it runs on the calling thread. ``threads`` overrides."""
+        if self.threads is not None:
+            return self.threads
+        if n_queries == 1 and len(self._live) < 200_000:
+            return 1
+        return None
 
     def ids(self) -> np.ndarray:
         return np.fromiter(self._live, dtype=np.int64, count=len(self._live))

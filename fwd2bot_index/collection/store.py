@@ -46,7 +46,7 @@ from .errors import (
 from .index import ExactIndex, VectorIndex, index_location, normalize, open_index
 from .lock import WriterLock
 from .manifest import MANIFEST_NAME, Manifest, utc_now
-from .tokens import TOKENS_DIR, TokenStore
+from .tokens import TOKENS_DIR, TokenStore, shard_row_bytes
 
 __all__ = [
     "DEFAULT_COLLECTION",
@@ -751,12 +751,18 @@ class Collection:
             self._rebuild_index()
             return self.verify()
 
-    def compact(self, min_dead_fraction: float = 0.25, small_rows: int = 256, max_rows: int = 4096) -> dict[str, int]:
-        """Rewrite token shards that are mostly deleted rows, and merge small shards.
+    def compact(self, min_dead_fraction: float = 0.25, small_rows: int = 256, max_rows: int = 4096,
+                max_shard_bytes: int = 256 << 20) -> dict[str, int]:
+        """Rewrite token shards that are mostly deleted rows, and merge small shards (one shard per
+        indexed batch adds up; call this after an indexing run). New shards hold at most
+        ``max_rows`` images and about ``max_shard_bytes``.
 
         Crash-safe: new shards are durable before the catalog points at them; old ones are deleted
         only after that commit (or, after a crash, by the next writable open)."""
         self._require_writable()
+        m = self.manifest
+        row_bytes = shard_row_bytes(m.token_count, m.token_dim, m.embed_dim, m.token_dtype)
+        max_rows = max(1, min(max_rows, max_shard_bytes // row_bytes))
         with self._mutex:
             live = self.catalog.shard_live_rows()
             chosen = []
