@@ -1,0 +1,247 @@
+"""Collection commands: index, search, ask, info, verify, remove, serve. Thin over the service."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+
+from .main import (
+    CollectionOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    app,
+    collection_path,
+    err,
+    fail,
+    model_name,
+    print_json,
+)
+
+# Errors a user can act on: their message is the whole story, so no traceback.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fwd2bot_index.collection.errors import CollectionError
+    from fwd2bot_index.imaging import ImageDecodeError
+    from fwd2bot_index.service import ServiceError
+
+    errors: list[type[BaseException]] = [CollectionError, ServiceError, ImageDecodeError, FileNotFoundError]
+    with contextlib.suppress(ImportError):
+        from fwd2bot_index.imaging import ScanError
+        from fwd2bot_index.model import ModelLoadError, StrategyError, UnsupportedModelError
+        from fwd2bot_index.model.checkpoint import CheckpointMismatchError
+
+        errors += [ScanError, ModelLoadError, StrategyError, UnsupportedModelError, CheckpointMismatchError]
+    return tuple(errors)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's user-facing errors into one line on stderr and exit code 1."""
+    try:
+        yield
+    except _user_errors() as exc:
+        raise fail(str(exc))
+
+
+def _service(collection: Optional[Path], model: Optional[str], device: str, dtype: str, **kw):
+    from fwd2bot_index.service import open_service
+
+    return open_service(collection_path(collection), model=model, device=device, dtype=dtype, **kw)
+
+
+def _parse_filters(values: Optional[List[str]]) -> Optional[dict]:
+    if not values:
+        return None
+    from fwd2bot_index.collection import parse_filter
+
+    try:
+        return parse_filter(values)
+    except ValueError as exc:
+        raise fail(f"--filter: {exc}", 2)
+
+
+@app.command()
+def index(
+    dirs: List[Path] = typer.Argument(..., help="Folders (or files) to index, recursively."),
+    collection: Optional[Path] = CollectionOpt,
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per model batch and per commit."),
+    backend: str = typer.Option("faiss", "--backend", help="faiss, qdrant-edge or qdrant-local (new collections)."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="fwd2bot, pool[@N], prompt, full (new collections)."),
+    token_dtype: str = typer.Option("fp16", "--token-dtype", help="Stored token precision: fp16 or int8."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Glob pattern to skip (repeatable)."),
+    include_hidden: bool = typer.Option(False, "--hidden", help="Also index hidden files and folders."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Follow symbolic links."),
+    prune: bool = typer.Option(False, "--prune", help="Drop catalog entries whose files vanished under DIRS."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help="Sidecar JSON/CSV with a 'path' column of per-image metadata."),
+    reindex: bool = typer.Option(False, "--reindex", help="Rebuild the collection from scratch with --model/--strategy."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Add new or changed images to the collection (crash-safe, incremental, deduplicated)."""
+    with user_errors():
+        service = _service(collection, model_name(model, None), device, dtype, create=True, writable=True,
+                           strategy=strategy, backend=backend, token_dtype=token_dtype, reindex=reindex)
+        with service:
+            if model is None and not service.collection.manifest.model_name:
+                raise fail("the collection records no model; pass --model")
+            report = service.index([str(d) for d in dirs], exclude=exclude or [], include_hidden=include_hidden,
+                                   follow_symlinks=follow_symlinks, batch_size=batch_size, prune=prune,
+                                   metadata=metadata, progress=True)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        typer.echo(f"indexed {report.indexed} new, {report.duplicates} duplicate, {report.unchanged} unchanged, "
+                   f"{len(report.failed)} failed ({report.images_per_second:.1f} images/s)")
+    for path, reason in report.failed[:20]:
+        err(f"  failed: {path}: {reason}")
+    if len(report.failed) > 20:
+        err(f"  ... and {len(report.failed) - 20} more (see `f2b info --failed`)")
+
+
+@app.command()
+def search(
+    text: Optional[str] = typer.Argument(None, help="Text query."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Search by example image."),
+    like: Optional[str] = typer.Option(None, "--like", help="More like this indexed image (id or path)."),
+    collection: Optional[Path] = CollectionOpt,
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of results."),
+    offset: int = typer.Option(0, "--offset", min=0, help="Skip this many results (pagination)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop results below this cosine score."),
+    filters: Optional[List[str]] = typer.Option(None, "--filter", help="key=value metadata filter (repeatable; key>=v, key<=v)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Search the collection by text, by image, or by a stored image."""
+    with user_errors():
+        with _service(collection, model, device, dtype) as service:
+            hits = service.search(text=text, image=str(image) if image else None, like=like, k=k,
+                                  filter=_parse_filters(filters), offset=offset, min_score=min_score)
+    if as_json:
+        print_json([{"id": int(h.id), "path": str(h.path), "score": float(h.score)} for h in hits])
+        return
+    if not hits:
+        typer.echo("no results")
+    for rank, h in enumerate(hits, offset + 1):
+        typer.echo(f"{rank:>3}. {h.score:+.4f}  [{h.id}]  {h.path}")
+
+
+@app.command()
+def ask(
+    ref: str = typer.Argument(..., help="Image id (from search) or the path of an indexed file."),
+    question: str = typer.Argument(..., help="The question."),
+    collection: Optional[Path] = CollectionOpt,
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    stream: bool = typer.Option(False, "--stream", help="Print the answer as it is generated."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Answer a question about an indexed image from its stored tokens (no image decode)."""
+    with user_errors():
+        with _service(collection, model, device, dtype) as service:
+            image_id = service.resolve(int(ref) if ref.isdigit() else ref)
+            if stream and not as_json:
+                for piece in service.ask(image_id, question, max_new_tokens=max_new_tokens, stream=True):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+                return
+            answer = service.ask(image_id, question, max_new_tokens=max_new_tokens)
+            path = service.get(image_id).path
+    if as_json:
+        print_json({"id": image_id, "path": str(path), "question": question, "answer": answer})
+    else:
+        typer.echo(answer)
+
+
+@app.command()
+def info(
+    collection: Optional[Path] = CollectionOpt,
+    failed: bool = typer.Option(False, "--failed", help="List the files that failed and why."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Counts, sizes, bytes per image, model and strategy of the collection."""
+    with user_errors():
+        with _service(collection, None, "cpu", "auto") as service:
+            data = service.info()
+            failures = service.collection.failures() if failed else []
+    if failed:
+        data["failures"] = failures
+    if as_json:
+        print_json(data)
+        return
+    typer.echo(f"collection   {data['collection']}")
+    typer.echo(f"indexed      {data['indexed']} images")
+    typer.echo(f"failed       {data['failed']} files")
+    typer.echo(f"model        {data['model']}  (fingerprint {str(data.get('model_fingerprint', ''))[:12]})")
+    typer.echo(f"strategy     {data['strategy']}")
+    typer.echo(f"backend      {data.get('backend', '')}")
+    typer.echo(f"bytes/image  {data['bytes_per_image']:.0f}")
+    for row in failures:
+        typer.echo(f"  failed: {row.get('path')}: {row.get('error') or row.get('reason')}")
+
+
+@app.command()
+def verify(
+    collection: Optional[Path] = CollectionOpt,
+    repair: bool = typer.Option(False, "--repair", help="Rebuild the index from the stored embeddings."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Check that catalog, token store and index agree (exit 0 only then)."""
+    with user_errors():
+        with _service(collection, None, "cpu", "auto", writable=repair) as service:
+            report = service.verify(repair=repair)
+    data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    if as_json:
+        print_json(data)
+    else:
+        typer.echo("ok: catalog, tokens and index agree" if data.get("ok") else "problems found:")
+        for problem in data.get("problems", []):
+            typer.echo(f"  - {problem}")
+    if not data.get("ok"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def remove(
+    refs: List[str] = typer.Argument(..., help="Image ids or indexed paths to remove."),
+    collection: Optional[Path] = CollectionOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Remove images from the collection (the files themselves are not touched)."""
+    with user_errors():
+        with _service(collection, None, "cpu", "auto", writable=True) as service:
+            removed = service.remove([int(r) if r.isdigit() else r for r in refs])
+    if as_json:
+        print_json({"removed": removed})
+    else:
+        typer.echo(f"removed {len(removed)} image(s)")
+
+
+@app.command()
+def serve(
+    collection: Optional[Path] = CollectionOpt,
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (127.0.0.1 unless you mean it)."),
+    port: int = typer.Option(8000, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="F2B_API_KEY", help="Require this key for writes."),
+    protect_reads: bool = typer.Option(False, "--protect-reads", help="Require the API key for reads too."),
+) -> None:
+    """Serve the REST API (/v1/...) and the search page (/)."""
+    with user_errors():
+        from fwd2bot_index.api import serve as run_server
+
+        run_server(collection_path(collection), model=model, device=device, dtype=dtype, host=host, port=port,
+                   api_key=api_key, protect_reads=protect_reads)

@@ -1,0 +1,100 @@
+"""`f2b`: the command line. Thin: parse arguments, call the library, print.
+
+Results go to stdout (JSON with --json, otherwise a readable table); logs and progress go to stderr.
+Errors a user can fix print one clear line and exit 1; bad arguments exit 2 (typer's convention).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from fwd2bot_index import __version__
+
+app = typer.Typer(
+    name="f2b",
+    help="Index image collections with Fwd2Bot summary tokens; search them and ask about what you find.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+eval_app = typer.Typer(help="Evaluate on Flickr30k / COCO retrieval, SugarCrepe, and QA from stored tokens.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+DEFAULT_COLLECTION = ".f2b"
+DEFAULT_MODEL = "demo"
+
+CollectionOpt = typer.Option(None, "--collection", "-c", help="Collection folder [env F2B_COLLECTION, default ./.f2b].")
+ModelOpt = typer.Option(None, "--model", "-m", help="demo, a checkpoint folder, or a LLaVA folder / hub id [env F2B_MODEL].")
+DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto.")
+DtypeOpt = typer.Option("auto", "--dtype", help="fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout (logs stay on stderr).")
+
+
+def err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def fail(message: str, code: int = 1) -> "typer.Exit":
+    err(f"error: {message}")
+    return typer.Exit(code)
+
+
+def collection_path(value: Optional[Path]) -> Path:
+    return Path(value or os.environ.get("F2B_COLLECTION") or DEFAULT_COLLECTION)
+
+
+def model_name(value: Optional[str], fallback: Optional[str] = DEFAULT_MODEL) -> Optional[str]:
+    return value or os.environ.get("F2B_MODEL") or fallback
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=None if isinstance(data, list) else 2, default=str) + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"f2b (fwd2bot-index) {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Show the version and exit.")) -> None:
+    """Fwd2Bot image collections: index, search, ask."""
+
+
+@app.command("demo-data")
+def demo_data(
+    out_dir: Path = typer.Argument(..., help="Folder to write images/, captions.jsonl, qa.jsonl, sugarcrepe/."),
+    n: int = typer.Option(300, "--n", help="Number of scenes."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
+    image_size: int = typer.Option(64, "--image-size", help="Image side in pixels."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Generate the procedural shapes world (the demo model's world) in the benchmark layouts."""
+    from tqdm.auto import tqdm
+
+    from fwd2bot_index.synthetic import write_demo_data
+
+    with tqdm(total=n, desc="writing scenes", unit="img", file=sys.stderr) as bar:
+        try:
+            summary = write_demo_data(out_dir, n=n, seed=seed, image_size=image_size, progress=lambda done, total: bar.update(1))
+        except ValueError as exc:
+            raise fail(str(exc), 2)
+    if as_json:
+        print_json(summary)
+    else:
+        typer.echo(f"wrote {n} scenes to {out_dir}")
+
+
+from . import commands  # noqa: E402,F401  (registers the collection, train and eval commands)
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,388 @@
+"""The one facade: a collection opened with a model. Add, remove, search, ask.
+
+``model`` and ``collection`` never import each other; this module joins them. The CLI, the REST app
+and evaluation call only this (and the model's public API). The model loads lazily: ``info``,
+``verify`` and ``remove`` never pay for it, and a server can preload it once at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .collection import Collection, FileStat, Hit, ImageRow, Manifest, NewImage
+from .collection.errors import CollectionError, CollectionMismatchError, CollectionNotFoundError
+from .imaging import ImageDecodeError, image_metadata, load_image, scan_images
+
+log = logging.getLogger("fwd2bot_index")
+
+DEFAULT_COLLECTION = ".f2b"
+DEFAULT_MODEL = "demo"
+
+
+class ServiceError(Exception):
+    """A request the service cannot serve; the message says what to do."""
+
+
+class NotFoundError(ServiceError, LookupError):
+    """An id or path that is not in the collection."""
+
+
+@dataclass
+class IndexReport:
+    """What one ``index`` run did."""
+
+    scanned: int = 0
+    indexed: int = 0
+    duplicates: int = 0
+    unchanged: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    pruned: int = 0
+    seconds: float = 0.0
+    encode_seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.indexed / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "scanned": self.scanned, "indexed": self.indexed, "duplicates": self.duplicates,
+            "unchanged": self.unchanged, "failed": [{"path": p, "reason": r} for p, r in self.failed],
+            "pruned": self.pruned, "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2),
+        }
+
+
+@dataclass
+class _Prepared:
+    """One file after the I/O half of indexing (hash, decode, metadata), done in a worker thread."""
+
+    path: str
+    size: int
+    mtime: float
+    hash: str | None = None
+    image: Any = None
+    metadata: dict | None = None
+    error: str | None = None
+
+
+def _prepare(stat: FileStat, sidecar: dict[str, dict], max_pixels: int | None) -> _Prepared:
+    item = _Prepared(stat.path, stat.size, stat.mtime, stat.hash)
+    path = stat.path
+    try:
+        item.image = load_image(path, **({"max_pixels": max_pixels} if max_pixels else {}))
+        meta = image_metadata(path)
+        meta.update(sidecar.get(path, {}))
+        item.metadata = meta
+    except ImageDecodeError as exc:
+        item.error = exc.reason if hasattr(exc, "reason") else str(exc)
+    except OSError as exc:
+        item.error = f"unreadable: {exc.strerror or exc}"
+    return item
+
+
+def _prefetch(pool: ThreadPoolExecutor, jobs: Iterable[tuple], fn: Callable, depth: int) -> Iterator[Any]:
+    """Run ``fn(*job)`` in the pool keeping at most ``depth`` results in flight, in order."""
+    pending: deque[Future] = deque()
+    for job in jobs:
+        pending.append(pool.submit(fn, *job))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+class ImageService:
+    """A collection plus the model that made it. Use ``open_service`` to build one."""
+
+    def __init__(self, collection: Collection, model_name: str | None, device: str = "auto", dtype: str = "auto",
+                 model: Any = None):
+        self.collection = collection
+        self.model_name = model_name or collection.manifest.model_name
+        self.device, self.dtype = device, dtype
+        self._model = model
+        self._model_lock = threading.Lock()
+
+    # -- model ---------------------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        """The model, loaded on first use and checked against the collection's fingerprint."""
+        if self._model is None:
+            with self._model_lock:
+                if self._model is None:
+                    self._model = load_checked_model(self.model_name, self.collection.manifest, self.device, self.dtype)
+        return self._model
+
+    @property
+    def strategy(self):
+        from .model.config import Strategy
+
+        return Strategy.from_dict(self.collection.manifest.strategy)
+
+    def preload(self) -> None:
+        _ = self.model
+
+    # -- indexing ------------------------------------------------------------------------------
+    def index(self, roots: Sequence[str | os.PathLike], exclude: Sequence[str] = (), include_hidden: bool = False,
+              follow_symlinks: bool = False, batch_size: int = 16, prune: bool = False,
+              metadata: str | os.PathLike | None = None, workers: int | None = None, max_pixels: int | None = None,
+              progress: bool = False) -> IndexReport:
+        """Scan ``roots`` and add new or changed images; failures are recorded, never fatal."""
+        from tqdm.auto import tqdm
+
+        started = time.perf_counter()
+        report = IndexReport()
+        files = list(scan_images(roots, exclude=list(exclude), include_hidden=include_hidden,
+                                 follow_symlinks=follow_symlinks, skip_dirs=[self.collection.path]))
+        report.scanned = len(files)
+        stats = []
+        for path in files:
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                report.failed.append((str(path), f"unreadable: {exc.strerror}"))
+                continue
+            stats.append((str(path), st.st_size, st.st_mtime))
+        plan = self.collection.plan(stats)
+        report.unchanged = len(plan.already_indexed) + len(plan.failed_unchanged)
+        for stat, reason in plan.unreadable:
+            self.collection.record_failure(stat.path, stat.size, stat.mtime, reason)
+            report.failed.append((stat.path, reason))
+        sidecar = read_sidecar(metadata) if metadata else {}
+        if prune:
+            pruned = self.collection.prune([p for p, _, _ in stats], roots=[str(Path(r).resolve()) for r in roots])
+            report.pruned = len(pruned["paths"])
+        todo = plan.to_encode
+        workers = workers or min(8, (os.cpu_count() or 2) + 2)
+        with ThreadPoolExecutor(workers, thread_name_prefix="f2b-decode") as pool, \
+                tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            batch: list[_Prepared] = []
+            jobs = ((stat, sidecar, max_pixels) for stat in todo)
+            for item in _prefetch(pool, jobs, _prepare, depth=2 * batch_size + workers):
+                if item.error:
+                    self.collection.record_failure(item.path, item.size, item.mtime, item.error)
+                    report.failed.append((item.path, item.error))
+                    bar.update(1)
+                    continue
+                batch.append(item)
+                if len(batch) >= batch_size:
+                    self._commit(batch, report, batch_size)
+                    bar.update(len(batch))
+                    batch = []
+            if batch:
+                self._commit(batch, report, batch_size)
+                bar.update(len(batch))
+        for stat in plan.duplicates:  # identical content: one entry, several paths
+            if self.collection.add_path_alias(stat.path, stat.hash, stat.size, stat.mtime) is None:
+                reason = "same content as another file that could not be indexed"
+                self.collection.record_failure(stat.path, stat.size, stat.mtime, reason)
+                report.failed.append((stat.path, reason))
+            else:
+                report.duplicates += 1
+        if report.indexed:
+            self.collection.compact()  # one shard per batch was written; merge the small ones
+        self.collection.save()
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _commit(self, batch: list[_Prepared], report: IndexReport, batch_size: int) -> None:
+        """Encode one batch of decoded images and commit it (one shard, one catalog transaction)."""
+        t0 = time.perf_counter()
+        enc = self.model.encode_images([i.image for i in batch], batch_size=batch_size, strategy=self.strategy)
+        report.encode_seconds += time.perf_counter() - t0
+        new = [NewImage(path=i.path, hash=i.hash, size=i.size, mtime=i.mtime, metadata=i.metadata or {})
+               for i in batch]
+        self.collection.add_batch(new, enc.embeddings, enc.tokens)
+        report.indexed += len(batch)
+
+    # -- queries -------------------------------------------------------------------------------
+    def search(self, text: str | None = None, image: str | os.PathLike | Any = None, like: int | str | None = None,
+               embedding: Sequence[float] | None = None, k: int = 10, filter: dict | None = None, offset: int = 0,
+               min_score: float | None = None) -> list[Hit]:
+        """Search by text, by example image (path or PIL image), by a stored image, or by a vector."""
+        given = [x is not None for x in (text, image, like, embedding)]
+        if sum(given) != 1:
+            raise ServiceError("give exactly one of: a text query, --image PATH, --like ID, or an embedding")
+        if k < 1:
+            raise ServiceError(f"k must be at least 1, got {k}")
+        query = self.query_vector(text=text, image=image, like=like, embedding=embedding)
+        exclude = {self.resolve(like)} if like is not None else None
+        return self.collection.search(query, k=k, filter=filter, offset=offset, min_score=min_score,
+                                      exclude_ids=exclude)
+
+    def query_vector(self, text=None, image=None, like=None, embedding=None) -> np.ndarray:
+        if text is not None:
+            if not text.strip():
+                raise ServiceError("the text query is empty")
+            return self.model.encode_texts([text], strategy=self.strategy)[0]
+        if image is not None:
+            picture = load_image(image) if isinstance(image, (str, os.PathLike)) else image
+            return self.model.encode_images([picture], strategy=self.strategy).embeddings[0]
+        if like is not None:
+            return self.collection.embedding(self.resolve(like))
+        vec = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        dim = self.collection.manifest.embed_dim
+        if vec.shape[0] != dim or not np.isfinite(vec).all() or not np.any(vec):
+            raise ServiceError(f"the embedding must be {dim} finite numbers, not all zero")
+        return vec / np.linalg.norm(vec)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.model.encode_texts(list(texts), strategy=self.strategy)
+
+    def encode_images(self, images: Sequence[Any]) -> np.ndarray:
+        return self.model.encode_images(list(images), strategy=self.strategy).embeddings
+
+    def resolve(self, ref: int | str) -> int:
+        """An image id, or a path to an indexed file, -> its id."""
+        try:
+            return self.collection.resolve(ref).id
+        except KeyError:
+            raise NotFoundError(f"{ref} is not in the collection {self.collection.path} "
+                                "(give an id from `f2b search`, or the path of an indexed file)") from None
+
+    def ask(self, ref: int | str, question: str, max_new_tokens: int = 32, stream: bool = False):
+        """Answer from the stored tokens only: no image decode, no vision tower."""
+        if not question.strip():
+            raise ServiceError("the question is empty")
+        tokens = self.collection.get_tokens(self.resolve(ref))
+        return self.model.answer(tokens, question, max_new_tokens=max_new_tokens, stream=stream,
+                                 kind=self.strategy.tokens)
+
+    def get(self, ref: int | str) -> ImageRow:
+        return self.collection.get(self.resolve(ref))
+
+    def remove(self, refs: Iterable[int | str]) -> list[int]:
+        return self.collection.remove([self.resolve(r) for r in refs])
+
+    def info(self) -> dict:
+        data = self.collection.info()
+        manifest = self.collection.manifest
+        data.update({"model": manifest.model_name, "model_fingerprint": manifest.model_fingerprint,
+                     "strategy": self.strategy.name, "collection": str(self.collection.path)})
+        return data
+
+    def verify(self, repair: bool = False):
+        return self.collection.repair() if repair else self.collection.verify()
+
+    def close(self) -> None:
+        self.collection.close()
+
+    def __enter__(self) -> "ImageService":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, dict]:
+    """Per-image metadata from a JSON (object keyed by path, or list of rows) or CSV with a ``path`` column.
+
+    Relative paths are resolved against the sidecar's folder. Values are stored and filterable.
+    """
+    import csv
+    import json
+
+    path = Path(path)
+    base = path.parent
+    try:
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        else:
+            data = json.loads(path.read_text())
+            rows = [{"path": k, **v} for k, v in data.items()] if isinstance(data, dict) else data
+    except (OSError, ValueError) as exc:
+        raise ServiceError(f"metadata file {path}: cannot read it ({exc})") from exc
+    out = {}
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not row.get("path"):
+            raise ServiceError(f"metadata file {path}: record {n} has no 'path'")
+        meta = {k: v for k, v in row.items() if k != "path"}
+        out[str((base / row["path"]).resolve())] = meta
+    return out
+
+
+def load_checked_model(name: str, manifest: Manifest | None, device: str, dtype: str) -> Any:
+    """Load a model; with a manifest, refuse one whose fingerprint differs from the collection's."""
+    from .model import load_model
+    from .model.backbone import quiet_transformers
+
+    quiet_transformers()
+    model = load_model(name, device=device, dtype=dtype)
+    if manifest is not None and manifest.model_fingerprint and model.fingerprint != manifest.model_fingerprint:
+        raise CollectionMismatchError(
+            f"the collection was built with model {manifest.model_name!r} (fingerprint "
+            f"{manifest.model_fingerprint[:12]}), but {name!r} is a different model ({model.fingerprint[:12]}). "
+            "Use the collection's own model, index into a new --collection, or re-index with --reindex."
+        )
+    return model
+
+
+def open_service(collection: str | os.PathLike | None = None, model: str | None = None, device: str = "auto",
+                 dtype: str = "auto", create: bool = False, writable: bool = False, strategy: str | None = None,
+                 backend: str = "faiss", token_dtype: str = "fp16", reindex: bool = False,
+                 backend_options: dict | None = None) -> ImageService:
+    """Open (or with ``create``, make) a collection and pair it with its model.
+
+    A new collection records the model's fingerprint and strategy; an existing one refuses another
+    model or strategy with a message that says how to re-index.
+    """
+    path = Path(collection or os.environ.get("F2B_COLLECTION") or DEFAULT_COLLECTION)
+    exists = Collection.exists(path)
+    if not exists and not create:
+        raise CollectionNotFoundError(f"no collection at {path}; create one with `f2b index DIR --collection {path}`")
+    if exists and not reindex:
+        coll = Collection.open(path, writable=writable or create)
+        name = model or coll.manifest.model_name
+        service = ImageService(coll, name, device, dtype)
+        if model is not None or strategy is not None:
+            service._check_request(model, strategy)
+        return service
+    name = model or os.environ.get("F2B_MODEL") or DEFAULT_MODEL
+    loaded = load_checked_model(name, None, device, dtype)
+    chosen = loaded.resolve_strategy(strategy)
+    t, h = loaded.token_shape(chosen)
+    manifest = Manifest(
+        model_name=name if name == DEFAULT_MODEL or not Path(name).exists() else str(Path(name).resolve()),
+        model_fingerprint=loaded.fingerprint,
+        strategy=chosen.to_dict(),
+        embed_dim=loaded.embed_dim_for(chosen),
+        token_count=t,
+        token_dim=h,
+        token_dtype=token_dtype,
+        backend=backend,
+        backend_options=backend_options or {},
+    )
+    coll = Collection.create(path, manifest, overwrite=reindex)
+    return ImageService(coll, name, device, dtype, model=loaded)
+
+
+def _check_request(self: ImageService, model: str | None, strategy: str | None) -> None:
+    """An explicit --model/--strategy on an existing collection must match what it was built with."""
+    manifest = self.collection.manifest
+    if strategy is not None:
+        from .model.config import Strategy
+
+        asked = Strategy.parse(strategy, default_budget=manifest.strategy.get("budget", 16))
+        have = Strategy.from_dict(manifest.strategy)
+        if (asked.embed, asked.tokens) != (have.embed, have.tokens) or (
+                asked.tokens == "pool" and asked.budget != have.budget):
+            raise CollectionMismatchError(
+                f"the collection {self.collection.path} uses strategy {have.name!r}, not {asked.name!r}; "
+                "index into a new --collection, or re-index with --reindex"
+            )
+    if model is not None:
+        self._model = load_checked_model(model, manifest, self.device, self.dtype)
+
+
+ImageService._check_request = _check_request
