@@ -274,12 +274,18 @@ def test_pretrain_objective_trains_base_and_saves_transformers_folder(tiny_llava
     assert not any("vision_tower" in k for k in changed)
 
 
-def test_training_the_projector_saves_a_self_contained_checkpoint(tiny_llava_dir, pairs, tmp_path):
-    config = _config(tiny_llava_dir, pairs, tmp_path / "w", max_steps=2, train_projector=True, train_llm=True)
+def test_training_the_base_saves_a_self_contained_checkpoint(tiny_llava_dir, pairs, tmp_path):
+    config = _config(tiny_llava_dir, pairs, tmp_path / "w", max_steps=2, train_projector=True, train_llm=True,
+                     train_vision_tower=True)
     trainer = Trainer(config, progress=False)
     result = trainer.train()
     folder = Path(result.model_dir)
     assert (folder / "base" / "config.json").is_file()
+    base = load_file(str(tiny_llava_dir / "model.safetensors"))
+    trained = load_file(str(folder / "base" / "model.safetensors"))
+    assert not any("lora_" in k or "base_layer" in k for k in trained) and trained.keys() == base.keys()
+    for part in ("vision_tower", "multi_modal_projector", "language_model", "lm_head"):
+        assert any(part in k and not torch.equal(base[k], trained[k]) for k in base), f"{part} did not train"
     loaded = Fwd2Bot.from_pretrained(str(folder), device="cpu", dtype="fp32")
     images = [Image.open(p).convert("RGB") for p in sorted((pairs.parent / "images").glob("*.png"))[:3]]
     np.testing.assert_allclose(loaded.encode_images(images).embeddings,

@@ -45,7 +45,8 @@ OBJECTIVES = ("fwd2bot", "pretrain")
 # Settings that must not change between a run and its resume (the rest, e.g. eval_every, may).
 _RESUME_FIXED = ("objective", "data", "batch_size", "grad_accum", "seed", "num_summary_tokens", "embed_dim",
                  "lora_r", "lora_alpha", "lora_targets", "lr", "max_steps", "epochs", "pool_schedule",
-                 "train_summary_tokens", "train_adapters", "train_heads", "train_projector", "train_llm")
+                 "train_summary_tokens", "train_adapters", "train_heads", "train_projector", "train_llm",
+                 "train_vision_tower")
 
 
 class TrainingError(RuntimeError):
@@ -74,6 +75,7 @@ class TrainConfig:
     train_heads: bool | None = None  # image head, text head, temperature, pass-2 projection
     train_projector: bool | None = None
     train_llm: bool | None = None  # the whole language model incl. embeddings and LM head (small models)
+    train_vision_tower: bool = False  # the vision encoder too (a base trained from scratch, e.g. the demo model)
     # losses and pass-2 targets
     contrastive_weight: float = 1.0
     autoregressive_weight: float = 1.0
@@ -149,10 +151,11 @@ class TrainConfig:
             problems.append(f"lr must be positive, got {self.lr}")
         if self.objective == "fwd2bot" and self.contrastive_weight <= 0 and self.autoregressive_weight <= 0:
             problems.append("contrastive_weight and autoregressive_weight are both 0: nothing to learn")
-        if not any(self.parts().values()):
+        if not any(self.parts().values()) and not self.train_vision_tower:
             problems.append("every train_* switch is off: nothing would train")
-        if self.objective == "pretrain" and not (self.parts()["projector"] or self.parts()["llm"]):
-            problems.append("objective 'pretrain' trains the projector and/or the LLM: turn one on")
+        if self.objective == "pretrain" and not (self.parts()["projector"] or self.parts()["llm"]
+                                                 or self.train_vision_tower):
+            problems.append("objective 'pretrain' trains the projector, the LLM or the vision tower: turn one on")
         if not 0 <= self.caption_target_share <= 1:
             problems.append(f"caption_target_share must be within [0, 1], got {self.caption_target_share}")
         try:
@@ -307,6 +310,8 @@ class Trainer:
         self.train_samples, self.eval_samples = self._samples(train_samples, eval_samples)
         self.model = model if model is not None else self._load_model(resume_dir)
         self.device = self.model.backbone.device
+        k = self.model.config.num_summary_tokens or 1
+        self._text_strategy = Strategy("fwd2bot", "fwd2bot", k)
         self.autocast = self._autocast_setting()
         self.named_params = self._select_parameters()
         trainable = {id(p) for _, p in self.named_params}
@@ -396,6 +401,8 @@ class Trainer:
             groups.append(hf.model.multi_modal_projector)
         if parts["llm"]:
             groups += [hf.model.language_model, hf.lm_head]
+        if self.config.train_vision_tower:
+            groups.append(hf.model.vision_tower)
         for module in groups:
             prefix = {id(m): n for n, m in hf.named_modules()}[id(module)]
             for name, p in module.named_parameters():
@@ -486,7 +493,7 @@ class Trainer:
             if cfg.contrastive_weight > 0 and len(with_caption) >= 2:
                 texts = [batch.captions[i] for i in with_caption]
                 image_emb = model.embed_summary(summary[with_caption])
-                text_emb = model.embed_text_batch(texts, Strategy("fwd2bot", "fwd2bot", cfg.num_summary_tokens))
+                text_emb = model.embed_text_batch(texts, self._text_strategy)
                 parts["contrastive"] = info_nce(image_emb, text_emb, model.compressor.logit_scale, texts)
                 loss = loss + cfg.contrastive_weight * parts["contrastive"]
             if cfg.autoregressive_weight > 0:
@@ -569,8 +576,7 @@ class Trainer:
                 else:
                     summary = model.compress(visual)
                     img_embs.append(model.embed_summary(summary))
-                    txt_embs.append(model.embed_text_batch(captions, Strategy("fwd2bot", "fwd2bot",
-                                                                              cfg.num_summary_tokens)))
+                    txt_embs.append(model.embed_text_batch(captions, self._text_strategy))
                     loss = model.pass2_loss(summary, prompts, captions, kind="fwd2bot")
             loss_sum += float(loss) * len(images)
             count += len(images)
@@ -590,7 +596,7 @@ class Trainer:
             model.backbone.hf.save_pretrained(folder)
             model.backbone.processor.save_pretrained(folder)
             return
-        base_trained = self.parts["projector"] or self.parts["llm"]
+        base_trained = self.parts["projector"] or self.parts["llm"] or self.config.train_vision_tower
         if base_trained:  # the stored base changed: its signature must describe the new weights
             model.config.base_signature = model.backbone.signature()
         model.save_pretrained(str(folder), include_base=True if base_trained else None)
