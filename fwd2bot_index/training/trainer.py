@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -601,6 +602,41 @@ class Trainer:
             model.config.base_signature = model.backbone.signature()
         model.save_pretrained(str(folder), include_base=True if base_trained else None)
 
+    def _save_final(self, folder: Path) -> None:
+        """The released model, replaced atomically, with a short card (cards are not fingerprinted)."""
+        import shutil
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=self.out))
+        try:
+            self._save_model(tmp / "model")
+            (tmp / "model" / "README.md").write_text(self._card())
+            old = folder.with_name(".model-old")
+            shutil.rmtree(old, ignore_errors=True)
+            if folder.exists():
+                os.replace(folder, old)
+            os.replace(tmp / "model", folder)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.model.compressor is not None:
+            self.model.source = str(folder)
+
+    def _card(self) -> str:
+        cfg = self.config
+        what = ("a Fwd2Bot compressor checkpoint (load with `Fwd2Bot.from_pretrained`)" if cfg.objective == "fwd2bot"
+                else "a LLaVA base model pretrained for captioning / QA (a transformers folder)")
+        last_eval = self.evals[-1] if self.evals else {}
+        lines = [f"# {Path(self.out).name}", "", f"This folder is {what}, trained by fwd2bot-index.", "",
+                 f"- objective: {cfg.objective}; started from: {cfg.model}", f"- data: {', '.join(cfg.data)}",
+                 f"- optimizer steps: {self.step}; samples seen: {self.samples_seen}; batch {cfg.batch_size} x "
+                 f"accumulation {cfg.grad_accum}; lr {cfg.lr}", f"- pooling schedule: {self.schedule.to_list()}",
+                 f"- trained parts: {', '.join(k for k, v in self.parts.items() if v)}"
+                 + (", vision tower" if cfg.train_vision_tower else ""),
+                 f"- held-out evaluation at the end: {json.dumps({k: v for k, v in last_eval.items() if k != 'kind'})}",
+                 f"- images skipped as unreadable: {len(self.loader.skipped)}", ""]
+        return "\n".join(lines)
+
     def _state(self) -> dict[str, Any]:
         return {
             "step": self.step,
@@ -715,7 +751,7 @@ class Trainer:
         if self.eval_samples and (not self.evals or self.evals[-1]["step"] != self.step):
             self._run_eval()
         model_dir = self.out / "model"
-        self._save_model(model_dir)
+        self._save_final(model_dir)
         elapsed = self._elapsed_before + (time.perf_counter() - self._started)
         result = TrainResult(
             model_dir=str(model_dir), output_dir=str(self.out), steps=self.step, samples_seen=self.samples_seen,
