@@ -98,6 +98,7 @@ class Fwd2Bot:
         self.source = source  # the folder or id it was loaded from (display only, never hashed)
         self._fingerprint: str | None = None
         self._grad_adapters = False
+        self._active_adapter: str | None = None
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -233,9 +234,11 @@ class Fwd2Bot:
             with self.peft.disable_adapter():
                 yield
             return
-        self.peft.set_adapter(name)
-        if self._grad_adapters:
-            self.peft.base_model.set_requires_grad([PASS1, PASS2], True)
+        if self._active_adapter != name:  # a switch walks every module: skip it when already active
+            self.peft.set_adapter(name)
+            # set_adapter makes the active adapter trainable and freezes the other; restore our choice
+            self.peft.base_model.set_requires_grad([PASS1, PASS2], self._grad_adapters)
+            self._active_adapter = name
         yield
 
     def enable_adapter_training(self, enabled: bool = True) -> None:
