@@ -1,0 +1,48 @@
+"""``serve``: build the app over a collection and run it with uvicorn (what ``f2b serve`` calls)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from .app import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, create_app
+
+log = logging.getLogger("fwd2bot_index.api")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``: the addresses only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(collection: str | os.PathLike[str] | None = None, model: str | None = None, host: str = "127.0.0.1",
+          port: int = 8000, api_key: str | None = None, protect_reads: bool = False,
+          cors_origins: Sequence[str] = (), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+          max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "auto", dtype: str = "auto",
+          writable: bool | None = None, log_level: str = "info", **uvicorn_options: Any) -> None:
+    """Open the collection, start loading the model in the background, and serve until interrupted.
+
+    Binds 127.0.0.1 unless ``host`` says otherwise; binding another address without an API key is
+    allowed but logged as a warning, since anyone who can reach the port could then change the
+    collection. ``collection`` defaults like the CLI: $F2B_COLLECTION, else ``./.f2b``.
+    """
+    import uvicorn
+
+    from fwd2bot_index.service import DEFAULT_COLLECTION
+
+    path = collection or os.environ.get("F2B_COLLECTION") or DEFAULT_COLLECTION
+    if not is_loopback(host) and not api_key:
+        log.warning("serving on %s without an API key: anyone who can reach port %d can add and remove images "
+                    "(set --api-key)", host, port)
+    app = create_app(path, api_key=api_key, protect_reads=protect_reads, cors_origins=cors_origins,
+                     max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, preload=True, model=model,
+                     writable=writable, device=device, dtype=dtype)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options)
