@@ -94,7 +94,7 @@ def demo_data(
         typer.echo(f"wrote {n} scenes to {out_dir}")
 
 
-from . import commands  # noqa: E402,F401  (registers the collection, train and eval commands)
+from . import commands, evaluate, train  # noqa: E402,F401  (register the collection, eval and train commands)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -61,8 +61,13 @@ def _as_matrix(output: Any, n: int, what: str) -> np.ndarray:
 def encode_image_files(
     model: EmbeddingModel, paths: Sequence[Path], batch_size: int = 32, show_progress: bool = True
 ) -> np.ndarray:
-    """Decode and embed images chunk by chunk; returns L2-normalised float32 [n, D]."""
+    """Decode and embed images chunk by chunk; returns L2-normalised float32 [n, D].
+
+    A target with ``encode_image_paths`` (an indexed collection) supplies stored embeddings instead.
+    """
     _check_batch_size(batch_size)
+    if hasattr(model, "encode_image_paths"):
+        return _as_matrix(model.encode_image_paths(list(paths)), len(paths), "encode_image_paths")
     chunk = batch_size * CHUNK_BATCHES
     parts = []
     with _progress(len(paths), "images", show_progress, "img") as bar:

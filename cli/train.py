@@ -1,0 +1,87 @@
+"""`f2b train`: the double-forward recipe (and the demo model's recipe) from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .main import DeviceOpt, DtypeOpt, JsonOpt, app, fail, print_json
+
+
+@app.command()
+def train(
+    data: Optional[List[str]] = typer.Option(None, "--data", "-d",
+                                             help="Pairs JSONL/CSV/Parquet, LLaVA JSON, or a demo-data folder (repeatable)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base LLaVA folder / hub id, or a checkpoint to continue."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run folder (model/, checkpoints/, metrics.jsonl)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON file of TrainConfig fields; options override it."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="'demo': the shipped demo model's whole recipe."),
+    quick: bool = typer.Option(False, "--quick", help="With --recipe demo: a minutes-long run of the same recipe."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="fwd2bot (compressor) or pretrain (base)."),
+    num_summary_tokens: Optional[int] = typer.Option(None, "--summary-tokens", "-K", help="K summary tokens."),
+    embed_dim: Optional[int] = typer.Option(None, "--embed-dim"),
+    lora_r: Optional[int] = typer.Option(None, "--lora-r"),
+    lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha"),
+    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Regex of LLM module names for LoRA."),
+    train_llm: Optional[bool] = typer.Option(None, "--train-llm/--no-train-llm", help="Train the whole LLM (small models)."),
+    train_projector: Optional[bool] = typer.Option(None, "--train-projector/--no-train-projector"),
+    contrastive_weight: Optional[float] = typer.Option(None, "--contrastive-weight"),
+    autoregressive_weight: Optional[float] = typer.Option(None, "--autoregressive-weight"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
+    clip_norm: Optional[float] = typer.Option(None, "--clip-norm"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+    epochs: Optional[float] = typer.Option(None, "--epochs"),
+    pool_schedule: Optional[str] = typer.Option(None, "--pool-schedule",
+                                                help="LLaVolta staged pooling: none, llavolta, or '0.25:8,0.25:2,0.5:1'."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (CUDA only)."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every"),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --output-dir."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Train a Fwd2Bot compressor: pass 1 -> summary tokens (contrastive), pass 2 -> answers (autoregressive)."""
+    options = {k: v for k, v in locals().items() if k not in ("config", "recipe", "quick", "as_json", "resume", "dtype")}
+    from .commands import user_errors
+
+    if recipe is not None:
+        _run_recipe(recipe, quick, output_dir, device, seed, as_json)
+        return
+    from fwd2bot_index.training import TrainConfig, TrainingError, run_training
+
+    options["resume"] = True if resume else None
+    options["dtype"] = None if dtype == "auto" else dtype
+    try:
+        with user_errors():
+            cfg = TrainConfig.from_cli_args(config, **options)
+            if not cfg.model or not cfg.data:
+                raise fail("give --model (a LLaVA base or checkpoint) and --data (or --config / --recipe demo)", 2)
+            result = run_training(cfg, progress=True)
+    except TrainingError as exc:
+        raise fail(str(exc))
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        typer.echo(f"trained {result.steps} steps ({result.samples_per_s:.1f} samples/s); model: {result.model_dir}")
+
+
+def _run_recipe(recipe: str, quick: bool, output_dir: Optional[str], device: str, seed: Optional[int],
+                as_json: bool) -> None:
+    if recipe != "demo":
+        raise fail(f"unknown recipe {recipe!r}: the one recipe is 'demo'", 2)
+    from fwd2bot_index.training.demo_recipe import train_demo_model
+
+    out = output_dir or ("f2b-demo-quick" if quick else "f2b-demo")
+    result = train_demo_model(out, quick=quick, seed=seed or 0, device=device, progress=True)
+    if as_json:
+        print_json(result)
+    else:
+        typer.echo(f"demo model written to {result.get('model_dir', out)}")
