@@ -5,6 +5,6 @@ uvicorn (``f2b serve``). The page is ``api/static/`` (plain HTML, CSS and JS, no
 """
 
 from .app import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, create_app
-from .server import is_loopback, serve
+from .server import is_loopback, make_server, serve
 
-__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_UPLOAD_BYTES", "create_app", "is_loopback", "serve"]
+__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_UPLOAD_BYTES", "create_app", "is_loopback", "make_server", "serve"]

@@ -32,8 +32,20 @@ def serve(collection: str | os.PathLike[str] | None = None, model: str | None = 
 
     Binds 127.0.0.1 unless ``host`` says otherwise; binding another address without an API key is
     allowed but logged as a warning, since anyone who can reach the port could then change the
-    collection. ``collection`` defaults like the CLI: $F2B_COLLECTION, else ``./.f2b``.
+    collection. ``collection`` defaults like the CLI: $F2B_COLLECTION, else ``./.f2b``. ``writable``:
+    None tries write access and serves read-only if another process is indexing the collection.
     """
+    make_server(collection, model=model, host=host, port=port, api_key=api_key, protect_reads=protect_reads,
+                cors_origins=cors_origins, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, device=device,
+                dtype=dtype, writable=writable, log_level=log_level, **uvicorn_options).run()
+
+
+def make_server(collection: str | os.PathLike[str] | None = None, model: str | None = None,
+                host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, protect_reads: bool = False,
+                cors_origins: Sequence[str] = (), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+                max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "auto", dtype: str = "auto",
+                writable: bool | None = None, log_level: str = "info", **uvicorn_options: Any) -> Any:
+    """What ``serve`` runs: a configured ``uvicorn.Server`` (call ``.run()``; tests run it in a thread)."""
     import uvicorn
 
     from fwd2bot_index.service import DEFAULT_COLLECTION
@@ -45,4 +57,5 @@ def serve(collection: str | os.PathLike[str] | None = None, model: str | None = 
     app = create_app(path, api_key=api_key, protect_reads=protect_reads, cors_origins=cors_origins,
                      max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, preload=True, model=model,
                      writable=writable, device=device, dtype=dtype)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", **uvicorn_options)
+    return uvicorn.Server(config)

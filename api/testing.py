@@ -71,15 +71,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class LiveServer:
-    """Run ``app`` with uvicorn on ``host`` (loopback) in a thread: ``with LiveServer(app) as url: ...``."""
+    """Run an app with uvicorn on a loopback port in a thread: ``with LiveServer(app) as url: ...``.
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None, timeout: float = 60.0) -> None:
+    Pass ``server`` (a ``uvicorn.Server``, e.g. from ``make_server``) instead of ``app`` to run that.
+    """
+
+    def __init__(self, app: Any = None, host: str = "127.0.0.1", port: int | None = None, timeout: float = 60.0,
+                 server: Any = None) -> None:
         from .server import is_loopback
 
+        if server is not None:
+            host, port = server.config.host, server.config.port
         if not is_loopback(host):
             raise ValueError(f"LiveServer only binds loopback addresses, not {host!r}")
         self.app, self.host, self.port, self.timeout = app, host, port or free_port(host), timeout
-        self._server: Any = None
+        self._server: Any = server
         self._thread: threading.Thread | None = None
 
     @property
@@ -89,9 +95,10 @@ class LiveServer:
     def __enter__(self) -> str:
         import uvicorn
 
-        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", lifespan="on",
-                                timeout_graceful_shutdown=5)
-        self._server = uvicorn.Server(config)
+        if self._server is None:
+            config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", lifespan="on",
+                                    timeout_graceful_shutdown=5)
+            self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="f2b-live-server", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + self.timeout

@@ -15,13 +15,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from fwd2bot_index.api import create_app, is_loopback
-from fwd2bot_index.api.testing import demo_collection
+from fwd2bot_index.api.testing import LiveServer, demo_collection
 from fwd2bot_index.collection import Collection
 from fwd2bot_index.service import ImageService, open_service
 
@@ -247,6 +248,21 @@ def test_upload_get_search_duplicate_delete(writable, demo):
     assert writable.collection.verify().ok
 
 
+def test_a_collection_being_written_elsewhere_is_served_read_only(demo, tmp_path):
+    copy = demo.copy(tmp_path / "busy")
+    with Collection.open(copy, writable=True):  # another writer holds the lock
+        with TestClient(create_app(copy, preload=False)) as c:
+            assert c.get("/v1/collection").json()["writable"] is False
+            assert "read-only" in problem(c.post("/v1/images", files={"file": ("a.png", png_bytes(), "image/png")}),
+                                          409)["detail"]
+            assert c.post("/v1/search", json={"like": 1, "k": 3}).status_code == 200
+    with TestClient(create_app(copy, preload=False)) as c:  # the lock is free again: writable
+        assert c.get("/v1/collection").json()["writable"] is True
+        assert c.post("/v1/images", files={"file": ("a.png", png_bytes(), "image/png")}).status_code == 201
+    with Collection.open(copy, writable=True) as reopened:  # the app closed it at shutdown: lock released
+        assert len(reopened) == 41
+
+
 def test_writes_on_a_read_only_collection_are_409(client, demo):
     assert problem(client.post("/v1/images", files={"file": ("a.png", png_bytes(), "image/png")}), 409)["detail"]
     first = client.post("/v1/search", json={"query": "a", "k": 1}).json()["results"][0]["id"]
@@ -352,6 +368,23 @@ def test_ask_errors(client):
     problem(client.post(f"/v1/images/{hit}/ask", json={"question": "q", "max_new_tokens": 0}), 422)
     problem(client.post(f"/v1/images/{hit}/ask", json={}), 422)
     problem(client.get(f"/v1/images/{hit}/ask"), 422)
+
+
+def test_client_leaving_mid_stream_leaves_the_model_usable(service):
+    """Over a real socket: the client drops an answer stream after its first line; the model thread
+    finishes that generation alone and the next answers are unchanged."""
+    live = LiveServer(create_app(service))
+    with live as url:
+        live.wait_ready()
+        image_id = httpx.post(url + "/v1/search", json={"query": "a circle", "k": 1}).json()["results"][0]["id"]
+        question = {"question": "What is in the picture?", "max_new_tokens": 64}
+        expected = httpx.post(f"{url}/v1/images/{image_id}/ask", json=question).json()["answer"]
+        for _ in range(3):
+            with httpx.stream("POST", f"{url}/v1/images/{image_id}/ask", json={**question, "stream": True}) as r:
+                assert r.headers["content-type"].startswith("text/event-stream")
+                assert next(r.iter_lines()).startswith(":")
+        assert httpx.post(f"{url}/v1/images/{image_id}/ask", json=question).json()["answer"] == expected
+        assert httpx.get(url + "/readyz").status_code == 200
 
 
 # ------------------------------------------------------------------------------------ embed

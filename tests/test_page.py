@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fwd2bot_index.api import create_app
-from fwd2bot_index.api.testing import LiveServer, demo_collection
+from fwd2bot_index.api import make_server
+from fwd2bot_index.api.testing import LiveServer, demo_collection, free_port
 
 CHROMIUM = os.environ.get("F2B_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -39,8 +39,9 @@ def _need_browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """The server ``serve()`` runs (what ``f2b serve`` runs), in a thread on a free loopback port."""
     demo = demo_collection(tmp_path_factory.getbasetemp() / "api-demo", n=40, seed=0)
-    live = LiveServer(create_app(demo.collection, writable=False))
+    live = LiveServer(server=make_server(demo.collection, port=free_port(), writable=False, log_level="warning"))
     with live as url:
         live.wait_ready()
         yield url, demo

@@ -1,0 +1,170 @@
+"""Load on the REST service over loopback: p50/p99 latency and QPS at a few concurrency levels.
+
+Starts ``f2b serve``'s own code path (``fwd2bot_index.api.serve``) in a subprocess on 127.0.0.1,
+waits for readiness, then sends bounded bursts of searches with ``httpx.AsyncClient``: text queries
+(model encode, batched by the server's model thread, then FAISS) and "more like this" queries (no
+model). Prints a Markdown table for BENCHMARKS.md.
+
+    python bench/bench_service.py                  # 200-image demo collection, 200 requests per level
+    python bench/bench_service.py --quick          # fewer levels and requests
+    python bench/bench_service.py --collection .f2b --model demo
+
+Only loopback addresses are used; every run is bounded in requests and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+
+from fwd2bot_index.api.testing import demo_collection, free_port  # noqa: E402
+
+HOST = "127.0.0.1"
+MAX_REQUESTS = 5000
+QUERIES = [f"a {size}{color} {shape}" for size in ("", "small ", "large ")
+           for color in ("red", "blue", "green", "yellow", "purple")
+           for shape in ("circle", "square", "triangle", "star")]
+
+
+def start_server(collection: Path, model: str | None, port: int) -> subprocess.Popen:
+    code = ("import sys; from fwd2bot_index.api import serve; "
+            "serve(sys.argv[1], model=sys.argv[2] or None, host=sys.argv[3], port=int(sys.argv[4]), "
+            "log_level='warning', writable=False)")
+    return subprocess.Popen([sys.executable, "-c", code, str(collection), model or "", HOST, str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> float:
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
+
+
+async def burst(url: str, kind: str, concurrency: int, total: int, ids: list[int]) -> dict:
+    """``total`` requests with at most ``concurrency`` in flight; latency per request, QPS overall."""
+    latencies: list[float] = []
+    errors = 0
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        async def one(n: int) -> None:
+            nonlocal errors
+            body = {"query": QUERIES[n % len(QUERIES)], "k": 10} if kind == "text" else {"like": ids[n % len(ids)], "k": 10}
+            async with gate:
+                t0 = time.perf_counter()
+                try:
+                    response = await client.post("/v1/search", json=body)
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                latencies.append(time.perf_counter() - t0)
+                errors += not ok
+
+        await one(0)  # warm the connection and caches
+        latencies.clear()
+        started = time.perf_counter()
+        await asyncio.gather(*(one(n) for n in range(total)))
+        wall = time.perf_counter() - started
+    latencies.sort()
+    return {"kind": kind, "concurrency": concurrency, "requests": total, "errors": errors,
+            "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(round(0.99 * (len(latencies) - 1))))],
+            "qps": total / wall}
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """Mean texts per model call and number of calls, from the server's own /metrics."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("f2b_model_text_batch_size_sum", "f2b_model_text_batch_size_count")):
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{")[0]] = float(value)
+    calls = values.get("f2b_model_text_batch_size_count", 0.0)
+    return (values.get("f2b_model_text_batch_size_sum", 0.0) / calls if calls else 0.0), calls
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--collection", help="an existing collection (default: build a demo one)")
+    parser.add_argument("--model", help="its model (default: the collection's own)")
+    parser.add_argument("--images", type=int, default=200, help="images in the demo collection")
+    parser.add_argument("--requests", type=int, default=200, help="requests per level (at most %d)" % MAX_REQUESTS)
+    parser.add_argument("--levels", default="1,8,32,200", help="concurrency levels, comma-separated")
+    parser.add_argument("--quick", action="store_true", help="levels 1,32 and 100 requests")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    levels = [1, 32] if args.quick else [int(x) for x in args.levels.split(",")]
+    total = min(100 if args.quick else args.requests, MAX_REQUESTS)
+
+    with tempfile.TemporaryDirectory(prefix="f2b-bench-") as tmp:
+        if args.collection:
+            collection, model = Path(args.collection), args.model
+        else:
+            t0 = time.perf_counter()
+            demo = demo_collection(Path(tmp) / "demo", n=args.images, seed=0)
+            collection, model = demo.collection, None
+            print(f"built a {args.images}-image demo collection in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        port = free_port(HOST)
+        url = f"http://{HOST}:{port}"
+        proc = start_server(collection, model, port)
+        try:
+            ready = wait_ready(url, proc)
+            ids = [h["id"] for h in httpx.post(url + "/v1/search", json={"query": "shapes", "k": 50}).json()["results"]]
+            rows = []
+            for kind in ("text", "like"):
+                for level in levels:
+                    rows.append(asyncio.run(burst(url, kind, level, max(total, level), ids)))
+                    print(f"  {kind} c={level}: p50 {rows[-1]['p50_ms']:.1f} ms, {rows[-1]['qps']:.0f} QPS",
+                          file=sys.stderr)
+            mean_batch, calls = batch_stats(url)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    print(f"\n### REST service on loopback ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs)\n")
+    print(f"Server: `fwd2bot_index.api.serve` (uvicorn, one process) in a subprocess on {HOST}; client: "
+          f"httpx.AsyncClient in another process. Collection: {collection.name if args.collection else f'{args.images} demo images, tiny LLaVA, FAISS flat'}; "
+          f"model ready {ready:.1f} s after start. `text` = text query (model encode + search), "
+          f"`like` = more-like-this by id (no model). k = 10.\n")
+    print("| query | concurrency | requests | errors | p50 ms | p99 ms | QPS |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['kind']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.1f} | "
+              f"{r['p99_ms']:.1f} | {r['qps']:.0f} |")
+    print(f"\nText queries were encoded in {calls:.0f} model calls, {mean_batch:.1f} texts per call on average "
+          "(concurrent queries are batched by the server's model thread).")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0 if all(r["errors"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
