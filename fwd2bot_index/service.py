@@ -153,7 +153,8 @@ class ImageService:
                 report.failed.append((str(path), f"unreadable: {exc.strerror}"))
                 continue
             stats.append((str(path), st.st_size, st.st_mtime))
-        plan = self.collection.plan(stats)
+        with tqdm(total=len(stats), desc="checking", unit="file", disable=not progress, dynamic_ncols=True) as bar:
+            plan = self.collection.plan(stats, on_checked=bar.update)
         report.unchanged = len(plan.already_indexed) + len(plan.failed_unchanged)
         for stat, reason in plan.unreadable:
             self.collection.record_failure(stat.path, stat.size, stat.mtime, reason)

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -336,11 +336,13 @@ class Collection:
 
     # ------------------------------------------------------------------ planning and adding
 
-    def plan(self, files: Iterable[FileStat | tuple[Any, ...] | str | os.PathLike[str]]) -> IndexPlan:
+    def plan(self, files: Iterable[FileStat | tuple[Any, ...] | str | os.PathLike[str]],
+             on_checked: Callable[[int], None] | None = None) -> IndexPlan:
         """Sort scanned files into what needs encoding, what is done, and what is a duplicate.
 
         Files are ``FileStat``s, ``(path, size, mtime[, hash])`` tuples or plain paths (stat'ed
-        here). Only new or changed files are hashed. Nothing is written.
+        here). Only new or changed files are hashed. Nothing is written. ``on_checked(1)`` is called
+        per file (hashing a large new folder takes a while: it drives a progress bar).
         """
         from ..imaging import file_sha256
 
@@ -350,6 +352,8 @@ class Collection:
             states = self.catalog.path_states([f.path for f in stats])
         to_hash: list[FileStat] = []
         for f in stats:  # hashing reads files: done outside the mutex so searches are not blocked
+            if on_checked is not None:
+                on_checked(1)
             state = states.get(f.path)
             if state is not None and state[1] == f.size and state[2] == f.mtime:
                 if state[0] == "indexed":
