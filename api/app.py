@@ -16,6 +16,7 @@ import binascii
 import hmac
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -24,7 +25,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, Response, Security, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Query, Response, Security, UploadFile
 from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
 from fastapi.middleware.cors import CORSMiddleware
@@ -285,6 +286,13 @@ def _run_search(state: AppState, **kwargs: Any) -> list[Any]:
         raise ApiProblem(400, str(exc) or "invalid search", "bad-request") from None
 
 
+def _finite(values: list[float]) -> list[float]:
+    """A query vector must hold float32-representable finite numbers (else a 400, not a cast warning)."""
+    if not all(math.isfinite(x) and abs(x) < 3.0e38 for x in values):
+        raise ApiProblem(400, "the embedding must contain finite numbers within float32 range", "bad-request")
+    return values
+
+
 def _parse_filter(raw: str | None) -> dict[str, Any] | None:
     if raw is None or not raw.strip():
         return None
@@ -324,7 +332,7 @@ def _search_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:
             hits = await run_in_threadpool(_run_search, state, like=int(body.like), **common)
         else:
             kind = "embedding"
-            hits = await run_in_threadpool(_run_search, state, embedding=body.embedding, **common)
+            hits = await run_in_threadpool(_run_search, state, embedding=_finite(body.embedding or []), **common)
         took = time.perf_counter() - started
         metrics.searches.inc(kind)
         metrics.search_latency.observe(took, kind)

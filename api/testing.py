@@ -51,17 +51,30 @@ def demo_collection(folder: str | os.PathLike[str], n: int = 40, seed: int = 0) 
         from fwd2bot_index.service import open_service
         from fwd2bot_index.synthetic import write_demo_data
 
-        folder.mkdir(parents=True, exist_ok=True)
-        model_dir = Path(save_tiny_llava(folder / "tiny-llava", TinySpec(), seed=seed))
-        data_dir = folder / "demo"
-        write_demo_data(data_dir, n=n, seed=seed)
-        with open_service(collection=folder / "collection", model=str(model_dir), create=True) as service:
-            report = service.index([data_dir / "images"])
-        if report.indexed != n:
-            raise RuntimeError(f"demo collection: indexed {report.indexed} of {n} images ({report.failed})")
-        built = DemoCollection(folder / "collection", model_dir, data_dir)
+        built = DemoCollection(folder / "collection", folder / "tiny-llava", folder / "demo")
+        if not _complete(built, n):  # a folder left by an earlier process is reused only when whole
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            save_tiny_llava(built.model_dir, TinySpec(), seed=seed)
+            write_demo_data(built.data_dir, n=n, seed=seed)
+            with open_service(collection=built.collection, model=str(built.model_dir), create=True) as service:
+                report = service.index([built.data_dir / "images"])
+            if report.indexed != n:
+                raise RuntimeError(f"demo collection: indexed {report.indexed} of {n} images ({report.failed})")
         _BUILT[key] = built
         return built
+
+
+def _complete(demo: DemoCollection, n: int) -> bool:
+    from fwd2bot_index.collection import Collection
+
+    if not (Collection.exists(demo.collection) and demo.model_dir.is_dir() and len(demo.images) == n):
+        return False
+    try:
+        with Collection.open(demo.collection) as existing:
+            return len(existing) == n
+    except Exception:  # noqa: BLE001 - anything unreadable is rebuilt
+        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -42,12 +42,15 @@ QUERIES = [f"a {size}{color} {shape}" for size in ("", "small ", "large ")
            for shape in ("circle", "square", "triangle", "star")]
 
 
-def start_server(collection: Path, model: str | None, port: int) -> subprocess.Popen:
+def start_server(collection: Path, model: str | None, port: int, threads: int | None) -> subprocess.Popen:
     code = ("import sys; from fwd2bot_index.api import serve; "
             "serve(sys.argv[1], model=sys.argv[2] or None, host=sys.argv[3], port=int(sys.argv[4]), "
             "log_level='warning', writable=False)")
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server process
     return subprocess.Popen([sys.executable, "-c", code, str(collection), model or "", HOST, str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> float:
@@ -116,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200, help="requests per level (at most %d)" % MAX_REQUESTS)
     parser.add_argument("--levels", default="1,8,32,200", help="concurrency levels, comma-separated")
     parser.add_argument("--quick", action="store_true", help="levels 1,32 and 100 requests")
+    parser.add_argument("--torch-threads", type=int, help="OMP_NUM_THREADS for the server (default: torch's own)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")  # other work on the machine
     levels = [1, 32] if args.quick else [int(x) for x in args.levels.split(",")]
     total = min(100 if args.quick else args.requests, MAX_REQUESTS)
 
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"built a {args.images}-image demo collection in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         port = free_port(HOST)
         url = f"http://{HOST}:{port}"
-        proc = start_server(collection, model, port)
+        proc = start_server(collection, model, port, args.torch_threads)
         try:
             ready = wait_ready(url, proc)
             ids = [h["id"] for h in httpx.post(url + "/v1/search", json={"query": "shapes", "k": 50}).json()["results"]]
@@ -149,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    print(f"\n### REST service on loopback ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs)\n")
+    threads = args.torch_threads or "default"
+    print(f"\n### REST service on loopback ({platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} before the run, "
+          f"torch threads {threads})\n")
     print(f"Server: `fwd2bot_index.api.serve` (uvicorn, one process) in a subprocess on {HOST}; client: "
           f"httpx.AsyncClient in another process. Collection: {collection.name if args.collection else f'{args.images} demo images, tiny LLaVA, FAISS flat'}; "
           f"model ready {ready:.1f} s after start. `text` = text query (model encode + search), "

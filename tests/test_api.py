@@ -157,6 +157,7 @@ def test_search_validation_errors_are_422(client, payload):
 def test_search_bad_input_is_400_or_404(client):
     assert "empty" in problem(client.post("/v1/search", json={"query": "   "}), 400)["detail"]
     assert problem(client.post("/v1/search", json={"embedding": [0.1, 0.2]}), 400)["detail"]
+    problem(client.post("/v1/search", json={"embedding": [1e300] * 64}), 400)
     assert problem(client.post("/v1/search", json={"query": "a", "filter": {"bad key!": 1}}), 400)["detail"]
     problem(client.post("/v1/search", json={"query": "a", "filter": {"size": 2**70}}), 400)
     problem(client.post("/v1/search", json={"query": "a", "filter": {"x": {"nope": 1}}}), 400)
