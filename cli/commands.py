@@ -238,8 +238,14 @@ def serve(
     port: int = typer.Option(8000, "--port"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="F2B_API_KEY", help="Require this key for writes."),
     protect_reads: bool = typer.Option(False, "--protect-reads", help="Require the API key for reads too."),
+    threads: Optional[int] = typer.Option(None, "--threads", envvar="F2B_THREADS", min=1,
+                                          help="Torch threads for model calls (1 gives steadier latency on a busy CPU)."),
 ) -> None:
     """Serve the REST API (/v1/...) and the search page (/)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     with user_errors():
         from fwd2bot_index.api import serve as run_server
 
