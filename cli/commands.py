@@ -73,7 +73,13 @@ def index(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per model batch and per commit."),
-    backend: str = typer.Option("faiss", "--backend", help="faiss, qdrant-edge or qdrant-local (new collections)."),
+    backend: str = typer.Option("faiss", "--backend",
+                                help="faiss, qdrant-edge, qdrant-local or qdrant-server (new collections)."),
+    index_kind: Optional[str] = typer.Option(None, "--faiss-index",
+                                             help="FAISS index: auto (by size), flat, hnsw or ivfpq (new collections)."),
+    qdrant_url: Optional[str] = typer.Option(None, "--qdrant-url", help="Qdrant server/cluster URL (backend qdrant-server)."),
+    qdrant_collection: Optional[str] = typer.Option(None, "--qdrant-collection",
+                                                    help="Collection name on the Qdrant server (default f2b)."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="fwd2bot, pool[@N], prompt, full (new collections)."),
     token_dtype: str = typer.Option("fp16", "--token-dtype", help="Stored token precision: fp16 or int8."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Glob pattern to skip (repeatable)."),
@@ -86,8 +92,12 @@ def index(
 ) -> None:
     """Add new or changed images to the collection (crash-safe, incremental, deduplicated)."""
     with user_errors():
+        options = {k: v for k, v in (("kind", index_kind), ("url", qdrant_url),
+                                      ("collection_name", qdrant_collection)) if v is not None}
+        # the server's API key comes from $QDRANT_API_KEY and is never written to the manifest
         service = _service(collection, model_name(model, None), device, dtype, create=True, writable=True,
-                           strategy=strategy, backend=backend, token_dtype=token_dtype, reindex=reindex)
+                           strategy=strategy, backend=backend, token_dtype=token_dtype, reindex=reindex,
+                           backend_options=options)
         with service:
             if model is None and not service.collection.manifest.model_name:
                 raise fail("the collection records no model; pass --model")

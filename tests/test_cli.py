@@ -133,3 +133,17 @@ def test_sigkill_during_index_then_rerun_is_consistent(tmp_path, model_dir):
     with Collection.open(coll) as col:
         assert len(col) == 80 and col.verify().ok
         assert sorted(Path(p).name for p in col.catalog.all_paths()) == sorted(p.name for p in images.iterdir())
+
+
+def test_backends_agree_through_the_cli(indexed, model_dir, tmp_path):
+    """The same images through FAISS HNSW and qdrant-edge give the same top-k as the default."""
+    root, coll = indexed
+    query = ["search", "a large green star", "-k", "5", "--json"]
+    reference = json.loads(runner.invoke(app, query + ["-c", str(coll)]).stdout)
+    for name, extra in (("hnsw", ["--faiss-index", "hnsw"]), ("edge", ["--backend", "qdrant-edge"])):
+        other = tmp_path / name
+        made = runner.invoke(app, ["index", str(root / "data" / "images"), "-c", str(other), "-m", str(model_dir)] + extra)
+        assert made.exit_code == 0, made.output
+        hits = json.loads(runner.invoke(app, query + ["-c", str(other)]).stdout)
+        assert [h["id"] for h in hits] == [h["id"] for h in reference]
+        assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in reference], abs=1e-5)
