@@ -261,3 +261,39 @@ def serve(
 
         run_server(collection_path(collection), model=model, device=device, dtype=dtype, host=host, port=port,
                    api_key=api_key, protect_reads=protect_reads)
+
+
+@app.command()
+def export(
+    out: Path = typer.Argument(..., help="Parquet file to write (readable by pandas, DuckDB, pyarrow)."),
+    collection: Optional[Path] = CollectionOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Export ids, paths, metadata, embeddings and stored tokens as one Parquet file."""
+    with user_errors():
+        with _service(collection, None, "cpu", "auto") as service:
+            rows = service.export(out)
+    if as_json:
+        print_json({"rows": rows, "path": str(out.resolve())})
+    else:
+        typer.echo(f"wrote {rows} rows to {out}")
+
+
+@app.command()
+def migrate(
+    backend: str = typer.Option(..., "--backend", help="faiss, qdrant-edge, qdrant-local or qdrant-server."),
+    faiss_index: Optional[str] = typer.Option(None, "--faiss-index", help="auto, flat, hnsw or ivfpq."),
+    qdrant_url: Optional[str] = typer.Option(None, "--qdrant-url"),
+    qdrant_collection: Optional[str] = typer.Option(None, "--qdrant-collection"),
+    collection: Optional[Path] = CollectionOpt,
+) -> None:
+    """Move the vector index to another backend, rebuilt from the stored embeddings (no re-encoding)."""
+    options = {k: v for k, v in (("kind", faiss_index), ("url", qdrant_url),
+                                  ("collection_name", qdrant_collection)) if v is not None}
+    with user_errors():
+        with _service(collection, None, "cpu", "auto", writable=True) as service:
+            service.change_backend(backend, options)
+            report = service.verify()
+    typer.echo(f"index moved to {backend}; " + ("verified" if report.ok else "problems: " + "; ".join(report.problems)))
+    if not report.ok:
+        raise typer.Exit(1)

@@ -272,6 +272,14 @@ class ImageService:
                      "strategy": self.strategy.name, "collection": str(self.collection.path)})
         return data
 
+    def export(self, path: str | os.PathLike) -> int:
+        """Write ids, paths, metadata, embeddings and stored tokens to one Parquet file; returns rows."""
+        return self.collection.export_parquet(path)
+
+    def change_backend(self, backend: str, options: dict | None = None) -> None:
+        """Rebuild the vector index in another backend from the stored embeddings (no re-encoding)."""
+        self.collection.change_backend(backend, options)
+
     def verify(self, repair: bool = False):
         return self.collection.repair() if repair else self.collection.verify()
 

@@ -147,3 +147,21 @@ def test_backends_agree_through_the_cli(indexed, model_dir, tmp_path):
         hits = json.loads(runner.invoke(app, query + ["-c", str(other)]).stdout)
         assert [h["id"] for h in hits] == [h["id"] for h in reference]
         assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in reference], abs=1e-5)
+
+
+def test_export_parquet_and_migrate_backend(tmp_path, model_dir):
+    import pyarrow.parquet as pq
+
+    write_demo_data(tmp_path / "d", n=6, seed=8)
+    coll = tmp_path / "c"
+    assert runner.invoke(app, ["index", str(tmp_path / "d" / "images"), "-c", str(coll), "-m", str(model_dir)]).exit_code == 0
+    before = json.loads(runner.invoke(app, ["search", "a red star", "-c", str(coll), "--json"]).stdout)
+    out = runner.invoke(app, ["export", str(tmp_path / "x.parquet"), "-c", str(coll), "--json"])
+    assert out.exit_code == 0 and json.loads(out.stdout)["rows"] == 6
+    table = pq.read_table(tmp_path / "x.parquet")
+    assert table.num_rows == 6 and {"id", "path", "embedding"} <= set(table.column_names)
+    moved = runner.invoke(app, ["migrate", "--backend", "qdrant-edge", "-c", str(coll)])
+    assert moved.exit_code == 0 and "verified" in moved.stdout
+    assert json.loads(runner.invoke(app, ["info", "-c", str(coll), "--json"]).stdout)["backend"] == "qdrant-edge"
+    after = json.loads(runner.invoke(app, ["search", "a red star", "-c", str(coll), "--json"]).stdout)
+    assert [h["id"] for h in after] == [h["id"] for h in before]
