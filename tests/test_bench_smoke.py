@@ -1,0 +1,182 @@
+"""Smoke test of the benchmark scripts: each runs its --quick mode at tiny sizes and must print
+well-formed Markdown tables and write its JSON results. No timing is asserted (a shared CI machine
+makes any threshold flaky); what is checked is what could silently break: the tables, the
+measurements that have an exact answer (flat search has recall 1.0, ratios are computed from the
+rows printed), the GPU figure's refusal on a CPU, and the assembly of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """Import a bench script as a module (bench/ is a folder of scripts, not a package)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield lambda name: importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """The scripts pin threads (``--threads 1`` here); give the rest of the session its own setting back."""
+    import os
+
+    import torch
+
+    saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
+    for key, value in saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def tables(markdown: str) -> list[list[list[str]]]:
+    """Every Markdown table in ``markdown`` as rows of cells; asserts each is well formed."""
+    found, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+            continue
+        if current:
+            found.append(current)
+            current = []
+    parsed = []
+    for block in found:
+        assert len(block) >= 3, f"a table needs a header, a separator and a row:\n{block}"
+        cells = [[c.strip() for c in re.split(r"(?<!\\)\|", row.strip()[1:-1])] for row in block]
+        width = len(cells[0])
+        assert all(set(c) <= set("-:") and c for c in cells[1]), f"bad separator row: {block[1]}"
+        assert all(len(r) == width for r in cells), f"ragged table:\n" + "\n".join(block)
+        parsed.append([cells[0]] + cells[2:])
+    return parsed
+
+
+def run(module, argv: list[str], capsys) -> tuple[str, dict]:
+    assert module.main(argv) == 0
+    out = capsys.readouterr().out
+    json_path = Path(argv[argv.index("--json") + 1])
+    return out, json.loads(json_path.read_text())
+
+
+def test_search_quick_tiny(bench, tmp_path, capsys):
+    out, data = run(bench("bench_search"), ["--quick", "--sizes", "1000", "--queries", "20", "--threads", "1",
+                                            "--backends", "faiss-default,faiss-hnsw,qdrant-edge,qdrant-local",
+                                            "--json", str(tmp_path / "s.json")], capsys)
+    (table,) = tables(out)
+    assert table[0][:3] == ["vectors", "backend", "structure"]
+    rows = {r["backend"]: r for r in data["rows"]}
+    assert set(rows) == {"faiss-default", "faiss-hnsw", "qdrant-edge", "qdrant-local"}
+    assert all(r.get("error") is None for r in rows.values()), rows
+    assert rows["faiss-default"]["structure"] == "flat"  # below the auto threshold the default is exact
+    assert rows["faiss-default"]["recall_at_10"] == 1.0
+    assert rows["qdrant-local"]["recall_at_10"] == 1.0  # brute force
+    assert all(0 <= r["recall_at_10"] <= 1 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows.values())
+    assert data["goals"][0]["met"] is None  # 1,000 vectors is not the 1M goal: not judged
+
+
+def test_search_data_is_clustered(bench):
+    import numpy as np
+
+    search = bench("bench_search")
+    data, centers, basis = search.clustered_vectors(2000, 32, 10, seed=0)
+    assert np.allclose(np.linalg.norm(data, axis=1), 1, atol=1e-5)
+    nearest_center = (data @ centers.T).max(axis=1)
+    assert nearest_center.mean() > 0.8  # points sit near a center, unlike uniform noise
+    q = search.queries_near(centers, basis, 50, seed=0)
+    assert not (q[:, None, :] == data[None, :, :]).all(-1).any()  # queries are not in the data
+
+
+def test_answer_quick_tiny(bench, tmp_path, capsys):
+    out, data = run(bench("bench_answer"), ["--quick", "--smoke", "--models", "llava15", "--pairs", "2",
+                                            "--max-new-tokens", "3", "--threads", "1",
+                                            "--json", str(tmp_path / "a.json")], capsys)
+    (table,) = tables(out)
+    assert [r[1].split(":")[0] for r in table[1:]] == ["stock", "fwd2bot"]
+    (row,) = data["rows"]
+    assert row["stock"]["prefill_tokens"] > row["fwd2bot"]["prefill_tokens"]  # K=8 < 16 visual tokens
+    assert row["ttft_ratio"] == pytest.approx(row["stock"]["ttft_ms"] / row["fwd2bot"]["ttft_ms"])
+    assert 1 <= row["fwd2bot"]["tokens"] <= 3
+
+
+def test_storage_quick_tiny(bench, tmp_path, capsys):
+    out, data = run(bench("bench_storage"), ["--quick", "--smoke", "--images", "10", "--qa-limit", "3",
+                                             "--settings", "fwd2bot:fp16,fwd2bot:int8,full:fp16", "--quality", "on",
+                                             "--threads", "1", "--json", str(tmp_path / "st.json")], capsys)
+    found = tables(out)
+    assert len(found) == 3  # LLaVA-7B computed, demo measured, retrieval vectors
+    seven = {r["item"]: r for r in data["llava7b"]}
+    assert seven["summary K=32, fp16"]["ratio_vs_full"] == pytest.approx(18.0)
+    settings = {(r["strategy"], r["token_dtype"]): r for r in data["demo"]["settings"]}
+    fp16, int8 = settings[("fwd2bot", "fp16")], settings[("fwd2bot", "int8")]
+    assert int8["token_store_bytes_per_image"] < fp16["token_store_bytes_per_image"]  # measured on disk
+    assert all(0 <= r["qa_exact"] <= 100 for r in settings.values())
+
+
+def test_encode_quick_tiny(bench, tmp_path, capsys):
+    out, data = run(bench("bench_encode"), ["--quick", "--smoke", "--models", "demo", "--images", "8", "--threads", "1",
+                                            "--json", str(tmp_path / "e.json")], capsys)
+    sweep, e2e = tables(out)
+    assert [r[0] for r in sweep[1:]] == ["1", "4", "16", "32"]
+    (row,) = data["e2e"]
+    assert row["ratio"] == pytest.approx(row["rounds"][0]["index"] / row["rounds"][0]["model_only"])
+
+
+def test_gpu_refuses_on_cpu(bench, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the refusal path does not apply")
+    gpu = bench("bench_gpu")
+    assert gpu.main(["--quick", "--json", str(tmp_path / "g.json")]) == gpu.NO_GPU_EXIT
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "g.json").exists()
+    assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0 and gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+
+
+def test_run_all_assembles_document(bench, tmp_path):
+    run_all = bench("run_all")
+    common = bench("_common")
+    machine = common.machine()
+    ok = {"key": "answer", "title": run_all.SECTIONS[0].title, "command": "python bench/bench_answer.py --quick",
+          "date": machine["date"], "machine": machine, "seconds": 1.0, "rc": 0,
+          "stdout": "| a | b |\n|---|---|\n| 1 | 2 |\n", "stderr_tail": "",
+          "goals": [common.goal("1", "ttft >= 10x", "6.0x", False, "prefill ratio bound")]}
+    gpu = {**ok, "key": "gpu", "title": run_all.SECTIONS[5].title, "rc": run_all.NOT_MEASURABLE, "stdout": "",
+           "stderr_tail": "figure 6 needs a CUDA GPU", "goals": []}
+    broken = {**ok, "key": "search", "title": run_all.SECTIONS[3].title, "rc": 1, "stdout": "",
+              "stderr_tail": "Traceback: boom", "goals": []}
+    doc = run_all.document([gpu, broken, ok], quick=True)
+    assert doc.index("## 1.") < doc.index("## 4.") < doc.index("## 6.")  # figure order, not run order
+    assert "not measured: no GPU in this session" in doc
+    assert "**MISSED**" in doc and "prefill ratio bound" in doc.split("## Closing notes")[1]
+    assert "failed (exit 1)" in doc and "boom" in doc
+    for table in tables(doc):
+        assert table
+
+
+def test_run_all_gpu_section_end_to_end(bench, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    run_all = bench("run_all")
+    out = tmp_path / "BENCHMARKS.md"
+    assert run_all.main(["--quick", "--only", "gpu", "--results", str(tmp_path / "r"), "--output", str(out)]) == 0
+    record = json.loads((tmp_path / "r" / "section-gpu.json").read_text())
+    assert record["rc"] == run_all.NOT_MEASURABLE and "bench/bench_gpu.py --quick" in record["command"]
+    assert "Not measured: no GPU in this session" in out.read_text()
