@@ -31,9 +31,10 @@ LLAVA15_SCALED = TinySpec(image_size=336, patch_size=14, vision_hidden=384, visi
 # (figure 3).
 LLAVA15_COMPUTE = TinySpec(image_size=336, patch_size=14, vision_hidden=256, vision_layers=6, hidden=512, layers=8,
                            heads=8, kv_heads=8, intermediate=1376, vocab_size=2048, max_positions=2048)
-# What stands in for the demo model when it is not installed yet: its expected geometry, random weights.
-DEMO_STANDIN = TinySpec(image_size=128, patch_size=16, vision_hidden=128, vision_layers=4, hidden=256, layers=4,
-                        heads=4, kv_heads=2, intermediate=688, vocab_size=2048, max_positions=1024)
+# What stands in for the demo model when it is not installed: its recipe's geometry
+# (fwd2bot_index/training/demo_recipe.py, K=16), random weights.
+DEMO_STANDIN = TinySpec(image_size=64, patch_size=8, vision_hidden=128, vision_layers=4, hidden=128, layers=4,
+                        heads=4, kv_heads=4, intermediate=384, vocab_size=512, max_positions=512)
 # A tiny geometry for smoke tests.
 SMOKE = TinySpec(image_size=64, patch_size=16, vision_hidden=32, vision_layers=1, hidden=64, layers=2, heads=4,
                  kv_heads=2, intermediate=128, vocab_size=2048)
@@ -103,7 +104,7 @@ def demo_or_standin(work: Path, smoke: bool = False) -> tuple[str, str, bool]:
 
         return "demo", f"the shipped demo model ({demo_model_path().name}/)", True
     spec = SMOKE if smoke else DEMO_STANDIN
-    folder = random_compressor(spec, Path(work) / "demo-standin", num_summary_tokens=8)
+    folder = random_compressor(spec, Path(work) / "demo-standin", num_summary_tokens=8 if smoke else 16)
     why = "smoke-test geometry" if smoke else "the demo model was not installed when this ran"
     return str(folder), f"a stand-in with random weights ({why})", False
 

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     info = C.machine()
     with tempfile.TemporaryDirectory(prefix="f2b-bench-encode-") as tmp:
         work = Path(tmp)
-        name, desc, _ = M.demo_or_standin(work, smoke=args.smoke)
+        name, desc, is_demo = M.demo_or_standin(work, smoke=args.smoke)
+        demo_label = "demo model" if is_demo else ("smoke model" if args.smoke else "demo stand-in")
         C.log("encode: batch-size sweep ...")
         sweep = batch_sweep(name, n, work)
         models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -155,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         e2e = []
         if "demo" in models:
             C.log("encode: end to end, demo model ...")
-            e2e.append(end_to_end("demo model" if not args.smoke else "smoke model", name, n, args.batch_size, rounds,
-                                  work, "demo"))
+            e2e.append(end_to_end(demo_label, name, n, args.batch_size, rounds, work, "demo"))
         if "llava15" in models:
             spec = M.SMOKE if args.smoke else M.LLAVA15_COMPUTE
             C.log(f"encode: end to end, LLaVA-1.5 shape ({M.spec_text(spec)}) ...")

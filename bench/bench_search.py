@@ -104,8 +104,8 @@ def run_case(spec: dict) -> dict:
     warnings.filterwarnings("ignore")  # qdrant local mode warns past 20k points; that is the point
     n, backend = spec["n"], spec["backend"]
     data = np.ascontiguousarray(np.load(spec["data"], mmap_mode="r")[:n])
-    queries = np.load(spec["queries"])
-    truth = np.load(spec["truth"])
+    queries = np.load(spec["queries"])[: spec.get("max_queries") or None]
+    truth = np.load(spec["truth"])[: len(queries)]
     ids = np.arange(n, dtype=np.int64)
     folder = Path(tempfile.mkdtemp(prefix="f2b-bench-search-", dir=spec.get("tmp")))
     rss0 = C.rss_bytes()
@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--spread", type=float, default=0.35, help="within-cluster noise norm relative to the centers")
     p.add_argument("--local-max", type=int, default=100_000, help="largest size for Qdrant local mode")
+    p.add_argument("--local-queries", type=int, default=200,
+                   help="queries for Qdrant local mode (brute force in Python: ~0.2 s each at 100k)")
     p.add_argument("--ivf-nlist-1m", type=int, default=1024,
                    help="IVF lists at >= 1M vectors (the product's 4*sqrt(n) = 4,000 trains for too long on 2 cores); "
                         "0 keeps the product default")
@@ -276,11 +278,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue  # the default row already is this structure at this size
             spec = {"n": n, "backend": backend, "data": str(work / "data.npy"), "queries": str(work / "queries.npy"),
                     "truth": str(work / f"truth-{n}.npy"), "tmp": tmp,
-                    "ivf_nlist": args.ivf_nlist_1m if n >= 1_000_000 and args.ivf_nlist_1m else None}
+                    "ivf_nlist": args.ivf_nlist_1m if n >= 1_000_000 and args.ivf_nlist_1m else None,
+                    "max_queries": args.local_queries if backend == "qdrant-local" else None}
             C.log(f"search: {LABELS[backend]} at {n:,} ...")
             row = spawn_case(spec, timeout)
             if spec["ivf_nlist"] and backend == "faiss-ivfpq":
                 row["note"] = f"nlist={spec['ivf_nlist']} (product default {int(4 * n ** 0.5):,})"
+            if backend == "faiss-ivfpq" and row.get("structure") == "flat":
+                row["note"] = "below train_min (10,000) the IVF-PQ kind keeps an exact flat index"
             if backend == "faiss-default" and row.get("structure"):
                 row["note"] = f"the collection's default at this size ({row['structure']})"
             rows.append(row)

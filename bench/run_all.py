@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -77,16 +78,25 @@ def _rel(path: Path) -> str:
 
 
 def run_section(section: Section, quick: bool, threads: int | None, results: Path, timeout: float) -> dict:
-    """Run one script; record what it printed, its status and how long it took."""
+    """Run one script; record what it printed, its status and how long it took.
+
+    With ``threads`` every child (and its own children, e.g. the REST server) gets OMP_NUM_THREADS, so
+    scripts without a ``--threads`` option run pinned too."""
     cmd = command(section, quick, threads, results)
     shown = " ".join(shlex.quote(c) for c in cmd)
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        if not section.takes_threads:
+            shown = f"OMP_NUM_THREADS={threads} {shown}"
     info = C.machine()
+    info["threads"] = threads or None
     C.log(f"== {section.key}: {shown}")
     started = time.perf_counter()
     run = [sys.executable] + cmd[1:]
     try:
         done = subprocess.run(run, cwd=str(C.ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env=env)
         rc, out, err = done.returncode, done.stdout, done.stderr
     except subprocess.TimeoutExpired as exc:
         rc, out = 124, (exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or "")
