@@ -33,6 +33,7 @@ def test_wheel_maps_shells_under_the_package(wheel):
         assert f"fwd2bot_index/{shell}/__init__.py" in names, shell
         assert not any(n.startswith(f"{shell}/") for n in names), f"top-level {shell}/ in wheel"
     assert not any(n.startswith("tests/") for n in names)
+    assert "fwd2bot_index/api/static/index.html" in names  # the search page ships with the package
 
 
 def test_installed_wheel_imports_cli_outside_the_source_tree(wheel, tmp_path):
