@@ -38,6 +38,9 @@ LABELS = {"faiss-default": "FAISS default (kind=auto)", "faiss-flat": "FAISS fla
 K = 10
 WARMUP = 10
 GOAL_P50_MS, GOAL_RECALL = 2.0, 0.95
+# From this size FaissIndex lets a single query use every OpenMP thread (its _threads_for rule), so
+# the same index is also timed with its ``threads=1`` option.
+ONE_THREAD_FROM = 200_000
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -117,6 +120,20 @@ def run_case(spec: dict) -> dict:
     build = time.perf_counter() - t0
     rss1 = C.rss_bytes()
     del data
+    measured = measure_queries(index, queries, truth)
+    if backend.startswith("faiss-") and spec.get("one_thread_too"):
+        index.threads = 1  # the backend's own ``threads`` option, as backend_options={"threads": 1} sets it
+        measured["one_thread"] = measure_queries(index, queries, truth)
+    describe = index.describe()
+    disk = index.bytes_on_disk()
+    index.close()
+    return {"backend": backend, "n": n, "structure": describe.get("structure", backend),
+            "describe": describe, "build_s": build, "add_s": t_add, "index_bytes": disk,
+            "rss_delta_bytes": rss1 - rss0, **measured}
+
+
+def measure_queries(index: Any, queries: np.ndarray, truth: np.ndarray) -> dict:
+    """Single-query latency percentiles, QPS one at a time and batched, recall@10 against ``truth``."""
     for q in queries[:WARMUP]:
         index.search(q[None, :], K)
     latencies, found = [], []
@@ -129,14 +146,9 @@ def run_case(spec: dict) -> dict:
     index.search(queries, K)
     batch_s = time.perf_counter() - s
     recall = float(np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, truth)]))
-    describe = index.describe()
-    disk = index.bytes_on_disk()
-    index.close()
-    return {"backend": backend, "n": n, "structure": describe.get("structure", backend),
-            "describe": describe, "build_s": build, "add_s": t_add, "index_bytes": disk,
-            "rss_delta_bytes": rss1 - rss0, "p50_ms": 1000 * C.percentile(latencies, 50),
-            "p99_ms": 1000 * C.percentile(latencies, 99), "qps": len(latencies) / sum(latencies),
-            "batch_qps": len(queries) / batch_s, "recall_at_10": recall, "queries": len(queries)}
+    return {"p50_ms": 1000 * C.percentile(latencies, 50), "p99_ms": 1000 * C.percentile(latencies, 99),
+            "qps": len(latencies) / sum(latencies), "batch_qps": len(queries) / batch_s, "recall_at_10": recall,
+            "queries": len(queries)}
 
 
 def spawn_case(spec: dict, timeout: float) -> dict:
@@ -184,7 +196,7 @@ def render(rows: list[dict], meta: dict) -> str:
     table = []
     for r in rows:
         mib = (lambda b: None if b is None else b / 2**20)
-        label = LABELS[r["backend"]]
+        label = LABELS[r["backend"]] + (f", {r['variant']}" if r.get("variant") else "")
         table.append([r["n"], label, r.get("structure"), r.get("build_s"), mib(r.get("index_bytes")),
                       mib(r.get("rss_delta_bytes")), r.get("p50_ms"), r.get("p99_ms"), r.get("qps"),
                       r.get("batch_qps"), r.get("recall_at_10"), r.get("error") or r.get("note", "")])
@@ -207,7 +219,9 @@ def render(rows: list[dict], meta: dict) -> str:
 
 
 def check_goal(rows: list[dict], top: int) -> dict:
-    default = next((r for r in rows if r["backend"] == "faiss-default" and r["n"] == top), None)
+    default = next((r for r in rows if r["backend"] == "faiss-default" and r["n"] == top and not r.get("variant")),
+                   None)
+    one = next((r for r in rows if r["backend"] == "faiss-default" and r["n"] == top and r.get("variant")), None)
     label = f"{top:,} vectors"
     if default is None or default.get("p50_ms") is None:
         why = default.get("error", "not run") if default else "not run"
@@ -224,6 +238,11 @@ def check_goal(rows: list[dict], top: int) -> dict:
         if default["recall_at_10"] < GOAL_RECALL:
             parts.append(f"recall@10 {default['recall_at_10']:.3f} < {GOAL_RECALL}")
         why = "; ".join(parts)
+        if one is not None and one["p50_ms"] <= GOAL_P50_MS and default["recall_at_10"] >= GOAL_RECALL:
+            why += (f". The same index searched with its `threads=1` option: p50 {one['p50_ms']:.2f} ms. For a "
+                    f"single query FaissIndex uses every OpenMP thread from {ONE_THREAD_FROM:,} vectors on; HNSW "
+                    "searches one query on one thread anyway, and on a shared machine the other OpenMP workers' "
+                    "barrier waits cost more than the search")
     scope = "" if top >= 1_000_000 else f" (largest size in this run is {label}, not 1M)"
     return C.goal("4", f"default index at 1M: p50 <= {GOAL_P50_MS} ms, recall@10 >= {GOAL_RECALL}",
                   measured + scope, met if top >= 1_000_000 else None, why)
@@ -279,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             spec = {"n": n, "backend": backend, "data": str(work / "data.npy"), "queries": str(work / "queries.npy"),
                     "truth": str(work / f"truth-{n}.npy"), "tmp": tmp,
                     "ivf_nlist": args.ivf_nlist_1m if n >= 1_000_000 and args.ivf_nlist_1m else None,
-                    "max_queries": args.local_queries if backend == "qdrant-local" else None}
+                    "max_queries": args.local_queries if backend == "qdrant-local" else None,
+                    "one_thread_too": n >= ONE_THREAD_FROM and not args.threads}
             C.log(f"search: {LABELS[backend]} at {n:,} ...")
             row = spawn_case(spec, timeout)
             if spec["ivf_nlist"] and backend == "faiss-ivfpq":
@@ -289,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
             if backend == "faiss-default" and row.get("structure"):
                 row["note"] = f"the collection's default at this size ({row['structure']})"
             rows.append(row)
+            if row.get("one_thread"):
+                rows.append({**row, **row.pop("one_thread"), "variant": "threads=1", "build_s": None,
+                         "index_bytes": None, "rss_delta_bytes": None,
+                         "note": "the same index, searched with the backend option `threads=1`"})
             C.log(f"  -> {json.dumps({k: row.get(k) for k in ('build_s', 'p50_ms', 'recall_at_10', 'error')}, default=str)}")
     meta = {"dim": args.dim, "clusters": args.clusters, "spread": args.spread, "queries": nq, "k": K,
             "case_timeout": timeout, "auto_threshold": _auto_threshold(), "sizes": sizes}

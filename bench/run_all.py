@@ -37,7 +37,7 @@ class Section:
     title: str
     script: str
     json_name: str | None  # the script's own results file (None: it writes none)
-    takes_threads: bool = True
+    threads_flag: str | None = "--threads"  # how the script takes a thread count (None: only through the env)
     own_json_flag: bool = True
 
 
@@ -48,7 +48,7 @@ SECTIONS = [
     Section("encode", "3. Encoding: pass-1 throughput and end-to-end `f2b index`", "bench_encode.py", "encode.json"),
     Section("search", "4. Search backends at 10k, 100k and 1M vectors", "bench_search.py", "search.json"),
     Section("service", "5. REST service: concurrent search over loopback HTTP", "bench_service.py", "service.json",
-            takes_threads=False),
+            threads_flag="--torch-threads"),
     Section("gpu", "6. GPU: pass-1 throughput and model FLOP utilization, LLaVA-1.5-7B shape", "bench_gpu.py",
             "gpu.json"),
     Section("training", "Training throughput: staged compression (LLaVolta) on vs off", "bench_training.py", None,
@@ -63,8 +63,8 @@ def command(section: Section, quick: bool, threads: int | None, results: Path) -
            f"bench/{section.script}"]
     if quick:
         cmd.append("--quick")
-    if threads and section.takes_threads:
-        cmd += ["--threads", str(threads)]
+    if threads and section.threads_flag:
+        cmd += [section.threads_flag, str(threads)]
     if section.json_name and section.own_json_flag:
         cmd += ["--json", _rel(results / section.json_name)]
     return cmd
@@ -87,7 +87,7 @@ def run_section(section: Section, quick: bool, threads: int | None, results: Pat
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        if not section.takes_threads:
+        if not section.threads_flag:
             shown = f"OMP_NUM_THREADS={threads} {shown}"
     info = C.machine()
     info["threads"] = threads or None
