@@ -75,12 +75,12 @@ def run(module, argv: list[str], capsys) -> tuple[str, dict]:
 
 def test_search_quick_tiny(bench, tmp_path, capsys):
     out, data = run(bench("bench_search"), ["--quick", "--sizes", "1000", "--queries", "20", "--threads", "1",
-                                            "--backends", "faiss-default,faiss-hnsw,qdrant-edge,qdrant-local",
+                                            "--backends", "faiss-default,qdrant-edge,qdrant-local",
                                             "--json", str(tmp_path / "s.json")], capsys)
     (table,) = tables(out)
     assert table[0][:3] == ["vectors", "backend", "structure"]
     rows = {r["backend"]: r for r in data["rows"]}
-    assert set(rows) == {"faiss-default", "faiss-hnsw", "qdrant-edge", "qdrant-local"}
+    assert set(rows) == {"faiss-default", "qdrant-edge", "qdrant-local"}
     assert all(r.get("error") is None for r in rows.values()), rows
     assert rows["faiss-default"]["structure"] == "flat"  # below the auto threshold the default is exact
     assert rows["faiss-default"]["recall_at_10"] == 1.0
