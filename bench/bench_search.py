@@ -18,6 +18,7 @@ bounded time on this machine is reported as such instead of stalling the run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                         "0 keeps the product default")
     p.add_argument("--case-timeout", type=float, help="seconds per (backend, size) (default 600; quick 120)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--case", help=argparse_hidden())
+    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case as a child process
     args = p.parse_args(argv)
     C.set_threads(args.threads)
     if args.case:  # child mode
@@ -322,12 +323,6 @@ def main(argv: list[str] | None = None) -> int:
     C.write_json(args.json, {"figure": 4, "name": NAME, "machine": info, "meta": meta, "rows": rows, "goals": goals,
                              "markdown": text})
     return 0
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":
