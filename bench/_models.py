@@ -9,6 +9,7 @@ model only.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -98,11 +99,23 @@ def demo_available() -> bool:
 
 def demo_or_standin(work: Path, smoke: bool = False) -> tuple[str, str, bool]:
     """(model name or folder, description, is_demo): the shipped demo model, else a stand-in of its
-    expected geometry with random weights (said so in every table that uses it)."""
-    if demo_available() and not smoke:
-        from fwd2bot_index.model import demo_model_path
+    expected geometry with random weights (said so in every table that uses it).
 
-        return "demo", f"the shipped demo model ({demo_model_path().name}/)", True
+    ``F2B_BENCH_DEMO_MODEL=FOLDER`` measures a demo-model checkpoint that is not installed (yet), named
+    as such in the tables."""
+    candidate = os.environ.get("F2B_BENCH_DEMO_MODEL")
+    if candidate and not smoke:
+        from fwd2bot_index.model import is_checkpoint
+
+        if not is_checkpoint(candidate):
+            raise SystemExit(f"F2B_BENCH_DEMO_MODEL={candidate} is not a Fwd2Bot checkpoint folder "
+                             "(no fwd2bot_config.json); unset it to use the installed demo model")
+        return candidate, f"a trained demo-model checkpoint from {candidate} (the recipe's output, not yet installed)", True
+    if demo_available() and not smoke:
+        from fwd2bot_index.model import demo_model_path, folder_fingerprint
+
+        fingerprint = folder_fingerprint(demo_model_path())[:12]
+        return "demo", f"the shipped demo model (fwd2bot_index/{demo_model_path().name}/, fingerprint {fingerprint})", True
     spec = SMOKE if smoke else DEMO_STANDIN
     folder = random_compressor(spec, Path(work) / "demo-standin", num_summary_tokens=8 if smoke else 16)
     why = "smoke-test geometry" if smoke else "the demo model was not installed when this ran"

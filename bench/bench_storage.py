@@ -231,18 +231,25 @@ def goals(seven: list[dict], demo: dict, with_quality: bool, desc: str) -> list[
                       f"{best['ratio_vs_full']:.1f}x in fp16, {next(r for r in seven if 'K=32, int8' in r['item'])['ratio_vs_full']:.1f}x in int8 (computed)",
                       best["ratio_vs_full"] >= GOAL_RATIO))
     if not with_quality:
-        out.append(C.goal("2", f"demo world: QA loss <= {GOAL_QA_LOSS:.0f} points at the largest compression",
+        out.append(C.goal("2", f"demo world: Fwd2Bot QA loss <= {GOAL_QA_LOSS:.0f} points at its largest compression",
                           f"not measured ({desc})", None))
         return out
     full = next(r for r in demo["settings"] if r["strategy"].endswith("full"))
-    compressed = [r for r in demo["settings"] if not r["strategy"].endswith("full")]
-    top = max(compressed, key=lambda r: (r["ratio_stored"], r["qa_exact"]))
+    ours = [r for r in demo["settings"] if r["strategy"] == "fwd2bot"]
+    text = f"demo world: Fwd2Bot QA loss <= {GOAL_QA_LOSS:.0f} points at its largest compression"
+    if not ours:
+        out.append(C.goal("2", text, "no fwd2bot setting in this run", None))
+        return out
+    top = max(ours, key=lambda r: r["ratio_stored"])
     met = top["qa_loss_points"] <= GOAL_QA_LOSS
+    others = [r for r in demo["settings"] if r["strategy"].startswith("prompt+pool")]
+    context = "; " + ", ".join(f"{r['strategy']} {r['token_dtype']} ({r['ratio_stored']:.1f}x): "
+                               f"{r['qa_loss_points']:+.1f}" for r in others) if others else ""
     why = "" if met else (f"{top['strategy']} {top['token_dtype']} answers {top['qa_exact']:.1f}% vs "
                           f"{full['qa_exact']:.1f}% from all visual tokens")
-    out.append(C.goal("2", f"demo world: QA loss <= {GOAL_QA_LOSS:.0f} points at the largest compression",
-                      f"{top['strategy']} {top['token_dtype']} ({top['ratio_stored']:.1f}x smaller stored): "
-                      f"{top['qa_loss_points']:+.1f} points", met, why))
+    out.append(C.goal("2", text, f"{top['strategy']} {top['token_dtype']} ({top['ratio_stored']:.1f}x smaller "
+                      f"stored than all visual tokens): {top['qa_loss_points']:+.1f} points (pooling at similar "
+                      f"sizes{context or ': not run'}) on {top.get('qa_n')} questions", met, why))
     return out
 
 

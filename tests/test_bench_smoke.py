@@ -34,10 +34,13 @@ def keep_threads():
 
     import torch
 
+    import faiss
+
     saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    saved = torch.get_num_threads()
+    saved, saved_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
     yield
     torch.set_num_threads(saved)
+    faiss.omp_set_num_threads(saved_faiss)
     for key, value in saved_env.items():
         if value is None:
             os.environ.pop(key, None)
@@ -180,3 +183,23 @@ def test_run_all_gpu_section_end_to_end(bench, tmp_path):
     record = json.loads((tmp_path / "r" / "section-gpu.json").read_text())
     assert record["rc"] == run_all.NOT_MEASURABLE and "bench/bench_gpu.py --quick" in record["command"]
     assert "Not measured: no GPU in this session" in out.read_text()
+
+
+def test_search_case_variants_reuse_one_index(bench, tmp_path):
+    """Variants (threads=1, other ef_search) search the same built index: recall moves, build is not redone."""
+    import numpy as np
+
+    search = bench("bench_search")
+    bench("_common").set_threads(1)
+    data, centers, basis = search.clustered_vectors(1500, 32, 20, seed=1)
+    queries = search.queries_near(centers, basis, 30, seed=1)
+    for name, array in (("data", data), ("queries", queries), ("truth", search.exact_topk(data, queries, 10))):
+        np.save(tmp_path / f"{name}.npy", array)
+    spec = {"n": 1500, "backend": "faiss-hnsw", "data": str(tmp_path / "data.npy"),
+            "queries": str(tmp_path / "queries.npy"), "truth": str(tmp_path / "truth.npy"), "tmp": str(tmp_path),
+            "one_thread_too": True, "ef_search_variants": [16, 256]}
+    row = search.run_case(spec)
+    assert [v["variant"] for v in row["variants"]] == ["threads=1", "ef_search=16", "ef_search=256"]
+    by = {v["variant"]: v for v in row["variants"]}
+    assert by["ef_search=256"]["recall_at_10"] >= by["ef_search=16"]["recall_at_10"]
+    assert row["structure"] == "hnsw" and row["build_s"] > 0
