@@ -112,7 +112,7 @@ def sugarcrepe(
         runs = []
         for target in _targets(collection, model, strategy, device, dtype):
             result = run_sugarcrepe(target, data, images, limit=limit, skip_missing=skip_missing, batch_size=batch_size)
-            result["strategy"] = target.name
+            result["strategy"] = result["name"] = target.name
             runs.append(result)
     results = {"settings": _settings(locals()), "sugarcrepe": runs}
     lines = [f"{r['strategy']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["accuracy"].items()) for r in runs]
@@ -143,7 +143,7 @@ def qa(
         for target in _targets(collection, model, strategy, device, dtype):
             target.max_new_tokens = max_new_tokens
             result = run_qa(target.answerer([r.image for r in records.records]), records, keep_predictions=out is not None)
-            result["strategy"] = target.name
+            result["strategy"] = result["name"] = target.name
             runs.append(result)
     results = {"settings": _settings(locals()), "qa": runs}
     lines = [f"{r['strategy']}: exact match {r['exact_match']:.3f}, contains {r['contains']:.3f} (n={r['n']})"
@@ -188,10 +188,10 @@ def synthetic(
                 results["retrieval"].append(r)
                 recalls[split] = r["recall"]
             s = run_sugarcrepe(target, world / "sugarcrepe", world / "images", batch_size=batch_size)
-            s["strategy"] = target.name
+            s["strategy"] = s["name"] = target.name
             results["sugarcrepe"].append(s)
             q = run_qa(target.answerer([r.image for r in records]), records, keep_predictions=False)
-            q["strategy"] = target.name
+            q["strategy"] = q["name"] = target.name
             results["qa"].append(q)
             results["sweep"].append({"strategy": target.strategy.tokens, "stored_tokens": target.strategy.budget,
                                      "recall": recalls["test"], "qa": {"exact_match": q["exact_match"]}})
@@ -206,7 +206,10 @@ def _settings(scope: dict) -> dict:
     """The run's own arguments, JSON-ready, for results.json."""
     keys = ("annotations", "images", "data", "dataset", "split", "limit", "skip_missing", "collection", "model",
             "strategy", "device", "dtype", "batch_size", "n", "seed", "max_new_tokens", "qa_limit")
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in scope.items() if k in keys}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in scope.items() if k in keys}
+    if "model" in settings and not scope.get("collection"):
+        settings["model"] = model_name(scope.get("model"))  # record the default ('demo') by name
+    return settings
 
 
 class _eval_errors:

@@ -182,7 +182,7 @@ def _retrieval_section(name: str, run: Mapping[str, Any]) -> list[str]:
                                                  ("skipped_missing", "skipped (missing)")) if run.get(key) is not None
     )
     header = ["model"] + [f"T→I R@{k}" for k in ks] + [f"I→T R@{k}" for k in ks]
-    rows = [["ours"] + [_pct(_at(recall.get(d), k)) for d in ("t2i", "i2t") for k in ks]]
+    rows = [[str(run.get("strategy") or "ours")] + [_pct(_at(recall.get(d), k)) for d in ("t2i", "i2t") for k in ks]]
     ref_key = retrieval_reference_key(title)
     lines = [f"## Retrieval: {title}", "", meta + "." if meta else ""]
     if ref_key:
