@@ -9,6 +9,7 @@ trap 'rm -rf "$WORK"' EXIT
 "$PY" -m pip wheel --no-deps --no-build-isolation -q -w "$WORK/dist" "$ROOT"
 "$PY" -m pip install --no-deps -q --target "$WORK/site" "$WORK"/dist/*.whl
 cp -r "$ROOT/tests" "$WORK/tests"
+cp -r "$ROOT/bench" "$WORK/bench"   # benchmark scripts are not package code; the smoke test runs them against the wheel
 export F2B_SHARED_DATA=${F2B_SHARED_DATA:-$ROOT/../shared/data}
 cd "$WORK"
 PYTHONPATH="$WORK/site" "$PY" -m pytest -q -p no:cacheprovider --import-mode=importlib tests "$@"
