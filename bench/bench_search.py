@@ -129,10 +129,14 @@ def run_case(spec: dict) -> dict:
                                      "note": "the same index, searched with the backend option `threads=1`"})
         index.threads = None
     if index.describe().get("structure") == "hnsw":
-        for ef in spec.get("ef_search_variants") or []:
-            index.ef_search = ef  # the backend option ef_search (backend_options={"ef_search": ...})
-            measured["variants"].append({"variant": f"ef_search={ef}", **measure_queries(index, queries, truth),
-                                         "note": f"the same index, searched with the backend option `ef_search={ef}`"})
+        shipped = index.threads
+        for threads in ([None, 1] if spec.get("one_thread_too") else [shipped]):
+            for ef in spec.get("ef_search_variants") or []:
+                index.ef_search, index.threads = ef, threads  # backend options ef_search / threads
+                name = f"ef_search={ef}" + (", threads=1" if threads == 1 and shipped != 1 else "")
+                options = f"ef_search={ef}" + (", threads=1" if threads == 1 else "")
+                measured["variants"].append({"variant": name, **measure_queries(index, queries, truth),
+                                             "note": f"the same index, searched with the backend options `{options}`"})
     describe = index.describe()
     disk = index.bytes_on_disk()
     index.close()
@@ -234,6 +238,7 @@ def check_goal(rows: list[dict], top: int) -> dict:
                 and r.get("variant") == "threads=1"), None)
     tuned = [r for r in rows if r["backend"] == "faiss-default" and r["n"] == top
              and str(r.get("variant", "")).startswith("ef_search=")]
+    # the recommendation is the cheapest setting that meets both halves of the goal
     label = f"{top:,} vectors"
     if default is None or default.get("p50_ms") is None:
         why = default.get("error", "not run") if default else "not run"
@@ -250,7 +255,7 @@ def check_goal(rows: list[dict], top: int) -> dict:
         if default["recall_at_10"] < GOAL_RECALL:
             parts.append(f"recall@10 {default['recall_at_10']:.3f} < {GOAL_RECALL}")
         why = "; ".join(parts)
-        if one is not None and one["p50_ms"] <= GOAL_P50_MS and default["recall_at_10"] >= GOAL_RECALL:
+        if one is not None and default["p50_ms"] > GOAL_P50_MS and one["p50_ms"] <= GOAL_P50_MS:
             why += (f". The same index searched with its `threads=1` option: p50 {one['p50_ms']:.2f} ms. For a "
                     f"single query FaissIndex uses every OpenMP thread from {ONE_THREAD_FROM:,} vectors on; HNSW "
                     "searches one query on one thread anyway, and on a shared machine the other OpenMP workers' "
@@ -260,8 +265,8 @@ def check_goal(rows: list[dict], top: int) -> dict:
             if good:
                 best = min(good, key=lambda r: r["p50_ms"])
                 why += (f". The same graph searched with `{best['variant']}` meets both: recall@10 "
-                        f"{best['recall_at_10']:.3f} at p50 {best['p50_ms']:.2f} ms; the shipped ef_search=128 "
-                        "(with efConstruction=40) is set a little low for 1M clustered vectors")
+                        f"{best['recall_at_10']:.3f} at p50 {best['p50_ms']:.2f} ms (p99 {best['p99_ms']:.2f} ms); "
+                        "the shipped ef_search=128 (with efConstruction=40) is a little low for 1M clustered vectors")
             elif tuned:
                 why += ". Raising ef_search on the same graph: " + ", ".join(
                     f"{r['variant']} recall@10 {r['recall_at_10']:.3f} p50 {r['p50_ms']:.2f} ms" for r in tuned)

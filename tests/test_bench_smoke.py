@@ -199,7 +199,8 @@ def test_search_case_variants_reuse_one_index(bench, tmp_path):
             "queries": str(tmp_path / "queries.npy"), "truth": str(tmp_path / "truth.npy"), "tmp": str(tmp_path),
             "one_thread_too": True, "ef_search_variants": [16, 256]}
     row = search.run_case(spec)
-    assert [v["variant"] for v in row["variants"]] == ["threads=1", "ef_search=16", "ef_search=256"]
+    assert [v["variant"] for v in row["variants"]] == ["threads=1", "ef_search=16", "ef_search=256",
+                                                      "ef_search=16, threads=1", "ef_search=256, threads=1"]
     by = {v["variant"]: v for v in row["variants"]}
     assert by["ef_search=256"]["recall_at_10"] >= by["ef_search=16"]["recall_at_10"]
     assert row["structure"] == "hnsw" and row["build_s"] > 0
