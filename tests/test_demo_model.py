@@ -12,7 +12,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fwd2bot_index.model import Fwd2Bot, demo_model_path  # noqa: E402
+from fwd2bot_index.model import Fwd2Bot, demo_model_path, folder_fingerprint  # noqa: E402
 from fwd2bot_index.training import demo_recipe  # noqa: E402
 
 MAX_BYTES = 25 * 2**20
@@ -110,6 +110,15 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     assert model.is_trained and model.resolve_strategy("fwd2bot").budget == demo_recipe.QUICK.num_summary_tokens
     assert model.backbone.dtype.is_floating_point
     assert (out / "base" / "config.json").is_file()  # self-contained
+
+    # --reuse keeps the finished stages: the same checkpoint again, without retraining; another seed is refused
+    again = demo_recipe.train_demo_model(tmp_path / "again", quick=True, seed=0, device="cpu", progress=False,
+                                         work_dir=tmp_path / "work", reuse=True)
+    assert again["stages"] == report["stages"]
+    assert folder_fingerprint(tmp_path / "again") == folder_fingerprint(out)
+    with pytest.raises(ValueError, match="another recipe or seed"):
+        demo_recipe.train_demo_model(tmp_path / "other", quick=True, seed=1, device="cpu", progress=False,
+                                     work_dir=tmp_path / "work", reuse=True)
 
     results = demo_recipe.measure_demo_claims(out, data_dir=tmp_path / "eval", quick=True, device="cpu")
     for split in demo_recipe.EVAL_SPLITS:
