@@ -186,12 +186,21 @@ def document(records: list[dict], quick: bool) -> str:
     lines += ["## Closing notes", ""]
     if missed:
         lines += ["Goals missed in this run, and why:", ""]
-        lines += [f"- Figure {g['figure']}, {g['goal']}: {g['measured']}. {g.get('why') or ''}".rstrip() for g in missed]
+        lines += [f"- Figure {g['figure']}, {g['goal']}: {g['measured']}. {_sentence(g.get('why') or '')}".rstrip()
+                  for g in missed]
     else:
         lines.append("No measured goal was missed in this run.")
     lines += ["", "Not measured here: " + ("figure 6 (no GPU in this session)."
                                          if by_key.get("gpu", {}).get("rc") == NOT_MEASURABLE else "nothing.")]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _sentence(text: str) -> str:
+    """Capitalized and ending with a full stop, for the closing notes."""
+    text = text.strip()
+    if not text:
+        return ""
+    return text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
 def load_records(results: Path) -> list[dict]:
