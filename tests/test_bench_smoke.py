@@ -166,7 +166,7 @@ def test_run_all_assembles_document(bench, tmp_path):
     doc = run_all.document([gpu, broken, ok], quick=True)
     assert doc.index("## 1.") < doc.index("## 4.") < doc.index("## 6.")  # figure order, not run order
     assert "not measured: no GPU in this session" in doc
-    assert "**MISSED**" in doc and "prefill ratio bound" in doc.split("## Closing notes")[1]
+    assert "**MISSED**" in doc and "Prefill ratio bound." in doc.split("## Closing notes")[1]
     assert "failed (exit 1)" in doc and "boom" in doc
     for table in tables(doc):
         assert table
