@@ -14,6 +14,7 @@ from fwd2bot_index.model import (
     UntrainedCompressorError,
     pool_visual_tokens,
 )
+from fwd2bot_index.model.pooling import budget_grid, pool_grid
 from fwd2bot_index.model.tiny import TinySpec, random_images
 
 
@@ -155,12 +156,29 @@ def test_pool_strategy_averages_visual_tokens(tiny_model, images):
     assert isinstance(tiny_model.answer(enc_pool.tokens[0], "what?", max_new_tokens=3, kind="pool"), str)
 
 
-def test_pool_visual_tokens_1d_when_budget_not_square():
+def test_pool_visual_tokens_2d_when_budget_not_square():
+    # 4x4 grid to 8 tokens: a 4x2 output grid, each window 1 row x 2 columns of patches (not whole rows)
     tokens = torch.arange(2 * 16 * 3, dtype=torch.float32).reshape(2, 16, 3)
     pooled = pool_visual_tokens(tokens, 8)
     assert pooled.shape == (2, 8, 3)
-    assert torch.allclose(pooled[0, 0], tokens[0, :2].mean(0))
+    assert torch.allclose(pooled[0, 0], tokens[0, [0, 1]].mean(0))
+    assert torch.allclose(pooled[0, 1], tokens[0, [2, 3]].mean(0))
+    # 8x8 grid to 8 tokens: windows of 2 rows x 4 columns
+    big = torch.arange(64, dtype=torch.float32).reshape(1, 64, 1)
+    expected = big[0].reshape(8, 8)[:2, :4].mean()
+    assert torch.isclose(pool_visual_tokens(big, 8)[0, 0, 0], expected)
     assert pool_visual_tokens(tokens, 32) is tokens
+
+
+def test_pool_grid_uneven_and_one_dimensional_fallback():
+    # a 13x9 grid (an odd Qwen2-VL-like size) to 16 tokens: 4x4 adaptive windows, every token counted
+    tokens = torch.ones(1, 13 * 9, 2)
+    assert torch.allclose(pool_grid(tokens, 13, 9, 16), torch.ones(1, 16, 2))
+    assert budget_grid(13, 9, 16) == (4, 4)
+    # no factorization fits a 1x5 grid with budget 4 as 2x2: pools 1-D
+    assert pool_grid(torch.arange(5.).reshape(1, 5, 1), 1, 5, 4).shape == (1, 4, 1)
+    with pytest.raises(ValueError, match="grid"):
+        pool_grid(tokens, 10, 10, 4)
 
 
 def test_strategy_parsing():
