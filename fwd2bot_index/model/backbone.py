@@ -3,8 +3,11 @@
 Fwd2Bot needs six things from a vision-language model: preprocess images, project them into visual
 tokens in the LLM's input-embedding space, embed text ids, run the decoder on embeddings, map
 hidden states to logits, and generate from embeddings. ``LlavaBackbone`` provides them for every
-checkpoint transformers loads as ``LlavaForConditionalGeneration``; another family (LLaVA-OneVision,
-Qwen2-VL, Idefics3) is one more class registered in ``_ADAPTERS``.
+checkpoint transformers loads as ``LlavaForConditionalGeneration``; ``qwen2vl.Qwen2VLBackbone`` does for
+Qwen2-VL and Qwen2.5-VL (dynamic resolution, M-RoPE). Another family (LLaVA-OneVision, Idefics3) is one
+more class registered in ``_adapters()``. Sequences that hold an image are run through
+``run_image_prompt`` and pooled through ``pool_to_budget`` / ``pool_by_stride``, so a family whose images
+differ in token count (and position layout) can lay them out its own way.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class LlavaBackbone:
 
     family = "llava"
     image_placeholder = "<image>"
+    variable_image_tokens = False  # every image gives num_image_tokens tokens
 
     def __init__(self, hf_model: Any, processor: Any, reference: str, revision: str | None = None):
         self.hf = hf_model
@@ -111,6 +115,10 @@ class LlavaBackbone:
         if self.hf.config.vision_feature_select_strategy == "full":
             n += 1
         return n
+
+    def pooled_tokens(self, budget: int) -> int:
+        """How many tokens ``pool_to_budget`` keeps per image."""
+        return min(budget, self.num_image_tokens)
 
     @property
     def decoder(self) -> torch.nn.Module:
@@ -163,18 +171,52 @@ class LlavaBackbone:
         return ChatParts(before=before, after=after)
 
     # -- running ---------------------------------------------------------------------------
-    def run_decoder(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Last-layer hidden states (after the final norm) for left-padded embedded sequences."""
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    def run_decoder(self, embeds: torch.Tensor, mask: torch.Tensor,
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Last-layer hidden states (after the final norm) for left-padded embedded sequences.
+
+        ``positions`` defaults to consecutive positions of the real (unpadded) tokens.
+        """
+        if positions is None:
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         return out.last_hidden_state
+
+    def run_image_prompt(self, before: torch.Tensor, visual: torch.Tensor, after: torch.Tensor,
+                         tail: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of ``before`` + each image's visual tokens + ``after`` (+ ``tail``), (B, L, H).
+
+        The last positions of every row are ``tail`` (or ``after``), whatever the image.
+        """
+        batch = visual.shape[0]
+        parts = [before.expand(batch, -1, -1), visual, after.expand(batch, -1, -1)]
+        if tail is not None:
+            parts.append(tail.expand(batch, -1, -1))
+        seq = torch.cat(parts, dim=1)
+        mask = torch.ones(seq.shape[:2], dtype=torch.long, device=seq.device)
+        return self.run_decoder(seq, mask)
+
+    def pool_to_budget(self, visual: torch.Tensor, budget: int) -> torch.Tensor:
+        """Visual tokens average-pooled to the stored ``pool@budget`` form, (B, T, H)."""
+        from .pooling import pool_visual_tokens
+
+        return pool_visual_tokens(visual, budget)
+
+    def pool_by_stride(self, visual: torch.Tensor, stride: int) -> torch.Tensor:
+        """LLaVolta's stride pooling of the visual tokens before the LLM (staged training)."""
+        from .pooling import pool_by_stride
+
+        return pool_by_stride(visual, stride)
+
+    def generation_eos(self) -> int | list[int]:
+        return self.tokenizer.eos_token_id
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(hidden)
 
     def generate(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, streamer=None):
         """Greedy generation from embedded prompts; returns only the new token ids."""
-        eos = self.tokenizer.eos_token_id
+        eos = self.generation_eos()
         return self.hf.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -208,19 +250,25 @@ class LlavaBackbone:
         }
 
 
-_ADAPTERS = {"LlavaForConditionalGeneration": LlavaBackbone}
-_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration"}
+def _adapters() -> tuple[dict[str, type], dict[str, str]]:
+    """Architecture name -> adapter class, and config ``model_type`` -> architecture name."""
+    from . import qwen2vl
+
+    adapters: dict[str, type] = {"LlavaForConditionalGeneration": LlavaBackbone}
+    adapters.update({arch: qwen2vl.Qwen2VLBackbone for arch in qwen2vl.ARCHITECTURES})
+    return adapters, {"llava": "LlavaForConditionalGeneration", **qwen2vl.MODEL_TYPES}
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_ADAPTERS)
+    return sorted(_adapters()[0])
 
 
 def _architecture(config: Any) -> str | None:
+    adapters, model_types = _adapters()
     for arch in getattr(config, "architectures", None) or []:
-        if arch in _ADAPTERS:
+        if arch in adapters:
             return arch
-    return _MODEL_TYPES.get(getattr(config, "model_type", None))
+    return model_types.get(getattr(config, "model_type", None))
 
 
 def load_backbone(
@@ -228,8 +276,14 @@ def load_backbone(
     device: str | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     revision: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> LlavaBackbone:
-    """Load a stock checkpoint (local folder or hub id) through its family's adapter."""
+    """Load a stock checkpoint (local folder or hub id) through its family's adapter.
+
+    ``min_pixels`` / ``max_pixels`` bound the resized image of dynamic-resolution families (Qwen2-VL);
+    a fixed-resolution family refuses them rather than ignoring them.
+    """
     from transformers import AutoConfig, AutoProcessor
 
     ref = str(name_or_path)
@@ -244,16 +298,25 @@ def load_backbone(
         raise UnsupportedModelError(
             f"{ref}: architecture {found} is not supported. Supported: "
             f"{', '.join(supported_architectures())} (LLaVA-1.5, llava-interleave-qwen and other "
-            "checkpoints transformers loads as LlavaForConditionalGeneration)."
+            "checkpoints transformers loads as LlavaForConditionalGeneration; Qwen2-VL; Qwen2.5-VL)."
         )
     import transformers
 
+    from . import qwen2vl
+
+    adapter = _adapters()[0][arch]
+    if adapter is qwen2vl.Qwen2VLBackbone:
+        processor = qwen2vl.load_processor_parts(ref, revision, min_pixels=min_pixels, max_pixels=max_pixels)
+    elif min_pixels is not None or max_pixels is not None:
+        raise ValueError(f"{ref}: --min-pixels/--max-pixels apply to dynamic-resolution models (Qwen2-VL "
+                         f"family); {arch} resizes every image to one fixed size")
+    else:
+        processor = AutoProcessor.from_pretrained(ref, revision=revision)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_cls = getattr(transformers, arch)
     hf = model_cls.from_pretrained(ref, revision=revision, dtype=torch_dtype).to(torch_device).eval()
-    processor = AutoProcessor.from_pretrained(ref, revision=revision)
-    return _ADAPTERS[arch](hf, processor, reference=ref, revision=revision)
+    return adapter(hf, processor, reference=ref, revision=revision)
 
 
 def quiet_transformers() -> None:

@@ -97,6 +97,7 @@ class Fwd2BotConfig:
 
     base_model: str = ""
     base_revision: str | None = None
+    base_family: str = "llava"  # the backbone family (config model_type): llava, qwen2_vl, qwen2_5_vl
     base_signature: dict = field(default_factory=dict)
     num_summary_tokens: int = 32
     hidden_size: int = 0

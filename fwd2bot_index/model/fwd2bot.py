@@ -28,7 +28,6 @@ from torch import nn
 
 from .backbone import LlavaBackbone
 from .config import Fwd2BotConfig, Strategy, StrategyError
-from .pooling import pool_by_stride, pool_visual_tokens
 
 PASS1, PASS2 = "pass1", "pass2"
 
@@ -107,6 +106,7 @@ class Fwd2Bot:
         config = Fwd2BotConfig(
             base_model=backbone.reference,
             base_revision=backbone.revision,
+            base_family=backbone.family,
             base_signature=backbone.signature(),
             hidden_size=backbone.hidden_size,
             pool_budget=pool_budget,
@@ -129,6 +129,7 @@ class Fwd2Bot:
         config = Fwd2BotConfig(
             base_model=backbone.reference,
             base_revision=backbone.revision,
+            base_family=backbone.family,
             base_signature=backbone.signature(),
             num_summary_tokens=num_summary_tokens,
             hidden_size=backbone.hidden_size,
@@ -182,7 +183,7 @@ class Fwd2Bot:
     def token_shape(self, strategy: Strategy) -> tuple[int, int]:
         """(T, H) of the stored tokens under ``strategy``."""
         n = {"fwd2bot": self.config.num_summary_tokens, "full": self.backbone.num_image_tokens,
-             "pool": min(strategy.budget, self.backbone.num_image_tokens)}[strategy.tokens]
+             "pool": self.backbone.pooled_tokens(strategy.budget)}[strategy.tokens]
         return n, self.backbone.hidden_size
 
     @property
@@ -213,6 +214,12 @@ class Fwd2Bot:
             )
         if strategy.tokens == "fwd2bot":
             strategy = Strategy(strategy.embed, "fwd2bot", self.config.num_summary_tokens)
+        elif strategy.tokens == "full" and self.backbone.variable_image_tokens:
+            raise StrategyError(
+                f"strategy {strategy.name!r} is not available for {self.backbone.family} models: their images "
+                "give a different number of visual tokens each (dynamic resolution), and a collection stores one "
+                "fixed number of tokens per image; use 'pool@N' (N tokens per image whatever its size) or 'fwd2bot'"
+            )
         elif strategy.tokens == "full":
             strategy = Strategy(strategy.embed, "full", self.backbone.num_image_tokens)
         return strategy
@@ -266,15 +273,11 @@ class Fwd2Bot:
         """
         if self.compressor is None:
             raise StrategyError("this model has no Fwd2Bot compressor")
-        visual = pool_by_stride(visual, pool_stride)
-        batch = visual.shape[0]
+        visual = self.backbone.pool_by_stride(visual, pool_stride)
         before, after = self._prompt_embeds(self.config.compress_prompt)
-        summary = self.compressor.summary_tokens.to(visual.dtype)
-        seq = torch.cat([before.expand(batch, -1, -1), visual, after.expand(batch, -1, -1),
-                         summary.expand(batch, -1, -1)], dim=1)
-        mask = torch.ones(seq.shape[:2], dtype=torch.long, device=seq.device)
+        summary = self.compressor.summary_tokens.to(before.dtype)
         with self.adapter(PASS1):
-            hidden = self.backbone.run_decoder(seq, mask)
+            hidden = self.backbone.run_image_prompt(before, visual, after, tail=summary)
         return hidden[:, -summary.shape[0]:]
 
     def embed_summary(self, summary: torch.Tensor) -> torch.Tensor:
@@ -302,11 +305,8 @@ class Fwd2Bot:
     def prompt_embed_images(self, visual: torch.Tensor) -> torch.Tensor:
         """E5-V style: the image then 'Summary above image in one word:', last token, no adapter."""
         before, after = self._prompt_embeds(self.config.image_embed_prompt)
-        batch = visual.shape[0]
-        seq = torch.cat([before.expand(batch, -1, -1), visual, after.expand(batch, -1, -1)], dim=1)
-        mask = torch.ones(seq.shape[:2], dtype=torch.long, device=seq.device)
         with self.adapter(None):
-            hidden = self.backbone.run_decoder(seq, mask)
+            hidden = self.backbone.run_image_prompt(before, visual, after)
         return _normalize(hidden[:, -1])
 
     def pass2_inputs(self, tokens: Sequence[torch.Tensor], questions: Sequence[str],
@@ -356,7 +356,7 @@ class Fwd2Bot:
         if strategy.tokens == "fwd2bot":
             tokens = summary
         elif strategy.tokens == "pool":
-            tokens = pool_visual_tokens(visual, strategy.budget)
+            tokens = self.backbone.pool_to_budget(visual, strategy.budget)
         else:
             tokens = visual
         return embedding, tokens

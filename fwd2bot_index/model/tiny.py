@@ -47,12 +47,14 @@ class TinySpec:
         return (self.image_size // self.patch_size) ** 2
 
 
-def train_tokenizer(vocab_size: int = 512, corpus: Iterable[str] = ()):
-    """A byte-level BPE tokenizer trained in-process, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+_LLAVA_SPECIALS = ("<pad>", "<s>", "</s>", "<image>")
 
-    specials = ["<pad>", "<s>", "</s>", "<image>"]
+
+def _trained_bpe(vocab_size: int, corpus: Iterable[str], specials: Iterable[str]):
+    """A byte-level BPE (``tokenizers``) trained in-process on the built-in corpus plus ``corpus``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = list(specials)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -64,8 +66,15 @@ def train_tokenizer(vocab_size: int = 512, corpus: Iterable[str] = ()):
     )
     texts = [_BASE_CORPUS] * 4 + list(corpus)
     tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def train_tokenizer(vocab_size: int = 512, corpus: Iterable[str] = ()):
+    """A byte-level BPE tokenizer trained in-process, wrapped as a transformers fast tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=_trained_bpe(vocab_size, corpus, _LLAVA_SPECIALS),
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
@@ -160,3 +169,97 @@ def random_images(n: int, seed: int = 0, size: tuple[int, int] = (48, 40)):
 
     rng = np.random.RandomState(seed)
     return [Image.fromarray(rng.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+# -- the Qwen2-VL family ----------------------------------------------------------------------
+_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>")
+
+
+@dataclass(frozen=True)
+class TinyQwenSpec:
+    """Geometry of a tiny Qwen2-VL / Qwen2.5-VL (real patch 14 and 2x2 merge, tiny widths)."""
+
+    version: str = "2"  # "2" (Qwen2-VL) or "2.5" (Qwen2.5-VL)
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    mrope_section: tuple[int, int, int] = (2, 3, 3)  # sums to head_dim / 2
+    vocab_size: int = 512
+    min_pixels: int = 56 * 56
+    max_pixels: int = 224 * 224
+
+
+def train_qwen_tokenizer(vocab_size: int = 512, corpus: Iterable[str] = ()):
+    """A byte-level BPE with Qwen's chat and vision specials (no BOS, EOS ``<|im_end|>``)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_trained_bpe(vocab_size, corpus, _QWEN_SPECIALS),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        padding_side="left",
+    )
+
+
+def build_tiny_qwen2vl(spec: TinyQwenSpec = TinyQwenSpec(), seed: int = 0, tokenizer=None):
+    """Return (model, image_processor, tokenizer) for a random tiny Qwen2-VL or Qwen2.5-VL."""
+    import torch
+    import transformers
+    from transformers import Qwen2VLImageProcessorPil
+
+    tokenizer = tokenizer or train_qwen_tokenizer(spec.vocab_size)
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = dict(vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+                num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+                max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": list(spec.mrope_section)},
+                bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if spec.version == "2":
+        vision = dict(depth=spec.vision_layers, embed_dim=spec.vision_hidden, hidden_size=spec.hidden,
+                      num_heads=4, mlp_ratio=2)
+        config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    elif spec.version == "2.5":
+        vision = dict(depth=spec.vision_layers, hidden_size=spec.vision_hidden, out_hidden_size=spec.hidden,
+                      intermediate_size=spec.vision_hidden * 2, num_heads=4, fullatt_block_indexes=[spec.vision_layers - 1])
+        config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"unknown tiny Qwen version {spec.version!r}: use '2' or '2.5'")
+    config = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    return model, image_processor, tokenizer
+
+
+def save_tiny_qwen2vl(path: str | Path, spec: TinyQwenSpec = TinyQwenSpec(), seed: int = 0,
+                      chat_template: str | None = None, template_file: str = "chat_template.json") -> Path:
+    """Save a tiny Qwen2-VL-family model as a hub-like folder: weights + config, the image processor's
+    ``preprocessor_config.json`` (naming ``Qwen2VLImageProcessor`` as hub folders do), the tokenizer,
+    and the chat template in ``template_file`` (``chat_template.json`` as older hub folders,
+    ``chat_template.jinja`` as newer ones)."""
+    import json
+
+    from .qwen2vl import DEFAULT_CHAT_TEMPLATE
+
+    path = Path(path)
+    model, image_processor, tokenizer = build_tiny_qwen2vl(spec, seed)
+    model.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    pre = path / "preprocessor_config.json"
+    data = json.loads(pre.read_text())
+    data["image_processor_type"] = "Qwen2VLImageProcessor"
+    pre.write_text(json.dumps(data, indent=2))
+    template = chat_template or DEFAULT_CHAT_TEMPLATE
+    if template_file.endswith(".json"):
+        (path / template_file).write_text(json.dumps({"chat_template": template}))
+    else:
+        (path / template_file).write_text(template)
+    return path

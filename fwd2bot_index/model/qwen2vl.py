@@ -1,0 +1,284 @@
+"""The Qwen2-VL family (Qwen2-VL, Qwen2.5-VL) behind the backbone seam.
+
+What differs from LLaVA, and the choices made here:
+
+* **Dynamic resolution.** Each image keeps (about) its own aspect ratio: 14-px patches, merged 2x2, so
+  an image gives ``h * w`` visual tokens on its own merged grid (``image_grid_thw / [1, 2, 2]``),
+  bounded by ``min_pixels`` / ``max_pixels``. Visual tokens are therefore a ``GridTokens`` (one
+  ``(h*w, H)`` tensor and one ``(h, w)`` grid per image), never one padded tensor, so a batch of mixed
+  sizes gives what each image gives alone.
+* **M-RoPE.** The decoder takes (temporal, height, width) positions. A sequence is laid out as
+  transformers' ``get_rope_index`` does for a real prompt: text tokens advance all three by one; an
+  image grid at offset ``p`` gets ``(p, p + row, p + col)`` and the text after it resumes at
+  ``p + max(h, w)``. Summary tokens are *text-like* (all three components equal, consecutive), in pass 1
+  (after the compression prompt) and in pass 2 (where they stand in for the image): their relative
+  layout is then identical in both passes and independent of the image's size, and pass 2 needs
+  nothing but the stored ``(K, H)`` matrix. Pooled tokens are also placed text-like in pass 2 (the
+  store keeps ``(T, H)`` only); in pass 1 every grid, pooled or not, is placed as a grid.
+* **Pooling to a budget** (``pool@N``): each image's merged grid is average-pooled to one fixed grid of
+  ``N`` cells (rows x cols, the most square factorization, rows <= cols) with
+  ``adaptive_avg_pool2d``: a grid that does not divide evenly gets windows that differ by one cell and
+  may overlap; a grid smaller than the target repeats cells. Every image stores exactly N tokens.
+* **``full`` is refused**: the count varies per image and the token store holds one ``(T, H)`` shape
+  per collection; ``pool@N`` or ``fwd2bot`` keep a fixed cost per image.
+* **Loading without torchvision**: transformers 5 cannot build the combined ``Qwen2VLProcessor``
+  without torchvision (its video processor), so the image processor, the tokenizer and the chat
+  template are loaded separately (``QwenProcessorParts``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .backbone import ChatParts, LlavaBackbone, ModelLoadError, _SLOT
+
+ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+MODEL_TYPES = {"qwen2_vl": ARCHITECTURES[0], "qwen2_5_vl": ARCHITECTURES[1]}
+IMAGE_PAD = "<|image_pad|>"
+
+# The Qwen2-VL-Instruct template (used only when a folder ships none, e.g. a base checkpoint).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class GridPixels:
+    """What ``pixel_values`` returns for this family: flat patches plus each image's (t, h, w) grid."""
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.grid_thw.shape[0])
+
+
+@dataclass
+class GridTokens:
+    """Per-image visual tokens of varying length, each with its (rows, cols) grid.
+
+    Iterating or indexing yields the ``(rows*cols, H)`` tensors, so code that walks a batch image by
+    image (pass 2, the trainer) works as it does on a ``(B, N, H)`` tensor.
+    """
+
+    tokens: list[torch.Tensor]
+    grids: list[tuple[int, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.tokens)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.tokens[index]
+
+
+def budget_grid(budget: int) -> tuple[int, int]:
+    """The fixed pooled grid for ``budget`` cells: the most square rows x cols, rows <= cols."""
+    rows = max(d for d in range(1, math.isqrt(budget) + 1) if budget % d == 0)
+    return rows, budget // rows
+
+
+def _pool_grid(tokens: torch.Tensor, grid: tuple[int, int], out: tuple[int, int]) -> torch.Tensor:
+    """(h*w, H) on an (h, w) grid -> (out_h*out_w, H) by adaptive average pooling."""
+    h, w = grid
+    cells = tokens.t().reshape(1, -1, h, w).float()
+    pooled = F.adaptive_avg_pool2d(cells, out)
+    return pooled.reshape(tokens.shape[-1], -1).t().to(tokens.dtype)
+
+
+def grid_positions(start: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(3, h*w) M-RoPE positions of one image grid placed at ``start`` (as ``get_rope_index``)."""
+    h, w = grid
+    rows = torch.arange(h, device=device).view(-1, 1).expand(h, w).reshape(-1)
+    cols = torch.arange(w, device=device).view(1, -1).expand(h, w).reshape(-1)
+    return torch.stack([torch.zeros_like(rows), rows, cols]) + start
+
+
+def _text_positions(start: int, length: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(start, start + length, device=device).view(1, -1).expand(3, -1)
+
+
+class QwenProcessorParts:
+    """Image processor + tokenizer + chat template, the parts of a ``Qwen2VLProcessor``.
+
+    Saved as a hub folder keeps them: ``preprocessor_config.json``, the tokenizer files and
+    ``chat_template.jinja``.
+    """
+
+    def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
+
+    def apply_chat_template(self, conversation: list[dict], **kwargs: Any) -> str:
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, **kwargs)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.image_processor.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        (folder / "chat_template.jinja").write_text(self.chat_template)
+
+
+def _folder_file(ref: str, name: str, revision: str | None) -> Path | None:
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(ref, name, revision=revision, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except OSError:
+        return None
+    return Path(found) if found else None
+
+
+def read_chat_template(ref: str, revision: str | None, tokenizer: Any) -> str | None:
+    """The folder's chat template: ``chat_template.json`` (older hub layout), ``chat_template.jinja``,
+    else the tokenizer's own; ``None`` falls back to the Qwen2-VL-Instruct template."""
+    found = _folder_file(ref, "chat_template.json", revision)
+    if found is not None:
+        template = json.loads(found.read_text()).get("chat_template")
+        if template:
+            return template
+    found = _folder_file(ref, "chat_template.jinja", revision)
+    if found is not None:
+        return found.read_text()
+    return getattr(tokenizer, "chat_template", None)
+
+
+def load_processor_parts(ref: str, revision: str | None = None, min_pixels: int | None = None,
+                         max_pixels: int | None = None) -> QwenProcessorParts:
+    """Load the parts separately; the Pil image processor is used when torchvision is missing."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLImageProcessorPil
+    from transformers.utils import is_torchvision_available
+
+    size_args = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    try:
+        if is_torchvision_available():
+            image_processor = AutoImageProcessor.from_pretrained(ref, revision=revision, **size_args)
+        else:
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(ref, revision=revision, **size_args)
+        tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision, padding_side="left")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the image processor or tokenizer of {ref!r}: {exc}") from exc
+    return QwenProcessorParts(image_processor, tokenizer, read_chat_template(ref, revision, tokenizer))
+
+
+class Qwen2VLBackbone(LlavaBackbone):
+    """Adapter over ``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``."""
+
+    family = "qwen2_vl"
+    image_placeholder = IMAGE_PAD
+    variable_image_tokens = True
+
+    def __init__(self, hf_model: Any, processor: Any, reference: str, revision: str | None = None):
+        super().__init__(hf_model, processor, reference, revision)
+        self.family = str(self.hf.config.model_type)  # qwen2_vl or qwen2_5_vl
+        self.merge = int(self.hf.config.vision_config.spatial_merge_size)
+
+    # -- geometry --------------------------------------------------------------------------
+    @property
+    def pixel_bounds(self) -> tuple[int, int]:
+        """(min_pixels, max_pixels) of the image processor: they decide how many tokens an image gets."""
+        size = self.processor.image_processor.size
+        get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
+        return int(get("shortest_edge")), int(get("longest_edge"))
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Nominal count: a square image at ``max_pixels`` (the trainer's stride schedule uses it)."""
+        patch = int(self.processor.image_processor.patch_size) * self.merge
+        side = max(1, math.isqrt(self.pixel_bounds[1]) // patch)
+        return side * side
+
+    def pooled_tokens(self, budget: int) -> int:
+        return budget
+
+    # -- inputs ----------------------------------------------------------------------------
+    def pixel_values(self, images: Sequence[Any]) -> GridPixels:
+        out = self.processor.image_processor(images=list(images), return_tensors="pt")
+        return GridPixels(out["pixel_values"].to(self.device, self.dtype), out["image_grid_thw"].to(self.device))
+
+    def visual_tokens(self, pixels: GridPixels) -> GridTokens:
+        out = self.hf.get_image_features(pixel_values=pixels.pixel_values, image_grid_thw=pixels.grid_thw)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        grids = [(int(t) * int(h) // self.merge, int(w) // self.merge) for t, h, w in pixels.grid_thw.tolist()]
+        return GridTokens(list(feats), grids)
+
+    def chat(self, prompt: str) -> ChatParts:
+        """The family's chat template with the image as an image content item."""
+        head, has_image, tail = prompt.partition("<image>")
+        content: list[dict] = [{"type": "text", "text": _SLOT}]
+        if has_image:
+            content = ([{"type": "text", "text": head}] if head.strip() else []) + [{"type": "image"}] + content
+        turn = [{"role": "user", "content": content}]
+        rendered = self.processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        text = rendered.replace(_SLOT, tail.lstrip("\n") if has_image else head)
+        before, _, after = text.partition(self.image_placeholder)
+        return ChatParts(before=before, after=after)
+
+    # -- running ---------------------------------------------------------------------------
+    def run_image_prompt(self, before: torch.Tensor, visual: GridTokens, after: torch.Tensor,
+                         tail: torch.Tensor | None = None) -> torch.Tensor:
+        """Each image's own sequence with M-RoPE grid positions; left-padded, so the last positions
+        (the tail, or the last prompt token) line up across the batch."""
+        seqs, positions = [], []
+        device = before.device
+        for tokens, grid in zip(visual.tokens, visual.grids):
+            parts = [before, tokens.to(before.dtype), after] + ([tail] if tail is not None else [])
+            seqs.append(torch.cat(parts))
+            start = before.shape[0]
+            resume = start + max(grid)
+            rest = after.shape[0] + (tail.shape[0] if tail is not None else 0)
+            positions.append(torch.cat([_text_positions(0, start, device), grid_positions(start, grid, device),
+                                        _text_positions(resume, rest, device)], dim=1))
+        longest = max(s.shape[0] for s in seqs)
+        embeds = seqs[0].new_zeros(len(seqs), longest, seqs[0].shape[-1])
+        mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=device)
+        pos = torch.zeros(3, len(seqs), longest, dtype=torch.long, device=device)
+        for i, (seq, p) in enumerate(zip(seqs, positions)):
+            embeds[i, longest - seq.shape[0]:] = seq
+            mask[i, longest - seq.shape[0]:] = 1
+            pos[:, i, longest - seq.shape[0]:] = p
+        return self.run_decoder(embeds, mask, positions=pos)
+
+    def pool_to_budget(self, visual: GridTokens, budget: int) -> torch.Tensor:
+        """(B, budget, H): every image's grid pooled to the same ``budget_grid(budget)``."""
+        target = budget_grid(budget)
+        return torch.stack([_pool_grid(t, g, target) for t, g in zip(visual.tokens, visual.grids)])
+
+    def pool_by_stride(self, visual: GridTokens, stride: int) -> GridTokens:
+        """LLaVolta-style stride pooling on each grid (ceil(h/s) x ceil(w/s) cells; edges averaged)."""
+        if stride <= 1:
+            return visual
+        grids = [(-(-h // stride), -(-w // stride)) for h, w in visual.grids]
+        return GridTokens([_pool_grid(t, g, o) for t, g, o in zip(visual.tokens, visual.grids, grids)], grids)
+
+    def generation_eos(self) -> list[int]:
+        """The tokenizer's EOS plus ``<|im_end|>`` (an instruct turn ends there)."""
+        ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != self.tokenizer.unk_token_id)
+
+    def signature(self) -> dict:
+        """As LLaVA's, with the exact architecture; no image-token count (it varies per image and with
+        ``max_pixels``, which a user may change without changing the weights)."""
+        signature = super().signature()
+        signature.update(architecture=type(self.hf).__name__, num_image_tokens=None)
+        return signature
