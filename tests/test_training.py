@@ -149,11 +149,11 @@ def test_llavolta_schedule_stages_and_token_counts():
     strides = [stage_at(s, total) for s in range(total)]
     assert strides[:25] == [8] * 25 and strides[25:75] == [2] * 50 and strides[75:] == [1] * 25
     assert stage_at(total - 1, total) == 1 and stage_at(0, 1) == 1  # a one-step run is uncompressed
-    # LLaVA-1.5 geometry (24x24 grid): stride 8 keeps 9 tokens, stride 2 keeps 144, none keeps 576
-    assert [pooled_token_count(576, s) for s in (8, 2, 1)] == [9, 144, 576]
-    # the tiny 4x4 grid cannot pool by 8: the stride is lowered to 4 (one token), 2 keeps 4
-    assert [pooled_token_count(16, s) for s in (8, 2, 1)] == [1, 4, 16]
-    assert [pooled_token_count(256, s) for s in (8, 2, 1)] == [4, 64, 256]
+    # LLaVolta's reference: stride s keeps N/s tokens; LLaVA-1.5 (576 tokens): 72, 288, 288, 576
+    assert [pooled_token_count(576, s) for s in (8, 2, 2, 1)] == [72, 288, 288, 576]
+    assert [pooled_token_count(16, s) for s in (8, 2, 1)] == [2, 8, 16]
+    assert [pooled_token_count(64, s) for s in (8, 2, 1)] == [8, 32, 64]
+    assert pooled_token_count(4, 8) == 1  # never below one token
     custom = PoolSchedule.parse("0.5:4,0.5:1")
     assert [custom.stage_at(s, 4) for s in range(4)] == [4, 4, 1, 1]
     with pytest.raises(ScheduleError, match="last stage must be uncompressed"):
@@ -166,7 +166,7 @@ def test_staged_training_feeds_pooled_tokens_per_stage(tiny_llava_dir, pairs, tm
     config = _config(tiny_llava_dir, pairs, tmp_path / "s", pool_schedule="llavolta")
     trainer = Trainer(config, progress=False)
     visual = torch.zeros(1, trainer.model.backbone.num_image_tokens, 8)
-    expected = [1, 1, 4, 4, 4, 4, 16, 16]  # 8 steps on a 4x4 grid: stride 8->4, 2, 2, 1
+    expected = [2, 2, 8, 8, 8, 8, 16, 16]  # 8 steps on a 4x4 grid: stride 8, 2, 2, 1 keep N/s tokens
     assert [pool_by_stride(visual, trainer.stride_at(s)).shape[1] for s in range(8)] == expected
     result = trainer.train()
     assert [r["visual_tokens"] for r in _rows(tmp_path / "s")] == expected

@@ -74,19 +74,19 @@ def pool_visual_tokens(tokens: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 def pool_by_stride(tokens: torch.Tensor, stride: int) -> torch.Tensor:
-    """(B, N, H) -> (B, ceil-free N/stride^2 or N/stride, H): LLaVolta's stride-s pooling.
+    """(B, N, H) -> (B, N // stride, H): LLaVolta's stride-``s`` pooling, which keeps N/s tokens.
 
-    On a square grid the stride applies to both sides (stride 2 keeps a quarter of the tokens);
-    otherwise it applies along the sequence.
+    LLaVolta average-pools 1-D along the visual-token sequence (``avgpool1d``, stride s). On a square
+    patch grid we keep the same ratio but pool 2-D (``pool_grid`` to a budget of N/s), so a pooled
+    token averages a compact neighbourhood instead of a strip of one row; other counts pool 1-D
+    exactly as LLaVolta does.
     """
     if stride <= 1:
         return tokens
-    batch, n, hidden = tokens.shape
+    n = tokens.shape[1]
+    keep = max(1, n // stride)
     side = _grid_side(n)
-    if side is not None and side % stride == 0:
-        grid = tokens.transpose(1, 2).reshape(batch, hidden, side, side)
-        pooled = F.avg_pool2d(grid.float(), stride)
-        return pooled.flatten(2).transpose(1, 2).to(tokens.dtype)
-    keep = n // stride
+    if side is not None:
+        return pool_grid(tokens, side, side, keep)
     pooled = F.avg_pool1d(tokens[:, : keep * stride].transpose(1, 2).float(), stride)
     return pooled.transpose(1, 2).to(tokens.dtype)

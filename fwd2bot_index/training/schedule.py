@@ -1,15 +1,14 @@
 """Schedules: LLaVolta's staged visual-token compression, and warmup + cosine learning rate.
 
 LLaVolta trains with the visual tokens average-pooled heavily at first, then lightly, then not at
-all, so that most steps are cheap and the last stage matches inference (all tokens). Its default is
-four stages of about a quarter of the steps each: stride 8 before LLM layer 2, stride 2 before layer
-2, stride 2 before layer 16, none. Fwd2Bot pools before the LLM (layer 0, see ARCHITECTURE.md
-"Pooling position"), where LLaVolta's two stride-2 stages coincide; the preset keeps its four stages
-and step fractions so the share of cheap steps is the same.
+all, so that most steps are cheap and the last stage matches inference (all tokens). Its reference
+(``scripts/v1_5/train-4stage.sh``) uses four stages of about a quarter of the steps each: stride 8
+at LLM layer 2, stride 2 at layer 2, stride 2 at layer 16, none. Stride s keeps N/s tokens
+(1-D ``avgpool1d`` along the sequence): on LLaVA-1.5's 576 tokens, 72 / 288 / 288 / 576.
 
-A stride ``s`` on a square grid of side ``n`` keeps ``(n/s)^2`` tokens; a stride that does not
-divide the side is lowered to the largest one that does (a 4x4 grid cannot pool by 8: it pools by
-4), so every stage pools whole 2-D blocks on any model's grid.
+Here a stride keeps the same N/s tokens (pooled 2-D on a square grid, see ``pool_by_stride``), and
+the pooling happens before the LLM (layer 0), where LLaVolta's two stride-2 stages coincide; the
+preset keeps its four stages and step fractions, so the share of cheap steps is the same.
 """
 
 from __future__ import annotations
@@ -104,27 +103,14 @@ def stage_at(step: int, total: int, schedule: "str | Sequence[tuple[float, int]]
 
 
 def effective_stride(stride: int, num_tokens: int) -> int:
-    """``stride`` lowered to one that pools whole blocks of this model's visual-token grid."""
-    side = math.isqrt(num_tokens)
-    if stride <= 1:
-        return 1
-    if side * side != num_tokens:
-        return max(1, min(stride, num_tokens))  # 1-D pooling along the sequence
-    for s in range(min(stride, side), 0, -1):
-        if side % s == 0:
-            return s
-    return 1
+    """``stride`` capped at the number of visual tokens (a stride never pools below one token)."""
+    return max(1, min(int(stride), num_tokens))
 
 
 def pooled_token_count(num_tokens: int, stride: int) -> int:
-    """How many visual tokens pass 1 sees at this stride (as ``pool_by_stride`` computes them)."""
+    """How many visual tokens pass 1 sees at this stride: N // s, as in LLaVolta (``pool_by_stride``)."""
     stride = effective_stride(stride, num_tokens)
-    if stride <= 1:
-        return num_tokens
-    side = math.isqrt(num_tokens)
-    if side * side == num_tokens:
-        return (side // stride) ** 2
-    return num_tokens // stride
+    return num_tokens if stride <= 1 else max(1, num_tokens // stride)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
