@@ -4,11 +4,14 @@ Retrieval recall follows CLIP_benchmark: a text query hits at k when its image i
 best-scoring images; an image query hits at k when ANY of its captions is among the k best-scoring
 captions. Results are fractions in [0, 1].
 
-Ties: ranking is a stable sort by descending score, so among equal scores the lower index ranks first
-(the order ``torch.topk`` gives in practice, made a rule here). A positive therefore loses a tie only to
-items with a lower index. This is deterministic but not neutral: a degenerate model that scores
-everything equal gets R@1 = 1 for queries whose positive has the lowest index. The alternative rules
-(ties count against the query, or fractional credit) are not what the published numbers use.
+Ties count against the query: a positive ranks behind every other item with an equal score (for an
+image query, behind every non-positive caption that scores at least as high as its best positive).
+Why this rule: CLIP_benchmark ranks with ``torch.topk``, whose order among equal scores is not
+specified (torch 2.13 on CPU does not keep the lower index first), so under ties its numbers depend on
+the torch build and on the order of the gallery. Counting ties against the query is the worst case
+over all tie orders: it does not depend on the order of images or captions, a model cannot gain from
+scoring things equal (a constant scorer gets R@k = 0 below the gallery size), and it is SugarCrepe's
+rule too (a tie is wrong). Wherever no scores tie, the result equals CLIP_benchmark's.
 
 SugarCrepe accuracy is the share of pairs where the true caption scores strictly higher than the hard
 negative; a tie is wrong. The Replace / Swap / Add figures are micro-averages over their pairs.
@@ -58,28 +61,26 @@ def _check_similarity(sim: ArrayLike, caption_to_image: ArrayLike) -> tuple[np.n
     return scores, owners.astype(np.int64)
 
 
-def _ranks(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """0-based rank of ``target[i]`` in row i under the stable descending order."""
+def _t2i_ranks(scores: np.ndarray, owners: np.ndarray) -> np.ndarray:
+    """0-based rank of each caption's image: the other images scoring at least as high (ties count against)."""
     out = np.empty(scores.shape[0], dtype=np.int64)
-    columns = np.arange(scores.shape[1])
     for start in range(0, scores.shape[0], _ROW_CHUNK):
         block = scores[start : start + _ROW_CHUNK]
-        tgt = target[start : start + _ROW_CHUNK]
-        own = block[np.arange(block.shape[0]), tgt][:, None]
-        ahead = (block > own) | ((block == own) & (columns[None, :] < tgt[:, None]))
-        out[start : start + block.shape[0]] = ahead.sum(axis=1)
+        own = block[np.arange(block.shape[0]), owners[start : start + _ROW_CHUNK]][:, None]
+        out[start : start + block.shape[0]] = (block >= own).sum(axis=1) - 1
     return out
 
 
-def _best_positive(scores_i2t: np.ndarray, owners: np.ndarray) -> np.ndarray:
-    """For each image row, the caption index that ranks first among its positives."""
-    best = np.empty(scores_i2t.shape[0], dtype=np.int64)
+def _i2t_ranks(scores_i2t: np.ndarray, owners: np.ndarray) -> np.ndarray:
+    """0-based rank of each image's best caption: non-positive captions scoring at least as high."""
+    out = np.empty(scores_i2t.shape[0], dtype=np.int64)
     for start in range(0, scores_i2t.shape[0], _ROW_CHUNK):
         block = scores_i2t[start : start + _ROW_CHUNK].astype(np.float64)
         rows = np.arange(start, start + block.shape[0])
-        masked = np.where(owners[None, :] == rows[:, None], block, -np.inf)
-        best[start : start + block.shape[0]] = masked.argmax(axis=1)  # first index among equal maxima
-    return best
+        mine = owners[None, :] == rows[:, None]
+        best = np.where(mine, block, -np.inf).max(axis=1)[:, None]
+        out[start : start + block.shape[0]] = ((block >= best) & ~mine).sum(axis=1)
+    return out
 
 
 def retrieval_recall(
@@ -93,9 +94,8 @@ def retrieval_recall(
     if not ks or any(int(k) < 1 for k in ks):
         raise ValueError(f"ks must be positive integers, got {list(ks)}")
     scores, owners = _check_similarity(sim, caption_to_image)
-    t2i_rank = _ranks(scores, owners)
-    scores_i2t = scores.T  # a view: chunks are copied as needed, never the whole matrix
-    i2t_rank = _ranks(scores_i2t, _best_positive(scores_i2t, owners))
+    t2i_rank = _t2i_ranks(scores, owners)
+    i2t_rank = _i2t_ranks(scores.T, owners)  # a view: chunks are copied as needed, never the whole matrix
     return {
         "t2i": {int(k): float(np.mean(t2i_rank < int(k))) for k in ks},
         "i2t": {int(k): float(np.mean(i2t_rank < int(k))) for k in ks},

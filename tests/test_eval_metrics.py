@@ -20,7 +20,7 @@ SIM = np.array(
         [0.9, 0.1, 0.2],  # t0 -> img0 ranks 0
         [0.3, 0.8, 0.5],  # t1 -> img0 ranks 2
         [0.1, 0.4, 0.6],  # t2 -> img1 ranks 1
-        [0.2, 0.7, 0.7],  # t3 -> img2 ties with img1, lower index first: ranks 1
+        [0.2, 0.7, 0.7],  # t3 -> img2 ties with img1, ties count against the query: ranks 1
     ]
 )
 OWNERS = np.array([0, 0, 1, 2])
@@ -44,23 +44,50 @@ def test_i2t_counts_a_hit_when_any_positive_is_in_top_k() -> None:
     assert r2["i2t"][1] == 0.5
 
 
-def test_ties_go_to_the_lower_index_in_both_directions() -> None:
+def test_ties_count_against_the_query_in_both_directions() -> None:
     everything_equal = np.ones((3, 3))
     r = retrieval_recall(everything_equal, np.array([0, 1, 2]), ks=(1, 2, 3))
-    # Text j's image j ranks j-th among equals; the same for image j's caption j.
-    assert r["t2i"] == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
-    assert r["i2t"] == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
+    # A constant scorer gains nothing from ties: every positive ranks behind its equals.
+    assert r["t2i"] == {1: 0.0, 2: 0.0, 3: 1.0}
+    assert r["i2t"] == {1: 0.0, 2: 0.0, 3: 1.0}
 
 
 def test_tie_between_two_positives_and_a_negative() -> None:
-    # img1 owns captions 1 and 2; all three captions tie for img1, and caption 0 (a negative for img1)
-    # has the lower index, so img1's best positive (caption 1) ranks second.
-    # img0 owns caption 0 only: caption 2 beats it, caption 1 ties it from a higher index.
+    # img1 owns captions 1 and 2; all three captions tie for img1, so caption 0 (a negative for img1)
+    # ranks ahead of both positives: img1's best positive ranks second.
+    # img0 owns caption 0 only: caption 2 beats it and caption 1 ties it, so it ranks third.
     sim = np.array([[0.0, 0.7], [0.0, 0.7], [1.0, 0.7]])
-    r = retrieval_recall(sim, np.array([0, 1, 1]), ks=(1, 2))
-    assert r["i2t"] == {1: 0.0, 2: 1.0}
+    r = retrieval_recall(sim, np.array([0, 1, 1]), ks=(1, 2, 3))
+    assert r["i2t"] == {1: 0.0, 2: 0.5, 3: 1.0}
     # t0: img0 0.0 < img1 0.7 -> rank 1; t1: img1 wins; t2: img1 0.7 < img0 1.0 -> rank 1.
-    assert r["t2i"] == pytest.approx({1: 1 / 3, 2: 1.0})
+    assert r["t2i"] == pytest.approx({1: 1 / 3, 2: 1.0, 3: 1.0})
+
+
+def test_tie_rule_does_not_depend_on_gallery_order() -> None:
+    # The old "lower index wins" rule changed R@1 when the gallery was merely reordered.
+    rng = np.random.default_rng(3)
+    owners = np.array([0, 1, 2, 3, 0, 1])
+    sim = rng.integers(0, 3, size=(6, 4)).astype(np.float32)
+    base = retrieval_recall(sim, owners, ks=(1, 2))
+    for _ in range(5):
+        perm = rng.permutation(4)  # images reordered; captions keep their images
+        caps = rng.permutation(6)
+        inverse = np.argsort(perm)
+        assert retrieval_recall(sim[caps][:, perm], inverse[owners[caps]], ks=(1, 2)) == base
+
+
+def test_agrees_with_torch_topk_when_nothing_ties() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    owners = np.concatenate([np.arange(12), rng.integers(0, 12, size=20)])
+    sim = rng.standard_normal((owners.size, 12)).astype(np.float32)  # continuous: no ties
+    r = retrieval_recall(sim, owners, ks=(1, 5))
+    s = torch.from_numpy(sim)
+    for k in (1, 5):  # CLIP_benchmark's own computation
+        t2i = (s.topk(k, dim=1).indices == torch.from_numpy(owners)[:, None]).any(1).float().mean().item()
+        top = s.T.topk(k, dim=1).indices
+        i2t = (torch.from_numpy(owners)[top] == torch.arange(12)[:, None]).any(1).float().mean().item()
+        assert r["t2i"][k] == pytest.approx(t2i) and r["i2t"][k] == pytest.approx(i2t)
 
 
 def test_perfect_and_worst_cases() -> None:
@@ -76,12 +103,16 @@ def test_perfect_and_worst_cases() -> None:
 
 
 def _recall_by_sorting(sim: np.ndarray, owners: np.ndarray, k: int) -> tuple[float, float]:
-    """Independent reference: stable descending argsort, as a topk with index-ordered ties."""
-    order = np.argsort(-sim, axis=1, kind="stable")
-    t2i = np.mean([owners[i] in order[i, :k] for i in range(sim.shape[0])])
-    order_t = np.argsort(-sim.T, axis=1, kind="stable")
-    i2t = np.mean([np.any(owners[order_t[j, :k]] == j) for j in range(sim.shape[1])])
-    return float(t2i), float(i2t)
+    """Independent reference: sort by descending score with positives last among equals (worst tie order)."""
+    t2i = []
+    for i in range(sim.shape[0]):
+        order = np.lexsort((np.arange(sim.shape[1]) == owners[i], -sim[i]))
+        t2i.append(owners[i] in order[:k])
+    i2t = []
+    for j in range(sim.shape[1]):
+        order = np.lexsort((owners == j, -sim[:, j]))
+        i2t.append(np.any(owners[order[:k]] == j))
+    return float(np.mean(t2i)), float(np.mean(i2t))
 
 
 def test_matches_a_sorting_reference_on_tied_random_matrices() -> None:
