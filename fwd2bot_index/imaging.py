@@ -43,12 +43,12 @@ DEFAULT_MAX_PIXELS = 89_478_485
 # twice this must raise ``PIL.Image.MAX_IMAGE_PIXELS`` too (a process-wide, deliberate choice).
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 
-try:  # optional HEIC/HEIF support
+try:  # HEIC/HEIF (every iPhone library): pillow-heif is a dependency; ~50 ms to import and register
     import pillow_heif  # type: ignore[import-not-found]
 
     pillow_heif.register_heif_opener()
     HEIF_SUPPORTED = True
-except Exception:  # noqa: BLE001 - absent or broken plug-in: HEIC files then fail with a clear reason
+except Exception:  # noqa: BLE001 - a broken or removed plug-in: HEIC files then fail with a clear reason
     HEIF_SUPPORTED = False
 
 #: File name endings treated as images by ``scan_images`` (lower case, with the dot). HEIC/HEIF and
@@ -182,7 +182,7 @@ def _reason_from_exception(exc: BaseException) -> str:
 def _unidentified_reason(name: str) -> str:
     ext = Path(name).suffix.lower()
     if ext in _HEIF_EXTENSIONS and not HEIF_SUPPORTED:
-        return "HEIC/HEIF images need the optional package pillow-heif (pip install pillow-heif)"
+        return "HEIC/HEIF images need the package pillow-heif, which is missing or broken here (pip install pillow-heif)"
     return "not an image file, or an image format Pillow cannot read"
 
 

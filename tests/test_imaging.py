@@ -350,3 +350,19 @@ def test_metadata_without_exif_and_bad_date(tmp_path):
     _marked().save(path2, "JPEG", exif=exif.tobytes())
     assert "date_taken" not in image_metadata(path2)
     assert image_metadata(load_image(path2))["format"] == "JPEG"
+
+
+def test_heic_photo_decodes_with_pillow_heif(tmp_path):
+    """Issue 14: HEIC works out of the box (pillow-heif is a dependency), orientation and size intact."""
+    assert HEIF_SUPPORTED, "pillow-heif is a dependency and must import"
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros((40, 90, 3), np.uint8)
+    pixels[:, :45] = (200, 30, 30)
+    Image.fromarray(pixels).save(tmp_path / "phone.heic", quality=90)
+    im = load_image(tmp_path / "phone.heic")
+    assert im.size == (90, 40) and im.mode == "RGB"
+    left, right = np.asarray(im)[20, 10], np.asarray(im)[20, 80]
+    assert left[0] > 150 and right.max() < 60
+    assert Path(tmp_path / "phone.heic") in [Path(p) for p in scan_images([tmp_path])]
