@@ -1,0 +1,265 @@
+"""The Qwen2-VL family (Qwen2-VL, Qwen2.5-VL) on tiny random models built from the real config classes,
+saved as hub-like folders and reloaded through the ordinary loader (HF_HUB_OFFLINE=1, no torchvision)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fwd2bot_index.cli.main import app
+from fwd2bot_index.model import CheckpointMismatchError, Fwd2Bot, StrategyError, load_backbone
+from fwd2bot_index.model.qwen2vl import QwenProcessorParts, Qwen2VLBackbone, budget_grid
+from fwd2bot_index.model.tiny import TinyQwenSpec, random_images, save_tiny_qwen2vl
+
+# Qwen2.5-VL's folder gets its own template (no system turn), saved the newer way (chat_template.jinja)
+OTHER_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in c %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SIZES = [(56, 56), (140, 84), (300, 200)]  # merged grids 2x2, 3x5 (odd), 6x9 (resized down to max_pixels)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen")
+    return {
+        "qwen2_vl": save_tiny_qwen2vl(root / "qwen2vl", TinyQwenSpec(version="2"), seed=0),
+        "qwen2_5_vl": save_tiny_qwen2vl(root / "qwen25vl", TinyQwenSpec(version="2.5"), seed=1,
+                                        chat_template=OTHER_TEMPLATE, template_file="chat_template.jinja"),
+    }
+
+
+@pytest.fixture(scope="module")
+def stock(folders):
+    return {family: Fwd2Bot.from_pretrained(str(path), device="cpu", dtype="fp32") for family, path in folders.items()}
+
+
+def _images():
+    return [random_images(1, seed=i, size=size)[0] for i, size in enumerate(SIZES)]
+
+
+def _compressor(model: Fwd2Bot) -> Fwd2Bot:
+    fresh = Fwd2Bot.create(model.backbone, num_summary_tokens=6, embed_dim=32, lora_r=4, seed=0)
+    with torch.no_grad():  # LoRA B starts at zero; give both adapters weight so they matter
+        for name, p in fresh.peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    fresh.config.trained_steps = 1
+    return fresh
+
+
+@pytest.fixture(scope="module")
+def trained(stock):
+    return {family: _compressor(model) for family, model in stock.items()}
+
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folder_loads_through_the_ordinary_loader(stock, folders, family):
+    model = stock[family]
+    assert isinstance(model.backbone, Qwen2VLBackbone) and model.backbone.family == family
+    assert isinstance(model.backbone.processor, QwenProcessorParts)
+    pre = json.loads((folders[family] / "preprocessor_config.json").read_text())
+    assert pre["image_processor_type"] == "Qwen2VLImageProcessor"  # as a hub folder names it
+    parts = model.backbone.chat("<image>\nSummary above image in one word:")
+    assert parts.before.endswith("<|vision_start|>") and parts.after.startswith("<|vision_end|>Summary")
+    assert ("You are a helpful assistant" in parts.before) == (family == "qwen2_vl")  # each folder's own template
+    assert model.default_strategy.name == "prompt+pool@16"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_sizes_in_one_batch_equal_one_by_one(stock, trained, family):
+    images = _images()
+    grids = stock[family].visual_tokens(stock[family].backbone.pixel_values(images)).grids
+    assert grids == [(2, 2), (3, 5), (6, 9)]
+    for model, strategy in ((stock[family], "pool@16"), (trained[family], "fwd2bot")):
+        batch = model.encode_images(images, batch_size=3, strategy=strategy)
+        alone = [model.encode_images([image], strategy=strategy) for image in images]
+        np.testing.assert_allclose(batch.embeddings, np.concatenate([a.embeddings for a in alone]), atol=2e-5)
+        np.testing.assert_allclose(batch.tokens, np.concatenate([a.tokens for a in alone]), atol=2e-5)
+        assert len({tuple(e) for e in np.round(batch.embeddings, 4)}) == 3  # the images differ
+
+
+def test_prompt_embedding_equals_transformers_own_mrope_forward(stock):
+    """Our layout of a prompt (chat parts + grid positions) gives what transformers' own forward gives for
+    the same prompt written with <|image_pad|> ids (its get_rope_index builds the 3-D positions)."""
+    model = stock["qwen2_vl"]
+    bb = model.backbone
+    image = _images()[1]
+    ours = model.encode_images([image], strategy="prompt+pool@4").embeddings[0]
+    pixels = bb.pixel_values([image])
+    n = int(pixels.grid_thw.prod()) // 4
+    parts = bb.chat(model.config.image_embed_prompt)
+    pad = bb.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    ids = bb.token_ids(parts.before) + [pad] * n + bb.token_ids(parts.after)
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        out = bb.hf.model(input_ids=input_ids, pixel_values=pixels.pixel_values, image_grid_thw=pixels.grid_thw,
+                          mm_token_type_ids=(input_ids == pad).int(), attention_mask=torch.ones_like(input_ids))
+    theirs = torch.nn.functional.normalize(out.last_hidden_state[0, -1], dim=-1).numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_pool_budget_is_fixed_whatever_the_size(stock):
+    model = stock["qwen2_vl"]
+    images = _images()
+    for budget in (16, 6, 1):
+        enc = model.encode_images(images, strategy=f"pool@{budget}")
+        assert enc.tokens.shape == (3, budget, 64) and model.token_shape(enc.strategy) == (budget, 64)
+    assert budget_grid(16) == (4, 4) and budget_grid(6) == (2, 3) and budget_grid(7) == (1, 7)
+    visual = model.visual_tokens(model.backbone.pixel_values(images[:2]))
+    pooled = model.backbone.pool_to_budget(visual, 4)
+    small, odd = visual.tokens  # 2x2 grid: kept as is; 3x5 grid -> 2x2 with windows of rows {0,1},{1,2}
+    torch.testing.assert_close(pooled[0], small)
+    grid = odd.reshape(3, 5, -1)
+    torch.testing.assert_close(pooled[1][0], grid[0:2, 0:3].reshape(-1, 64).mean(0))
+    torch.testing.assert_close(pooled[1][3], grid[1:3, 2:5].reshape(-1, 64).mean(0))
+    one = model.backbone.pool_to_budget(visual, 16)  # smaller grid than the budget: cells repeat
+    assert one.shape == (2, 16, 64) and torch.equal(one[0, 0], small[0]) and torch.equal(one[0, 1], small[0])
+
+
+def test_full_is_refused_clearly(stock):
+    with pytest.raises(StrategyError, match="different number of visual tokens.*pool@N"):
+        stock["qwen2_vl"].encode_images(_images()[:1], strategy="full")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pass2_reads_the_stored_tokens(trained, family):
+    model = trained[family]
+    enc = model.encode_images(_images(), strategy="fwd2bot")
+    assert enc.tokens.shape == (3, 6, 64)  # K summary tokens whatever the image size
+    stored = torch.from_numpy(enc.tokens[1])
+    embeds, mask = model.pass2_inputs([stored], ["what color is it?"], "fwd2bot")
+    before = model.backbone.chat(model.config.answer_prompt.format(question="?")).before
+    start = len(model.backbone.token_ids(before, bos=True))
+    with torch.no_grad():
+        torch.testing.assert_close(embeds[0, start:start + 6], model.compressor.pass2_projection(stored))
+    answer = model.answer(enc.tokens[1], "what color is it?", max_new_tokens=4)
+    assert answer == model.answer_batch([enc.tokens[0], enc.tokens[1]], ["a", "what color is it?"], 4)[1]
+    with torch.no_grad():
+        a = model.pass2_loss(stored[None], ["what color?"], ["red"])
+        b = model.pass2_loss(torch.from_numpy(enc.tokens[2])[None], ["what color?"], ["red"])
+    assert float(a) != pytest.approx(float(b), abs=1e-6)
+
+
+def test_checkpoint_round_trip_records_the_family(trained, folders, tmp_path):
+    model = trained["qwen2_5_vl"]
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    config = json.loads((tmp_path / "ckpt" / "fwd2bot_config.json").read_text())
+    assert config["base_family"] == "qwen2_5_vl" and config["base_model"] == str(folders["qwen2_5_vl"])
+    assert config["base_signature"]["architecture"] == "Qwen2_5_VLForConditionalGeneration"
+    loaded = Fwd2Bot.from_pretrained(str(tmp_path / "ckpt"), device="cpu", dtype="fp32")
+    assert loaded.backbone.family == "qwen2_5_vl" and loaded.default_strategy.name == "fwd2bot"
+    images = _images()
+    a, b = model.encode_images(images), loaded.encode_images(images)
+    np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)
+    np.testing.assert_allclose(a.tokens, b.tokens, atol=1e-5)
+    with pytest.raises(CheckpointMismatchError, match="another base model"):
+        Fwd2Bot.from_pretrained(str(tmp_path / "ckpt"), device="cpu", base=str(folders["qwen2_vl"]))
+
+
+def test_unsupported_pixel_options_on_llava_are_refused(tiny_llava_dir):
+    with pytest.raises(ValueError, match="dynamic-resolution"):
+        load_backbone(str(tiny_llava_dir), device="cpu", max_pixels=100_000)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_index_search_ask(folders, family, tmp_path):
+    runner = CliRunner()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, image in enumerate(_images() + random_images(1, seed=9, size=(64, 200))):
+        image.save(photos / f"{i}.png")
+    coll = str(tmp_path / "coll")
+    result = runner.invoke(app, ["index", str(photos), "--collection", coll, "--model", str(folders[family]),
+                                 "--device", "cpu", "--strategy", "pool@6", "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "coll" / "manifest.json").read_text())
+    assert manifest["token_count"] == 6 and manifest["token_dim"] == 64
+    result = runner.invoke(app, ["search", "a red circle", "--collection", coll, "-k", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)
+    assert len(hits) == 4 and len({h["id"] for h in hits}) == 4
+    result = runner.invoke(app, ["ask", str(hits[0]["id"]), "what color is it?", "--collection", coll])
+    assert result.exit_code == 0, result.output
+    refused = runner.invoke(app, ["index", str(photos), "--collection", str(tmp_path / "c2"), "--model",
+                                  str(folders[family]), "--device", "cpu", "--strategy", "full"])
+    assert refused.exit_code != 0 and "pool@N" in refused.output
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """Eight images of four sizes with one caption each, as a JSONL pairs file."""
+    root = tmp_path_factory.mktemp("pairs")
+    rows = []
+    for i in range(8):
+        image = random_images(1, seed=100 + i, size=SIZES[i % 3] if i < 6 else (84, 84))[0]
+        image.save(root / f"{i}.png")
+        rows.append({"image": f"{i}.png", "captions": [f"picture number {i}"]})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "pairs.jsonl"
+
+
+def _train_config(folder, pairs, out, **overrides):
+    from fwd2bot_index.training import TrainConfig
+
+    settings = dict(model=str(folder), data=[str(pairs)], output_dir=str(out), num_summary_tokens=4, embed_dim=32,
+                    lora_r=4, lr=1e-3, batch_size=4, max_steps=4, checkpoint_every=2, eval_split="none", seed=0)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_training_steps_change_both_adapters_and_resume(folders, pairs, tmp_path):
+    from safetensors.torch import load_file
+
+    from fwd2bot_index.training import Trainer, run_training
+
+    trainer = Trainer(_train_config(folders["qwen2_vl"], pairs, tmp_path / "g", pool_schedule="0.5:2,0.5:1"),
+                      progress=False)
+    hf = trainer.model.backbone.hf
+    lora = {n: p for n, p in hf.named_parameters() if "lora_" in n}
+    assert any(".pass1." in n for n in lora) and any(".pass2." in n for n in lora)
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    tokens = trainer.model.compressor.summary_tokens.detach().clone()
+    strides = [trainer.train_step()["pool_stride"] for _ in range(2)]  # lora_A moves from step 2 (B starts at 0)
+    assert strides == [2, 2]
+    for adapter in ("pass1", "pass2"):
+        for kind in ("lora_A", "lora_B"):
+            names = [n for n in lora if f"{kind}.{adapter}." in n]
+            assert names and all(not torch.equal(lora[n].detach(), before[n]) for n in names), (adapter, kind)
+    assert not torch.equal(trainer.model.compressor.summary_tokens.detach(), tokens)
+
+    config = _train_config(folders["qwen2_5_vl"], pairs, tmp_path / "a")
+    run_training(config, progress=False)
+    out = tmp_path / "b"
+    first = run_training(_train_config(folders["qwen2_5_vl"], pairs, out, max_steps=4), progress=False)
+    import shutil  # as if killed after the step-2 checkpoint: the final model and step 4 are gone
+
+    shutil.rmtree(first.model_dir)
+    shutil.rmtree(out / "checkpoints" / "step-00000004", ignore_errors=True)
+    rows = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 2]
+    (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
+    resumed = run_training(_train_config(folders["qwen2_5_vl"], pairs, out, resume=True), progress=False)
+    assert resumed.resumed_from.endswith("step-00000002") and resumed.steps == 4
+    a = load_file(str(tmp_path / "a" / "model" / "compressor.safetensors"))
+    b = load_file(str(out / "model" / "compressor.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    model = Fwd2Bot.from_pretrained(str(out / "model"), device="cpu", dtype="fp32")
+    assert model.config.base_family == "qwen2_5_vl" and model.default_strategy.name == "fwd2bot"
+    assert model.encode_images(_images()).tokens.shape == (3, 4, 64)
