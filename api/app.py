@@ -34,6 +34,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from .docs import install_docs
 from .files import ThumbnailCache, catalog_row, read_verified
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, MetricsMiddleware
@@ -170,7 +171,9 @@ def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: 
                     "RFC 9457 problem objects. With an API key set, writes (and with protect_reads, reads) need "
                     "`X-API-Key: KEY` or `Authorization: Bearer KEY`.",
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # the CDN pages; api/docs.py serves them from the package
     )
+    install_docs(app)
     app.state.f2b = state
     install_handlers(app)
     read_deps, write_deps = _auth(api_key, protect_reads)
