@@ -257,13 +257,33 @@ def test_token_store_int8_with_locator_and_export(tmp_path):
     assert np.abs(np.array(row["tokens"], dtype=np.float32) - tok[1]).max() < 0.05
 
 
-def test_token_store_cleanup_removes_leftovers(tmp_path):
+def test_token_store_deletes_only_what_it_is_told(tmp_path):
+    # "Unreferenced, so delete" is the catalog's decision (its shard ledger), never the store's.
     store = TokenStore(tmp_path / "tokens", 1, 2, 2)
     keep = store.write_shard(np.array([1]), np.ones((1, 2)), np.ones((1, 1, 2)))
-    orphan = store.write_shard(np.array([2]), np.ones((1, 2)), np.ones((1, 1, 2)))
+    doomed = store.write_shard(np.array([2]), np.ones((1, 2)), np.ones((1, 1, 2)))
     (tmp_path / "tokens" / ".tmp-123-x.arrow").write_bytes(b"half a shard")
-    assert store.cleanup({keep}) == [orphan]
-    assert store.list_shards() == [keep] and not store.temp_files()
+    assert store.remove_temp_files() == 1 and not store.temp_files()
+    assert store.delete_shards([doomed]) == [doomed]
+    assert store.list_shards() == [keep]
+
+
+def test_shard_checksum_and_row_checks_catch_flipped_bytes(tmp_path):
+    store = TokenStore(tmp_path / "tokens", 1, 2, 2)
+    name = store.write_shard(np.array([1, 2]), np.ones((2, 2)), np.ones((2, 1, 2)),
+                             describe=[{"hash": f"h{i}", "size": 1, "metadata": "{}", "paths": [[f"/p{i}", 1, 1.0]]}
+                                       for i in (1, 2)])
+    digest = store.checksum(name)
+    path = tmp_path / "tokens" / name
+    data = bytearray(path.read_bytes())
+    pos = data.index(np.float16(1).tobytes() * 2)  # the second row's tokens come after the first's
+    data[pos] ^= 0xFF
+    path.write_bytes(bytes(data))
+    fresh = TokenStore(tmp_path / "tokens", 1, 2, 2, expected=lambda n: digest)
+    with pytest.raises(CollectionFormatError, match="checksum recorded at commit"):
+        fresh.read_tokens([(name, 0)])
+    assert fresh.good_rows(name).tolist() == [False, True]
+    assert [r["hash"] for r in fresh.describe_rows(name)] == ["h1", "h2"]
 
 
 def test_damaged_shard_is_a_clear_error(tmp_path):

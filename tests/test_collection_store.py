@@ -91,14 +91,23 @@ def test_check_compatible_from_the_collection(col):
         col.check_compatible("fp-other", None, model_name="other")
 
 
-def test_writer_lock_excludes_a_second_writer_but_not_readers(col):
+def test_two_writers_share_a_collection_and_a_held_lock_excludes(col):
     from fwd2bot_index.collection import CollectionLockedError
 
-    with pytest.raises(CollectionLockedError, match="being written by another process"):
-        Collection.open(col.path, writable=True)
+    other = Collection.open(col.path, writable=True)  # the lock is held only while writing
     add(col, [1])
-    with Collection.open(col.path) as reader:
-        assert len(reader) == 1
+    add(other, [2])  # catches up with col's batch first, then commits its own
+    add(col, [3])
+    assert sorted(h.metadata["i"] for h in col.search(emb(2), k=5)) == [1, 2, 3]
+    assert other.search(emb(3), k=1)[0].metadata["i"] == 3
+    other.close()
+    with Collection.open(col.path, writable=True, hold_lock=True) as holder:
+        with pytest.raises(CollectionLockedError, match="being written by another process"):
+            Collection.open(col.path, writable=True, lock_timeout=0.2)
+        with Collection.open(col.path) as reader:
+            assert len(reader) == 3
+        add(holder, [4])
+    assert col.verify().ok and len(col) == 4
 
 
 # ------------------------------------------------------------------------ adding and dedup
@@ -375,9 +384,10 @@ def test_lost_index_is_rebuilt_on_open(col):
         assert len(again.index) == 12 and again.search(emb(4), k=1)[0].path == "/data/4.jpg"
 
 
-def test_verify_and_repair_after_a_lost_shard(col):
-    add(col, [1, 2])
-    add(col, [3, 4])
+def test_verify_and_repair_after_a_lost_shard(col, tmp_path):
+    files = [NewImage(write(tmp_path / f"{i}.jpg", b"x%d" % i).path, f"hash{i}", 2, 1.0) for i in (1, 2)]
+    col.add_batch(files, np.stack([emb(1), emb(2)]), np.stack([tok(1), tok(2)]))
+    add(col, [3, 4])  # their files (/data/3.jpg, /data/4.jpg) do not exist
     shards = sorted((col.path / "tokens").glob("*.arrow"))
     shards[0].unlink()
     col.tokens.close()
@@ -386,8 +396,17 @@ def test_verify_and_repair_after_a_lost_shard(col):
     assert any("missing" in p for p in report.problems)
     after = col.repair()
     assert after.ok and len(col) == 2
+    assert any("re-encoded by the next f2b index" in a for a in after.actions)
     # the forgotten images' files are new again for the next indexing run
-    assert [f.path for f in col.plan([("/data/1.jpg", 101, 1.0, "hash1")]).to_encode] == ["/data/1.jpg"]
+    assert [f.path for f in col.plan([files[0].path]).to_encode] == [files[0].path]
+    # data gone and no file to re-encode from: kept and reported, never silently forgotten
+    shards = sorted((col.path / "tokens").glob("*.arrow"))
+    shards[0].unlink()
+    col.tokens.close()
+    after = col.repair()
+    assert not after.ok and len(col) == 2 and any("files are gone; kept" in a for a in after.actions)
+    col.remove(col.catalog.ids().tolist())  # the user decides
+    assert col.verify().ok and len(col) == 0
 
 
 def test_verify_finds_index_drift(col):

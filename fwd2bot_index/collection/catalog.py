@@ -6,6 +6,12 @@ AUTOINCREMENT) with the content hash UNIQUE, so identical files are one image wi
 Files that failed to decode are kept with their reason, keyed by path with size and mtime so they
 are retried only when they change. WAL mode lets readers search while one writer commits;
 ``synchronous=FULL`` makes each commit durable before the derived vector index is touched.
+
+The ``shards`` table is the ledger of token-store files: a shard is ``pending`` (committed before its
+file is written, so a crash leaves a file the catalog *knows* was never used), ``live`` (with the
+SHA-256 of its content, recorded in the same transaction as the images that point at it) or
+``doomed`` (its last image left in that transaction). Only pending and doomed files are ever deleted
+as leftovers: a file the catalog has never heard of is kept, whatever state the catalog is in.
 """
 
 from __future__ import annotations
@@ -53,6 +59,12 @@ CREATE TABLE IF NOT EXISTS paths (
 );
 CREATE INDEX IF NOT EXISTS paths_image ON paths(image_id);
 {metadata_indexes}
+CREATE TABLE IF NOT EXISTS shards (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    rows INTEGER NOT NULL,
+    sha256 TEXT
+);
 CREATE TABLE IF NOT EXISTS failures (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -109,11 +121,12 @@ class Catalog:
         self._depth = 0
         try:
             if readonly:
-                self._db = sqlite3.connect(
+                db = sqlite3.connect(
                     f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
                 )
             else:
-                self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+                db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            self._db = _Checked(db, self.path)
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.execute("PRAGMA foreign_keys=ON")
             if not readonly:
@@ -123,10 +136,71 @@ class Catalog:
                 self._init_meta()
             self._check_schema()
         except sqlite3.DatabaseError as exc:
-            raise CollectionFormatError(f"{self.path} is not a readable catalog ({exc})") from None
+            raise CollectionFormatError(_damaged(self.path, exc)) from None
 
     def close(self) -> None:
         self._db.close()
+
+    def quick_check(self) -> str | None:
+        """``PRAGMA quick_check``: None when the file is sound, else SQLite's first complaint."""
+        try:
+            rows = self._db.execute("PRAGMA quick_check(3)").fetchall()
+        except CollectionFormatError as exc:
+            return str(exc)
+        first = rows[0][0] if rows else "no answer"
+        return None if first == "ok" else "; ".join(str(r[0]) for r in rows)
+
+    # ------------------------------------------------------------------ the shard ledger
+
+    def shard_pending(self, name: str, rows: int) -> None:
+        """Record, durably and before the file exists, that ``name`` is about to be written."""
+        with self.transaction():
+            self._db.execute("INSERT OR REPLACE INTO shards(name, state, rows, sha256) VALUES (?, 'pending', ?, NULL)",
+                             (name, int(rows)))
+
+    def shard_live(self, name: str, rows: int, sha256: str) -> None:
+        """Inside the transaction that points images at ``name``: it is live, with this checksum."""
+        self._db.execute("INSERT OR REPLACE INTO shards(name, state, rows, sha256) VALUES (?, 'live', ?, ?)",
+                         (name, int(rows), sha256))
+
+    def shards_doomed(self, names: Iterable[str]) -> None:
+        """Inside the transaction in which these shards lost their last image."""
+        self._db.executemany("INSERT OR REPLACE INTO shards(name, state, rows, sha256) VALUES (?, 'doomed', 0, NULL)",
+                             [(n,) for n in names])
+
+    def forget_shards(self, names: Iterable[str]) -> None:
+        """After their files are gone (or set aside)."""
+        with self.transaction():
+            self._db.executemany("DELETE FROM shards WHERE name=?", [(n,) for n in names])
+
+    def shard_ledger(self) -> dict[str, tuple[str, int, str | None]]:
+        """``name -> (state, rows, sha256)``; empty for a catalog written before the ledger existed."""
+        try:
+            return {r[0]: (r[1], int(r[2]), r[3]) for r in self._db.execute("SELECT name, state, rows, sha256 FROM shards")}
+        except sqlite3.OperationalError:
+            return {}
+
+    def shard_sha256(self, name: str) -> str | None:
+        try:
+            row = self._db.execute("SELECT sha256 FROM shards WHERE name=? AND state='live'", (name,)).fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return row[0] if row else None
+
+    def import_image(self, image_id: int, hash: str, size: int, metadata_json: str, shard: str, row: int) -> None:
+        """Insert an image under a known id (rebuilding a catalog from the shards)."""
+        self._db.execute(
+            "INSERT INTO images(id, hash, size, metadata, shard, row, added) VALUES (?,?,?,?,?,?,?)",
+            (int(image_id), hash, int(size), metadata_json, shard, int(row), utc_now()),
+        )
+
+    def describe(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+        """What a shard stores about each image (for the self-describing columns), in the order given."""
+        rows = {r.id: r for r in self.images(ids)}
+        states = self.path_states([p for r in rows.values() for p in r.paths])
+        return [{"hash": rows[i].hash, "size": rows[i].size, "metadata": json.dumps(rows[i].metadata, sort_keys=True),
+                 "paths": [[p, states[p][1], states[p][2]] for p in rows[i].paths if p in states]}
+                for i in ids]
 
     # ------------------------------------------------------------------ transactions
 
@@ -482,6 +556,39 @@ def _json_value(key: str, value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise FilterError(f"filter on {key!r}: value {value!r} must be a number, text, true/false or null")
+
+
+def _damaged(path: Path, exc: BaseException) -> str:
+    return (f"{path} is not a readable catalog ({exc}); nothing was changed. Run f2b verify --repair "
+            f"--collection {path.parent} to rebuild it from the token shards (the damaged file is kept aside)")
+
+
+class _Checked:
+    """The SQLite connection, with corruption turned into one clear ``CollectionFormatError``
+    (a damaged page surfaces on whatever query first touches it, not only at open)."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self._raw, self._path = db, path
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except (sqlite3.IntegrityError, sqlite3.OperationalError, sqlite3.ProgrammingError):
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise CollectionFormatError(_damaged(self._path, exc)) from None
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        return self._call(self._raw.execute, sql, params)
+
+    def executemany(self, sql: str, params: Any) -> Any:
+        return self._call(self._raw.executemany, sql, params)
+
+    def executescript(self, sql: str) -> Any:
+        return self._call(self._raw.executescript, sql)
+
+    def close(self) -> None:
+        self._raw.close()
 
 
 def _marks(items: Sequence[Any]) -> str:

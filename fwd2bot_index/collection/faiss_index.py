@@ -113,6 +113,9 @@ class FaissIndex(VectorIndex):
             index = faiss.read_index(str(self.path))
         except RuntimeError as exc:
             raise CollectionFormatError(f"FAISS index {self.path} is unreadable ({exc})") from None
+        if index.d != self.dim:
+            raise CollectionFormatError(f"FAISS index {self.path} holds {index.d}-d vectors but the collection "
+                                        f"stores {self.dim}-d embeddings")
         self._index = index
         if isinstance(index, faiss.IndexIVFPQ):
             self._current = "ivfpq"
@@ -276,8 +279,12 @@ class FaissIndex(VectorIndex):
         elif tp.exists():
             tp.unlink()
         tmp = tmp_name(self.path)
-        faiss.write_index(self._index, str(tmp))
-        commit_tmp(tmp, self.path)
+        try:
+            faiss.write_index(self._index, str(tmp))
+            commit_tmp(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no half-written file behind
+            raise
         fsync_dir(self.path.parent)
         self._dirty = False
 

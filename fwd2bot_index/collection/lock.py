@@ -1,4 +1,8 @@
-"""One writer per collection: an exclusive, non-blocking ``flock`` on ``<collection>/lock``.
+"""One writer at a time: an exclusive ``flock`` on ``<collection>/lock``, held only while writing.
+
+A ``Collection`` takes it around each write (a batch, an upload, a delete, a repair) and releases it
+after, so an indexing run and a server share a collection: a writer that finds the lock taken waits
+(polling every 50 ms, up to its timeout) and then reads what the other one committed before writing.
 
 ``flock`` belongs to the open file, so the kernel drops it when the holder dies, even by ``kill -9``:
 a stale lock file never blocks the next run. The holder's pid is written into the file only to make
@@ -8,6 +12,7 @@ the error message useful. Readers never take this lock (SQLite WAL lets them rea
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -35,22 +40,31 @@ class WriterLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> WriterLock:
-        """Take the lock now or raise ``CollectionLockedError`` (never waits)."""
+    def acquire(self, timeout: float = 0.0) -> WriterLock:
+        """Take the lock, waiting up to ``timeout`` seconds, or raise ``CollectionLockedError``."""
         if self._fd is not None:
             return self
         if fcntl is None:  # pragma: no cover
             raise CollectionLockedError("collection locking needs fcntl (Linux or macOS)")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + max(0.0, timeout)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.05)
         except BlockingIOError:
             holder = _read_pid(fd)
             os.close(fd)
             pid = f"pid {holder}" if holder else "pid unknown"
+            waited = f" (waited {timeout:g} s)" if timeout else ""
             raise CollectionLockedError(
-                f"collection {self.folder} is being written by another process ({pid}); wait for it to "
-                f"finish or stop it, then retry (searching does not need the lock: open it read-only)"
+                f"collection {self.folder} is being written by another process ({pid}){waited}; wait for it "
+                f"to finish or stop it, then retry (searching does not need the lock: open it read-only)"
             ) from None
         except BaseException:
             os.close(fd)

@@ -45,6 +45,8 @@ class Manifest(BaseModel):
     token_count: int = Field(gt=0, description="T, summary tokens stored per image")
     token_dim: int = Field(gt=0, description="H, width of one stored token")
     token_dtype: Literal["fp16", "int8"] = "fp16"
+    image_options: dict[str, int] = Field(
+        default_factory=dict, description="preprocessing that changes what is stored (Qwen2-VL: min/max pixels)")
     backend: Backend = "faiss"
     backend_options: dict[str, Any] = Field(default_factory=dict)
     created: str = Field(default_factory=utc_now)

@@ -3,50 +3,66 @@
 Layout of the folder (default ``./.f2b``)::
 
     manifest.json        model, strategy, shapes, backend (written last on create)
-    catalog.sqlite       the source of truth (WAL)
-    tokens/*.arrow       immutable token-store shards (summary tokens + embeddings per batch)
+    catalog.sqlite       the source of truth (WAL), with the ledger of shards and their checksums
+    tokens/*.arrow       immutable, self-describing token-store shards (summary tokens + embeddings per batch)
     index.faiss | qdrant-edge/ | qdrant-local/     the vector index, a derived cache
-    index.state.json     which catalog version the saved index reflects
-    lock                 the writer lock
+    index.state.json     which catalog version the saved index reflects, and its checksums
+    lock                 the writer lock, held only while writing
 
-Crash safety. The catalog and the shards are the truth; the index is rebuilt from shard embeddings
-whenever it disagrees. Per batch: (1) insert the images in an open SQLite transaction, (2) write the
-batch's shard atomically and durably, (3) commit, (4) add the vectors to the index, which is saved
-every ``save_every`` changes and on close. On a writable open: shards no catalog row points at are
-deleted (a batch that never committed), index ids missing from the catalog are removed, catalog ids
-missing from the index are added from their shards. ``kill -9`` at any instant therefore loses at
-most the batch in flight, and a rerun sees no duplicates and no orphans. Readers never write: they
-cover any lag between index and catalog in memory (see ``_sync_overlay``).
+Crash safety. Per batch: (1) record the shard as pending, (2) insert the images in an open SQLite
+transaction, (3) write the batch's shard atomically and durably, (4) commit with the shard's checksum,
+(5) add the vectors to the index, saved every ``save_every`` changes and on close. A writer deletes
+only shards the catalog itself marked pending or doomed, and only once the catalog is proven healthy
+(see ``health``). ``kill -9`` at any instant loses at most the batch in flight; a rerun sees no
+duplicates and no orphans.
+
+Sharing. The writer lock is taken around each write and released after, so ``f2b index`` runs while
+a server has the collection open: a writer waits for the lock (up to ``lock_timeout`` seconds), then
+catches up with what others committed before it writes; searches catch up without the lock (see
+``sync``). Embedded Qdrant engines can be opened by one process only, so with those backends a
+writable open keeps the lock for its life. This file is the facade; ``sync`` keeps the index in
+step, ``health`` verifies and repairs, ``maintenance`` compacts, migrates and exports.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import date, datetime
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from ._fs import atomic_write_bytes, disk_bytes
+from ._fs import disk_bytes
 from .catalog import CATALOG_NAME, Catalog, ImageRow
 from .errors import (
     CollectionError,
     CollectionExistsError,
     CollectionFormatError,
-    CollectionLockedError,
     CollectionReadOnlyError,
 )
-from .index import ExactIndex, VectorIndex, index_location, normalize, open_index
+from .health import Health, recover_folder, refuse, trust_problem
+from .index import ExactIndex, VectorIndex, normalize, open_index
 from .lock import WriterLock
+from .maintenance import Maintenance
 from .manifest import MANIFEST_NAME, Manifest, utc_now
-from .tokens import TOKENS_DIR, TokenStore, shard_row_bytes
+from .records import FileStat, Hit, IndexPlan, NewImage, VerifyReport, abs_path, as_stat, metadata_json
+from .sync import (
+    EMBEDDED_QDRANT,
+    STATE_NAME,
+    IndexSync,
+    _mtime,
+    clean_litter,
+    disk_full,
+    open_index_for_reader,
+    open_index_for_writer,
+    token_store,
+    wipe,
+)
+from .tokens import TOKENS_DIR
 
 __all__ = [
     "DEFAULT_COLLECTION",
@@ -61,109 +77,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_COLLECTION = ".f2b"
-STATE_NAME = "index.state.json"
-_QDRANT_DIRS = ("qdrant-edge", "qdrant-local")
+#: How long a writer waits for another process's write (a batch, an upload) before giving up.
+DEFAULT_LOCK_TIMEOUT = 120.0
 
 
-# ------------------------------------------------------------------------------------ records
-
-
-@dataclass(frozen=True)
-class FileStat:
-    """A file as the scanner saw it: absolute path, size in bytes, mtime (``os.stat().st_mtime``),
-    and its SHA-256 once known."""
-
-    path: str
-    size: int
-    mtime: float
-    hash: str | None = None
-
-    @classmethod
-    def of(cls, path: str | os.PathLike[str], hash: str | None = None) -> FileStat:
-        st = os.stat(path)
-        return cls(os.path.abspath(path), int(st.st_size), float(st.st_mtime), hash)
-
-
-@dataclass
-class NewImage:
-    """One successfully encoded file for ``add_batch``."""
-
-    path: str | os.PathLike[str]
-    hash: str
-    size: int
-    mtime: float
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result: image id, the path to show, cosine score (higher is better), metadata."""
-
-    id: int
-    path: str
-    score: float
-    metadata: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class IndexPlan:
-    """What an incremental indexing run must do with the scanned files.
-
-    Unpacks as ``to_encode, already_indexed, duplicates = plan``; the other lists are attributes.
-    """
-
-    #: New or changed content, hash filled, one file per distinct hash: decode, encode, ``add_batch``.
-    to_encode: list[FileStat] = field(default_factory=list)
-    #: Unchanged files already in the collection, with their image id: nothing to do.
-    already_indexed: list[tuple[FileStat, int]] = field(default_factory=list)
-    #: Content already in the collection, or equal to an earlier ``to_encode`` file (moved or copied
-    #: files): call ``add_path_alias`` after the batch holding that content is added.
-    duplicates: list[FileStat] = field(default_factory=list)
-    #: Files that failed before and have not changed since (skipped; reason given).
-    failed_unchanged: list[tuple[FileStat, str]] = field(default_factory=list)
-    #: Files that could not even be read for hashing (record them with ``record_failure``).
-    unreadable: list[tuple[FileStat, str]] = field(default_factory=list)
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.to_encode, self.already_indexed, self.duplicates))
-
-    def summary(self) -> dict[str, int]:
-        return {"to_encode": len(self.to_encode), "already_indexed": len(self.already_indexed),
-                "duplicates": len(self.duplicates), "failed_unchanged": len(self.failed_unchanged),
-                "unreadable": len(self.unreadable)}
-
-
-@dataclass
-class VerifyReport:
-    """Whether catalog, token store and index agree. ``ok`` is False when anything is off."""
-
-    ok: bool
-    problems: list[str]
-    counts: dict[str, int]
-    missing_in_index: list[int] = field(default_factory=list)
-    extra_in_index: list[int] = field(default_factory=list)
-    orphan_shards: list[str] = field(default_factory=list)
-    missing_shards: list[str] = field(default_factory=list)
-    bad_rows: list[int] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# --------------------------------------------------------------------------------- collection
-
-
-class Collection:
+class Collection(IndexSync, Health, Maintenance):
     """An image collection folder: catalog + token store + vector index + manifest + writer lock.
 
     Open with ``Collection.open(path, writable=...)`` or make one with ``Collection.create``; use it
-    as a context manager so the index is saved and the lock released. Thread-safe (one mutex).
+    as a context manager so the index is saved. Thread-safe (one mutex); several processes may
+    write (one at a time, each write under the lock) and read.
     """
 
     def __init__(
@@ -171,10 +94,13 @@ class Collection:
         folder: Path,
         manifest: Manifest,
         catalog: Catalog,
-        tokens: TokenStore,
+        tokens: Any,
         index: VectorIndex,
         lock: WriterLock | None,
         save_every: int = 10_000,
+        hold_lock: bool = False,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.path = folder
         self.manifest = manifest
@@ -183,14 +109,20 @@ class Collection:
         self.index = index
         self._lock = lock
         self.save_every = save_every
+        self.lock_timeout = lock_timeout
+        self._hold = hold_lock or manifest.backend in EMBEDDED_QDRANT
+        self._session_options = dict(options or {})
         self._mutex = threading.RLock()
+        self._depth = 0
         self._unsaved = 0
         self._changed = False
         self._closed = False
         self._extra: set[int] = set()
         self._pending: ExactIndex | None = None
         self._synced_version = -1
-        self._state_seen: float | None = None
+        self._state_seen: int | None = _mtime(folder / STATE_NAME)
+        self._manifest_seen: int | None = _mtime(folder / MANIFEST_NAME)
+        self._index_damage: str | None = None
 
     # ------------------------------------------------------------------ opening
 
@@ -206,6 +138,15 @@ class Collection:
     def exists(path: str | os.PathLike[str]) -> bool:
         return (Path(path) / MANIFEST_NAME).is_file()
 
+    @staticmethod
+    def recover(path: str | os.PathLike[str], lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> list[str]:
+        """Rebuild a lost, damaged or mismatched manifest or catalog from the token shards (the first
+        step of ``verify --repair``; then open writable and call ``repair``). One line per action."""
+        return recover_folder(path, lock_timeout)
+
+    def _options(self) -> dict[str, Any]:
+        return {**self.manifest.backend_options, **self._session_options}
+
     @classmethod
     def create(
         cls,
@@ -215,22 +156,24 @@ class Collection:
         backend_options: dict[str, Any] | None = None,
         overwrite: bool = False,
         save_every: int = 10_000,
+        hold_lock: bool = False,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> Collection:
-        """Make a new, empty collection at ``path`` (opened writable, locked).
+        """Make a new, empty collection at ``path`` (opened writable).
 
         An existing collection there is an error unless ``overwrite`` (used by ``--reindex``),
         which deletes its catalog, tokens and index first.
         """
         folder = Path(path).absolute()
         folder.mkdir(parents=True, exist_ok=True)
-        lock = WriterLock(folder).acquire()
+        lock = WriterLock(folder).acquire(timeout=lock_timeout)
         try:
             if (folder / MANIFEST_NAME).exists() and not overwrite:
                 raise CollectionExistsError(
                     f"{folder} already holds a collection; open it, pick another --collection folder, or "
                     f"re-encode everything with --reindex"
                 )
-            _wipe(folder)
+            wipe(folder)
             updates: dict[str, Any] = {"created": utc_now(), "updated": utc_now()}
             if backend is not None:
                 updates["backend"] = backend
@@ -238,7 +181,7 @@ class Collection:
                 updates["backend_options"] = dict(backend_options)
             manifest = Manifest.model_validate({**manifest.model_dump(), **updates})
             catalog = Catalog(folder / CATALOG_NAME)
-            tokens = _token_store(folder, manifest, catalog)
+            tokens = token_store(folder, manifest, catalog)
             (folder / TOKENS_DIR).mkdir(exist_ok=True)
             index = open_index(manifest.backend, folder, manifest.embed_dim, manifest.backend_options)
             if len(index) and not overwrite:  # only a remote (server) index can hold data here
@@ -249,9 +192,13 @@ class Collection:
                     f"collection_name, or pass --reindex to replace them"
                 )
             index.clear()
-            col = cls(folder, manifest, catalog, tokens, index, lock, save_every)
+            col = cls(folder, manifest, catalog, tokens, index, lock, save_every, hold_lock, lock_timeout)
             col._save_index()
             manifest.save(folder)  # last: a folder without manifest is not a collection yet
+            col._manifest_seen = _mtime(folder / MANIFEST_NAME)
+            col._synced_version = catalog.version()
+            if not col._hold:
+                lock.release()
             return col
         except BaseException:
             lock.release()
@@ -264,57 +211,109 @@ class Collection:
         writable: bool = False,
         backend_options: dict[str, Any] | None = None,
         save_every: int = 10_000,
+        hold_lock: bool = False,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> Collection:
-        """Open an existing collection. ``writable`` takes the writer lock and repairs crash leftovers;
-        read-only opens never write and may run while a writer is active. ``backend_options`` adds
-        or overrides options for this session only (e.g. a Qdrant ``api_key``)."""
+        """Open an existing collection. ``writable`` prepares for writing: under the writer lock it
+        checks that catalog and manifest can be trusted (else refuses, saying how to recover), clears
+        crash leftovers and brings the index up to date. The lock is then released and taken again
+        around each write, unless ``hold_lock`` (or an embedded Qdrant backend). Read-only opens never
+        write and may run beside writers. ``backend_options`` adds or overrides options for this
+        session only (e.g. a Qdrant ``api_key``)."""
         folder = Path(path).absolute()
         manifest = Manifest.load(folder)
         options = {**manifest.backend_options, **(backend_options or {})}
-        lock = WriterLock(folder).acquire() if writable else None
+        lock = WriterLock(folder).acquire(timeout=lock_timeout) if writable else None
+        catalog = None
         try:
             if not (folder / CATALOG_NAME).exists():
-                raise CollectionFormatError(f"collection {folder} has no {CATALOG_NAME}; it cannot be opened")
+                raise refuse(folder, f"collection {folder} has no {CATALOG_NAME}")
             catalog = Catalog(folder / CATALOG_NAME, readonly=not writable)
-            tokens = _token_store(folder, manifest, catalog)
+            tokens = token_store(folder, manifest, catalog)
+            problem = trust_problem(folder, manifest, catalog, tokens, deep=writable)
+            if problem is not None:
+                raise refuse(folder, problem)
             if writable:
-                removed = tokens.cleanup(set(catalog.shard_live_rows()))
-                if removed:
-                    log.warning("removed %d token shard(s) left by an interrupted run", len(removed))
-                index = _open_index_for_writer(manifest, folder, options)
+                clean_litter(folder, manifest.backend)
+                index = open_index_for_writer(manifest, folder, options)
+                damage = None
             else:
-                index = _open_index_for_reader(manifest, folder, options, tokens)
-            col = cls(folder, manifest, catalog, tokens, index, lock, save_every)
+                index, damage = open_index_for_reader(manifest, folder, options)
+            col = cls(folder, manifest, catalog, tokens, index, lock, save_every, hold_lock, lock_timeout,
+                      backend_options)
+            col._index_damage = damage
             if writable:
+                col._delete_leftovers()
                 col._reconcile()
+                if not col._hold:
+                    lock.release()
             else:
-                state_file = folder / STATE_NAME
-                col._state_seen = state_file.stat().st_mtime if state_file.exists() else None
                 col._sync_overlay()
             return col
         except BaseException:
+            if catalog is not None and (lock is None or lock.held):
+                catalog.close()
             if lock is not None:
                 lock.release()
             raise
 
     def close(self) -> None:
-        """Save the index (writers), release files and the lock. Safe to call twice."""
+        """Save the index (writers that changed something), release files and the lock. Safe to call twice."""
         with self._mutex:
             if self._closed:
                 return
-            self._closed = True
             try:
-                if self.writable:
-                    self._save_index()
-                    if self._changed:
+                if self.writable and (self._changed or self._unsaved):
+                    with self._writing():
+                        self._save_index()
                         self.manifest.touch()
                         self.manifest.save(self.path)
             finally:
+                self._closed = True
                 self.index.close()
                 self.tokens.close()
                 self.catalog.close()
                 if self._lock is not None:
                     self._lock.release()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One write: hold the writer lock (waiting for another process's write to finish), after
+        catching up with what others committed; nested writes join the outer one."""
+        self._require_writable()
+        with self._mutex:
+            assert self._lock is not None
+            outer = self._depth == 0
+            if outer and not self._lock.held:
+                self._lock.acquire(timeout=self.lock_timeout)
+            try:
+                if outer:
+                    self._catch_up()
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+            except BaseException:
+                if outer:
+                    self._synced_version = -1  # the index may be off: compare in full next time
+                raise
+            finally:
+                if outer and not self._hold:
+                    self._lock.release()
+
+    def _delete_leftovers(self) -> None:
+        """Under the lock: delete the shard files the catalog itself marked pending (never committed)
+        or doomed (emptied by a committed remove or compaction). Nothing else is ever deleted."""
+        ledger = self.catalog.shard_ledger()
+        live = set(self.catalog.shard_live_rows())
+        gone = [name for name, (state, _, _) in ledger.items() if state in ("pending", "doomed") and name not in live]
+        if gone:
+            deleted = self.tokens.delete_shards(gone)
+            self.catalog.forget_shards(gone)
+            if deleted and any(ledger[n][0] == "pending" for n in deleted):
+                log.warning("removed %d token shard(s) left by an interrupted run", len(deleted))
+        self.tokens.remove_temp_files()
 
     def __enter__(self) -> Collection:
         return self
@@ -346,7 +345,7 @@ class Collection:
         """
         from ..imaging import file_sha256
 
-        stats = [_as_stat(f) for f in files]
+        stats = [as_stat(f) for f in files]
         plan = IndexPlan()
         with self._mutex:
             states = self.catalog.path_states([f.path for f in stats])
@@ -388,8 +387,8 @@ class Collection:
         self._require_writable()
         n = len(items)
         emb, tok = self._check_batch(items, embeddings, tokens)
-        metas = [_metadata_json(it) for it in items]
-        with self._mutex:
+        metas = [metadata_json(it) for it in items]
+        with self._writing():
             known = self.catalog.ids_by_hashes({it.hash for it in items})
             new_rows: list[int] = []
             seen: set[str] = set()
@@ -398,7 +397,9 @@ class Collection:
                     seen.add(it.hash)
                     new_rows.append(i)
             shard = self.tokens.new_shard_name() if new_rows else None
-            with self.catalog.transaction():
+            if shard is not None:
+                self.catalog.shard_pending(shard, len(new_rows))  # a crash now leaves a known leftover
+            with self._transaction():
                 ids_by_hash = dict(known)
                 new_ids = []
                 for row, i in enumerate(new_rows):
@@ -407,27 +408,37 @@ class Collection:
                     new_ids.append(image_id)
                 displaced = {
                     old for it in items
-                    if (old := self.catalog.set_path(_abs(it.path), ids_by_hash[it.hash], it.size, it.mtime)) is not None
+                    if (old := self.catalog.set_path(abs_path(it.path), ids_by_hash[it.hash], it.size, it.mtime)) is not None
                 }
                 orphans = self.catalog.delete_images(self.catalog.pathless(displaced))
                 if new_ids or orphans:
                     self.catalog.bump_version()
                 if new_rows:
                     # Durable *before* the commit that makes these ids count.
-                    self.tokens.write_shard(np.asarray(new_ids, np.int64), emb[new_rows], tok[new_rows], name=shard)
+                    describe = [{"hash": items[i].hash, "size": items[i].size, "metadata": metas[i],
+                                 "paths": [[abs_path(it.path), it.size, it.mtime] for it in items
+                                           if it.hash == items[i].hash]} for i in new_rows]
+                    try:
+                        self.tokens.write_shard(np.asarray(new_ids, np.int64), emb[new_rows], tok[new_rows],
+                                                name=shard, describe=describe)
+                    except OSError as exc:
+                        full = disk_full(exc, f"the token shard of a batch of {len(new_rows)} image(s)", self.path)
+                        if full is None:
+                            raise
+                        raise full from None
+                    self.catalog.shard_live(shard, len(new_rows), self.tokens.checksum(shard))
             self._apply_to_index(np.asarray(new_ids, np.int64), emb[new_rows] if new_rows else None, orphans)
             return [ids_by_hash[it.hash] for it in items] if n else []
 
     def add_path_alias(self, path: str | os.PathLike[str], hash: str, size: int, mtime: float) -> int | None:
         """Record ``path`` as another location of already indexed content; returns the image id,
         or None when no image has this hash (e.g. its twin failed to decode)."""
-        self._require_writable()
-        with self._mutex:
+        with self._writing():
             image_id = self.catalog.id_by_hash(hash)
             if image_id is None:
                 return None
-            with self.catalog.transaction():
-                old = self.catalog.set_path(_abs(path), image_id, size, mtime)
+            with self._transaction():
+                old = self.catalog.set_path(abs_path(path), image_id, size, mtime)
                 orphans = self.catalog.delete_images(self.catalog.pathless([old] if old is not None else []))
                 if orphans:
                     self.catalog.bump_version()
@@ -437,10 +448,9 @@ class Collection:
     def record_failure(self, path: str | os.PathLike[str], size: int, mtime: float, reason: str) -> None:
         """Remember that ``path`` (at this size and mtime) cannot be indexed, and why. It is retried
         only once it changes. If the path held an image before, that image loses this path."""
-        self._require_writable()
-        with self._mutex:
-            with self.catalog.transaction():
-                old = self.catalog.record_failure(_abs(path), size, mtime, str(reason))
+        with self._writing():
+            with self._transaction():
+                old = self.catalog.record_failure(abs_path(path), size, mtime, str(reason))
                 orphans = self.catalog.delete_images(self.catalog.pathless([old] if old is not None else []))
                 if orphans:
                     self.catalog.bump_version()
@@ -450,9 +460,8 @@ class Collection:
 
     def remove(self, ids: Iterable[int]) -> list[int]:
         """Delete images (all their paths); returns the ids that existed."""
-        self._require_writable()
-        with self._mutex:
-            with self.catalog.transaction():
+        with self._writing():
+            with self._transaction():
                 gone = self.catalog.delete_images(ids)
                 if gone:
                     self.catalog.bump_version()
@@ -461,10 +470,9 @@ class Collection:
 
     def remove_paths(self, paths: Iterable[str | os.PathLike[str]]) -> list[int]:
         """Forget paths; images left without any path are deleted (their ids are returned)."""
-        self._require_writable()
-        with self._mutex:
-            with self.catalog.transaction():
-                touched = self.catalog.delete_paths([_abs(p) for p in paths])
+        with self._writing():
+            with self._transaction():
+                touched = self.catalog.delete_paths([abs_path(p) for p in paths])
                 gone = self.catalog.delete_images(self.catalog.pathless(touched))
                 if gone:
                     self.catalog.bump_version()
@@ -482,11 +490,11 @@ class Collection:
         checked on disk. Images whose last path vanished are removed.
         Returns ``{"paths": [...], "images": [...]}``."""
         self._require_writable()
-        prefixes = [_abs(r) for r in roots] if roots is not None else None
+        prefixes = [abs_path(r) for r in roots] if roots is not None else None
         with self._mutex:
             known = self.catalog.all_paths(prefixes)
         if existing_paths is not None:
-            present = {_abs(p) for p in existing_paths}
+            present = {abs_path(p) for p in existing_paths}
             vanished = [p for p in known if p not in present]
         else:
             vanished = [p for p in known if not os.path.exists(p)]
@@ -594,7 +602,7 @@ class Collection:
                 if row is None:
                     raise KeyError(f"no image with id {id_or_path} in collection {self.path}")
                 return row
-            image_id = self.catalog.id_by_path(_abs(id_or_path))
+            image_id = self.catalog.id_by_path(abs_path(id_or_path))
             if image_id is None:
                 raise KeyError(f"{id_or_path} is not indexed in collection {self.path}")
             return self.catalog.image(image_id)  # type: ignore[return-value]
@@ -602,7 +610,7 @@ class Collection:
     def path_status(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         """``{"path", "status": "indexed"|"failed"|"unknown", ...}`` for one file path: the image id
         when indexed, the reason when it failed."""
-        p = _abs(path)
+        p = abs_path(path)
         with self._mutex:
             state = self.catalog.path_states([p]).get(p)
         if state is None:
@@ -672,166 +680,9 @@ class Collection:
                 "writable": self.writable,
             }
 
-    def verify(self) -> VerifyReport:
-        """Check that catalog, token shards and index agree (same ids, no orphans, no lost rows).
-
-        On a read-only open while a writer is active, a batch being written shows up as an orphan
-        shard; the writer's own ``verify`` is authoritative."""
-        with self._mutex:
-            self._refresh()
-            problems: list[str] = []
-            cat_ids = set(self.catalog.ids().tolist())
-            locations = self.catalog.locations()
-            referenced = {s for _, s, _ in locations}
-            on_disk = set(self.tokens.list_shards())
-            missing_shards = sorted(referenced - on_disk)
-            orphan_shards = sorted(on_disk - referenced)
-            bad_rows = self._bad_rows(locations, on_disk, problems)
-            idx = self.index.ids()
-            idx_set = set(idx.tolist())
-            if self._pending is not None:
-                idx_set |= set(self._pending.ids().tolist())
-            idx_set -= self._extra
-            missing_in_index = sorted(cat_ids - idx_set)
-            extra_in_index = sorted(idx_set - cat_ids)
-            counts = self.catalog.counts()
-            if missing_shards:
-                problems.append(f"{len(missing_shards)} token shard(s) referenced by the catalog are missing")
-            if orphan_shards:
-                problems.append(f"{len(orphan_shards)} token shard(s) are not referenced by the catalog")
-            if missing_in_index:
-                problems.append(f"{len(missing_in_index)} image(s) are missing from the vector index")
-            if extra_in_index:
-                problems.append(f"{len(extra_in_index)} vector(s) in the index have no catalog entry")
-            if len(idx) != len(set(idx.tolist())):
-                problems.append("the vector index holds duplicate ids")
-            if counts["pathless_images"]:
-                problems.append(f"{counts['pathless_images']} image(s) have no path")
-            if self.writable and self.tokens.temp_files():
-                problems.append("temporary token files are left over")
-            report_counts = {
-                "images": counts["images"], "paths": counts["paths"], "failed": counts["failed"],
-                "shards": len(on_disk), "index_vectors": len(idx),
-                "pending_in_memory": len(self._pending) if self._pending is not None else 0,
-            }
-            return VerifyReport(not problems, problems, report_counts, missing_in_index, extra_in_index,
-                                orphan_shards, missing_shards, bad_rows)
-
-    def _bad_rows(self, locations: list[tuple[int, str, int]], on_disk: set[str], problems: list[str]) -> list[int]:
-        bad: list[int] = []
-        by_shard: dict[str, list[tuple[int, int]]] = {}
-        for image_id, shard, row in locations:
-            by_shard.setdefault(shard, []).append((image_id, row))
-        for shard, entries in by_shard.items():
-            if shard not in on_disk:
-                bad.extend(i for i, _ in entries)
-                continue
-            try:
-                ids = self.tokens.shard_ids(shard)
-            except (CollectionFormatError, OSError, ValueError) as exc:
-                problems.append(f"token shard {shard} is unreadable: {exc}")
-                bad.extend(i for i, _ in entries)
-                continue
-            wrong = [i for i, r in entries if r >= len(ids) or int(ids[r]) != i]
-            if wrong:
-                problems.append(f"token shard {shard}: {len(wrong)} row(s) do not hold the image the catalog expects")
-            bad.extend(wrong)
-        return sorted(bad)
-
-    def repair(self) -> VerifyReport:
-        """Make everything agree again: drop leftover shards, forget images whose tokens are lost
-        (their files will be re-encoded by the next index run), rebuild the index from the stored
-        embeddings. Returns the verification afterwards."""
-        self._require_writable()
-        with self._mutex:
-            report = self.verify()
-            lost = sorted(set(report.bad_rows))
-            if lost:
-                with self.catalog.transaction():
-                    self.catalog.delete_images(lost)
-                    self.catalog.bump_version()
-                log.warning("forgot %d image(s) whose tokens were lost; re-index to restore them", len(lost))
-            self.tokens.cleanup(set(self.catalog.shard_live_rows()))
-            self._rebuild_index()
-            return self.verify()
-
-    def compact(self, min_dead_fraction: float = 0.25, small_rows: int = 256, max_rows: int = 4096,
-                max_shard_bytes: int = 256 << 20) -> dict[str, int]:
-        """Rewrite token shards that are mostly deleted rows, and merge small shards (one shard per
-        indexed batch adds up; call this after an indexing run). New shards hold at most
-        ``max_rows`` images and about ``max_shard_bytes``.
-
-        Crash-safe: new shards are durable before the catalog points at them; old ones are deleted
-        only after that commit (or, after a crash, by the next writable open)."""
-        self._require_writable()
-        m = self.manifest
-        row_bytes = shard_row_bytes(m.token_count, m.token_dim, m.embed_dim, m.token_dtype)
-        max_rows = max(1, min(max_rows, max_shard_bytes // row_bytes))
-        with self._mutex:
-            live = self.catalog.shard_live_rows()
-            chosen = []
-            for shard, n_live in sorted(live.items()):
-                total = self.tokens.shard_rows(shard)
-                if (total - n_live) / max(total, 1) >= min_dead_fraction or n_live < small_rows:
-                    chosen.append(shard)
-            if len(chosen) < 2 and not any(self.tokens.shard_rows(s) > live[s] for s in chosen):
-                return {"rewritten": 0, "written": 0}
-            locations = [loc for loc in self.catalog.locations() if loc[1] in set(chosen)]
-            written = 0
-            for start in range(0, len(locations), max_rows):
-                part = locations[start : start + max_rows]
-                groups: dict[str, list[int]] = {}
-                for _, shard, row in part:
-                    groups.setdefault(shard, []).append(row)
-                name, order = self.tokens.copy_rows(groups.items())
-                with self.catalog.transaction():
-                    self.catalog.update_locations([(image_id, name, r) for r, image_id in enumerate(order)])
-                written += 1
-            self.tokens.cleanup(set(self.catalog.shard_live_rows()))
-            return {"rewritten": len(chosen), "written": written}
-
-    def change_backend(self, backend: str, backend_options: dict[str, Any] | None = None) -> None:
-        """Move the vector index to another backend, rebuilt from the stored embeddings (no re-encoding)."""
-        self._require_writable()
-        with self._mutex:
-            old_backend = self.manifest.backend
-            options = dict(backend_options or {})
-            if backend == old_backend:  # same files: embedded engines cannot be opened twice
-                self.index.close()
-            try:
-                new_index = open_index(backend, self.path, self.dim, options)
-                try:
-                    new_index.clear()
-                    _fill(new_index, self.tokens)
-                    new_index.save()
-                except BaseException:
-                    new_index.close()
-                    raise
-            except BaseException:
-                if backend == old_backend:
-                    self.index = _open_index_for_writer(self.manifest, self.path, self.manifest.backend_options)
-                    self._reconcile()
-                raise
-            if backend != old_backend:
-                self.index.close()
-            self.index = new_index
-            self.manifest = Manifest.model_validate(
-                {**self.manifest.model_dump(), "backend": backend, "backend_options": options, "updated": utc_now()}
-            )
-            self._write_state()
-            self.manifest.save(self.path)
-            if old_backend != backend:
-                _remove_index_files(self.path, old_backend)
-
-    def export_parquet(self, path: str | os.PathLike[str]) -> int:
-        """Export id, path, hash, metadata, embedding and tokens (float32, T x H) to one Parquet file."""
-        with self._mutex:
-            return self.tokens.export_parquet(path, self.catalog.export_rows())
-
     def save(self) -> None:
         """Make the index durable now (it is also saved every ``save_every`` changes and on close)."""
-        self._require_writable()
-        with self._mutex:
+        with self._writing():
             self._save_index()
 
     # ------------------------------------------------------------------ internals
@@ -866,188 +717,20 @@ class Collection:
             changed += len(new_ids)
         if removed:
             self.index.remove(removed)
-            self.tokens.cleanup(set(self.catalog.shard_live_rows()))
+            self._delete_leftovers()
             changed += len(removed)
+        self._synced_version = self.catalog.version()
         if changed:
             self._changed = True
             self._unsaved += changed
             if self._unsaved >= self.save_every:
                 self._save_index()
 
-    def _save_index(self) -> None:
-        self.index.save()
-        self._write_state()
-        self._unsaved = 0
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """A catalog transaction that also marks the shards it empties as doomed (deleted after it)."""
+        with self.catalog.transaction():
+            before = set(self.catalog.shard_live_rows())
+            yield
+            self.catalog.shards_doomed(before - set(self.catalog.shard_live_rows()))
 
-    def _write_state(self) -> None:
-        state = {"catalog_version": self.catalog.version(), "backend": self.manifest.backend,
-                 "vectors": len(self.index), "saved": utc_now()}
-        atomic_write_bytes(self.path / STATE_NAME, json.dumps(state).encode())
-
-    def _read_state(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.path / STATE_NAME).read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def _reconcile(self) -> None:
-        """Writer open: make the index hold exactly the catalog's ids (see module docstring)."""
-        state = self._read_state()
-        version = self.catalog.version()
-        count = self.catalog.counts()["images"]
-        if state.get("catalog_version") == version and state.get("backend") == self.manifest.backend \
-                and len(self.index) == count:
-            return
-        cat_ids = self.catalog.ids()
-        idx_ids = self.index.ids()
-        extra = np.setdiff1d(idx_ids, cat_ids)
-        missing = np.setdiff1d(cat_ids, idx_ids)
-        if len(extra):
-            self.index.remove(extra.tolist())
-        if len(missing):
-            _fill(self.index, self.tokens, missing.tolist())
-        if len(extra) or len(missing):
-            log.warning("index resynchronised with the catalog: %d added, %d removed", len(missing), len(extra))
-        self._save_index()
-
-    def _rebuild_index(self) -> None:
-        self.index.clear()
-        _fill(self.index, self.tokens)
-        self._save_index()
-
-    def _sync_overlay(self) -> None:
-        """Reader: cover the gap between the loaded index and the catalog without writing anything.
-        Index ids the catalog no longer has are hidden; catalog ids the index lacks are searched
-        exactly from their stored embeddings."""
-        try:
-            self._sync_overlay_once()
-        except FileNotFoundError:  # a writer compacted a shard under us: look again
-            self.tokens.close()
-            self._sync_overlay_once()
-
-    def _sync_overlay_once(self) -> None:
-        self._synced_version = self.catalog.version()
-        cat_ids = self.catalog.ids()
-        idx_ids = self.index.ids()
-        self._extra = set(np.setdiff1d(idx_ids, cat_ids).tolist())
-        missing = np.setdiff1d(cat_ids, idx_ids)
-        self._pending = None
-        if len(missing):
-            pending = ExactIndex(self.dim)
-            _fill(pending, self.tokens, missing.tolist())
-            self._pending = pending
-
-    def _refresh(self) -> None:
-        """Reader: pick up commits made by a writer since the last search."""
-        if self.writable:
-            return
-        if self.catalog.version() == self._synced_version:
-            return
-        if self.manifest.backend == "faiss":
-            state_file = self.path / STATE_NAME
-            seen = state_file.stat().st_mtime if state_file.exists() else None
-            if seen != self._state_seen:
-                self._state_seen = seen
-                fresh = _open_index_for_reader(self.manifest, self.path, self.manifest.backend_options, self.tokens)
-                self.index.close()
-                self.index = fresh
-        self._sync_overlay()
-
-
-# ------------------------------------------------------------------------------------ helpers
-
-
-def _token_store(folder: Path, manifest: Manifest, catalog: Catalog) -> TokenStore:
-    def locate(ids: Sequence[int] | None) -> list[tuple[int, str, int]]:
-        return catalog.locations(ids)
-
-    return TokenStore(folder / TOKENS_DIR, manifest.token_count, manifest.token_dim, manifest.embed_dim,
-                      manifest.token_dtype, locate)
-
-
-def _open_index_for_writer(manifest: Manifest, folder: Path, options: dict[str, Any]) -> VectorIndex:
-    try:
-        return open_index(manifest.backend, folder, manifest.embed_dim, options)
-    except CollectionFormatError as exc:
-        log.warning("%s; rebuilding the index from the token store", exc)
-        _remove_index_files(folder, manifest.backend)
-        return open_index(manifest.backend, folder, manifest.embed_dim, options)
-
-
-def _open_index_for_reader(manifest: Manifest, folder: Path, options: dict[str, Any], tokens: TokenStore) -> VectorIndex:
-    """Open the index to read; when it is unusable (held by a writer, damaged), search exactly from
-    the stored embeddings instead of failing."""
-    try:
-        return open_index(manifest.backend, folder, manifest.embed_dim, options, readonly=True)
-    except (CollectionLockedError, CollectionFormatError) as exc:
-        log.warning("%s; searching the stored embeddings exactly instead", exc)
-        return ExactIndex(manifest.embed_dim)
-
-
-def _fill(index: VectorIndex, tokens: TokenStore, ids: Sequence[int] | None = None, chunk: int = 8192) -> None:
-    """Add stored embeddings (all, or ``ids``) to ``index`` in chunks."""
-    if ids is None:
-        for part_ids, vecs in tokens.iter_embeddings(chunk):
-            index.add(part_ids, vecs)
-        return
-    assert tokens.locate is not None
-    for start in range(0, len(ids), chunk):
-        # Locate through the catalog and skip ids deleted meanwhile (a reader racing a writer).
-        found = tokens.locate([int(i) for i in ids[start : start + chunk]])
-        if found:
-            part = np.asarray([i for i, _, _ in found], dtype=np.int64)
-            index.add(part, tokens.read_embeddings([(s, r) for _, s, r in found]))
-
-
-def _remove_index_files(folder: Path, backend: str) -> None:
-    location = index_location(backend, folder)
-    if location is None:
-        return
-    if location.is_dir():
-        shutil.rmtree(location, ignore_errors=True)
-    for p in (location, location.with_name(location.name + ".tombstones.npy")):
-        if p.is_file():
-            p.unlink()
-    (folder / STATE_NAME).unlink(missing_ok=True)
-
-
-def _wipe(folder: Path) -> None:
-    """Delete this package's files in ``folder`` (manifest first, so a crash never leaves a
-    manifest pointing at half-deleted data); other files are left alone."""
-    (folder / MANIFEST_NAME).unlink(missing_ok=True)
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        (folder / (CATALOG_NAME + suffix)).unlink(missing_ok=True)
-    shutil.rmtree(folder / TOKENS_DIR, ignore_errors=True)
-    for name in ("faiss", *("qdrant-edge", "qdrant-local")):
-        _remove_index_files(folder, name)
-    (folder / STATE_NAME).unlink(missing_ok=True)  # the lock file stays: we hold it
-
-
-def _as_stat(item: FileStat | tuple[Any, ...] | str | os.PathLike[str]) -> FileStat:
-    if isinstance(item, FileStat):
-        return FileStat(_abs(item.path), int(item.size), float(item.mtime), item.hash)
-    if isinstance(item, tuple):
-        path, size, mtime, *rest = item
-        return FileStat(_abs(path), int(size), float(mtime), rest[0] if rest else None)
-    return FileStat.of(item)
-
-
-def _abs(path: str | os.PathLike[str]) -> str:
-    return os.path.abspath(os.fspath(path))
-
-
-def _metadata_json(item: NewImage) -> str:
-    try:
-        return json.dumps(item.metadata or {}, sort_keys=True, default=_json_default, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{item.path}: metadata is not JSON-serialisable ({exc})") from None
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} value {value!r}")

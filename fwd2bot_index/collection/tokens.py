@@ -10,10 +10,19 @@ worst an unreferenced shard, which the next writer deletes. Shards are never mod
 live in the catalog and ``Collection.compact`` rewrites sparse shards into new ones.
 
 Embeddings are kept in float32 so a rebuilt index is bit-identical to the original one.
+
+Format 2 shards describe themselves, so a lost catalog or manifest can be rebuilt from them alone:
+each row also carries the image's ``hash``, ``size``, ``metadata`` (JSON), ``paths`` (JSON list of
+``[path, size, mtime]`` at commit) and ``check`` (8-byte BLAKE2b of its id, embedding and tokens, so a
+damaged shard can be salvaged row by row); the schema metadata holds the model identity. Arrow IPC has
+no checksum of its own: the whole-file SHA-256 is recorded in the catalog at commit (``checksum``).
+Format 1 shards (ids, embeddings, tokens only) are still read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 import uuid
@@ -33,7 +42,9 @@ __all__ = ["SHARD_SUFFIX", "TOKENS_DIR", "Locator", "TokenStore", "dequantize_in
 
 TOKENS_DIR = "tokens"
 SHARD_SUFFIX = ".arrow"
-_FORMAT = b"f2b-token-shard/1"
+_FORMAT = b"f2b-token-shard/2"
+_FORMATS = (b"f2b-token-shard/1", _FORMAT)
+_DESCRIBE = ("hash", "size", "metadata", "paths")
 _MAX_OPEN = 32
 
 #: Maps image ids to their (id, shard, row) locations; ``None`` asks for every image.
@@ -62,7 +73,7 @@ class _Shard:
         try:
             reader = ipc.open_file(self._source)
             meta = reader.schema.metadata or {}
-            if meta.get(b"format") != _FORMAT:
+            if meta.get(b"format") not in _FORMATS:
                 raise CollectionFormatError(f"{path} is not a token shard of this format")
             if reader.num_record_batches != 1:
                 raise CollectionFormatError(f"{path} should hold one record batch")
@@ -76,7 +87,24 @@ class _Shard:
         self.tokens = _flat(batch.column("tokens").values).reshape(self.n, token_count, token_dim)
         names = batch.schema.names
         self.scale = _flat(batch.column("scale").values).reshape(self.n, token_count) if "scale" in names else None
+        self.check = batch.column("check").to_pylist() if "check" in names else None
         self._batch = batch
+
+    def describe(self) -> list[dict[str, Any]] | None:
+        """Per row ``{"id", "hash", "size", "metadata", "paths"}`` (format 2), None for format 1 shards."""
+        if self._batch is None or "paths" not in self._batch.schema.names:
+            return None
+        cols = {k: self._batch.column(k).to_pylist() for k in _DESCRIBE}
+        return [{"id": int(self.ids[r]), "hash": cols["hash"][r], "size": int(cols["size"][r]),
+                 "metadata": cols["metadata"][r], "paths": json.loads(cols["paths"][r])} for r in range(self.n)]
+
+    def good_rows(self) -> np.ndarray | None:
+        """Boolean mask of rows whose per-row check still matches (None: format 1, no checks)."""
+        if self.check is None:
+            return None
+        return np.array([_row_check(self.ids[r], self.embeddings[r], self.tokens[r],
+                                    None if self.scale is None else self.scale[r]) == self.check[r]
+                         for r in range(self.n)], dtype=bool)
 
     def tokens_f32(self, rows: np.ndarray) -> np.ndarray:
         raw = self.tokens[rows]
@@ -93,6 +121,19 @@ def _flat(arr: pa.Array) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=True)
 
 
+def _row_check(image_id: Any, emb: np.ndarray, raw: np.ndarray, scale: np.ndarray | None) -> bytes:
+    h = hashlib.blake2b(digest_size=8)
+    for part in (np.int64(image_id), emb, raw) + (() if scale is None else (scale,)):
+        h.update(np.ascontiguousarray(part).tobytes())
+    return h.digest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's content (shard and index checksums)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 class TokenStore:
     """Immutable shard files under ``<collection>/tokens`` plus a locator from the catalog."""
 
@@ -104,6 +145,8 @@ class TokenStore:
         embed_dim: int,
         dtype: str = "fp16",
         locate: Locator | None = None,
+        identity: dict[str, Any] | None = None,
+        expected: Callable[[str], str | None] | None = None,
     ) -> None:
         if dtype not in ("fp16", "int8"):
             raise ValueError(f"token dtype must be 'fp16' or 'int8', got {dtype!r}")
@@ -111,6 +154,11 @@ class TokenStore:
         self.token_count, self.token_dim, self.embed_dim = int(token_count), int(token_dim), int(embed_dim)
         self.dtype = dtype
         self.locate = locate
+        #: Model identity written into each new shard's schema (so a lost manifest can be rebuilt).
+        self.identity = dict(identity or {})
+        #: The checksum recorded at commit for a shard name (None when unknown); checked on first use.
+        self.expected = expected
+        self._verified: set[str] = set()
         self._open: OrderedDict[str, _Shard] = OrderedDict()
         self._lock = threading.RLock()
 
@@ -120,9 +168,13 @@ class TokenStore:
         return f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}{SHARD_SUFFIX}"
 
     def write_shard(
-        self, ids: np.ndarray, embeddings: np.ndarray, tokens: np.ndarray, name: str | None = None
+        self, ids: np.ndarray, embeddings: np.ndarray, tokens: np.ndarray, name: str | None = None,
+        describe: Sequence[dict[str, Any]] | None = None,
     ) -> str:
-        """Write one batch atomically and durably; returns the shard name to record in the catalog."""
+        """Write one batch atomically and durably; returns the shard name to record in the catalog.
+
+        ``describe`` gives per row ``{"hash", "size", "metadata", "paths"}`` (what the catalog holds),
+        stored so the catalog can be rebuilt from the shards."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         n = len(ids)
         emb = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(n, self.embed_dim)
@@ -131,10 +183,11 @@ class TokenStore:
             raw, scale = quantize_int8(tok)
         else:
             raw, scale = tok.astype(np.float16), None
-        return self._write(ids, emb, raw, scale, name)
+        return self._write(ids, emb, raw, scale, name, describe)
 
     def _write(
-        self, ids: np.ndarray, emb: np.ndarray, raw: np.ndarray, scale: np.ndarray | None, name: str | None
+        self, ids: np.ndarray, emb: np.ndarray, raw: np.ndarray, scale: np.ndarray | None, name: str | None,
+        describe: Sequence[dict[str, Any]] | None = None,
     ) -> str:
         name = name or self.new_shard_name()
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -148,10 +201,22 @@ class TokenStore:
         if scale is not None:
             columns.append(pa.FixedSizeListArray.from_arrays(pa.array(scale.reshape(-1)), self.token_count))
             names.append("scale")
+        if describe is not None:
+            columns += [
+                pa.array([str(d["hash"]) for d in describe], pa.string()),
+                pa.array([int(d["size"]) for d in describe], pa.int64()),
+                pa.array([d["metadata"] if isinstance(d["metadata"], str) else json.dumps(d["metadata"], sort_keys=True)
+                          for d in describe], pa.string()),
+                pa.array([json.dumps(d["paths"]) for d in describe], pa.string()),
+            ]
+            names += list(_DESCRIBE)
+        checks = [_row_check(ids[r], emb[r], raw[r], None if scale is None else scale[r]) for r in range(len(ids))]
+        columns.append(pa.array(checks, pa.binary(8)))
+        names.append("check")
         batch = pa.record_batch(columns, names=names)
         schema = batch.schema.with_metadata(
             {"format": _FORMAT, "dtype": self.dtype, "T": str(self.token_count), "H": str(self.token_dim),
-             "D": str(self.embed_dim)}
+             "D": str(self.embed_dim), "identity": json.dumps(self.identity, sort_keys=True)}
         )
         target = self.folder / name
         tmp = tmp_name(target)
@@ -162,26 +227,36 @@ class TokenStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        self._verified.add(name)
         return name
 
-    def copy_rows(self, sources: Iterable[tuple[str, Sequence[int]]]) -> tuple[str, list[int]]:
-        """Write a new shard from rows of existing ones, bytes unchanged (compaction).
+    def copy_rows(
+        self, sources: Iterable[tuple[str, Sequence[int]]],
+        describe: Callable[[list[int]], list[dict[str, Any]]] | None = None, checked: bool = True,
+        name: str | None = None,
+    ) -> tuple[str, list[int]]:
+        """Write a new shard from rows of existing ones, bytes unchanged (compaction, salvage).
 
-        Returns the new shard's name and the ids in its row order.
+        ``describe(ids)`` supplies the self-describing columns (from the catalog). Returns the new
+        shard's name and the ids in its row order.
         """
         ids, embs, raws, scales = [], [], [], []
-        for name, rows in sources:
-            shard = self._shard(name)
+        for source, rows in sources:
+            shard = self._shard(source) if checked else self._unchecked(source)
             r = np.asarray(rows, dtype=np.int64)
-            ids.append(shard.ids[r])
-            embs.append(shard.embeddings[r])
-            raws.append(shard.tokens[r])
+            ids.append(shard.ids[r].copy())
+            embs.append(shard.embeddings[r].copy())
+            raws.append(shard.tokens[r].copy())
             if shard.scale is not None:
-                scales.append(shard.scale[r])
+                scales.append(shard.scale[r].copy())
+            if not checked:
+                shard.close()
         all_ids = np.concatenate(ids)
         scale = np.concatenate(scales) if scales else None
-        name = self._write(all_ids, np.concatenate(embs), np.concatenate(raws), scale, None)
-        return name, all_ids.tolist()
+        order = all_ids.tolist()
+        name = self._write(all_ids, np.concatenate(embs), np.concatenate(raws), scale, name,
+                           describe(order) if describe is not None else None)
+        return name, order
 
     # ------------------------------------------------------------------ reading by location
 
@@ -194,12 +269,77 @@ class TokenStore:
             path = self.folder / name
             if not path.exists():
                 raise FileNotFoundError(f"token shard {path} is missing")
+            self._check(name, path)
             shard = _Shard(path, self.token_count, self.token_dim, self.embed_dim)
             self._open[name] = shard
             while len(self._open) > _MAX_OPEN:
                 _, old = self._open.popitem(last=False)
                 old.close()
             return shard
+
+    def _check(self, name: str, path: Path) -> None:
+        """First use of a shard in this process: compare its content with the checksum recorded at
+        commit, so damaged tokens are never served as if they were good."""
+        if name in self._verified or self.expected is None:
+            return
+        want = self.expected(name)
+        if want is not None and file_sha256(path) != want:
+            raise CollectionFormatError(
+                f"token shard {path} is damaged (its content differs from the checksum recorded at commit); "
+                f"run f2b verify --repair --collection {self.folder.parent}"
+            )
+        self._verified.add(name)
+
+    def checksum(self, name: str) -> str:
+        return file_sha256(self.folder / name)
+
+    def describe_rows(self, name: str) -> list[dict[str, Any]] | None:
+        """The self-describing columns of a shard (None for format 1); no checksum check (repair)."""
+        shard = self._unchecked(name)
+        try:
+            return shard.describe()
+        finally:
+            shard.close()
+
+    def good_rows(self, name: str) -> np.ndarray | None:
+        """Which rows of a (possibly damaged) shard still pass their per-row check."""
+        shard = self._unchecked(name)
+        try:
+            return shard.good_rows()
+        finally:
+            shard.close()
+
+    def _unchecked(self, name: str) -> _Shard:
+        """Open a shard without the checksum check and without caching it (repair reads damaged ones)."""
+        path = self.folder / name
+        if not path.exists():
+            raise FileNotFoundError(f"token shard {path} is missing")
+        return _Shard(path, self.token_count, self.token_dim, self.embed_dim)
+
+    def raw_ids(self, name: str) -> list[int]:
+        """The ids a shard holds, read without the checksum check (repair)."""
+        shard = self._unchecked(name)
+        try:
+            return shard.ids.tolist()
+        finally:
+            shard.close()
+
+    def schema_of(self, name: str) -> dict[str, Any]:
+        """Shapes and identity from a shard's footer alone: ``{"T", "H", "D", "dtype", "identity"}``."""
+        path = self.folder / name
+        try:
+            with pa.memory_map(str(path), "r") as source:
+                meta = ipc.open_file(source).schema.metadata or {}
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise CollectionFormatError(f"token shard {path} is unreadable ({exc})") from None
+        if meta.get(b"format") not in _FORMATS:
+            raise CollectionFormatError(f"{path} is not a token shard of this format")
+        try:
+            identity = json.loads(meta.get(b"identity", b"{}"))
+        except ValueError:
+            identity = {}
+        return {"T": int(meta[b"T"]), "H": int(meta[b"H"]), "D": int(meta[b"D"]),
+                "dtype": meta[b"dtype"].decode(), "identity": identity}
 
     def shard_ids(self, name: str) -> np.ndarray:
         return self._shard(name).ids.copy()
@@ -281,17 +421,19 @@ class TokenStore:
             fsync_dir(self.folder)
         return gone
 
-    def cleanup(self, referenced: set[str]) -> list[str]:
-        """Delete temporary files and shards the catalog does not reference (crash leftovers)."""
-        for tmp in self.temp_files():
+    def remove_temp_files(self) -> int:
+        """Delete ``.tmp-*`` files left by an interrupted write (only a writer holding the lock may)."""
+        gone = self.temp_files()
+        for tmp in gone:
             tmp.unlink(missing_ok=True)
-        return self.delete_shards([s for s in self.list_shards() if s not in referenced])
+        return len(gone)
 
     def bytes_on_disk(self) -> int:
         return disk_bytes(self.folder)
 
     def close(self) -> None:
         with self._lock:
+            self._verified.clear()
             while self._open:
                 _, shard = self._open.popitem()
                 shard.close()

@@ -1,0 +1,141 @@
+"""The plain records a ``Collection`` takes and returns (files, new images, hits, plans, reports)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FileStat", "Hit", "IndexPlan", "NewImage", "VerifyReport"]
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """A file as the scanner saw it: absolute path, size in bytes, mtime (``os.stat().st_mtime``),
+    and its SHA-256 once known."""
+
+    path: str
+    size: int
+    mtime: float
+    hash: str | None = None
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str], hash: str | None = None) -> FileStat:
+        st = os.stat(path)
+        return cls(os.path.abspath(path), int(st.st_size), float(st.st_mtime), hash)
+
+
+@dataclass
+class NewImage:
+    """One successfully encoded file for ``add_batch``."""
+
+    path: str | os.PathLike[str]
+    hash: str
+    size: int
+    mtime: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: image id, the path to show, cosine score (higher is better), metadata."""
+
+    id: int
+    path: str
+    score: float
+    metadata: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class IndexPlan:
+    """What an incremental indexing run must do with the scanned files.
+
+    Unpacks as ``to_encode, already_indexed, duplicates = plan``; the other lists are attributes.
+    """
+
+    #: New or changed content, hash filled, one file per distinct hash: decode, encode, ``add_batch``.
+    to_encode: list[FileStat] = field(default_factory=list)
+    #: Unchanged files already in the collection, with their image id: nothing to do.
+    already_indexed: list[tuple[FileStat, int]] = field(default_factory=list)
+    #: Content already in the collection, or equal to an earlier ``to_encode`` file (moved or copied
+    #: files): call ``add_path_alias`` after the batch holding that content is added.
+    duplicates: list[FileStat] = field(default_factory=list)
+    #: Files that failed before and have not changed since (skipped; reason given).
+    failed_unchanged: list[tuple[FileStat, str]] = field(default_factory=list)
+    #: Files that could not even be read for hashing (record them with ``record_failure``).
+    unreadable: list[tuple[FileStat, str]] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.to_encode, self.already_indexed, self.duplicates))
+
+    def summary(self) -> dict[str, int]:
+        return {"to_encode": len(self.to_encode), "already_indexed": len(self.already_indexed),
+                "duplicates": len(self.duplicates), "failed_unchanged": len(self.failed_unchanged),
+                "unreadable": len(self.unreadable)}
+
+
+@dataclass
+class VerifyReport:
+    """Whether catalog, token store and index agree and are undamaged. ``ok`` is False when anything
+    is off; each problem is one line that names the part (and the images it holds)."""
+
+    ok: bool
+    problems: list[str]
+    counts: dict[str, int]
+    missing_in_index: list[int] = field(default_factory=list)
+    extra_in_index: list[int] = field(default_factory=list)
+    orphan_shards: list[str] = field(default_factory=list)
+    missing_shards: list[str] = field(default_factory=list)
+    bad_rows: list[int] = field(default_factory=list)
+    #: Shards whose content differs from the checksum recorded at commit, or that cannot be read.
+    damaged_shards: list[str] = field(default_factory=list)
+    #: What ``repair`` did (empty for a plain verify).
+    actions: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def as_stat(item: FileStat | tuple[Any, ...] | str | os.PathLike[str]) -> FileStat:
+    if isinstance(item, FileStat):
+        return FileStat(abs_path(item.path), int(item.size), float(item.mtime), item.hash)
+    if isinstance(item, tuple):
+        path, size, mtime, *rest = item
+        return FileStat(abs_path(path), int(size), float(mtime), rest[0] if rest else None)
+    return FileStat.of(item)
+
+
+def abs_path(path: str | os.PathLike[str]) -> str:
+    return os.path.abspath(os.fspath(path))
+
+
+def metadata_json(item: NewImage) -> str:
+    try:
+        return json.dumps(item.metadata or {}, sort_keys=True, default=_json_default, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{item.path}: metadata is not JSON-serialisable ({exc})") from None
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} value {value!r}")

@@ -1,0 +1,321 @@
+"""Keeping the vector index, a derived cache, in step with the catalog: in one process or several.
+
+The catalog and the token shards are the truth; the index is rebuilt from shard embeddings whenever
+it disagrees. ``index.state.json`` records which catalog version the saved index reflects and the
+SHA-256 of the saved index files, so a damaged index is noticed (and rebuilt) instead of searched.
+
+Several processes share a collection (an indexing run beside a server): each catches up with the
+catalog before it writes (under the writer lock) and before it searches (without writing), by
+reloading the saved index when another process saved a newer one and then adding or hiding the ids
+that still differ, read from the shards.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._fs import atomic_write_bytes
+from .catalog import CATALOG_NAME, Catalog
+from .errors import CollectionError, CollectionFormatError, CollectionLockedError
+from .index import INDEX_LOCATIONS, ExactIndex, VectorIndex, index_location, open_index
+from .manifest import MANIFEST_NAME, Manifest, utc_now
+from .tokens import TOKENS_DIR, TokenStore, file_sha256
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "index.state.json"
+EMBEDDED_QDRANT = ("qdrant-edge", "qdrant-local")
+
+
+# ------------------------------------------------------------------------------ parts of a folder
+
+
+def token_store(folder: Path, manifest: Manifest, catalog: Catalog) -> TokenStore:
+    """The token store of ``folder``, locating images through ``catalog`` and checking each shard
+    against the checksum the catalog recorded for it."""
+    identity = {"model_name": manifest.model_name, "model_fingerprint": manifest.model_fingerprint,
+                "strategy": manifest.strategy}
+    return TokenStore(folder / TOKENS_DIR, manifest.token_count, manifest.token_dim, manifest.embed_dim,
+                      manifest.token_dtype, catalog.locations, identity, catalog.shard_sha256)
+
+
+def index_files(folder: Path, backend: str) -> list[Path]:
+    """The files whose checksums the state records (FAISS only: Qdrant engines manage their own)."""
+    if backend != "faiss":
+        return []
+    from .faiss_index import FaissIndex
+
+    return [p for p in FaissIndex.files(folder / INDEX_LOCATIONS["faiss"]) if p.is_file()]
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((folder / STATE_NAME).read_text())
+        return state if isinstance(state, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def index_damage(folder: Path, backend: str) -> str | None:
+    """Why the saved index cannot be trusted (missing, or not what was saved), or None."""
+    if backend != "faiss":
+        return None
+    state = read_state(folder)
+    recorded = state.get("files")
+    if not isinstance(recorded, dict):
+        return None if not (folder / STATE_NAME).exists() else f"{folder / STATE_NAME} is unreadable"
+    present = {p.name: p for p in index_files(folder, backend)}
+    for name, digest in recorded.items():
+        if name not in present:
+            return f"{folder / name} is missing"
+        if file_sha256(present[name]) != digest:
+            return f"{folder / name} is damaged (its content differs from the checksum recorded when it was saved)"
+    return None
+
+
+def open_index_for_writer(manifest: Manifest, folder: Path, options: dict[str, Any]) -> VectorIndex:
+    """Open the index to write; a missing, damaged or unreadable one starts empty (it is refilled
+    from the shards by the caller's reconcile)."""
+    damage = index_damage(folder, manifest.backend)
+    if damage is None:
+        try:
+            return open_index(manifest.backend, folder, manifest.embed_dim, options)
+        except CollectionFormatError as exc:
+            damage = str(exc)
+    log.warning("%s; rebuilding the index from the token store", damage)
+    remove_index_files(folder, manifest.backend)
+    return open_index(manifest.backend, folder, manifest.embed_dim, options)
+
+
+def open_index_for_reader(manifest: Manifest, folder: Path, options: dict[str, Any]) -> tuple[VectorIndex, str | None]:
+    """Open the index to read; when it is unusable (held by a writer, damaged), search exactly from
+    the stored embeddings instead of failing. Returns the index and what was wrong with the saved one."""
+    damage = index_damage(folder, manifest.backend)
+    if damage is None:
+        try:
+            return open_index(manifest.backend, folder, manifest.embed_dim, options, readonly=True), None
+        except CollectionLockedError as exc:
+            log.warning("%s; searching the stored embeddings exactly instead", exc)
+            return ExactIndex(manifest.embed_dim), None
+        except CollectionFormatError as exc:
+            damage = str(exc)
+    log.warning("%s; searching the stored embeddings exactly instead", damage)
+    return ExactIndex(manifest.embed_dim), damage
+
+
+def fill(index: VectorIndex, tokens: TokenStore, ids: Sequence[int] | None = None, chunk: int = 8192) -> None:
+    """Add stored embeddings (all, or ``ids``) to ``index`` in chunks."""
+    if ids is None:
+        for part_ids, vecs in tokens.iter_embeddings(chunk):
+            index.add(part_ids, vecs)
+        return
+    assert tokens.locate is not None
+    for start in range(0, len(ids), chunk):
+        # Locate through the catalog and skip ids deleted meanwhile (a reader racing a writer).
+        found = tokens.locate([int(i) for i in ids[start : start + chunk]])
+        if found:
+            part = np.asarray([i for i, _, _ in found], dtype=np.int64)
+            index.add(part, tokens.read_embeddings([(s, r) for _, s, r in found]))
+
+
+def remove_index_files(folder: Path, backend: str) -> None:
+    location = index_location(backend, folder)
+    if location is None:
+        return
+    if location.is_dir():
+        shutil.rmtree(location, ignore_errors=True)
+    for p in (location, location.with_name(location.name + ".tombstones.npy")):
+        if p.is_file():
+            p.unlink()
+    (folder / STATE_NAME).unlink(missing_ok=True)
+
+
+def wipe(folder: Path) -> None:
+    """Delete this package's files in ``folder`` (manifest first, so a crash never leaves a
+    manifest pointing at half-deleted data); other files are left alone."""
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        (folder / (CATALOG_NAME + suffix)).unlink(missing_ok=True)
+    shutil.rmtree(folder / TOKENS_DIR, ignore_errors=True)
+    for name in INDEX_LOCATIONS:
+        remove_index_files(folder, name)
+    (folder / STATE_NAME).unlink(missing_ok=True)  # the lock file stays: we hold it
+
+
+def clean_litter(folder: Path, backend: str) -> list[str]:
+    """Writer, under the lock: delete what interrupted runs leave behind: ``.tmp-*`` files (a write
+    that never got renamed into place) and the index files of a backend other than the manifest's
+    (a migration killed half way). Returns one line per thing removed."""
+    removed: list[str] = []
+    for where in (folder, folder / TOKENS_DIR):
+        if where.is_dir():
+            for p in where.iterdir():
+                if p.name.startswith(".tmp-") and p.is_file():
+                    p.unlink(missing_ok=True)
+                    removed.append(f"removed the temporary file {p} left by an interrupted write")
+    for other in INDEX_LOCATIONS:
+        location = index_location(other, folder)
+        if other != backend and location is not None and location.exists():
+            shutil.rmtree(location, ignore_errors=True) if location.is_dir() else location.unlink()
+            removed.append(f"removed {location}, the index of an interrupted change to the {other} backend")
+    for line in removed:
+        log.warning(line)
+    return removed
+
+
+def disk_full(exc: BaseException, what: str, folder: Path, committed: bool = False) -> CollectionError | None:
+    """A one-line error for a full disk (``ENOSPC``/``EDQUOT``), or None for any other failure."""
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code not in (errno.ENOSPC, errno.EDQUOT) and "No space left" not in text:
+        return None
+    kept = ("the images committed so far are safe and the index is rebuilt from them on the next run"
+            if committed else "nothing of this batch was stored")
+    return CollectionError(f"the disk holding {folder} is full while writing {what}: {kept}; free some space "
+                           "and rerun")
+
+
+# ------------------------------------------------------------------------------ the mixin
+
+
+class IndexSync:
+    """The index-keeping half of ``Collection`` (see the module docstring); state lives there."""
+
+    path: Path
+    manifest: Manifest
+    catalog: Catalog
+    tokens: TokenStore
+    index: VectorIndex
+
+    def _save_index(self) -> None:
+        try:
+            self.index.save()
+            self._write_state()
+        except (OSError, RuntimeError) as exc:
+            full = disk_full(exc, "the vector index", self.path, committed=True)
+            if full is None:
+                raise
+            raise full from None
+        self._unsaved = 0
+
+    def _write_state(self) -> None:
+        files = {p.name: file_sha256(p) for p in index_files(self.path, self.manifest.backend)}
+        state = {"catalog_version": self.catalog.version(), "backend": self.manifest.backend,
+                 "vectors": len(self.index), "saved": utc_now(), "files": files}
+        atomic_write_bytes(self.path / STATE_NAME, json.dumps(state).encode())
+        self._state_seen = _mtime(self.path / STATE_NAME)
+
+    def _reconcile(self, save: bool = True) -> None:
+        """Make the in-memory index hold exactly the catalog's ids (adding from the shards, removing
+        extras); ``save`` writes it back (writers only)."""
+        state = read_state(self.path)
+        version = self.catalog.version()
+        count = self.catalog.counts()["images"]
+        if state.get("catalog_version") == version and state.get("backend") == self.manifest.backend \
+                and len(self.index) == count and not self._unsaved:
+            self._synced_version = version
+            return
+        cat_ids = self.catalog.ids()
+        idx_ids = self.index.ids()
+        extra = np.setdiff1d(idx_ids, cat_ids)
+        missing = np.setdiff1d(cat_ids, idx_ids)
+        if len(extra):
+            self.index.remove(extra.tolist())
+        if len(missing):
+            fill(self.index, self.tokens, missing.tolist())
+        if (len(extra) or len(missing)) and save:
+            log.warning("index resynchronised with the catalog: %d added, %d removed", len(missing), len(extra))
+        self._synced_version = version
+        if save:
+            self._save_index()
+
+    def _catch_up(self) -> None:
+        """A writer that does not hold the lock for its life: take in what other processes committed
+        (a newer manifest or saved index, new or removed images). Writes nothing."""
+        if self.catalog.version() == self._synced_version and _mtime(self.path / MANIFEST_NAME) == self._manifest_seen:
+            return
+        self.tokens.close()  # another writer may have compacted shards away
+        if _mtime(self.path / MANIFEST_NAME) != self._manifest_seen:
+            fresh = Manifest.load(self.path)
+            self._manifest_seen = _mtime(self.path / MANIFEST_NAME)
+            if fresh.backend != self.manifest.backend:
+                self.index.close()
+                self.manifest = fresh
+                self.index = open_index_for_writer(fresh, self.path, self._options())
+                self._state_seen = None
+            self.manifest = fresh
+        if self.manifest.backend == "faiss" and _mtime(self.path / STATE_NAME) != self._state_seen \
+                and not self._unsaved:
+            self._state_seen = _mtime(self.path / STATE_NAME)
+            self.index.close()
+            self.index = open_index_for_writer(self.manifest, self.path, self._options())
+        try:
+            self._reconcile(save=False)
+        except FileNotFoundError:  # a shard compacted away between our lookup and the read
+            self.tokens.close()
+            self._reconcile(save=False)
+
+    def _rebuild_index(self, without: set[int] | None = None) -> None:
+        """Refill the index from the stored embeddings (all, or all but ``without``: images whose
+        stored data is lost)."""
+        self.index.clear()
+        if without:
+            fill(self.index, self.tokens, [i for i in self.catalog.ids().tolist() if i not in without])
+        else:
+            fill(self.index, self.tokens)
+        self._save_index()
+
+    def _sync_overlay(self) -> None:
+        """Reader: cover the gap between the loaded index and the catalog without writing anything.
+        Index ids the catalog no longer has are hidden; catalog ids the index lacks are searched
+        exactly from their stored embeddings."""
+        try:
+            self._sync_overlay_once()
+        except FileNotFoundError:  # a writer compacted a shard under us: look again
+            self.tokens.close()
+            self._sync_overlay_once()
+
+    def _sync_overlay_once(self) -> None:
+        self._synced_version = self.catalog.version()
+        cat_ids = self.catalog.ids()
+        idx_ids = self.index.ids()
+        self._extra = set(np.setdiff1d(idx_ids, cat_ids).tolist())
+        missing = np.setdiff1d(cat_ids, idx_ids)
+        self._pending = None
+        if len(missing):
+            pending = ExactIndex(self.manifest.embed_dim)
+            fill(pending, self.tokens, missing.tolist())
+            self._pending = pending
+
+    def _refresh(self) -> None:
+        """Before a search: pick up commits made by other processes since the last one."""
+        if self.writable:
+            if not self._lock.held:
+                self._catch_up()
+            return
+        if self.catalog.version() == self._synced_version:
+            return
+        if self.manifest.backend == "faiss":
+            seen = _mtime(self.path / STATE_NAME)
+            if seen != self._state_seen:
+                self._state_seen = seen
+                fresh, self._index_damage = open_index_for_reader(self.manifest, self.path, self._options())
+                self.index.close()
+                self.index = fresh
+        self._sync_overlay()
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
