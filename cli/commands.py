@@ -82,6 +82,10 @@ def index(
                                                     help="Collection name on the Qdrant server (default f2b)."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="fwd2bot, pool[@N], prompt, full (new collections)."),
     token_dtype: str = typer.Option("fp16", "--token-dtype", help="Stored token precision: fp16 or int8."),
+    min_pixels: Optional[int] = typer.Option(None, "--min-pixels", min=1,
+                                             help="Qwen2-VL family: smallest resized image area in pixels (new collections; recorded)."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1,
+                                             help="Qwen2-VL family: largest resized image area in pixels (new collections; recorded)."),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Glob pattern to skip (repeatable)."),
     include_hidden: bool = typer.Option(False, "--hidden", help="Also index hidden files and folders."),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Follow symbolic links."),
@@ -97,7 +101,7 @@ def index(
         # the server's API key comes from $QDRANT_API_KEY and is never written to the manifest
         service = _service(collection, model_name(model, None), device, dtype, create=True, writable=True,
                            strategy=strategy, backend=backend, token_dtype=token_dtype, reindex=reindex,
-                           backend_options=options)
+                           backend_options=options, image_options={"min_pixels": min_pixels, "max_pixels": max_pixels})
         with service:
             if model is None and not service.collection.manifest.model_name:
                 raise fail("the collection records no model; pass --model")

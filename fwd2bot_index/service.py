@@ -321,13 +321,19 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, dict]:
     return out
 
 
-def load_checked_model(name: str, manifest: Manifest | None, device: str, dtype: str) -> Any:
-    """Load a model; with a manifest, refuse one whose fingerprint differs from the collection's."""
+def load_checked_model(name: str, manifest: Manifest | None, device: str, dtype: str,
+                       image_options: dict | None = None) -> Any:
+    """Load a model; with a manifest, refuse one whose fingerprint differs from the collection's.
+
+    The image preprocessing options are the manifest's (what the collection was built with), else
+    ``image_options`` (a new collection), else the model folder's own.
+    """
     from .model import load_model
     from .model.backbone import quiet_transformers
 
     quiet_transformers()
-    model = load_model(name, device=device, dtype=dtype)
+    options = manifest.image_options if manifest is not None else (image_options or {})
+    model = load_model(name, device=device, dtype=dtype, **options)
     if manifest is not None and manifest.model_fingerprint and model.fingerprint != manifest.model_fingerprint:
         raise CollectionMismatchError(
             f"the collection was built with model {manifest.model_name!r} (fingerprint "
@@ -340,12 +346,14 @@ def load_checked_model(name: str, manifest: Manifest | None, device: str, dtype:
 def open_service(collection: str | os.PathLike | None = None, model: str | None = None, device: str = "auto",
                  dtype: str = "auto", create: bool = False, writable: bool = False, strategy: str | None = None,
                  backend: str = "faiss", token_dtype: str = "fp16", reindex: bool = False,
-                 backend_options: dict | None = None) -> ImageService:
+                 backend_options: dict | None = None, image_options: dict | None = None) -> ImageService:
     """Open (or with ``create``, make) a collection and pair it with its model.
 
-    A new collection records the model's fingerprint and strategy; an existing one refuses another
-    model or strategy with a message that says how to re-index.
+    A new collection records the model's fingerprint, strategy and image options (``min_pixels`` /
+    ``max_pixels`` for Qwen2-VL); an existing one refuses another model, strategy or image options
+    with a message that says how to re-index.
     """
+    image_options = {k: v for k, v in (image_options or {}).items() if v is not None}
     path = Path(collection or os.environ.get("F2B_COLLECTION") or DEFAULT_COLLECTION)
     exists = Collection.exists(path)
     if not exists and not create:
@@ -354,11 +362,16 @@ def open_service(collection: str | os.PathLike | None = None, model: str | None 
         coll = Collection.open(path, writable=writable or create)
         name = model or coll.manifest.model_name
         service = ImageService(coll, name, device, dtype)
+        recorded = coll.manifest.image_options
+        if any(recorded.get(k) != v for k, v in image_options.items()):
+            raise CollectionMismatchError(
+                f"the collection {path} was built with image options {recorded or 'none'}, not {image_options}; "
+                "index into a new --collection, or re-index with --reindex")
         if model is not None or strategy is not None:
             service._check_request(model, strategy)
         return service
     name = model or os.environ.get("F2B_MODEL") or DEFAULT_MODEL
-    loaded = load_checked_model(name, None, device, dtype)
+    loaded = load_checked_model(name, None, device, dtype, image_options)
     chosen = loaded.resolve_strategy(strategy)
     t, h = loaded.token_shape(chosen)
     manifest = Manifest(
@@ -371,6 +384,7 @@ def open_service(collection: str | os.PathLike | None = None, model: str | None 
         token_dtype=token_dtype,
         backend=backend,
         backend_options=backend_options or {},
+        image_options=loaded.image_options,
     )
     coll = Collection.create(path, manifest, overwrite=reindex)
     return ImageService(coll, name, device, dtype, model=loaded)

@@ -203,6 +203,35 @@ def test_cli_index_search_ask(folders, family, tmp_path):
     assert refused.exit_code != 0 and "pool@N" in refused.output
 
 
+def test_pixel_bounds_are_options_the_collection_records(folders, tiny_llava_dir, tmp_path):
+    from fwd2bot_index.service import open_service
+
+    runner = CliRunner()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, image in enumerate(_images()):
+        image.save(photos / f"{i}.png")
+    coll = tmp_path / "coll"
+    args = ["index", str(photos), "--collection", str(coll), "--device", "cpu"]
+    result = runner.invoke(app, args + ["--model", str(folders["qwen2_vl"]), "--min-pixels", "784",
+                                        "--max-pixels", "6272"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((coll / "manifest.json").read_text())["image_options"] == {"min_pixels": 784, "max_pixels": 6272}
+    with open_service(coll, device="cpu", dtype="fp32") as service:  # reopened with the recorded bounds
+        model = service.model
+        assert model.image_options == {"min_pixels": 784, "max_pixels": 6272}
+        grids = model.visual_tokens(model.backbone.pixel_values(_images())).grids
+        assert grids == [(2, 2), (2, 3), (2, 3)]  # 784 px per token: at most 8 tokens (3x5 and 6x9 by default)
+    other = runner.invoke(app, args + ["--max-pixels", "50176"])
+    assert other.exit_code == 1 and "image options" in other.output and "--reindex" in other.output
+    llava = runner.invoke(app, ["index", str(photos), "--collection", str(tmp_path / "l"), "--device", "cpu",
+                                "--model", str(tiny_llava_dir), "--max-pixels", "6272"])
+    assert llava.exit_code == 1 and "dynamic-resolution" in llava.output and not (tmp_path / "l").exists()
+    swapped = runner.invoke(app, args[:3] + [str(tmp_path / "s"), "--model", str(folders["qwen2_vl"]),
+                                             "--max-pixels", "100"])
+    assert swapped.exit_code == 1 and "larger than max_pixels" in swapped.output
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """Eight images of four sizes with one caption each, as a JSONL pairs file."""

@@ -33,6 +33,10 @@ class UnsupportedModelError(ValueError):
     """The checkpoint is not an architecture Fwd2Bot has a backbone adapter for."""
 
 
+class ImageOptionError(UnsupportedModelError):
+    """Image preprocessing options (min/max pixels) that this model cannot take, or that contradict."""
+
+
 class ModelLoadError(RuntimeError):
     """The checkpoint could not be found or read."""
 
@@ -115,6 +119,10 @@ class LlavaBackbone:
         if self.hf.config.vision_feature_select_strategy == "full":
             n += 1
         return n
+
+    def image_options(self) -> dict:
+        """Preprocessing settings a collection must record (none: every image is resized to one size)."""
+        return {}
 
     def pooled_tokens(self, budget: int) -> int:
         """How many tokens ``pool_to_budget`` keeps per image."""
@@ -308,7 +316,7 @@ def load_backbone(
     if adapter is qwen2vl.Qwen2VLBackbone:
         processor = qwen2vl.load_processor_parts(ref, revision, min_pixels=min_pixels, max_pixels=max_pixels)
     elif min_pixels is not None or max_pixels is not None:
-        raise ValueError(f"{ref}: --min-pixels/--max-pixels apply to dynamic-resolution models (Qwen2-VL "
+        raise ImageOptionError(f"{ref}: --min-pixels/--max-pixels apply to dynamic-resolution models (Qwen2-VL "
                          f"family); {arch} resizes every image to one fixed size")
     else:
         processor = AutoProcessor.from_pretrained(ref, revision=revision)

@@ -177,8 +177,11 @@ def _check_signature(expected: dict, actual: dict, base_ref: str) -> None:
 
 
 def load_checkpoint(path: str | Path, device: str | None = "auto", dtype: str | None = "auto",
-                    base: str | None = None, revision: str | None = None) -> Fwd2Bot:
-    """Load a Fwd2Bot checkpoint folder onto its base (or onto ``base``, checked for a match)."""
+                    base: str | None = None, revision: str | None = None, **image_options: int | None) -> Fwd2Bot:
+    """Load a Fwd2Bot checkpoint folder onto its base (or onto ``base``, checked for a match).
+
+    ``image_options`` (``min_pixels``, ``max_pixels``) go to the base's image processor.
+    """
     from peft import PeftModel
 
     path = Path(path)
@@ -189,7 +192,7 @@ def load_checkpoint(path: str | Path, device: str | None = "auto", dtype: str | 
         base_ref, base_rev = str(path / "base"), None
     else:
         base_ref, base_rev = config.base_model, config.base_revision
-    backbone = load_backbone(base_ref, device=device, dtype=dtype, revision=base_rev)
+    backbone = load_backbone(base_ref, device=device, dtype=dtype, revision=base_rev, **image_options)
     _check_signature(config.base_signature, backbone.signature(), base_ref)
     compressor = Compressor(config.hidden_size, config.num_summary_tokens, config.embed_dim)
     compressor.load_state_dict(load_file(str(path / COMPRESSOR_FILE)))
@@ -201,11 +204,16 @@ def load_checkpoint(path: str | Path, device: str | None = "auto", dtype: str | 
 
 
 def load_model(name_or_path: str, device: str | None = "auto", dtype: str | None = "auto",
-               base: str | None = None, revision: str | None = None) -> Fwd2Bot:
-    """``demo`` | checkpoint folder | stock LLaVA folder or hub id -> a ready Fwd2Bot."""
+               base: str | None = None, revision: str | None = None, min_pixels: int | None = None,
+               max_pixels: int | None = None) -> Fwd2Bot:
+    """``demo`` | checkpoint folder | stock LLaVA / Qwen2-VL folder or hub id -> a ready Fwd2Bot.
+
+    ``min_pixels`` / ``max_pixels``: resize bounds of a dynamic-resolution family (Qwen2-VL).
+    """
     resolved = resolve_model_name(str(name_or_path))
+    image_options = {"min_pixels": min_pixels, "max_pixels": max_pixels}
     if is_checkpoint(resolved):
-        return load_checkpoint(resolved, device=device, dtype=dtype, base=base, revision=revision)
+        return load_checkpoint(resolved, device=device, dtype=dtype, base=base, revision=revision, **image_options)
     if base is not None:
         raise ValueError(f"--base only applies to a Fwd2Bot checkpoint; {resolved} is a stock model")
     if Path(resolved).exists() and not (Path(resolved) / "config.json").is_file():
@@ -213,5 +221,5 @@ def load_model(name_or_path: str, device: str | None = "auto", dtype: str | None
             f"{resolved} is neither a Fwd2Bot checkpoint (no {CONFIG_FILE}) nor a transformers model "
             "folder (no config.json)"
         )
-    backbone = load_backbone(resolved, device=device, dtype=dtype, revision=revision)
+    backbone = load_backbone(resolved, device=device, dtype=dtype, revision=revision, **image_options)
     return Fwd2Bot.stock(backbone)

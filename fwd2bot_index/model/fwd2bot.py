@@ -174,6 +174,11 @@ class Fwd2Bot:
         return Strategy("prompt", "pool", self.config.pool_budget)
 
     @property
+    def image_options(self) -> dict:
+        """Preprocessing settings that change what is stored (Qwen2-VL: min/max pixels); a collection records them."""
+        return self.backbone.image_options()
+
+    @property
     def embed_dim(self) -> int:
         return self.config.embed_dim if self.is_trained else self.backbone.hidden_size
 

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .backbone import ChatParts, LlavaBackbone, ModelLoadError, _SLOT
+from .backbone import _SLOT, ChatParts, ImageOptionError, LlavaBackbone, ModelLoadError
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 MODEL_TYPES = {"qwen2_vl": ARCHITECTURES[0], "qwen2_5_vl": ARCHITECTURES[1]}
@@ -178,6 +178,10 @@ def load_processor_parts(ref: str, revision: str | None = None, min_pixels: int 
         tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision, padding_side="left")
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the image processor or tokenizer of {ref!r}: {exc}") from exc
+    low, high = image_processor.size["shortest_edge"], image_processor.size["longest_edge"]
+    if low > high:
+        raise ImageOptionError(f"{ref}: min_pixels ({low}) is larger than max_pixels ({high}); give both "
+                               "--min-pixels and --max-pixels, the first no larger than the second")
     return QwenProcessorParts(image_processor, tokenizer, read_chat_template(ref, revision, tokenizer))
 
 
@@ -198,8 +202,11 @@ class Qwen2VLBackbone(LlavaBackbone):
     def pixel_bounds(self) -> tuple[int, int]:
         """(min_pixels, max_pixels) of the image processor: they decide how many tokens an image gets."""
         size = self.processor.image_processor.size
-        get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
-        return int(get("shortest_edge")), int(get("longest_edge"))
+        return int(size["shortest_edge"]), int(size["longest_edge"])
+
+    def image_options(self) -> dict:
+        low, high = self.pixel_bounds
+        return {"min_pixels": low, "max_pixels": high}
 
     @property
     def num_image_tokens(self) -> int:
