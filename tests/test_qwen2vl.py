@@ -134,6 +134,16 @@ def test_pool_budget_is_fixed_whatever_the_size(stock):
     assert one.shape == (2, 16, 64) and torch.equal(one[0, 0], small[0]) and torch.equal(one[0, 1], small[0])
 
 
+def test_visual_token_count_matches_the_processor(stock):
+    from fwd2bot_index.model.qwen2vl import visual_token_count
+
+    model = stock["qwen2_vl"]
+    low, high = model.backbone.pixel_bounds
+    grids = model.visual_tokens(model.backbone.pixel_values(_images())).grids
+    assert [visual_token_count(w, h, low, high) for w, h in SIZES] == [h * w for h, w in grids]
+    assert visual_token_count(640, 480) == 391 and visual_token_count(4032, 3024) == 1230  # README table
+
+
 def test_full_is_refused_clearly(stock):
     with pytest.raises(StrategyError, match="different number of visual tokens.*pool@N"):
         stock["qwen2_vl"].encode_images(_images()[:1], strategy="full")

@@ -103,6 +103,17 @@ def _pool_grid(tokens: torch.Tensor, grid: tuple[int, int], out: tuple[int, int]
     return pooled.reshape(tokens.shape[-1], -1).t().to(tokens.dtype)
 
 
+def visual_token_count(width: int, height: int, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280,
+                       patch_size: int = 14, merge_size: int = 2) -> int:
+    """Visual tokens the Qwen2-VL processor gives an image of this size (its own ``smart_resize``, then
+    one token per merged 28x28 cell). Used for the README's bytes-per-image table."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    factor = patch_size * merge_size
+    h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (h // factor) * (w // factor)
+
+
 def grid_positions(start: int, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
     """(3, h*w) M-RoPE positions of one image grid placed at ``start`` (as ``get_rope_index``)."""
     h, w = grid
