@@ -10,12 +10,14 @@ from typing import Iterator, List, Optional
 import typer
 
 from .main import (
+    DEFAULT_MODEL,
     CollectionOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
     ModelOpt,
     app,
+    check,
     collection_path,
     err,
     fail,
@@ -23,29 +25,23 @@ from .main import (
     print_json,
 )
 
-# Errors a user can act on: their message is the whole story, so no traceback.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from fwd2bot_index.collection.errors import CollectionError
-    from fwd2bot_index.imaging import ImageDecodeError
-    from fwd2bot_index.service import ServiceError
-
-    errors: list[type[BaseException]] = [CollectionError, ServiceError, ImageDecodeError, FileNotFoundError]
-    with contextlib.suppress(ImportError):
-        from fwd2bot_index.imaging import ScanError
-        from fwd2bot_index.model import ModelLoadError, StrategyError, UnsupportedModelError
-        from fwd2bot_index.model.checkpoint import CheckpointMismatchError
-
-        errors += [ScanError, ModelLoadError, StrategyError, UnsupportedModelError, CheckpointMismatchError]
-    return tuple(errors)
+REAL_MODEL = "llava-hf/llava-1.5-7b-hf"
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the library's user-facing errors into one line on stderr and exit code 1."""
+    """Turn the library's user-facing errors (the facade lists them) into one line on stderr, exit 1."""
+    from fwd2bot_index.service import user_error_types
+
     try:
         yield
-    except _user_errors() as exc:
-        raise fail(str(exc))
+    except KeyboardInterrupt:
+        err("interrupted")
+        raise typer.Exit(130)
+    except Exception as exc:
+        if isinstance(exc, user_error_types()):
+            raise fail(str(exc).strip("'\""))
+        raise
 
 
 def _service(collection: Optional[Path], model: Optional[str], device: str, dtype: str, **kw):
@@ -57,7 +53,7 @@ def _service(collection: Optional[Path], model: Optional[str], device: str, dtyp
 def _parse_filters(values: Optional[List[str]]) -> Optional[dict]:
     if not values:
         return None
-    from fwd2bot_index.collection import parse_filter
+    from fwd2bot_index.service import parse_filter
 
     try:
         return parse_filter(values)
@@ -81,12 +77,12 @@ def index(
     qdrant_collection: Optional[str] = typer.Option(None, "--qdrant-collection",
                                                     help="Collection name on the Qdrant server (default f2b)."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="fwd2bot, pool[@N], prompt, full (new collections)."),
-    token_dtype: str = typer.Option("fp16", "--token-dtype", help="Stored token precision: fp16 or int8."),
+    token_dtype: str = typer.Option("fp16", "--token-dtype", help="Stored token precision: fp16 or int8 (new collections)."),
     min_pixels: Optional[int] = typer.Option(None, "--min-pixels", min=1,
                                              help="Qwen2-VL family: smallest resized image area in pixels (new collections; recorded)."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1,
                                              help="Qwen2-VL family: largest resized image area in pixels (new collections; recorded)."),
-    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Glob pattern to skip (repeatable)."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Glob pattern of paths to skip (repeatable)."),
     include_hidden: bool = typer.Option(False, "--hidden", help="Also index hidden files and folders."),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Follow symbolic links."),
     prune: bool = typer.Option(False, "--prune", help="Drop catalog entries whose files vanished under DIRS."),
@@ -95,6 +91,15 @@ def index(
     as_json: bool = JsonOpt,
 ) -> None:
     """Add new or changed images to the collection (crash-safe, incremental, deduplicated)."""
+    check(model=model_name(model, None), device=device, dtype=dtype, backend=backend, token_dtype=token_dtype,
+          faiss_index=index_kind, strategy=strategy)
+    missing = [str(d) for d in dirs if not d.exists()]
+    if missing:  # before a collection folder is created: a typo leaves nothing behind
+        raise fail(f"no such file or folder: {', '.join(missing)}")
+    if metadata is not None and not metadata.is_file():
+        raise fail(f"--metadata {metadata}: no such file")
+    from fwd2bot_index.service import IndexInterrupted
+
     with user_errors():
         options = {k: v for k, v in (("kind", index_kind), ("url", qdrant_url),
                                       ("collection_name", qdrant_collection)) if v is not None}
@@ -105,18 +110,57 @@ def index(
         with service:
             if model is None and not service.collection.manifest.model_name:
                 raise fail("the collection records no model; pass --model")
-            report = service.index([str(d) for d in dirs], exclude=exclude or [], include_hidden=include_hidden,
-                                   follow_symlinks=follow_symlinks, batch_size=batch_size, prune=prune,
-                                   metadata=metadata, progress=True)
+            try:
+                report = service.index([str(d) for d in dirs], exclude=exclude or [], include_hidden=include_hidden,
+                                       follow_symlinks=follow_symlinks, batch_size=batch_size, prune=prune,
+                                       metadata=metadata, progress=True)
+            except IndexInterrupted as stop:
+                err(f"interrupted: {stop.report.indexed} new image(s) were committed and are kept; "
+                    "run the same command again to continue")
+                raise typer.Exit(130)
     if as_json:
         print_json(report.to_dict())
     else:
-        typer.echo(f"indexed {report.indexed} new, {report.duplicates} duplicate, {report.unchanged} unchanged, "
-                   f"{len(report.failed)} failed ({report.images_per_second:.1f} images/s)")
-    for path, reason in report.failed[:20]:
-        err(f"  failed: {path}: {reason}")
-    if len(report.failed) > 20:
-        err(f"  ... and {len(report.failed) - 20} more (see `f2b info --failed`)")
+        typer.echo(index_summary(report))
+    _index_details(report, prune)
+
+
+def index_summary(report) -> str:
+    """One line that adds up: every scanned file is new, a copy, moved, unchanged or failed."""
+    parts = [f"indexed {report.indexed} new", f"{report.duplicates} duplicate"]
+    if report.moved:
+        parts.append(f"{len(report.moved)} moved")
+    parts.append(f"{report.unchanged} unchanged")
+    failed = f"{len(report.failed)} failed"
+    if report.still_failing:
+        failed += f" (+{len(report.still_failing)} still failing from earlier runs)"
+    parts.append(failed)
+    line = ", ".join(parts)
+    if report.indexed:
+        line += f" ({report.images_per_second:.1f} images/s)"
+    if report.pruned:
+        line += f"; pruned {report.pruned} vanished path(s)"
+    return line
+
+
+def _index_details(report, prune: bool) -> None:
+    """The lines behind the summary, on stderr: failures, moves, prunes and the demo-model warning."""
+    def listed(label: str, rows: list, more: str) -> None:
+        for row in rows[:20]:
+            err(f"  {label}: {row}")
+        if len(rows) > 20:
+            err(f"  ... and {len(rows) - 20} more {more}")
+
+    listed("failed", [f"{p}: {r}" for p, r in report.failed], "(see `f2b info --failed`)")
+    listed("still failing", [f"{p}: {r}" for p, r in report.still_failing],
+           "(see `f2b info --failed`; a file is retried once it changes)")
+    listed("moved", [f"{a} -> {b}" for a, b in report.moved], "")
+    listed("pruned", report.pruned_paths, "")
+    if report.world_foreign:
+        err(f"warning: {report.world_foreign} of the {report.world_checked} new images checked are not from the "
+            f"shapes world that the `{DEFAULT_MODEL}` model was trained on ({DEFAULT_MODEL} knows only the coloured "
+            "shapes of `f2b demo-data`), so search and answers on them will be noise. For real photos use a real "
+            f"model in a new collection: f2b index DIR --model {REAL_MODEL} --collection photos.f2b")
 
 
 @app.command()
@@ -128,13 +172,14 @@ def search(
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of results."),
+    k: int = typer.Option(10, "--limit", "-k", min=1, help="Number of results."),
     offset: int = typer.Option(0, "--offset", min=0, help="Skip this many results (pagination)."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop results below this cosine score."),
     filters: Optional[List[str]] = typer.Option(None, "--filter", help="key=value metadata filter (repeatable; key>=v, key<=v)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Search the collection by text, by image, or by a stored image."""
+    check(model=model, device=device, dtype=dtype)
     with user_errors():
         with _service(collection, model, device, dtype) as service:
             hits = service.search(text=text, image=str(image) if image else None, like=like, k=k,
@@ -156,11 +201,12 @@ def ask(
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
     stream: bool = typer.Option(False, "--stream", help="Print the answer as it is generated."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Answer a question about an indexed image from its stored tokens (no image decode)."""
+    check(model=model, device=device, dtype=dtype)
     with user_errors():
         with _service(collection, model, device, dtype) as service:
             image_id = service.resolve(int(ref) if ref.isdigit() else ref)
@@ -200,7 +246,8 @@ def info(
     typer.echo(f"model        {data['model']}  (fingerprint {str(data.get('model_fingerprint', ''))[:12]})")
     typer.echo(f"strategy     {data['strategy']}")
     typer.echo(f"backend      {data.get('backend', '')}")
-    typer.echo(f"bytes/image  {data['bytes_per_image']:.0f}")
+    per_image = data.get("bytes_per_image")
+    typer.echo(f"bytes/image  {per_image:.0f}" if per_image is not None else "bytes/image  - (no images yet)")
     for row in failures:
         typer.echo(f"  failed: {row.get('path')}: {row.get('error') or row.get('reason')}")
 
@@ -213,12 +260,14 @@ def verify(
 ) -> None:
     """Check that catalog, token store and index agree (exit 0 only then)."""
     with user_errors():
-        with _service(collection, None, "cpu", "auto", writable=repair) as service:
+        with _service(collection, None, "cpu", "auto", writable=repair, repair=repair) as service:
             report = service.verify(repair=repair)
     data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
     if as_json:
         print_json(data)
     else:
+        for action in data.get("actions", []):
+            typer.echo(f"repaired: {action}")
         typer.echo("ok: catalog, tokens and index agree" if data.get("ok") else "problems found:")
         for problem in data.get("problems", []):
             typer.echo(f"  - {problem}")
@@ -232,14 +281,23 @@ def remove(
     collection: Optional[Path] = CollectionOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Remove images from the collection (the files themselves are not touched)."""
+    """Remove images by id (all their paths), or paths by path (the image goes with its last path).
+
+    The files themselves are not touched.
+    """
     with user_errors():
         with _service(collection, None, "cpu", "auto", writable=True) as service:
-            removed = service.remove([int(r) if r.isdigit() else r for r in refs])
+            done = service.remove_refs([int(r) if r.isdigit() else r for r in refs])
     if as_json:
-        print_json({"removed": removed})
-    else:
-        typer.echo(f"removed {len(removed)} image(s)")
+        print_json({"removed": [r["id"] for r in done if r["image_removed"]], "details": done})
+        return
+    for r in done:
+        if r["path"] is None:
+            typer.echo(f"removed image {r['id']} (all its paths)")
+        elif r["image_removed"]:
+            typer.echo(f"removed {r['path']}; it was the last path of image {r['id']}, so the image is removed")
+        else:
+            typer.echo(f"removed path {r['path']}; image {r['id']} stays under {r['paths_left']} other path(s)")
 
 
 @app.command()
@@ -249,13 +307,14 @@ def serve(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (127.0.0.1 unless you mean it)."),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", help="TCP port to listen on."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="F2B_API_KEY", help="Require this key for writes."),
     protect_reads: bool = typer.Option(False, "--protect-reads", help="Require the API key for reads too."),
     threads: Optional[int] = typer.Option(None, "--threads", envvar="F2B_THREADS", min=1,
                                           help="Torch threads for model calls (1 gives steadier latency on a busy CPU)."),
 ) -> None:
     """Serve the REST API (/v1/...) and the search page (/)."""
+    check(model=model, device=device, dtype=dtype)
     if threads:
         import torch
 
@@ -287,11 +346,13 @@ def export(
 def migrate(
     backend: str = typer.Option(..., "--backend", help="faiss, qdrant-edge, qdrant-local or qdrant-server."),
     faiss_index: Optional[str] = typer.Option(None, "--faiss-index", help="auto, flat, hnsw or ivfpq."),
-    qdrant_url: Optional[str] = typer.Option(None, "--qdrant-url"),
-    qdrant_collection: Optional[str] = typer.Option(None, "--qdrant-collection"),
+    qdrant_url: Optional[str] = typer.Option(None, "--qdrant-url", help="Qdrant server/cluster URL (backend qdrant-server)."),
+    qdrant_collection: Optional[str] = typer.Option(None, "--qdrant-collection",
+                                                    help="Collection name on the Qdrant server (default f2b)."),
     collection: Optional[Path] = CollectionOpt,
 ) -> None:
     """Move the vector index to another backend, rebuilt from the stored embeddings (no re-encoding)."""
+    check(backend=backend, faiss_index=faiss_index)
     options = {k: v for k, v in (("kind", faiss_index), ("url", qdrant_url),
                                   ("collection_name", qdrant_collection)) if v is not None}
     with user_errors():

@@ -10,14 +10,16 @@ from typing import Any, List, Optional
 import typer
 
 from .commands import user_errors
-from .main import CollectionOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, err, eval_app, fail, model_name, print_json
+from .main import (CollectionOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, check, err, eval_app, fail, model_name,
+                   print_json)
 
 StrategiesOpt = typer.Option(None, "--strategy", "-s",
                              help="Strategy to evaluate (repeatable): fwd2bot, pool@N, prompt, full. Default: the model's.")
 OutOpt = typer.Option(None, "--out", help="Write results.json, report.md and plots to this folder.")
 LimitOpt = typer.Option(None, "--limit", min=1, help="Only the first N records (a quick run).")
 SkipOpt = typer.Option(False, "--skip-missing", help="Skip and count records whose image is missing.")
-BatchOpt = typer.Option(32, "--batch-size", "-b", min=1)
+BatchOpt = typer.Option(32, "--batch-size", "-b", min=1, help="Images or captions per model batch.")
+ALL_SPLITS = "all"
 
 
 def _targets(collection: Optional[Path], model: Optional[str], strategies: Optional[List[str]], device: str,
@@ -61,8 +63,12 @@ def _recall_line(name: str, r: dict) -> str:
 def retrieval(
     annotations: Path = typer.Option(..., "--annotations", help="Karpathy JSON, captions CSV, or demo captions.jsonl."),
     images: Path = typer.Option(..., "--images", help="Folder the image file names are relative to."),
-    dataset: str = typer.Option("flickr30k", "--dataset", help="flickr30k, coco or a name (labels the report)."),
-    split: str = typer.Option("test", "--split"),
+    dataset: Optional[str] = typer.Option(
+        None, "--dataset", help="flickr30k, coco or any name: labels the report and picks the published numbers "
+                                "it is shown beside (default: the file's own \"dataset\" field, else its name)."),
+    split: str = typer.Option("test", "--split",
+                              help=f"Which split to evaluate (test, val, ...), or '{ALL_SPLITS}' for every record "
+                                   "(a CSV without a split column)."),
     limit: Optional[int] = LimitOpt,
     skip_missing: bool = SkipOpt,
     collection: Optional[Path] = CollectionOpt,
@@ -74,19 +80,23 @@ def retrieval(
     out: Optional[Path] = OutOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Text->image and image->text R@1/5/10 (CLIP_benchmark definitions)."""
+    """Text->image and image->text R@1/5/10 (CLIP_benchmark definitions; ties count against the query)."""
     from fwd2bot_index.eval import load_retrieval_set, run_retrieval
 
+    settings = _settings(locals())  # the arguments only: taken before any dataset is loaded
+    _check_target_options(model, device, dtype, strategy)
     with user_errors(), _eval_errors():
-        data = load_retrieval_set(annotations, images_dir=images, split=split, limit=limit, skip_missing=skip_missing)
-        if not data.name:
-            data = dataclasses.replace(data, name=dataset)
+        data = load_retrieval_set(annotations, images_dir=images, split=None if split == ALL_SPLITS else split,
+                                  limit=limit, skip_missing=skip_missing)
+        name = dataset or data.name or annotations.stem  # the file's "dataset" field says coco or flickr30k
+        data = dataclasses.replace(data, name=name)
+        settings["dataset"] = name
         runs = []
         for target in _targets(collection, model, strategy, device, dtype):
             result = run_retrieval(target, data, batch_size=batch_size)
-            result.update(dataset=dataset, strategy=target.name)
+            result.update(dataset=name, strategy=target.name)
             runs.append(result)
-    results = {"settings": _settings(locals()), "retrieval": runs}
+    results = {"settings": settings, "retrieval": runs}
     _finish(results, out, as_json, "\n".join(_recall_line(r["strategy"], r) for r in runs))
 
 
@@ -108,13 +118,15 @@ def sugarcrepe(
     """Accuracy per SugarCrepe category (ties count as wrong) and micro-averaged Replace / Swap / Add."""
     from fwd2bot_index.eval import run_sugarcrepe
 
+    settings = _settings(locals())
+    _check_target_options(model, device, dtype, strategy)
     with user_errors(), _eval_errors():
         runs = []
         for target in _targets(collection, model, strategy, device, dtype):
             result = run_sugarcrepe(target, data, images, limit=limit, skip_missing=skip_missing, batch_size=batch_size)
             result["strategy"] = result["name"] = target.name
             runs.append(result)
-    results = {"settings": _settings(locals()), "sugarcrepe": runs}
+    results = {"settings": settings, "sugarcrepe": runs}
     lines = [f"{r['strategy']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["accuracy"].items()) for r in runs]
     _finish(results, out, as_json, "\n".join(lines))
 
@@ -130,13 +142,15 @@ def qa(
     strategy: Optional[List[str]] = StrategiesOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
     out: Optional[Path] = OutOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Answers generated from stored tokens only: exact match and normalized containment per strategy."""
     from fwd2bot_index.eval import read_qa_jsonl, run_qa
 
+    settings = _settings(locals())
+    _check_target_options(model, device, dtype, strategy)
     with user_errors(), _eval_errors():
         records = read_qa_jsonl(data, images_dir=images, limit=limit, skip_missing=skip_missing)
         runs = []
@@ -145,7 +159,7 @@ def qa(
             result = run_qa(target.answerer([r.image for r in records.records]), records, keep_predictions=out is not None)
             result["strategy"] = result["name"] = target.name
             runs.append(result)
-    results = {"settings": _settings(locals()), "qa": runs}
+    results = {"settings": settings, "qa": runs}
     lines = [f"{r['strategy']}: exact match {r['exact_match']:.3f}, contains {r['contains']:.3f} (n={r['n']})"
              for r in runs]
     _finish(results, out, as_json, "\n".join(lines))
@@ -168,11 +182,13 @@ def synthetic(
     from fwd2bot_index.eval import read_captions_jsonl, read_qa_jsonl, run_qa, run_retrieval, run_sugarcrepe
     from fwd2bot_index.synthetic import write_demo_data
 
+    settings = _settings(locals())
+    _check_target_options(model, device, dtype, strategy)
     with user_errors(), _eval_errors(), tempfile.TemporaryDirectory(prefix="f2b-eval-") as tmp:
         world = Path(tmp)
         write_demo_data(world, n=n, seed=seed)
         targets = _targets(None, model, strategy, device, dtype)
-        results: dict[str, Any] = {"settings": _settings(locals()), "retrieval": [], "sugarcrepe": [], "qa": [],
+        results: dict[str, Any] = {"settings": settings, "retrieval": [], "sugarcrepe": [], "qa": [],
                                    "sweep": []}
         held_out = {}
         for split in ("test", "test_unseen"):
@@ -202,11 +218,21 @@ def synthetic(
     _finish(results, out, as_json, "\n".join(lines))
 
 
+def _check_target_options(model: Optional[str], device: str, dtype: str, strategies: Optional[List[str]]) -> None:
+    """Bad --device/--dtype/--strategy/--model values stop here, before any data or model loads."""
+    check(model=model, device=device, dtype=dtype)
+    for strategy in strategies or []:
+        check(strategy=strategy)
+
+
 def _settings(scope: dict) -> dict:
-    """The run's own arguments, JSON-ready, for results.json."""
+    """The run's own arguments, JSON-ready, for results.json (call it first thing, while ``locals()``
+    holds only the arguments: a later call picked up the loaded dataset and wrote megabytes)."""
     keys = ("annotations", "images", "data", "dataset", "split", "limit", "skip_missing", "collection", "model",
             "strategy", "device", "dtype", "batch_size", "n", "seed", "max_new_tokens", "qa_limit")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in scope.items() if k in keys}
+    plain = (str, int, float, bool, list, type(None))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in scope.items()
+                if k in keys and isinstance(v, plain + (Path,))}
     if "model" in settings and not scope.get("collection"):
         settings["model"] = model_name(scope.get("model"))  # record the default ('demo') by name
     return settings

@@ -9,12 +9,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from fwd2bot_index import __version__
+
+# Deprecation notices from transformers / peft internals are for library authors, not for someone
+# running `f2b search`; they printed two lines on every command that loaded a model.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
 
 app = typer.Typer(
     name="f2b",
@@ -30,9 +35,12 @@ app.add_typer(eval_app, name="eval")
 DEFAULT_COLLECTION = ".f2b"
 DEFAULT_MODEL = "demo"
 
-CollectionOpt = typer.Option(None, "--collection", "-c", help="Collection folder [env F2B_COLLECTION, default ./.f2b].")
-ModelOpt = typer.Option(None, "--model", "-m", help="demo, a checkpoint folder, or a LLaVA folder / hub id [env F2B_MODEL].")
-DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto.")
+CollectionOpt = typer.Option(None, "--collection", "-c",
+                             help="Collection folder (default ./.f2b; env F2B_COLLECTION).")
+ModelOpt = typer.Option(None, "--model", "-m",
+                        help="demo (default; knows only the shapes world of `f2b demo-data`), a checkpoint folder, "
+                             "or a LLaVA folder / hub id such as llava-hf/llava-1.5-7b-hf (env F2B_MODEL).")
+DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, mps or auto (CUDA when present).")
 DtypeOpt = typer.Option("auto", "--dtype", help="fp32, bf16, fp16 or auto (bf16 on CUDA, fp32 on CPU).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout (logs stay on stderr).")
 
@@ -44,6 +52,18 @@ def err(message: str) -> None:
 def fail(message: str, code: int = 1) -> "typer.Exit":
     err(f"error: {message}")
     return typer.Exit(code)
+
+
+def check(**options) -> None:
+    """Validate option values before anything heavy loads: a bad one exits 2 with one line."""
+    from fwd2bot_index.options import OptionError, check_model_reference, check_options
+
+    model = options.pop("model", None)
+    try:
+        check_options(**options)
+        check_model_reference(model)
+    except OptionError as exc:
+        raise fail(str(exc), 2)
 
 
 def collection_path(value: Optional[Path]) -> Path:
@@ -95,6 +115,9 @@ def demo_data(
 
 
 from . import commands, evaluate, train  # noqa: E402,F401  (register the collection, eval and train commands)
+from .helptext import tidy_help  # noqa: E402
+
+tidy_help(app)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

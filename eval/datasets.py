@@ -328,7 +328,7 @@ def _csv_columns(
     split_index = find(split_column) if split_column else (lowered.index("split") if "split" in lowered else None)
     if split is not None and split_index is None:
         raise EvalDataError(
-            file, "header", f"no split column, so split {split!r} cannot be selected (pass split=None to use every row)"
+            file, "header", f"no split column, so split {split!r} cannot be selected (pass split=None, or `--split all` on the command line, to use every row)"
         )
     filepath = lowered.index("filepath") if "filepath" in lowered else None
     return _CsvColumns(image=image, captions=captions, split=split_index, filepath=filepath)

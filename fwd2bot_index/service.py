@@ -7,6 +7,7 @@ and evaluation call only this (and the model's public API). The model loads lazi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -21,7 +22,9 @@ import numpy as np
 
 from .collection import Collection, FileStat, Hit, ImageRow, Manifest, NewImage
 from .collection.errors import CollectionError, CollectionMismatchError, CollectionNotFoundError
-from .imaging import ImageDecodeError, image_metadata, load_image, scan_images
+from .collection.catalog import FilterError, parse_filter  # noqa: F401  (re-exported for the shells)
+from .imaging import ImageDecodeError, ScanError, image_metadata, load_image, scan_images
+from .options import OptionError, check_model_reference, check_options  # noqa: F401  (re-exported for the shells)
 
 log = logging.getLogger("fwd2bot_index")
 
@@ -37,6 +40,25 @@ class NotFoundError(ServiceError, LookupError):
     """An id or path that is not in the collection."""
 
 
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions whose message is the whole story for a user: shells print it, with no traceback.
+
+    Model errors join only once the model package was imported (before that none of them can have
+    been raised), so an early mistake does not pay seconds for importing torch.
+    """
+    import sys
+
+    errors: list[type[BaseException]] = [ServiceError, CollectionError, ImageDecodeError, ScanError, OptionError,
+                                         FilterError, FileNotFoundError]
+    if "fwd2bot_index.model" in sys.modules:
+        from .model import (CheckpointMismatchError, ModelLoadError, StrategyError, UnsupportedModelError,
+                            UntrainedCompressorError)
+
+        errors += [ModelLoadError, StrategyError, UnsupportedModelError, CheckpointMismatchError,
+                   UntrainedCompressorError]
+    return tuple(errors)
+
+
 @dataclass
 class IndexReport:
     """What one ``index`` run did."""
@@ -49,6 +71,15 @@ class IndexReport:
     pruned: int = 0
     seconds: float = 0.0
     encode_seconds: float = 0.0
+    #: files that failed in an earlier run and have not changed since (not retried, still failing)
+    still_failing: list[tuple[str, str]] = field(default_factory=list)
+    #: (old path, new path) of files found under a new name whose old path is gone (re-linked)
+    moved: list[tuple[str, str]] = field(default_factory=list)
+    pruned_paths: list[str] = field(default_factory=list)
+    #: images checked against the demo model's world, and how many of them are not from it
+    world_checked: int = 0
+    world_foreign: int = 0
+    interrupted: bool = False
 
     @property
     def images_per_second(self) -> float:
@@ -60,7 +91,23 @@ class IndexReport:
             "unchanged": self.unchanged, "failed": [{"path": p, "reason": r} for p, r in self.failed],
             "pruned": self.pruned, "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
+            "still_failing": [{"path": p, "reason": r} for p, r in self.still_failing],
+            "moved": [{"from": a, "to": b} for a, b in self.moved], "pruned_paths": self.pruned_paths,
+            "demo_world_check": {"checked": self.world_checked, "not_from_world": self.world_foreign},
+            "interrupted": self.interrupted,
         }
+
+
+class IndexInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``index``: every batch committed before it is kept; ``report`` says how many."""
+
+    def __init__(self, report: IndexReport):
+        super().__init__("indexing interrupted")
+        self.report = report
+
+
+#: how many new images `index` checks against the demo model's world (the test is ~1 ms each)
+WORLD_CHECK_IMAGES = 32
 
 
 @dataclass
@@ -153,20 +200,44 @@ class ImageService:
                 report.failed.append((str(path), f"unreadable: {exc.strerror}"))
                 continue
             stats.append((str(path), st.st_size, st.st_mtime))
-        with tqdm(total=len(stats), desc="checking", unit="file", disable=not progress, dynamic_ncols=True) as bar:
+        with tqdm(total=len(stats), desc="checking", unit="file", disable=not progress or not stats,
+                  dynamic_ncols=True) as bar:
             plan = self.collection.plan(stats, on_checked=bar.update)
-        report.unchanged = len(plan.already_indexed) + len(plan.failed_unchanged)
+        report.unchanged = len(plan.already_indexed)
+        report.still_failing = [(stat.path, reason) for stat, reason in plan.failed_unchanged]
         for stat, reason in plan.unreadable:
             self.collection.record_failure(stat.path, stat.size, stat.mtime, reason)
             report.failed.append((stat.path, reason))
         sidecar = read_sidecar(metadata) if metadata else {}
-        if prune:
+        try:
+            self._encode_all(plan, report, sidecar, batch_size, workers, max_pixels, progress)
+        except KeyboardInterrupt as exc:
+            report.interrupted = True
+            report.seconds = time.perf_counter() - started
+            with contextlib.suppress(Exception):
+                self.collection.save()
+            raise IndexInterrupted(report) from exc
+        if prune:  # after moved files were re-linked: pruning first would drop their images
             pruned = self.collection.prune([p for p, _, _ in stats], roots=[str(Path(r).resolve()) for r in roots])
             report.pruned = len(pruned["paths"])
+            report.pruned_paths = list(pruned["paths"])
+        if report.indexed:
+            self.collection.compact()  # one shard per batch was written; merge the small ones
+        self.collection.save()
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _encode_all(self, plan, report: IndexReport, sidecar: dict, batch_size: int, workers: int | None,
+                    max_pixels: int | None, progress: bool) -> None:
+        """Decode, encode and commit the plan's new files, then link its duplicates and moved files."""
+        from tqdm.auto import tqdm
+
         todo = plan.to_encode
+        watch_world = self.model_name == DEFAULT_MODEL
         workers = workers or min(8, (os.cpu_count() or 2) + 2)
         with ThreadPoolExecutor(workers, thread_name_prefix="f2b-decode") as pool, \
-                tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+                tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress or not todo,
+                     dynamic_ncols=True) as bar:
             batch: list[_Prepared] = []
             jobs = ((stat, sidecar, max_pixels) for stat in todo)
             for item in _prefetch(pool, jobs, _prepare, depth=2 * batch_size + workers):
@@ -175,6 +246,11 @@ class ImageService:
                     report.failed.append((item.path, item.error))
                     bar.update(1)
                     continue
+                if watch_world and report.world_checked < WORLD_CHECK_IMAGES:
+                    from .synthetic.detect import looks_like_demo_world
+
+                    report.world_checked += 1
+                    report.world_foreign += not looks_like_demo_world(item.image)
                 batch.append(item)
                 if len(batch) >= batch_size:
                     self._commit(batch, report, batch_size)
@@ -184,17 +260,20 @@ class ImageService:
                 self._commit(batch, report, batch_size)
                 bar.update(len(batch))
         for stat in plan.duplicates:  # identical content: one entry, several paths
-            if self.collection.add_path_alias(stat.path, stat.hash, stat.size, stat.mtime) is None:
+            image_id = self.collection.add_path_alias(stat.path, stat.hash, stat.size, stat.mtime)
+            if image_id is None:
                 reason = "same content as another file that could not be indexed"
                 self.collection.record_failure(stat.path, stat.size, stat.mtime, reason)
                 report.failed.append((stat.path, reason))
+                continue
+            new_path = os.path.abspath(stat.path)
+            row = self.collection.get(image_id)
+            gone = [p for p in (row.paths if row else ()) if p != new_path and not os.path.exists(p)]
+            if gone:  # moved or renamed: the old path is re-linked to the new one, not kept as a ghost
+                self.collection.remove_paths(gone)
+                report.moved += [(old, new_path) for old in gone]
             else:
                 report.duplicates += 1
-        if report.indexed:
-            self.collection.compact()  # one shard per batch was written; merge the small ones
-        self.collection.save()
-        report.seconds = time.perf_counter() - started
-        return report
 
     def _commit(self, batch: list[_Prepared], report: IndexReport, batch_size: int) -> None:
         """Encode one batch of decoded images and commit it (one shard, one catalog transaction)."""
@@ -263,7 +342,25 @@ class ImageService:
         return self.collection.get(self.resolve(ref))
 
     def remove(self, refs: Iterable[int | str]) -> list[int]:
-        return self.collection.remove([self.resolve(r) for r in refs])
+        """Remove images by id, or paths by path; returns the ids of the images that went."""
+        return [r["id"] for r in self.remove_refs(refs) if r["image_removed"]]
+
+    def remove_refs(self, refs: Iterable[int | str]) -> list[dict]:
+        """An id removes the image (all its paths); a path removes that path only, and the image goes
+        with its last path. One record per ref: ``{"ref", "id", "path", "image_removed", "paths_left"}``."""
+        out = []
+        for ref in refs:
+            row = self.get(ref)  # NotFoundError before anything is removed
+            if isinstance(ref, int) or str(ref).isdigit():
+                gone = self.collection.remove([row.id])
+                out.append({"ref": str(ref), "id": row.id, "path": None, "image_removed": bool(gone), "paths_left": 0})
+                continue
+            path = os.path.abspath(os.fspath(ref))  # as the catalog stores it
+            gone = self.collection.remove_paths([path])
+            left = self.collection.get(row.id)
+            out.append({"ref": str(ref), "id": row.id, "path": path, "image_removed": bool(gone),
+                        "paths_left": len(left.paths) if left else 0})
+        return out
 
     def info(self) -> dict:
         data = self.collection.info()
@@ -281,7 +378,13 @@ class ImageService:
         self.collection.change_backend(backend, options)
 
     def verify(self, repair: bool = False):
-        return self.collection.repair() if repair else self.collection.verify()
+        """Check the collection; with ``repair``, rebuild what can be rebuilt from what survives
+        (``actions`` in the report says what was done, including ``open_service(repair=True)``'s)."""
+        if not repair:
+            return self.collection.verify()
+        report = self.collection.repair()
+        report.actions[:0] = getattr(self, "recovered", [])
+        return report
 
     def close(self) -> None:
         self.collection.close()
@@ -346,7 +449,8 @@ def load_checked_model(name: str, manifest: Manifest | None, device: str, dtype:
 def open_service(collection: str | os.PathLike | None = None, model: str | None = None, device: str = "auto",
                  dtype: str = "auto", create: bool = False, writable: bool = False, strategy: str | None = None,
                  backend: str = "faiss", token_dtype: str = "fp16", reindex: bool = False,
-                 backend_options: dict | None = None, image_options: dict | None = None) -> ImageService:
+                 backend_options: dict | None = None, image_options: dict | None = None,
+                 repair: bool = False) -> ImageService:
     """Open (or with ``create``, make) a collection and pair it with its model.
 
     A new collection records the model's fingerprint, strategy and image options (``min_pixels`` /
@@ -355,6 +459,8 @@ def open_service(collection: str | os.PathLike | None = None, model: str | None 
     """
     image_options = {k: v for k, v in (image_options or {}).items() if v is not None}
     path = Path(collection or os.environ.get("F2B_COLLECTION") or DEFAULT_COLLECTION)
+    # verify --repair: a lost or damaged manifest/catalog is rebuilt from the token shards first
+    recovered = Collection.recover(path) if repair and path.is_dir() else []
     exists = Collection.exists(path)
     if not exists and not create:
         raise CollectionNotFoundError(f"no collection at {path}; create one with `f2b index DIR --collection {path}`")
@@ -362,6 +468,7 @@ def open_service(collection: str | os.PathLike | None = None, model: str | None 
         coll = Collection.open(path, writable=writable or create)
         name = model or coll.manifest.model_name
         service = ImageService(coll, name, device, dtype)
+        service.recovered = recovered
         recorded = coll.manifest.image_options
         if any(recorded.get(k) != v for k, v in image_options.items()):
             raise CollectionMismatchError(

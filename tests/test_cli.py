@@ -49,7 +49,8 @@ def test_index_json_report(indexed):
     result = runner.invoke(app, ["index", str(root / "data" / "images"), "--collection", str(coll), "--json"])
     assert result.exit_code == 0
     report = json.loads(result.stdout)
-    assert report["indexed"] == 0 and report["unchanged"] == 17
+    # the broken file is not "unchanged": it is still failing, and said so (issue 14)
+    assert report["indexed"] == 0 and report["unchanged"] == 16 and len(report["still_failing"]) == 1
 
 
 def test_search_json_is_only_the_hit_list(indexed):
@@ -97,7 +98,8 @@ def test_user_errors_are_one_clear_line(tmp_path, indexed):
     assert missing.exit_code == 1 and "not in the collection" in missing.output
     nodir = runner.invoke(app, ["index", str(tmp_path / "nope"), "--collection", str(tmp_path / "c2"),
                                 "--model", "demo-does-not-exist-here"])
-    assert nodir.exit_code == 1 and "Traceback" not in nodir.output
+    # an unknown model is a bad argument, refused before anything is created (issue 14)
+    assert nodir.exit_code == 2 and "Traceback" not in nodir.output and not (tmp_path / "c2").exists()
 
 
 def test_verify_fails_when_tokens_are_lost(tmp_path, model_dir):

@@ -64,6 +64,40 @@ def test_eval_retrieval_missing_image_is_named(setup, tmp_path):
     assert skipped["retrieval"][0]["n_images"] == 11 and skipped["retrieval"][0]["skipped_missing"] == 1
 
 
+def test_eval_retrieval_settings_name_and_split(setup, tmp_path):
+    """Issue 14 items 11-13: settings hold the arguments only, the file names its dataset, `--split all`."""
+    root, model = setup
+    data = json.loads((root / "karpathy.json").read_text())
+    data["dataset"] = "coco"
+    (tmp_path / "coco.json").write_text(json.dumps(data))
+    base = ["eval", "retrieval", "--images", str(root / "world" / "images"), "--model", str(model), "--device", "cpu",
+            "--json"]
+    coco = _json(runner.invoke(app, base + ["--annotations", str(tmp_path / "coco.json"), "--out", str(tmp_path / "o")]))
+    assert coco["retrieval"][0]["dataset"] == "coco" and coco["settings"]["dataset"] == "coco"
+    assert set(coco["settings"]) <= {"annotations", "images", "dataset", "split", "limit", "skip_missing",
+                                     "collection", "model", "strategy", "device", "dtype", "batch_size"}
+    assert (tmp_path / "o" / "results.json").stat().st_size < 20_000  # was the whole dataset
+    assert "flickr30k" not in (tmp_path / "o" / "report.md").read_text().lower()
+    named = _json(runner.invoke(app, base + ["--annotations", str(tmp_path / "coco.json"), "--dataset", "mine"]))
+    assert named["retrieval"][0]["dataset"] == "mine"
+    rows = data["images"][:6]
+    csv_file = tmp_path / "caps.csv"
+    with csv_file.open("w", newline="") as fh:
+        import csv
+
+        csv.writer(fh).writerows([("filename", "caption")] + [(r["filename"], r["sentences"][0]["raw"]) for r in rows])
+    refused = runner.invoke(app, base + ["--annotations", str(csv_file)])
+    assert refused.exit_code == 1 and "--split all" in refused.output
+    every = _json(runner.invoke(app, base + ["--annotations", str(csv_file), "--split", "all"]))
+    assert every["retrieval"][0]["n_images"] == 6 and every["settings"]["split"] == "all"
+
+
+def test_eval_bad_options_fail_before_loading(setup):
+    root, _ = setup
+    bad = runner.invoke(app, ["eval", "qa", "--data", str(root / "world" / "qa.jsonl"), "--device", "tpu"])
+    assert bad.exit_code == 2 and "--device 'tpu'" in bad.output and "Traceback" not in bad.output
+
+
 def test_eval_sugarcrepe_on_real_files_with_standin_images(setup, tmp_path):
     root, model = setup
     if not (SHARED / "sugarcrepe").is_dir():

@@ -1,0 +1,205 @@
+"""Issue 14: a new user's first hour with `f2b`. One-line errors before any model loads, no litter,
+help that names defaults and values, `remove` by path, summaries that add up, the demo-model warning."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from fwd2bot_index.cli.main import app
+from fwd2bot_index.model.tiny import TinySpec, save_tiny_llava
+from fwd2bot_index.synthetic import write_demo_data
+from fwd2bot_index.synthetic.detect import looks_like_demo_world
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_llava(tmp_path_factory.mktemp("m") / "tiny64", TinySpec(image_size=64), seed=0)
+
+
+def _photo(path: Path, size=(96, 64), seed=0) -> Path:
+    """A photo-like picture: smooth colour fields plus sensor noise, not square."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    base = np.stack([x * 2 + 40, y * 3 + 20, (x + y) + 60], -1) + rng.normal(0, 6, (size[1], size[0], 3))
+    Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _one_line_error(result, code: int, *needles: str) -> None:
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["index", "IMGS", "--backend", "nope"], ["--backend", "nope", "faiss"]),
+    (["index", "IMGS", "--device", "tpu"], ["--device", "tpu", "cpu"]),
+    (["index", "IMGS", "--dtype", "fp8"], ["--dtype", "fp8", "bf16"]),
+    (["index", "IMGS", "--token-dtype", "int4"], ["--token-dtype", "int4", "int8"]),
+    (["index", "IMGS", "--faiss-index", "lsh"], ["--faiss-index", "lsh", "hnsw"]),
+    (["index", "IMGS", "--strategy", "bogus"], ["--strategy", "bogus"]),
+    (["search", "x", "--device", "cuda:7"], ["--device", "cuda:7"]),
+    (["migrate", "--backend", "bogus"], ["--backend", "bogus"]),
+    (["index", "IMGS", "--model", "someone/not-cached-here"], ["someone/not-cached-here", "HF_HUB_OFFLINE"]),
+    (["index", "IMGS", "--model", "./no/such/folder"], ["no such folder"]),
+])
+def test_bad_options_are_one_line_before_anything_loads(tmp_path, args, needles):
+    (tmp_path / "imgs").mkdir()
+    args = [str(tmp_path / "imgs") if a == "IMGS" else a for a in args]
+    started = time.perf_counter()
+    result = runner.invoke(app, args + ["--collection", str(tmp_path / "c")])
+    _one_line_error(result, 2, *needles)
+    assert not (tmp_path / "c").exists(), "a refused command must not leave a collection folder"
+    assert time.perf_counter() - started < 30  # generous: the point is no hub retries (~25 s before)
+
+
+def test_index_missing_folder_leaves_nothing_and_info_on_empty_collection(tmp_path, model_dir):
+    missing = runner.invoke(app, ["index", str(tmp_path / "missing"), "-c", str(tmp_path / "c"), "-m", str(model_dir)])
+    _one_line_error(missing, 1, str(tmp_path / "missing"))
+    assert not (tmp_path / "c").exists()
+    (tmp_path / "empty").mkdir()
+    made = runner.invoke(app, ["index", str(tmp_path / "empty"), "-c", str(tmp_path / "c"), "-m", str(model_dir),
+                               "--device", "cpu"])
+    assert made.exit_code == 0 and "indexed 0 new" in made.stdout
+    assert "indexing" not in made.stderr  # no empty progress bar
+    info = runner.invoke(app, ["info", "-c", str(tmp_path / "c")])
+    assert info.exit_code == 0 and "no images yet" in info.stdout, info.output
+
+
+def _rendered_help(command: list[str]) -> str:
+    result = runner.invoke(app, command + ["--help"], terminal_width=200, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def _all_commands(group=None, prefix=()):
+    import click
+
+    group = group or typer.main.get_command(app)
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _all_commands(command, prefix + (name,))
+        else:
+            yield prefix + (name,), command
+
+
+def test_help_describes_every_option_without_python_types():
+    seen = 0
+    for path, command in _all_commands():
+        for param in command.params:
+            if param.name != "help":
+                assert getattr(param, "help", None), f"f2b {' '.join(path)}: {param.name} has no description"
+        text = _rendered_help(list(path))
+        for leak in ("<bool>", "<str>", "<int", "<float", "<path>", "list[", "<list", "{dirs}", "{ref}", "{text}"):
+            assert leak not in text, f"f2b {' '.join(path)} --help shows {leak!r}"
+        seen += 1
+    assert seen >= 12
+    index_help = _rendered_help(["index"])
+    assert "./.f2b" in index_help and "F2B_COLLECTION" in index_help and "F2B_MODEL" in index_help
+    assert "pool[@N]" in index_help  # rich markup used to eat "[@N]"
+    search_help = _rendered_help(["search"])
+    assert "--limit" in search_help and "-k" in search_help and "--k " not in search_help
+
+
+def test_remove_by_path_keeps_the_image_until_its_last_path(tmp_path, model_dir):
+    write_demo_data(tmp_path / "d", n=4, seed=2)
+    images = tmp_path / "d" / "images"
+    shutil.copy(images / "000001.png", images / "copy.png")
+    coll = str(tmp_path / "c")
+    assert runner.invoke(app, ["index", str(images), "-c", coll, "-m", str(model_dir), "--device", "cpu"]).exit_code == 0
+    one = runner.invoke(app, ["remove", str(images / "copy.png"), "-c", coll])
+    assert one.exit_code == 0 and "stays under 1 other path" in one.stdout, one.output
+    still = runner.invoke(app, ["info", "-c", coll, "--json"])
+    assert json.loads(still.stdout)["indexed"] == 4
+    kept = runner.invoke(app, ["search", "--like", str(images / "000001.png"), "-c", coll, "--json"])
+    assert kept.exit_code == 0, kept.output  # the original path still resolves
+    last = runner.invoke(app, ["remove", str(images / "000001.png"), "-c", coll, "--json"])
+    data = json.loads(last.stdout)
+    assert len(data["removed"]) == 1 and data["details"][0]["image_removed"] is True
+    by_id = runner.invoke(app, ["remove", "0", "-c", coll]).output  # ids start at 1 here? either way one line
+    assert "Traceback" not in by_id
+    gone = runner.invoke(app, ["info", "-c", coll, "--json"])
+    assert json.loads(gone.stdout)["indexed"] in (2, 3)
+
+
+def test_rerun_summary_counts_still_failing_moved_and_pruned(tmp_path, model_dir):
+    write_demo_data(tmp_path / "d", n=5, seed=3)
+    images = tmp_path / "d" / "images"
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    coll = str(tmp_path / "c")
+    args = ["index", str(images), "-c", coll, "-m", str(model_dir), "--device", "cpu"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0 and "1 failed" in first.stdout, first.output
+    (images / "000002.png").rename(images / "renamed.png")
+    (images / "000003.png").unlink()
+    again = runner.invoke(app, args + ["--prune", "--json"])
+    report = json.loads(again.stdout)
+    assert report["still_failing"][0]["path"].endswith("broken.jpg") and report["failed"] == []
+    assert [Path(m["from"]).name for m in report["moved"]] == ["000002.png"] and report["duplicates"] == 0
+    assert [Path(p).name for p in report["pruned_paths"]] == ["000003.png"]
+    text = runner.invoke(app, args).stdout
+    assert "+1 still failing" in text and "0 failed" in text
+    search = runner.invoke(app, ["search", "--like", str(images / "renamed.png"), "-c", coll, "-k", "10", "--json"])
+    paths = [Path(h["path"]).name for h in json.loads(search.stdout)]
+    assert "000002.png" not in paths and "000003.png" not in paths  # no ghosts of moved or vanished files
+
+
+def test_demo_world_detector_on_generated_scenes_and_photos(tmp_path):
+    write_demo_data(tmp_path / "a", n=40, seed=11)
+    write_demo_data(tmp_path / "b", n=10, seed=12, image_size=160)
+    scenes = sorted((tmp_path / "a" / "images").glob("*.png")) + sorted((tmp_path / "b" / "images").glob("*.png"))
+    assert all(looks_like_demo_world(Image.open(p)) for p in scenes)  # no false alarm, any --image-size
+    photos = [_photo(tmp_path / f"p{i}.png", size=(64, 64), seed=i) for i in range(5)]
+    assert not any(looks_like_demo_world(Image.open(p)) for p in photos)
+    assert not looks_like_demo_world(Image.new("RGB", (64, 64), (128, 128, 128)))  # a blank page
+
+
+def test_index_with_demo_warns_once_on_photos_only(tmp_path):
+    write_demo_data(tmp_path / "world", n=6, seed=1)
+    quiet = runner.invoke(app, ["index", str(tmp_path / "world" / "images"), "-c", str(tmp_path / "c1"),
+                                "--device", "cpu"])
+    assert quiet.exit_code == 0 and "warning" not in quiet.output, quiet.output
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        _photo(tmp_path / "photos" / f"IMG_{i}.jpg", seed=i)
+    loud = runner.invoke(app, ["index", str(tmp_path / "photos"), "-c", str(tmp_path / "c2"), "--device", "cpu"])
+    assert loud.exit_code == 0, loud.output
+    warnings = [line for line in loud.stderr.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "3 of the 3" in warnings[0] and "--model" in warnings[0], loud.stderr
+
+
+def test_ctrl_c_during_index_says_what_was_kept(tmp_path, model_dir):
+    write_demo_data(tmp_path / "d", n=80, seed=4)
+    coll = tmp_path / "c"
+    cmd = [sys.executable, "-m", "fwd2bot_index.cli", "index", str(tmp_path / "d" / "images"), "-c", str(coll),
+           "-m", str(model_dir), "--batch-size", "2", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((coll / "tokens").glob("*.arrow"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted:" in stderr and "run the same command again" in stderr
+    rerun = subprocess.run(cmd + ["--json"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                           text=True, timeout=300)
+    report = json.loads(rerun.stdout)
+    assert report["indexed"] + report["unchanged"] == 80
