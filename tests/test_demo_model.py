@@ -101,33 +101,44 @@ def test_demo_answers_from_summary_tokens_above_the_floor(demo, held_out):
 @pytest.mark.slow
 def test_quick_recipe_runs_end_to_end(tmp_path):
     out = tmp_path / "demo-quick"
-    report = demo_recipe.train_demo_model(out, quick=True, seed=0, device="cpu", progress=False,
-                                          work_dir=tmp_path / "work")
+    work = tmp_path / "work"
+    report = demo_recipe.train_demo_model(out, quick=True, seed=0, device="cpu", progress=False, work_dir=work,
+                                          variants=("k8", "k16-contrastive"))
     assert report["size_bytes"] < MAX_BYTES
-    assert set(report["stages"]) == {"vision_warmup", "base", "compressor"}
+    assert set(report["stages"]) == {"warmup", "base", "compressor-k16", "compressor-k8", "compressor-k16-contrastive"}
     assert report["stages"]["base"]["steps"] == demo_recipe.QUICK.base_steps
+    assert report["stages"]["compressor-k8"]["num_summary_tokens"] == 8
+    assert report["stages"]["compressor-k16-contrastive"]["last"].get("autoregressive") is None
     model = Fwd2Bot.from_pretrained(str(out), device="cpu")
     assert model.is_trained and model.resolve_strategy("fwd2bot").budget == demo_recipe.QUICK.num_summary_tokens
-    assert model.backbone.dtype.is_floating_point
+    assert model.backbone.config.vision_feature_layer == -1  # the tower's last layer is the one it trained
     assert (out / "base" / "config.json").is_file()  # self-contained
 
-    # --reuse keeps the finished stages: the same checkpoint again, without retraining; another seed is refused
+    # the same command on the same work folder keeps every finished stage: the same checkpoint, no retraining;
+    # another seed is refused
     again = demo_recipe.train_demo_model(tmp_path / "again", quick=True, seed=0, device="cpu", progress=False,
-                                         work_dir=tmp_path / "work", reuse=True)
+                                         work_dir=work, variants=("k8", "k16-contrastive"))
     assert again["stages"] == report["stages"]
     assert folder_fingerprint(tmp_path / "again") == folder_fingerprint(out)
     with pytest.raises(ValueError, match="another recipe or seed"):
         demo_recipe.train_demo_model(tmp_path / "other", quick=True, seed=1, device="cpu", progress=False,
-                                     work_dir=tmp_path / "work", reuse=True)
+                                     work_dir=work)
 
-    results = demo_recipe.measure_demo_claims(out, data_dir=tmp_path / "eval", quick=True, device="cpu")
+    variants = {v: str(work / f"compressor-{v}" / "model") for v in ("k8", "k16-contrastive")}
+    results = demo_recipe.measure_demo_claims(out, data_dir=tmp_path / "eval", quick=True, device="cpu",
+                                              variants=variants)
     for split in demo_recipe.EVAL_SPLITS:
         measured = results["splits"][split]
-        assert set(measured["qa"]) == {"fwd2bot", "pool@8", "pool@16", "full"}
-        assert measured["stored_tokens"] == {"fwd2bot": 16, "pool@8": 8, "pool@16": 16, "full": 64}
+        # the contrastive-only compressor never trained pass 2: it is measured on retrieval only
+        assert set(measured["qa"]) == {"blind", "fwd2bot", "fwd2bot-k8", "pool@8", "pool@16", "full"}
+        assert measured["stored_tokens"] == {"fwd2bot": 16, "fwd2bot-k8": 8, "fwd2bot-k16-contrastive": 16,
+                                             "pool@8": 8, "pool@16": 16, "full": 64}
+        assert set(measured["retrieval"]) == {"prompt", "fwd2bot", "fwd2bot-k8", "fwd2bot-k16-contrastive"}
         for recall in measured["retrieval"].values():
             assert 0.0 <= recall["t2i"][1] <= recall["t2i"][5] <= recall["t2i"][10] <= 1.0
-    assert len(results["targets"]) == 5
+    names = [t["target"] for t in results["targets"]]
+    assert any("blind" in n for n in names) and any("swap_att" in n for n in names)
+    assert set(results["sugarcrepe"]) == {"fwd2bot", "fwd2bot-k8", "fwd2bot-k16-contrastive", "prompt"}
     assert set(results["sugarcrepe"]["fwd2bot"]["accuracy"]) >= {"swap_att", "replace_rel", "Swap"}
 
     readme = tmp_path / "README.md"
@@ -137,7 +148,8 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     demo_recipe.write_claims_table(results, readme, plain)
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# project\n\nintro\n") and text.endswith("\n\nmore\n")
-    assert "| Fwd2Bot summary tokens | 16 |" in text and "pool@16" in text and "not trained" in text
+    assert "| Fwd2Bot summary tokens, K=16 (shipped) | 16 |" in text and "| blind: " in text
+    assert "contrastive loss only (ablation)" in text and "pool@16" in text
     appended = plain.read_text()
     assert appended.startswith("# no markers here\n") and demo_recipe.CLAIMS_END in appended
     demo_recipe.write_claims_table(results, readme, plain)  # idempotent: markers found, replaced again

@@ -1,0 +1,126 @@
+"""Stage 2 of the demo recipe: the Fwd2Bot compressor on the frozen base, and its ablation.
+
+The house trainer (``training.Trainer``) runs it, with two changes for this world:
+
+- contrastive: a share of each batch's captions are the positive of one of the image's
+  SugarCrepe-style hard-negative pairs, and the negative joins the text side as an extra column
+  (the pilot on this world found a contrastive model learns a bag of attributes; the negatives ask
+  which attribute belongs to which object and where);
+- autoregressive: pass 2 answers every question of the image (and sometimes captions it) from the
+  K summary tokens in one multi-turn sequence (``turns.py``), as the base was trained.
+
+Variants share everything but what they vary: ``k16`` (the shipped model), ``k8`` and ``k32``
+(other budgets) and ``k16-contrastive`` (no autoregressive loss: the paper's compositionality
+ablation, contrastive-only against contrastive + autoregressive).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..losses import MAX_LOGIT_SCALE
+from ..trainer import Batch, TrainConfig, Trainer
+from .turns import multi_turn_loss, scene_turns
+
+VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0},
+            "k8": {"k": 8, "ar": 1.0}, "k32": {"k": 32, "ar": 1.0}}
+
+
+def info_nce_with_negatives(image_emb: torch.Tensor, text_emb: torch.Tensor, negative_emb: torch.Tensor | None,
+                            logit_scale: torch.Tensor, texts: Sequence[str],
+                            negatives: Sequence[str] = ()) -> torch.Tensor:
+    """Symmetric InfoNCE whose image->text side also scores hard-negative captions.
+
+    ``negative_emb`` (M, D) are extra text columns for every image (each is a negative of one image,
+    and a plain negative of the others). A column whose text equals the row's own caption is masked.
+    """
+    scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
+    columns = list(texts) + list(negatives)
+    candidates = text_emb if negative_emb is None else torch.cat([text_emb, negative_emb])
+    logits = scale * image_emb.float() @ candidates.float().t()
+    same = torch.tensor([[columns[j] == texts[i] and j != i for j in range(len(columns))] for i in range(len(texts))],
+                        dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(same, float("-inf"))
+    target = torch.arange(len(texts), device=logits.device)
+    t2i = logits[:, : len(texts)].t()
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(t2i, target))
+
+
+class HardNegativeTrainer(Trainer):
+    """The house trainer with hard-negative captions (contrastive) and multi-turn answers (pass 2)."""
+
+    def __init__(self, config: TrainConfig, pairs: dict[str, list[tuple[str, str]]], share: float,
+                 caption_share: float = 0.5, caption_weight: float = 0.5, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.pairs = pairs
+        self.share = share
+        self.caption_share, self.caption_weight = caption_share, caption_weight
+        self._negatives: list[str | None] = []
+        self._turns: list[list[tuple[str, str, float]]] = []
+
+    def next_batch(self) -> Batch:
+        while True:
+            epoch, idx = self.plan.next()
+            samples = [self.train_samples[i] for i in idx]
+            images = self._load_images(samples)
+            batch, negatives, turns = Batch([], [], [], []), [], []
+            for i, sample, image in zip(idx, samples, images):
+                if image is None:
+                    continue
+                _, prompt, target = self._choose(epoch, i)
+                rng = np.random.default_rng([self.config.seed, epoch, i, 2])
+                options = self.pairs.get(str(sample.image), [])
+                if options and rng.random() < self.share:
+                    caption, negative = options[int(rng.integers(len(options)))]
+                else:
+                    caption, negative = sample.captions[0], None
+                batch.images.append(image)
+                batch.captions.append(caption)
+                batch.prompts.append(prompt)
+                batch.targets.append(target)
+                negatives.append(negative)
+                turns.append(scene_turns(sample.captions, sample.qa, rng, self.config.caption_prompt,
+                                         self.caption_share, self.caption_weight))
+            if batch.images:
+                self._negatives, self._turns = negatives, turns
+                return batch
+            if len(self.loader.skipped) >= len(self.train_samples):
+                raise RuntimeError("no training image could be read: " + self.loader.report())
+
+    def batch_losses(self, batch: Batch, stride: int = 1) -> dict[str, torch.Tensor]:
+        model, cfg = self.model, self.config
+        pixels = model.backbone.pixel_values(batch.images)
+        parts: dict[str, torch.Tensor] = {}
+        with self._autocast():
+            summary = model.compress(model.visual_tokens(pixels), pool_stride=stride)
+            negatives = [n for n in self._negatives if n is not None]
+            texts = list(batch.captions) + negatives
+            embedded = model.embed_text_batch(texts, self._text_strategy)
+            image_emb = model.embed_summary(summary)
+            n = len(batch.captions)
+            parts["contrastive"] = info_nce_with_negatives(image_emb, embedded[:n], embedded[n:] if negatives else None,
+                                                           model.compressor.logit_scale, batch.captions, negatives)
+            loss = cfg.contrastive_weight * parts["contrastive"]
+            if cfg.autoregressive_weight > 0:
+                parts["autoregressive"] = multi_turn_loss(model, summary, self._turns, "fwd2bot")
+                loss = loss + cfg.autoregressive_weight * parts["autoregressive"]
+        parts["loss"] = loss
+        return parts
+
+
+def hard_negative_pairs(data_dir: Path) -> dict[str, list[tuple[str, str]]]:
+    """image path -> [(caption, negative caption)] for the training split (all seven categories)."""
+    import json
+
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    with (data_dir / "hard_negatives.jsonl").open(encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            if row["split"] == "train":
+                pairs.setdefault(str(data_dir / row["image"]), []).append((row["caption"], row["negative_caption"]))
+    return pairs

@@ -1,0 +1,194 @@
+"""Measuring Fwd2Bot's claims on the demo model, on held-out scenes, at equal stored-token budgets.
+
+Rows compared (QA exact match from the stored tokens only; retrieval recall both ways; SugarCrepe-
+style hard negatives):
+
+- *blind*: each question template's most common training answer, without the image: chance;
+- Fwd2Bot summary tokens at K = 16 (the shipped model), and K = 8 / 32 where those compressors
+  were trained (variants);
+- average pooling (LLaVolta) to 8 and 16 tokens, 2-D on the grid, and all 64 visual tokens:
+  answered by the base with adapters off (the base was trained on these pooled forms too);
+- the compositionality ablation: the same compressor trained contrastive-only (retrieval and hard
+  negatives only: its pass-2 adapter never trained, so it answers nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ...model import Fwd2Bot
+from ...model.pooling import pool_visual_tokens
+from ...synthetic import generate_scenes, write_demo_data
+from ...synthetic.world import COLOR_NAMES, POSITIONS, SHAPE_PLURALS, SHAPES, SIZES
+from .monitor import read_jsonl
+from .recipe import choose_threads, recipe_for, say
+
+EVAL_SEED = 1000  # the held-out evaluation world: its own seed, test-bucket and unseen-pair scenes only
+EVAL_SPLITS = ("test", "test_unseen")
+_WORLD_WORDS = sorted([*POSITIONS, *SHAPE_PLURALS.values(), *SHAPES, *COLOR_NAMES, *SIZES], key=len, reverse=True)
+_WORD_RE = re.compile(r"\b(" + "|".join(re.escape(w) for w in _WORLD_WORDS) + r")\b")
+
+
+def question_template(question: str) -> str:
+    """The question with every world word (colour, shape, size, position) replaced by a slot."""
+    return _WORD_RE.sub("_", question)
+
+
+def blind_prior(n_scenes: int = 3000) -> dict[str, str]:
+    """template -> the most common answer over training scenes' questions (answering without the image)."""
+    counts: dict[str, Counter] = {}
+    for scene in generate_scenes(n_scenes, seed=0, split="train"):
+        for qa in scene.qa():
+            counts.setdefault(question_template(qa["question"]), Counter())[qa["answer"]] += 1
+    return {t: c.most_common(1)[0][0] for t, c in counts.items()}
+
+
+def write_eval_world(folder: Path, n_gallery: int, image_size: int = 64) -> dict[str, Any]:
+    """``n_gallery`` 'test' and ``n_gallery`` 'test_unseen' scenes with their own seed (``EVAL_SEED``)."""
+    return write_demo_data(folder, n=2 * n_gallery, seed=EVAL_SEED, image_size=image_size,
+                           split_fractions=(0.0, 0.5, 0.5))
+
+
+class Embedder:
+    """``encode_images`` / ``encode_texts`` of a model bound to one strategy (for the eval runners)."""
+
+    def __init__(self, model: Fwd2Bot, strategy: str):
+        self.model, self.strategy = model, strategy
+
+    def encode_images(self, images: list[Any], batch_size: int = 32, show_progress: bool = False) -> np.ndarray:
+        return self.model.encode_images(images, batch_size=batch_size, strategy=self.strategy).embeddings
+
+    def encode_texts(self, texts: list[str], batch_size: int = 32, show_progress: bool = False) -> np.ndarray:
+        return self.model.encode_texts(texts, batch_size=batch_size, strategy=self.strategy)
+
+
+def _answer_all(model: Fwd2Bot, tokens: Sequence[np.ndarray], questions: Sequence[str], kind: str,
+                batch_size: int) -> list[str]:
+    out: list[str] = []
+    for start in range(0, len(questions), batch_size):
+        out += model.answer_batch(list(tokens[start:start + batch_size]), list(questions[start:start + batch_size]),
+                                  max_new_tokens=8, kind=kind)
+    return out
+
+
+def qa_scores(predictions: Sequence[str], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    from ...eval import exact_match
+
+    hits = [exact_match(p, r["answer"]) for p, r in zip(predictions, records)]
+    by_type: dict[str, list[bool]] = {}
+    for hit, r in zip(hits, records):
+        by_type.setdefault(r.get("type") or "other", []).append(hit)
+    return {"n": len(hits), "exact_match": float(np.mean(hits)) if hits else float("nan"),
+            "by_type": {t: float(np.mean(v)) for t, v in sorted(by_type.items())},
+            "examples": [{"question": r["question"], "answer": r["answer"], "prediction": p}
+                         for p, r in list(zip(predictions, records))[:3]]}
+
+
+def _measure_split(models: dict[str, Fwd2Bot], data_dir: Path, split: str, n_gallery: int, n_qa_images: int,
+                   budgets: Sequence[int], batch_size: int, prior: dict[str, str], progress: bool) -> dict[str, Any]:
+    from ...eval import read_captions_jsonl, retrieval_recall
+    from ...imaging import load_image
+
+    base = models["fwd2bot"]
+    gallery = read_captions_jsonl(data_dir / "captions.jsonl", split=split, limit=n_gallery, max_captions_per_image=1)
+    images = [load_image(p).convert("RGB") for p in gallery.image_paths]
+    say(progress, f"{split}: encoding {len(images)} images")
+    full = base.encode_images(images, batch_size=batch_size, strategy="prompt+full")
+    text_prompt = base.encode_texts(gallery.captions, batch_size=batch_size, strategy="prompt+full")
+    retrieval = {"prompt": retrieval_recall(text_prompt @ full.embeddings.T, gallery.caption_to_image)}
+    stored: dict[str, np.ndarray] = {"full": full.tokens}
+    for name, model in models.items():
+        enc = model.encode_images(images, batch_size=batch_size, strategy="fwd2bot")
+        texts = model.encode_texts(gallery.captions, batch_size=batch_size, strategy="fwd2bot")
+        retrieval[name] = retrieval_recall(texts @ enc.embeddings.T, gallery.caption_to_image)
+        stored[name] = enc.tokens
+    for budget in budgets:
+        stored[f"pool@{budget}"] = pool_visual_tokens(torch.from_numpy(full.tokens), budget).numpy()
+    index = {str(p.resolve()): i for i, p in enumerate(gallery.image_paths[:n_qa_images])}
+    records = [r for r in read_jsonl(data_dir / "qa.jsonl") if str((data_dir / r["image"]).resolve()) in index]
+    owners = [index[str((data_dir / r["image"]).resolve())] for r in records]
+    questions = [r["question"] for r in records]
+    qa = {"blind": qa_scores([prior.get(question_template(q), "yes") for q in questions], records)}
+    for name, tokens in stored.items():
+        if name in models and name.endswith("-contrastive"):
+            continue  # its pass-2 adapter never trained
+        say(progress, f"{split}: answering {len(records)} questions from {name} tokens")
+        model = models.get(name, base)
+        kind = "fwd2bot" if name in models else ("full" if name == "full" else "pool")
+        qa[name] = qa_scores(_answer_all(model, [tokens[i] for i in owners], questions, kind, batch_size), records)
+    return {"n_images": gallery.n_images, "n_qa_images": min(n_qa_images, gallery.n_images), "retrieval": retrieval,
+            "qa": qa, "stored_tokens": {k: int(v.shape[1]) for k, v in stored.items()}}
+
+
+def measure_demo_claims(model_dir: str | os.PathLike[str] = "demo", data_dir: str | os.PathLike[str] | None = None,
+                        n_gallery: int = 1000, budgets: Sequence[int] = (8, 16), quick: bool = False, *,
+                        variants: dict[str, str] | None = None, n_qa_images: int | None = None,
+                        n_sugarcrepe: int | None = None, batch_size: int = 64, device: str = "auto",
+                        progress: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Measure the claims on held-out scenes (see the module docstring).
+
+    ``model_dir``: the shipped compressor (K = 16); its base answers the pooled and full rows.
+    ``variants``: name -> checkpoint folder of other compressors on the same base ('k8', 'k32',
+    'k16-contrastive'). ``data_dir``: a held-out demo-data folder, written there (or to a temporary
+    folder) when empty. QA uses every question of the first ``n_qa_images`` images of each split;
+    SugarCrepe the first ``n_sugarcrepe`` pairs of each category. ``quick`` shrinks all of it.
+    """
+    from ...eval import run_sugarcrepe
+
+    recipe = recipe_for(quick)
+    if quick:
+        n_gallery = min(n_gallery, recipe.n_gallery)
+    n_qa_images = recipe.n_qa_images if n_qa_images is None else n_qa_images
+    n_sugarcrepe = recipe.n_sugarcrepe if n_sugarcrepe is None else n_sugarcrepe
+    threads = choose_threads(threads)
+    started = time.perf_counter()
+    main = Fwd2Bot.from_pretrained(str(model_dir), device=device, dtype="fp32")
+    main.resolve_strategy("fwd2bot")  # refuses an untrained compressor, clearly
+    models = {"fwd2bot": main}
+    for name, path in (variants or {}).items():
+        models[f"fwd2bot-{name}"] = Fwd2Bot.from_pretrained(str(path), device=device, dtype="fp32")
+    image_size = int(main.backbone.config.vision_config.image_size)
+    tmp = Path(tempfile.mkdtemp(prefix="f2b-demo-eval-")) if data_dir is None else None
+    folder = tmp or Path(data_dir)
+    try:
+        if not (folder / "captions.jsonl").is_file():
+            say(progress, f"writing the held-out world to {folder}")
+            write_eval_world(folder, n_gallery, image_size)
+        prior = blind_prior(200 if quick else 3000)
+        splits = {s: _measure_split(models, folder, s, n_gallery, n_qa_images, budgets, batch_size, prior, progress)
+                  for s in EVAL_SPLITS}
+        say(progress, "SugarCrepe-style hard negatives")
+        embedders = {name: Embedder(m, "fwd2bot") for name, m in models.items()}
+        embedders["prompt"] = Embedder(main, "prompt+full")
+        sugarcrepe = {name: run_sugarcrepe(e, folder / "sugarcrepe", folder / "images", limit=n_sugarcrepe,
+                                           batch_size=batch_size, show_progress=False)
+                      for name, e in embedders.items()}
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    results = {
+        "model": str(model_dir), "fingerprint": main.fingerprint, "num_summary_tokens": main.config.num_summary_tokens,
+        "variants": {name: {"path": str(p), "num_summary_tokens": models[f"fwd2bot-{name}"].config.num_summary_tokens}
+                     for name, p in (variants or {}).items()},
+        "hidden_size": main.backbone.hidden_size, "visual_tokens": main.backbone.num_image_tokens,
+        "image_size": image_size, "budgets": list(budgets), "eval_seed": EVAL_SEED, "n_gallery": n_gallery,
+        "n_qa_images": n_qa_images, "n_sugarcrepe": n_sugarcrepe, "quick": quick, "threads": threads,
+        "splits": splits,
+        "sugarcrepe": {k: {"accuracy": v["accuracy"], "n_pairs": v["n_pairs"]} for k, v in sugarcrepe.items()},
+        "measured_on": time.strftime("%Y-%m-%d"),
+    }
+    from .targets import check_targets
+
+    results["targets"] = check_targets(results)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    return results

@@ -1,0 +1,284 @@
+"""The demo recipe's numbers and its stage runner (``train_demo_model``).
+
+Stages, each resumable inside ``work_dir`` (a killed run continues with ``reuse=True``):
+
+0. ``warmup`` (warmup.py): vision tower + projector read the scene from its ground truth;
+1. ``base`` (base.py): a byte-level BPE tokenizer and a small Llama LLM learn to caption scenes and
+   answer all of a scene's questions in one multi-turn sequence, from all visual tokens, on the
+   frozen tower;
+2. ``compressor`` (compressor.py): Fwd2Bot on the frozen base: K summary tokens, both LoRA adapters
+   and the heads, contrastive (with hard negatives) + autoregressive losses;
+3. export: one self-contained fp16 checkpoint folder with a model card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...model.tiny import TinySpec, build_tiny_llava, train_tokenizer
+from ...synthetic import world_vocabulary
+from .scenes import train_scenes
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Every number of the recipe; ``FULL`` makes the shipped model, ``QUICK`` proves the code path."""
+
+    name: str
+    n_train: int = 8000  # scenes on disk for the compressor stage (warm-up and base draw fresh ones)
+    image_size: int = 64
+    vocab_size: int = 512
+    spec: TinySpec = TinySpec(image_size=64, patch_size=8, vision_hidden=128, vision_layers=4, hidden=128,
+                              layers=4, heads=4, kv_heads=4, intermediate=384, max_positions=512)
+    # stage 0: vision warm-up, stopped by the held-out probe rule
+    vision_max_steps: int = 4000
+    vision_batch: int = 64
+    vision_lr: float = 1e-3
+    vision_check_every: int = 250
+    vision_floor: float = 0.98
+    vision_heldout: int = 512
+    # stage 1: base (multi-turn captions + every question of a scene, all visual tokens, tower frozen)
+    base_steps: int = 3000
+    base_batch: int = 32
+    base_lr: float = 1e-3
+    base_caption_share: float = 0.5  # share of sequences that also hold a caption turn
+    base_caption_weight: float = 0.5  # caption tokens' weight against answer tokens
+    base_check_every: int = 250
+    # stage 2: the compressor
+    num_summary_tokens: int = 16
+    embed_dim: int = 128
+    lora_r: int = 16
+    lora_alpha: int = 32
+    compressor_steps: int = 800
+    compressor_batch: int = 48
+    compressor_lr: float = 1e-3
+    compressor_pool_schedule: str = "llavolta"
+    hard_negative_share: float = 0.5
+    # monitoring and measurement
+    monitor_images: int = 128
+    n_gallery: int = 1000
+    n_qa_images: int = 250
+    n_sugarcrepe: int = 1000
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FULL = DemoRecipe(name="demo")
+QUICK = DemoRecipe(
+    name="demo-quick",
+    spec=TinySpec(image_size=64, patch_size=8, vision_hidden=32, vision_layers=2, hidden=64, layers=2, heads=4,
+                  kv_heads=2, intermediate=128, max_positions=512),
+    n_train=160, vocab_size=400, vision_max_steps=6, vision_batch=8, vision_check_every=3, vision_heldout=16, base_steps=6,
+    base_batch=4, base_check_every=3, compressor_steps=6, compressor_batch=8, monitor_images=8, n_gallery=24,
+    n_qa_images=6, n_sugarcrepe=12,
+)
+
+
+def recipe_for(quick: bool) -> DemoRecipe:
+    return QUICK if quick else FULL
+
+
+def say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"[demo {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def choose_threads(threads: int | None = None) -> int:
+    """Torch CPU threads: ``threads`` if given, else the cores not already busy (at least 1).
+
+    On a shared 2-core machine two threads fighting other processes ran ~5x slower than one.
+    """
+    if threads is None:
+        cores = os.cpu_count() or 1
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0.0
+        threads = max(1, min(cores, int(round(cores - busy))))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def tokenizer_corpus(seed: int, n_scenes: int = 3000) -> list[str]:
+    """World words plus the captions, questions and answers of fresh training scenes (the BPE's corpus)."""
+    texts = [" ".join(world_vocabulary())]
+    for scene in train_scenes(seed, "tokenizer", 0, n_scenes):
+        texts += scene.captions()
+        texts += [f"{qa['question']} {qa['answer']}" for qa in scene.qa()]
+    return texts
+
+
+def build_base(recipe: DemoRecipe, seed: int, device: torch.device) -> tuple[Any, Any]:
+    """A fresh tiny LLaVA of the recipe's geometry with its own tokenizer.
+
+    LLaVA reads the vision tower's *last* layer here (``vision_feature_layer=-1``): a tower trained
+    from scratch would otherwise compute a last layer that nothing ever trains.
+    """
+    tokenizer = train_tokenizer(recipe.vocab_size, corpus=tokenizer_corpus(seed))
+    spec = dataclasses.replace(recipe.spec, vocab_size=len(tokenizer))
+    hf, processor = build_tiny_llava(spec, seed=seed, tokenizer=tokenizer)
+    hf.config.vision_feature_layer = -1
+    return hf.to(device), processor
+
+
+def stage_done(folder: Path) -> dict[str, Any] | None:
+    """A finished stage's recorded summary (``demo_stage.json``), or None."""
+    path = folder / "demo_stage.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def finish_stage(folder: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    tmp = folder / "demo_stage.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    tmp.replace(folder / "demo_stage.json")
+    return summary
+
+
+def warmup_stage(recipe: DemoRecipe, work: Path, seed: int, device: torch.device, progress: bool) -> dict[str, Any]:
+    """Stage 0 into ``work / 'base-init'`` (a stock LLaVA folder: model + processor)."""
+    from .warmup import vision_warmup
+
+    folder = work / "base-init"
+    done = stage_done(folder)
+    if done is not None:
+        return done
+    folder.mkdir(parents=True, exist_ok=True)
+    hf, processor = build_base(recipe, seed, device)
+    say(progress, f"base built: {sum(p.numel() for p in hf.parameters()) / 1e6:.2f}M parameters, "
+                  f"vocabulary {len(processor.tokenizer)}")
+    summary = vision_warmup(hf, processor, folder, seed=seed, max_steps=recipe.vision_max_steps,
+                            batch=recipe.vision_batch, lr=recipe.vision_lr, check_every=recipe.vision_check_every,
+                            floor=recipe.vision_floor, n_heldout=recipe.vision_heldout,
+                            say=lambda m: say(progress, m))
+    summary.update(parameters=sum(p.numel() for p in hf.parameters()), vocab_size=len(processor.tokenizer))
+    hf.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return finish_stage(folder, summary)
+
+
+def base_stage(recipe: DemoRecipe, work: Path, seed: int, progress: bool) -> dict[str, Any]:
+    """Stage 1 into ``work / 'base-run'`` (the pretrained stock LLaVA in ``base-run/model``)."""
+    from .base import train_base
+
+    folder = work / "base-run"
+    done = stage_done(folder)
+    if done is not None:
+        return done
+    summary = train_base(work / "base-init", folder, seed=seed, steps=recipe.base_steps, batch=recipe.base_batch,
+                         lr=recipe.base_lr, check_every=recipe.base_check_every,
+                         caption_share=recipe.base_caption_share, caption_weight=recipe.base_caption_weight,
+                         n_monitor=recipe.monitor_images, say=lambda m: say(progress, m))
+    return finish_stage(folder, summary)
+
+
+def write_training_world(folder: Path, recipe: DemoRecipe, seed: int) -> dict[str, Any]:
+    """The compressor's training set on disk (the house trainer reads folders): 95% 'train' scenes,
+    5% 'test' scenes the trainer monitors (never trained on)."""
+    from ...synthetic import write_demo_data
+
+    done = folder / "demo_data.json"
+    if done.is_file():
+        return json.loads(done.read_text(encoding="utf-8"))
+    return write_demo_data(folder, n=recipe.n_train, seed=seed, image_size=recipe.image_size,
+                           split_fractions=(0.95, 0.05, 0.0), sugarcrepe_splits=())
+
+
+def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, device: str,
+                     progress: bool) -> dict[str, Any]:
+    """Stage 2 (one variant, see ``compressor.VARIANTS``) into ``work / f'compressor-{variant}'``."""
+    from ..state import latest_checkpoint
+    from ..trainer import TrainConfig
+    from .compressor import VARIANTS, HardNegativeTrainer, hard_negative_pairs
+    from .monitor import QAMonitor, stage_summary
+
+    folder = work / f"compressor-{variant}"
+    done = stage_done(folder)
+    if done is not None:
+        return done
+    data = work / "data-train"
+    write_training_world(data, recipe, seed)
+    spec = VARIANTS[variant]
+    steps = recipe.compressor_steps
+    config = TrainConfig(
+        model=str(work / "base-run" / "model"), data=[str(data)], output_dir=str(folder), objective="fwd2bot",
+        num_summary_tokens=spec["k"], embed_dim=recipe.embed_dim, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+        lr=recipe.compressor_lr, batch_size=recipe.compressor_batch, pool_schedule=recipe.compressor_pool_schedule,
+        autoregressive_weight=spec["ar"], seed=seed, device=device, max_steps=steps, eval_at_start=False,
+        eval_split="test", eval_max=recipe.monitor_images, warmup_steps=max(1, min(30, steps // 10)),
+        min_lr_ratio=0.05, weight_decay=0.01, clip_norm=1.0, dtype="fp32", eval_every=max(1, steps // 4),
+        checkpoint_every=max(1, steps // 8), keep_checkpoints=1,
+        resume=latest_checkpoint(folder / "checkpoints") is not None)
+    trainer = HardNegativeTrainer(config, hard_negative_pairs(data), recipe.hard_negative_share,
+                                  caption_share=recipe.base_caption_share, caption_weight=recipe.base_caption_weight,
+                                  progress=progress)
+    monitor = QAMonitor(trainer, data, recipe.monitor_images // 4, "fwd2bot", lambda m: say(progress, m))
+    trainer.callbacks.append(monitor)
+    summary = stage_summary(trainer.train())
+    summary.update(variant=variant, num_summary_tokens=spec["k"], autoregressive_weight=spec["ar"],
+                   monitor=monitor.history)
+    return finish_stage(folder, summary)
+
+
+def train_demo_model(out_dir: str | os.PathLike[str], quick: bool = False, seed: int = 0, device: str = "auto",
+                     progress: bool = True, work_dir: str | os.PathLike[str] | None = None,
+                     threads: int | None = None, variants: tuple[str, ...] = ("k16",),
+                     stop_after: str | None = None) -> dict[str, Any]:
+    """Run the recipe and write the self-contained demo checkpoint (variant ``k16``) to ``out_dir``.
+
+    Stages and intermediate models live in ``work_dir`` (a temporary folder when not given); a stage
+    that finished there is kept and an interrupted one continues from its last checkpoint, so the
+    same command after a kill goes on where it stopped. ``variants`` adds the other compressors the
+    claims table compares (``k8``, ``k32``, ``k16-contrastive``); ``stop_after`` ('warmup', 'base')
+    ends the run early. Returns what was done and measured during training.
+    """
+    import shutil
+    import tempfile
+
+    from ...model.backbone import resolve_device
+
+    recipe = recipe_for(quick)
+    threads = choose_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    own_work = work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="f2b-demo-")) if own_work else Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    identity = json.dumps({"recipe": recipe.to_dict(), "seed": seed}, sort_keys=True)
+    marker = work / "recipe.json"
+    if marker.is_file() and marker.read_text(encoding="utf-8") != identity:
+        raise ValueError(f"{work} holds stages of another recipe or seed: use a fresh --work-dir")
+    marker.write_text(identity, encoding="utf-8")
+    started = time.perf_counter()
+    report: dict[str, Any] = {"recipe": recipe.to_dict(), "seed": seed, "threads": threads, "stages": {}}
+    try:
+        report["stages"]["warmup"] = warmup_stage(recipe, work, seed, resolve_device(device), progress)
+        if stop_after == "warmup":
+            return report
+        report["stages"]["base"] = base_stage(recipe, work, seed, progress)
+        if stop_after == "base":
+            return report
+        for variant in dict.fromkeys(("k16", *variants)):
+            report["stages"][f"compressor-{variant}"] = compressor_stage(recipe, work, seed, variant, device, progress)
+        from .report import export_fp16, folder_bytes, write_model_card
+
+        export_fp16(work / "compressor-k16" / "model", out_dir)
+        report["variants"] = {v: str(work / f"compressor-{v}" / "model") for v in variants if v != "k16"}
+        report["model_dir"] = str(out_dir)
+        report["size_bytes"] = folder_bytes(Path(out_dir))
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        report["stage_seconds"] = round(sum(s.get("seconds", 0) for s in report["stages"].values()), 1)
+        write_model_card(out_dir, report)
+        say(progress, f"demo model written to {out_dir} ({report['size_bytes'] / 2**20:.1f} MiB)")
+        return report
+    finally:
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)

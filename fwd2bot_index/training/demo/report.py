@@ -1,0 +1,205 @@
+"""Export of the demo checkpoint, its model card, and the claims tables for README and card."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...model import Fwd2Bot
+from .targets import EVAL_SPLITS, qa_by_type, qa_overall
+
+CLAIMS_START = "<!-- demo-claims:start -->"
+CLAIMS_END = "<!-- demo-claims:end -->"
+TRAIN_COMMAND = "f2b train --recipe demo"
+MODULE_COMMAND = ("python -m fwd2bot_index.training.demo_recipe --out fwd2bot_index/demo_model --readme README.md "
+                  "--work-dir runs/demo --variants k8,k32,k16-contrastive")
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def export_fp16(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> None:
+    """Load a compressor checkpoint and write it self-contained (``base/`` included) in fp16."""
+    model = Fwd2Bot.from_pretrained(str(checkpoint), device="cpu", dtype="fp32")
+    model.backbone.hf.half()
+    model.compressor.half()
+    model.config.base_signature = model.backbone.signature()
+    model.save_pretrained(str(out_dir), include_base=True)
+    for path in [Path(out_dir), *Path(out_dir).rglob("*")]:  # package data: readable by everyone
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
+def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) -> Path:
+    """README.md of the checkpoint: what it is, what it knows (only the shapes world), how it was made."""
+    r, stages = report["recipe"], report["stages"]
+    spec = r["spec"]
+    tokens = (spec["image_size"] // spec["patch_size"]) ** 2
+    warm, base = stages.get("warmup", {}), stages.get("base", {})
+    comp = {k[len("compressor-"):]: v for k, v in stages.items() if k.startswith("compressor-")}
+    lines = [
+        "# fwd2bot-index demo model", "",
+        "A small LLaVA-architecture model with a trained Fwd2Bot compressor, made by this project from nothing "
+        "(no downloaded weights) so that every part of fwd2bot-index works offline. It is the default model "
+        "(`demo`) of `f2b index` / `search` / `ask`.", "",
+        "**It only knows the procedural shapes world** of `f2b demo-data`: 2-4 flat shapes (circle, square, "
+        "triangle, star, cross, diamond) in 8 colours and 2 sizes on a 3x3 grid over a plain, gradient or noisy "
+        "background, at 64x64 pixels. On photographs, or on any other kind of image, its embeddings, search "
+        "results and answers are meaningless. Use a real checkpoint (`--model llava-hf/llava-1.5-7b-hf`) for "
+        "real images.", "",
+        "## Model", "",
+        f"- vision: CLIP-style ViT from scratch, {spec['image_size']} px, patch {spec['patch_size']} -> {tokens} "
+        f"visual tokens, width {spec['vision_hidden']}, {spec['vision_layers']} layers (LLaVA reads its last layer)",
+        f"- language: Llama, hidden {spec['hidden']}, {spec['layers']} layers, {spec['heads']} heads, "
+        f"{spec['max_positions']} positions; byte-level BPE tokenizer ({warm.get('vocab_size', r['vocab_size'])} "
+        "tokens, any English text encodes)",
+        f"- base parameters: {warm.get('parameters', 0) / 1e6:.2f}M; weights stored in fp16 "
+        f"(checkpoint folder {report.get('size_bytes', 0) / 2**20:.1f} MiB, base included)",
+        f"- Fwd2Bot: K = {r['num_summary_tokens']} summary tokens, embedding dimension {r['embed_dim']}, LoRA "
+        f"r = {r['lora_r']} (alpha {r['lora_alpha']}) adapters for pass 1 and pass 2; the base stays frozen", "",
+        "## Recipe (seed " + str(report["seed"]) + ")", "",
+        f"0. Vision warm-up: fresh scenes every batch ({r['vision_batch']} per step), lr {r['vision_lr']}, shape "
+        "terms weighted x5; the vision tower and projector learn each grid cell's and each token's colour, shape "
+        "and size, each token's cell and the background from the scene ground truth (linear probes, discarded). "
+        f"Stopped by {warm.get('stopped_by', '?')} at step {warm.get('steps', '?')} (rule: every cell probe >= "
+        f"{r['vision_floor']} on {r['vision_heldout']} held-out scenes). Held-out probe accuracy: "
+        f"`{_json(warm.get('heldout_accuracy'))}`.",
+        f"1. Base: {base.get('steps', '?')} steps x {r['base_batch']} fresh scenes, lr {r['base_lr']}, vision tower "
+        "frozen, projector output rescaled to the word embeddings' RMS (factor "
+        f"{base.get('projector_scale', float('nan')):.3g}). Each image is followed by all eight of its questions "
+        f"(shuffled) in one multi-turn sequence, with a caption turn in {int(r['base_caption_share'] * 100)}% of "
+        f"them (caption tokens weighted {r['base_caption_weight']}); {base.get('pooled_share')} (share, tokens) of "
+        "the sequences see the visual tokens 2-D average-pooled, so the pooled baselines are answered by a base "
+        f"trained on them. Held-out monitor at the end: `{_json(base.get('heldout'))}`.",
+        f"2. Compressor: {r['compressor_steps']} steps x {r['compressor_batch']}, lr {r['compressor_lr']}; summary "
+        "tokens, both adapters and the heads. Symmetric InfoNCE (the scene-unique caption, or for "
+        f"{int(r['hard_negative_share'] * 100)}% of items a hard-negative pair's caption whose negative joins the "
+        "text side) + the multi-turn autoregressive loss after pass 2; LLaVolta staged pooling "
+        f"`{r['compressor_pool_schedule']}` in pass 1 (stride s keeps N/s tokens). Variants trained the same way: "
+        f"{', '.join(sorted(comp))}.",
+        "3. Export: base, adapters and compressor cast to fp16 into one self-contained folder.", "",
+        f"Stage summaries: `{_json({k: {kk: vv for kk, vv in v.items() if kk not in ('history', 'monitor')} for k, v in stages.items()})}`",
+        "",
+        f"Training time: {report.get('stage_seconds', 0) / 60:.0f} min over all stages on {report['threads']} CPU "
+        "thread(s) of a shared 2-core machine.", "",
+        "## Reproduce", "",
+        "```bash", f"{MODULE_COMMAND}   # train (resumable), measure, write the tables",
+        f"{TRAIN_COMMAND}   # the shipped model's training alone, into ./f2b-demo", "```", "",
+        "Seeded: the same command gives the same scenes and the same step sequence; weights can differ in the "
+        "last bits with the number of CPU threads.", "",
+        "## Measured results", "",
+        CLAIMS_START, "_Not measured yet: run the command above with `--measure-only`._", CLAIMS_END, "",
+    ]
+    path = Path(out_dir) / "README.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _recall(r: dict[str, Any] | None, way: str) -> str:
+    if r is None:
+        return ""
+    table = {int(k): v for k, v in r[way].items()}
+    return " / ".join(_pct(table.get(k)) for k in (1, 5, 10))
+
+
+def _rows(results: dict[str, Any]) -> list[tuple[str, str, int, str]]:
+    """(label, stored-form name, tokens, search embedding) in order of stored tokens."""
+    k = results["num_summary_tokens"]
+    rows = [("blind: the template's most common answer, no image", "blind", 0, "")]
+    rows += [(f"average pooling (LLaVolta, 2-D) to {b}", f"pool@{b}", b, "prompt (E5-V), training-free")
+             for b in results["budgets"]]
+    rows.append((f"Fwd2Bot summary tokens, K={k} (shipped)", "fwd2bot", k, "Fwd2Bot heads"))
+    for name, v in results.get("variants", {}).items():
+        label = (f"Fwd2Bot K={v['num_summary_tokens']}, contrastive loss only (ablation)" if name.endswith("contrastive")
+                 else f"Fwd2Bot summary tokens, K={v['num_summary_tokens']}")
+        rows.append((label, f"fwd2bot-{name}", v["num_summary_tokens"], "its heads"))
+    rows.append(("all visual tokens", "full", results["visual_tokens"], "prompt (E5-V), training-free"))
+    return sorted(rows, key=lambda r: (r[2], r[1].startswith("fwd2bot")))
+
+
+def render_claims(results: dict[str, Any], command: str = MODULE_COMMAND + " --measure-only") -> str:
+    """The markdown block that goes between the claim markers."""
+    hidden = results["hidden_size"]
+    seen, unseen = results["splits"]["test"], results["splits"]["test_unseen"]
+    n_q = (seen["qa"]["fwd2bot"]["n"], unseen["qa"]["fwd2bot"]["n"])
+    lines = [f"Measured {results['measured_on']} on held-out scenes (seed {results['eval_seed']}, "
+             f"{results['image_size']} px): {seen['n_images']:,} 'test' scenes (seen colour-shape compositions, never "
+             f"trained on) and {unseen['n_images']:,} 'test_unseen' scenes (each holds a colour-shape pair no training "
+             f"scene has). Retrieval: the scene-unique caption as the query, the split's {seen['n_images']:,} images as "
+             f"the gallery. QA: exact match over all questions of the first {results['n_qa_images']} images of each "
+             f"split ({n_q[0]} + {n_q[1]} questions), answered from the stored tokens only. Pooled and full tokens are "
+             "answered by the base (adapters off), which was trained on those forms; Fwd2Bot rows by their pass-2 "
+             "adapter.", "", f"Command: `{command}`" + (" (quick smoke settings)" if results.get("quick") else ""), "",
+             "| stored form | tokens / image | fp16 KiB / image | QA EM seen | QA EM unseen | search embedding "
+             "| seen t2i R@1/5/10 | seen i2t R@1/5/10 | unseen t2i R@1/5/10 | unseen i2t R@1/5/10 |",
+             "|" + "|".join(["---"] * 10) + "|"]
+    for label, name, tokens, embed in _rows(results):
+        emb = name if name.startswith("fwd2bot") else ("prompt" if embed else None)
+        qa_s, qa_u = seen["qa"].get(name), unseen["qa"].get(name)
+        lines.append(f"| {label} | {tokens} | {tokens * hidden * 2 / 1024:.1f} | "
+                     f"{_pct(qa_s['exact_match']) if qa_s else '-'} | {_pct(qa_u['exact_match']) if qa_u else '-'} | "
+                     f"{embed} | {_recall(seen['retrieval'].get(emb), 't2i')} | {_recall(seen['retrieval'].get(emb), 'i2t')} | "
+                     f"{_recall(unseen['retrieval'].get(emb), 't2i')} | {_recall(unseen['retrieval'].get(emb), 'i2t')} |")
+    names = [n for _, n, _, _ in _rows(results) if n in seen["qa"]]
+    types = sorted(seen["qa"]["fwd2bot"]["by_type"])
+    lines += ["", "QA exact match by question type (both splits):", "",
+              "| stored form | " + " | ".join(types) + " | all |", "|" + "|".join(["---"] * (len(types) + 2)) + "|"]
+    for name in names:
+        by = qa_by_type(results, name)
+        lines.append(f"| {name} | " + " | ".join(_pct(by.get(t)) for t in types) + f" | {_pct(qa_overall(results, name))} |")
+    sc = results["sugarcrepe"]
+    cats = [c for c in sc["fwd2bot"]["accuracy"] if c[0].islower()]
+    lines += ["", f"SugarCrepe-style hard negatives (the held-out scenes' pairs, first {results['n_sugarcrepe']} of "
+                  "each category): share of pairs where the true caption scores strictly above the negative.", "",
+              "| search embedding | " + " | ".join(cats) + " | mean |", "|" + "|".join(["---"] * (len(cats) + 2)) + "|"]
+    for name, v in sc.items():
+        acc = v["accuracy"]
+        label = "prompt (E5-V), base model" if name == "prompt" else name
+        lines.append(f"| {label} | " + " | ".join(_pct(acc[c]) for c in cats) +
+                     f" | {_pct(float(np.mean([acc[c] for c in cats])))} |")
+    lines += ["", "Targets (issue 11; reported, not asserted):", ""]
+    for t in results["targets"]:
+        if t["met"] is None:
+            lines.append(f"- {t['target']}: {_pct(t['measured'])}")
+            continue
+        goal = _pct(t["goal"]) if isinstance(t["goal"], float) else t["goal"]
+        lines.append(f"- {t['target']}: {_pct(t['measured'])} (goal {goal}): **{'met' if t['met'] else 'NOT met'}**")
+    return "\n".join(lines)
+
+
+def _replace_between_markers(text: str, block: str, heading: str) -> str:
+    start, end = text.find(CLAIMS_START), text.find(CLAIMS_END)
+    if start != -1 and end > start:
+        return text[: start + len(CLAIMS_START)] + "\n" + block + "\n" + text[end:]
+    section = f"{heading}\n\n{CLAIMS_START}\n{block}\n{CLAIMS_END}\n"
+    return (text.rstrip("\n") + "\n\n" + section) if text.strip() else section
+
+
+def write_claims_table(results: dict[str, Any], readme_path: str | os.PathLike[str] | None,
+                       card_path: str | os.PathLike[str] | None, command: str | None = None) -> str:
+    """Put the claims block between the markers of README.md and of the model card (appending a
+    section where a file has no markers); returns the block. Other text is left as it was."""
+    block = render_claims(results, command or MODULE_COMMAND + " --measure-only")
+    for path in (readme_path, card_path):
+        if path is None:
+            continue
+        path = Path(path)
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        updated = _replace_between_markers(text, block, "## The demo model: Fwd2Bot's claim, measured")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(updated, encoding="utf-8")
+        os.replace(tmp, path)
+    return block
