@@ -347,6 +347,12 @@ class Catalog:
                 out.append(ImageRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], tuple(paths.get(r[0], ()))))
         return out
 
+    def hashes(self, ids: Iterable[int]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for chunk in _chunks([int(i) for i in ids]):
+            out.update(self._db.execute(f"SELECT id, hash FROM images WHERE id IN ({_marks(chunk)})", chunk))
+        return out
+
     def id_by_hash(self, hash: str) -> int | None:
         row = self._db.execute("SELECT id FROM images WHERE hash=?", (hash,)).fetchone()
         return int(row[0]) if row else None
@@ -563,6 +569,20 @@ def _damaged(path: Path, exc: BaseException) -> str:
             f"--collection {path.parent} to rebuild it from the token shards (the damaged file is kept aside)")
 
 
+class _Rows(list):
+    """Fetched rows with the cursor methods the catalog uses."""
+
+    def __init__(self, rows: list[Any], lastrowid: int | None) -> None:
+        super().__init__(rows)
+        self.lastrowid = lastrowid
+
+    def fetchone(self) -> Any:
+        return self[0] if self else None
+
+    def fetchall(self) -> list[Any]:
+        return list(self)
+
+
 class _Checked:
     """The SQLite connection, with corruption turned into one clear ``CollectionFormatError``
     (a damaged page surfaces on whatever query first touches it, not only at open)."""
@@ -573,13 +593,22 @@ class _Checked:
     def _call(self, fn: Any, *args: Any) -> Any:
         try:
             return fn(*args)
-        except (sqlite3.IntegrityError, sqlite3.OperationalError, sqlite3.ProgrammingError):
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
             raise
+        except sqlite3.OperationalError as exc:
+            if not any(w in str(exc) for w in ("decode", "malformed", "corrupt", "not a database")):
+                raise
+            raise CollectionFormatError(_damaged(self._path, exc)) from None
         except sqlite3.DatabaseError as exc:
             raise CollectionFormatError(_damaged(self._path, exc)) from None
 
-    def execute(self, sql: str, params: Any = ()) -> Any:
-        return self._call(self._raw.execute, sql, params)
+    def execute(self, sql: str, params: Any = ()) -> _Rows:
+        """Run ``sql`` and fetch its rows now, so damage met while reading them is caught here too."""
+        def run() -> _Rows:
+            cur = self._raw.execute(sql, params)
+            return _Rows(cur.fetchall(), cur.lastrowid)
+
+        return self._call(run)
 
     def executemany(self, sql: str, params: Any) -> Any:
         return self._call(self._raw.executemany, sql, params)

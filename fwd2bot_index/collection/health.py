@@ -49,22 +49,49 @@ def trust_problem(folder: Path, manifest: Manifest, catalog: Catalog, tokens: To
         if bad is not None:
             return f"{folder / CATALOG_NAME} fails SQLite's quick_check ({bad})"
     on_disk = tokens.list_shards()
-    want = (manifest.embed_dim, manifest.token_count, manifest.token_dim, manifest.token_dtype)
-    for name in on_disk:
-        try:
-            s = tokens.schema_of(name)
-        except CollectionFormatError:
-            continue  # a damaged shard is verify's business, not a reason to distrust the manifest
-        if (s["D"], s["T"], s["H"], s["dtype"]) != want:
-            return (f"{folder / MANIFEST_NAME} says embed_dim={want[0]}, token_count={want[1]}, token_dim={want[2]}, "
-                    f"{want[3]}, but token shard {name} holds embed_dim={s['D']}, token_count={s['T']}, "
-                    f"token_dim={s['H']}, {s['dtype']} (the manifest was edited or belongs to another collection)")
     ledger = catalog.shard_ledger()
+    mismatch = manifest_mismatch(folder, manifest, tokens, ledger)
+    if mismatch is not None:
+        return mismatch
     candidates = [s for s in on_disk if ledger.get(s, ("live",))[0] not in ("pending", "doomed")]
     if candidates and not set(catalog.shard_live_rows()) & set(on_disk):
         return (f"{folder / CATALOG_NAME} references none of the {len(candidates)} token shard(s) in "
                 f"{folder / TOKENS_DIR} (it is empty, damaged or belongs to another collection)")
     return None
+
+
+def _identity(manifest: Manifest) -> tuple[Any, ...]:
+    return (manifest.embed_dim, manifest.token_count, manifest.token_dim, manifest.token_dtype, manifest.model_fingerprint)
+
+
+def _shard_identity(schema: dict[str, Any], fallback: str) -> tuple[Any, ...]:
+    return (schema["D"], schema["T"], schema["H"], schema["dtype"], schema["identity"].get("model_fingerprint") or fallback)
+
+
+def manifest_mismatch(folder: Path, manifest: Manifest, tokens: TokenStore,
+                      ledger: dict[str, tuple[str, int, str | None]]) -> str | None:
+    """Whether the manifest contradicts the shards' own schema (shapes, model). A shard that
+    disagrees is trusted over the manifest only when it is proven (its checksum is the one the
+    catalog recorded), or when no shard at all agrees with the manifest; otherwise it is a damaged
+    or foreign shard, which ``verify`` reports."""
+    want = _identity(manifest)
+    agree, disagree = [], []
+    for name in tokens.list_shards():
+        try:
+            s = tokens.schema_of(name)
+        except CollectionFormatError:
+            continue  # a damaged shard is verify's business, not a reason to distrust the manifest
+        (agree if _shard_identity(s, want[4]) == want else disagree).append((name, s))
+    if not disagree:
+        return None
+    proven = [(n, s) for n, s in disagree if ledger.get(n, ("", 0, None))[2] == tokens.checksum(n)]
+    if not proven and agree:
+        return None
+    name, s = (proven or disagree)[0]
+    return (f"{folder / MANIFEST_NAME} says embed_dim={want[0]}, token_count={want[1]}, token_dim={want[2]}, {want[3]}, "
+            f"model {want[4][:12]}, but token shard {name} holds embed_dim={s['D']}, token_count={s['T']}, "
+            f"token_dim={s['H']}, {s['dtype']}, model {_shard_identity(s, want[4])[4][:12]} (the manifest was edited "
+            "or belongs to another collection)")
 
 
 def refuse(folder: Path, problem: str) -> CollectionFormatError:
@@ -124,10 +151,17 @@ def _recover_manifest(folder: Path, actions: list[str]) -> Manifest:
         why = f"{MANIFEST_NAME} was missing"
     except CollectionFormatError as exc:
         why = str(exc)
+    ledger = _readable_ledger(folder)
     if manifest is not None and shapes:
-        have = (manifest.embed_dim, manifest.token_count, manifest.token_dim, manifest.token_dtype)
-        if have not in shapes:
-            why = f"{MANIFEST_NAME} disagreed with the shards' shapes"
+        probe = TokenStore(folder / TOKENS_DIR, 1, 1, 1)
+        if manifest_mismatch(folder, manifest, probe, ledger) is not None:
+            why = f"{MANIFEST_NAME} disagreed with the token shards"
+            proven = {n: s for n, s in schemas.items() if ledger.get(n, ("", 0, None))[2] == probe.checksum(n)}
+            schemas = proven or schemas
+            shapes = Counter((s["D"], s["T"], s["H"], s["dtype"]) for s in schemas.values())
+            prints = {s["identity"].get("model_fingerprint") for s in schemas.values()}
+            if manifest.model_fingerprint not in prints and any(prints):
+                manifest = None  # its identity is the wrong one: take the shards'
     if why is None:
         assert manifest is not None
         return manifest
@@ -139,7 +173,7 @@ def _recover_manifest(folder: Path, actions: list[str]) -> Manifest:
                      if s["identity"].get("model_fingerprint")), None)
     if manifest is not None:
         identity = {"model_name": manifest.model_name, "model_fingerprint": manifest.model_fingerprint,
-                    "strategy": manifest.strategy}
+                    "strategy": manifest.strategy, "image_options": manifest.image_options}
     if identity is None:
         raise CollectionFormatError(f"{why}, and these token shards predate recording the model; restore "
                                     f"{folder / MANIFEST_NAME} from a backup or re-encode with f2b index --reindex")
@@ -153,6 +187,19 @@ def _recover_manifest(folder: Path, actions: list[str]) -> Manifest:
     return fresh
 
 
+def _readable_ledger(folder: Path) -> dict[str, tuple[str, int, str | None]]:
+    try:
+        catalog = Catalog(folder / CATALOG_NAME, readonly=True)
+    except CollectionFormatError:
+        return {}
+    try:
+        return catalog.shard_ledger()
+    except CollectionFormatError:
+        return {}
+    finally:
+        catalog.close()
+
+
 def _recover_catalog(folder: Path, manifest: Manifest, actions: list[str]) -> None:
     path = folder / CATALOG_NAME
     problem = None if path.exists() else f"{CATALOG_NAME} was missing"
@@ -164,6 +211,8 @@ def _recover_catalog(folder: Path, manifest: Manifest, actions: list[str]) -> No
         else:
             try:
                 problem = trust_problem(folder, manifest, catalog, token_store(folder, manifest, catalog), deep=True)
+            except CollectionFormatError as exc:
+                problem = str(exc).split("; nothing was changed")[0]
             finally:
                 catalog.close()
     if problem is None:
@@ -313,8 +362,9 @@ class Health:
                 problems.append(f"token shard {shard} is damaged ({why}); it holds {len(ids_here)} image(s): ids "
                                 f"{_ids_text(ids_here)}")
                 continue
+            hashes = self.catalog.hashes(ids_here) if stored is not None else {}
             wrong = [i for i, r in entries if r >= len(shard_ids) or int(shard_ids[r]) != i
-                     or (good is not None and not good[r])]
+                     or (good is not None and not good[r]) or (stored is not None and stored[r]["hash"] != hashes.get(i))]
             if wrong and why is None:
                 why = f"{len(wrong)} row(s) do not hold the image the catalog expects"
             if why is not None:
@@ -370,14 +420,17 @@ class Health:
         entries = [(i, r) for i, s, r in self.catalog.locations() if s == shard]
         good_mask = None
         shard_ids: list[int] = []
+        stored_hash: list[str] = []
         if (self.tokens.folder / shard).exists():
             try:
                 good_mask = self.tokens.good_rows(shard)
                 shard_ids = self.tokens.raw_ids(shard)
+                stored_hash = [r["hash"] for r in self.tokens.describe_rows(shard) or []]
             except (CollectionFormatError, OSError):
                 pass
-        good = [(i, r) for i, r in entries if good_mask is not None and r < len(shard_ids)
-                and shard_ids[r] == i and good_mask[r]]
+        hashes = self.catalog.hashes([i for i, _ in entries])
+        good = [(i, r) for i, r in entries if good_mask is not None and r < len(shard_ids) and r < len(stored_hash)
+                and shard_ids[r] == i and good_mask[r] and stored_hash[r] == hashes.get(i)]
         lost = sorted({i for i, _ in entries} - {i for i, _ in good})
         actions: list[str] = []
         if good:

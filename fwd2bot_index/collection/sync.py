@@ -43,7 +43,7 @@ def token_store(folder: Path, manifest: Manifest, catalog: Catalog) -> TokenStor
     """The token store of ``folder``, locating images through ``catalog`` and checking each shard
     against the checksum the catalog recorded for it."""
     identity = {"model_name": manifest.model_name, "model_fingerprint": manifest.model_fingerprint,
-                "strategy": manifest.strategy}
+                "strategy": manifest.strategy, "image_options": manifest.image_options}
     return TokenStore(folder / TOKENS_DIR, manifest.token_count, manifest.token_dim, manifest.embed_dim,
                       manifest.token_dtype, catalog.locations, identity, catalog.shard_sha256)
 
@@ -69,10 +69,12 @@ def index_damage(folder: Path, backend: str) -> str | None:
     """Why the saved index cannot be trusted (missing, or not what was saved), or None."""
     if backend != "faiss":
         return None
+    if not (folder / STATE_NAME).exists():
+        return f"{folder / STATE_NAME} is missing"
     state = read_state(folder)
     recorded = state.get("files")
     if not isinstance(recorded, dict):
-        return None if not (folder / STATE_NAME).exists() else f"{folder / STATE_NAME} is unreadable"
+        return f"{folder / STATE_NAME} is unreadable" if not state else None
     present = {p.name: p for p in index_files(folder, backend)}
     for name, digest in recorded.items():
         if name not in present:
@@ -112,19 +114,38 @@ def open_index_for_reader(manifest: Manifest, folder: Path, options: dict[str, A
     return ExactIndex(manifest.embed_dim), damage
 
 
-def fill(index: VectorIndex, tokens: TokenStore, ids: Sequence[int] | None = None, chunk: int = 8192) -> None:
-    """Add stored embeddings (all, or ``ids``) to ``index`` in chunks."""
-    if ids is None:
-        for part_ids, vecs in tokens.iter_embeddings(chunk):
-            index.add(part_ids, vecs)
-        return
+def fill(index: VectorIndex, tokens: TokenStore, ids: Sequence[int] | None = None, chunk: int = 8192) -> list[int]:
+    """Add stored embeddings (all, or ``ids``) to ``index`` in chunks. Images whose shard is missing
+    or damaged are skipped (``verify`` names them) and returned, so one bad shard never stops the
+    rest of the collection from being searchable."""
     assert tokens.locate is not None
+    if ids is None:
+        ids = [i for i, _, _ in tokens.locate(None)]
+    skipped: list[int] = []
     for start in range(0, len(ids), chunk):
         # Locate through the catalog and skip ids deleted meanwhile (a reader racing a writer).
         found = tokens.locate([int(i) for i in ids[start : start + chunk]])
-        if found:
-            part = np.asarray([i for i, _, _ in found], dtype=np.int64)
-            index.add(part, tokens.read_embeddings([(s, r) for _, s, r in found]))
+        by_shard: dict[str, list[tuple[int, int]]] = {}
+        for i, s, r in found:
+            by_shard.setdefault(s, []).append((i, r))
+        for shard, rows in by_shard.items():
+            part = [(i, shard, r) for i, r in rows]
+            for attempt in range(2):
+                try:
+                    vecs = tokens.read_embeddings([(s, r) for _, s, r in part])
+                    index.add(np.asarray([i for i, _, _ in part], dtype=np.int64), vecs)
+                    break
+                except FileNotFoundError:
+                    moved = tokens.locate([i for i, _, _ in part])  # compacted meanwhile: look again
+                    if attempt == 0 and moved and all(s != shard for _, s, _ in moved):
+                        part = moved
+                        continue
+                    log.warning("token shard %s is missing; its %d image(s) are left out of the index", shard, len(rows))
+                except CollectionFormatError as exc:
+                    log.warning("%s; its %d image(s) are left out of the index", exc, len(rows))
+                skipped.extend(i for i, _, _ in part)
+                break
+    return skipped
 
 
 def remove_index_files(folder: Path, backend: str) -> None:

@@ -1,0 +1,278 @@
+"""The damage suite: every part of a collection, damaged every way, then every command.
+
+Parts: catalog.sqlite, manifest.json, the first and the last token shard, index.faiss,
+index.state.json. Damage: truncate to half, zero every byte, delete, flip 64 bytes, swap in another
+collection's copy of the part. Commands: verify (read-only), verify --repair (``Collection.recover``
+then ``repair``), remove, index (a new batch) and the server's writable open plus a search.
+
+After each, the suite checks what a careful operator would: no command calls a damaged collection ok
+(unless the bytes that changed carried nothing, and the content is exactly what it was), every
+message is one line, and after the repair path nothing whose data still exists is lost: each image
+is back with its own tokens, or (its stored data damaged) its file exists so the next ``f2b index``
+re-encodes it, or it is kept in the catalog and reported. No model and no torch: the collection API.
+
+``F2B_DAMAGE_TABLE=path`` writes the damage x command -> outcome table as Markdown.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fwd2bot_index.collection import Collection, CollectionError, Manifest, NewImage
+
+D, T, H = 16, 4, 8
+BATCHES = [range(0, 6), range(6, 12), range(12, 18)]
+PARTS = ["catalog", "manifest", "first shard", "last shard", "index", "state"]
+KINDS = ["truncate", "zero", "delete", "flip", "swap"]
+COMMANDS = ["verify", "repair", "remove", "index", "serve"]
+TABLE: dict[tuple[str, str, str], str] = {}
+
+
+def emb(i: int) -> np.ndarray:
+    return np.random.default_rng(i).normal(size=D).astype(np.float32)
+
+
+def tok(i: int) -> np.ndarray:
+    return np.random.default_rng(1000 + i).normal(size=(T, H)).astype(np.float32)
+
+
+def manifest(fp: str = "fp-demo") -> Manifest:
+    return Manifest(model_name="demo", model_fingerprint=fp, strategy={"embed": "prompt", "tokens": "pool"},
+                    embed_dim=D, token_count=T, token_dim=H)
+
+
+def photo(root: Path, i: int) -> str:
+    """Even images have their file on disk (re-encodable); odd ones do not."""
+    if i % 2:
+        return str(root / "gone" / f"{i}.jpg")
+    path = root / "photos" / f"{i}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"image %d" % i)
+    return str(path)
+
+
+def add(col: Collection, root: Path, nums, salt: str = "") -> list[int]:
+    items = [NewImage(photo(root, i), f"{salt}hash{i}", 10 + i, 1.0, {"i": i}) for i in nums]
+    return col.add_batch(items, np.stack([emb(i) for i in nums]), np.stack([tok(i) for i in nums]))
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("damage")
+    golden = root / "golden"
+    with Collection.create(golden, manifest()) as col:
+        for nums in BATCHES:
+            add(col, root, nums)
+    other = root / "other"
+    with Collection.create(other, manifest("fp-other")) as col:
+        add(col, root / "elsewhere", range(100, 104), salt="x")
+    return root, golden, other
+
+
+def part_path(folder: Path, part: str) -> Path:
+    shards = sorted((folder / "tokens").glob("*.arrow"))
+    return {"catalog": folder / "catalog.sqlite", "manifest": folder / "manifest.json", "first shard": shards[0],
+            "last shard": shards[-1], "index": folder / "index.faiss", "state": folder / "index.state.json"}[part]
+
+
+def damage(folder: Path, other: Path, part: str, kind: str) -> None:
+    path = part_path(folder, part)
+    data = path.read_bytes()
+    if kind == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "zero":
+        path.write_bytes(bytes(len(data)))
+    elif kind == "delete":
+        path.unlink()
+    elif kind == "flip":
+        rng = np.random.default_rng(7)
+        buf = bytearray(data)
+        for pos in rng.integers(len(buf) // 8, len(buf), size=64):
+            buf[pos] ^= 0xFF
+        path.write_bytes(bytes(buf))
+    else:  # swap in the other collection's copy of the same part
+        shutil.copyfile(part_path(other, part), path)
+
+
+def at_risk(part: str, kind: str) -> set[int]:
+    """Images whose stored data this damage may destroy."""
+    if part == "first shard":
+        return set(BATCHES[0])
+    if part == "last shard":
+        return set(BATCHES[-1])
+    return set()
+
+
+def one_line(text: str) -> str:
+    assert "\n" not in text and text.strip(), repr(text)
+    return text
+
+
+def run(command: str, folder: Path, root: Path) -> tuple[str, dict]:
+    """Run one command; returns (outcome for the table, facts for the checks)."""
+    facts: dict = {}
+    try:
+        if command == "verify":
+            with Collection.open(folder) as col:
+                report = col.verify()
+            for p in report.problems:
+                one_line(p)
+            facts["ok"] = report.ok
+            return ("ok" if report.ok else f"not ok: {len(report.problems)} problem(s) named"), facts
+        if command == "repair":
+            actions = Collection.recover(folder)
+            with Collection.open(folder, writable=True) as col:
+                report = col.repair()
+            for line in actions + report.actions + report.problems:
+                one_line(line)
+            facts["ok"] = report.ok
+            done = [a.split(" (")[0].split(":")[0] for a in actions + report.actions[:-1]]
+            return (("repaired" if done else "ok") + (", still reports lost data" if not report.ok else "")), facts
+        with Collection.open(folder, writable=True) as col:
+            if command == "remove":
+                facts["removed"] = col.remove([3, 3])  # image 2 (ids start at 1)
+                col.remove([3])  # idempotent: removing it again is fine
+            elif command == "index":
+                facts["added"] = add(col, root, [50])
+            else:
+                facts["hit"] = col.search(emb(4), k=1)[0].metadata["i"] if len(col) else None
+        return "done", facts
+    except CollectionError as exc:
+        facts["refused"] = one_line(str(exc))
+        return "refused: " + str(exc).split(";")[0].split(" (")[0].replace(str(folder), "…"), facts
+
+
+def intact(folder: Path, removed: set[int]) -> bool:
+    """The collection content is exactly the original (harmless flips)."""
+    try:
+        with Collection.open(folder) as col:
+            rows = col.list_images(0, 1000)
+            nums = sorted(r.metadata["i"] for r in rows)
+            if nums != [i for b in BATCHES for i in b if i not in removed]:
+                return False
+            return all(np.abs(col.get_tokens(r.id) - tok(r.metadata["i"])).max() < 0.01 for r in rows)
+    except CollectionError:
+        return False
+
+
+def check_nothing_lost(folder: Path, root: Path, risk: set[int], removed: set[int]) -> None:
+    """After the repair path: every image is back with its tokens, or re-encodable, or kept and reported."""
+    Collection.recover(folder)
+    with Collection.open(folder, writable=True) as col:
+        report = col.repair()
+        rows = {r.metadata["i"]: r for r in col.list_images(0, 1000)}
+        for i in (i for b in BATCHES for i in b):
+            if i in removed:
+                assert i not in rows
+                continue
+            if i in rows:
+                row = rows[i]
+                if i in risk and row.id in report.bad_rows:
+                    assert not report.ok  # kept, and reported
+                    continue
+                assert np.abs(col.get_tokens(row.id) - tok(i)).max() < 0.01, i
+                assert col.search(emb(i), k=1)[0].id == row.id
+                continue
+            assert i in risk, f"image {i} was lost though its data was intact"
+            path = photo(root, i)
+            assert os.path.exists(path) and [f.path for f in col.plan([path]).to_encode] == [path]
+        assert not [p for p in col.path.glob("tokens/*.arrow") if p.stat().st_size == 0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("part", PARTS)
+def test_damage_loses_nothing_and_is_never_ok(sources, tmp_path, part, kind):
+    root, golden, other = sources
+    for command in COMMANDS:
+        folder = tmp_path / command
+        shutil.copytree(golden, folder)
+        damage(folder, other, part, kind)
+        outcome, facts = run(command, folder, root)
+        TABLE[(part, kind, command)] = outcome
+        removed = {2} if facts.get("removed") else set()
+        if command == "verify" and facts.get("ok"):
+            assert intact(folder, removed), f"{part}/{kind}: damaged content passed verify"
+        check_nothing_lost(folder, root, at_risk(part, kind), removed)
+
+
+def test_remove_of_already_removed_ids_succeeds(sources, tmp_path):
+    root, golden, _ = sources
+    folder = tmp_path / "col"
+    shutil.copytree(golden, folder)
+    with Collection.open(folder, writable=True) as col:
+        assert col.remove([3]) == [3]
+        assert col.remove([3, 999]) == []  # a retry after a crash: nothing left to do, no error
+        assert col.verify().ok
+
+
+def test_litter_is_cleaned_on_open(sources, tmp_path):
+    root, golden, _ = sources
+    folder = tmp_path / "col"
+    shutil.copytree(golden, folder)
+    (folder / f".tmp-{os.getpid()}-index.faiss").write_bytes(b"half an index")
+    (folder / "tokens" / ".tmp-1-x.arrow").write_bytes(b"half a shard")
+    (folder / "qdrant-edge").mkdir()  # a faiss -> qdrant-edge migration killed half way
+    (folder / "qdrant-edge" / "segment").write_bytes(b"x")
+    with Collection.open(folder) as reader:  # readers never delete anything
+        assert (folder / "qdrant-edge").exists()
+    with Collection.open(folder, writable=True) as col:
+        assert col.verify().ok and len(col) == 18
+    assert not list(folder.glob(".tmp-*")) and not list(folder.glob("tokens/.tmp-*"))
+    assert not (folder / "qdrant-edge").exists()
+
+
+def test_disk_full_during_a_batch_is_one_line_and_stores_nothing(sources, tmp_path, monkeypatch):
+    """Fault injection: the shard write hits ENOSPC half way (as pyarrow reports it)."""
+    import errno
+
+    import pyarrow as pa
+
+    root, golden, _ = sources
+    folder = tmp_path / "col"
+    shutil.copytree(golden, folder)
+    real = pa.OSFile
+
+    class Full:
+        def __init__(self, path, mode):
+            self._f = real(path, mode)
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    with Collection.open(folder, writable=True) as col:
+        monkeypatch.setattr(pa, "OSFile", Full)
+        with pytest.raises(CollectionError, match="disk holding .* is full .* nothing of this batch was stored") as err:
+            add(col, root, [60, 61])
+        one_line(str(err.value))
+        monkeypatch.setattr(pa, "OSFile", real)
+        assert len(col) == 18 and not list(folder.glob("tokens/.tmp-*"))
+        add(col, root, [60, 61])  # space is back: the same batch goes in
+        assert len(col) == 20
+    with Collection.open(folder) as col:
+        assert col.verify().ok
+
+
+def test_write_table(request):
+    """Runs last in this file: writes the table when asked (see the module docstring)."""
+    target = os.environ.get("F2B_DAMAGE_TABLE")
+    if not target or not TABLE:
+        pytest.skip("set F2B_DAMAGE_TABLE=path to write the damage table")
+    lines = ["| part | damage | " + " | ".join(COMMANDS) + " |", "|" + "---|" * (2 + len(COMMANDS))]
+    for part in PARTS:
+        for kind in KINDS:
+            lines.append(f"| {part} | {kind} | " + " | ".join(TABLE.get((part, kind, c), "") for c in COMMANDS) + " |")
+    Path(target).write_text("\n".join(lines) + "\n")
