@@ -292,7 +292,9 @@ def remove(
         print_json({"removed": [r["id"] for r in done if r["image_removed"]], "details": done})
         return
     for r in done:
-        if r["path"] is None:
+        if r.get("already_removed"):
+            typer.echo(f"image {r['id']} is not in the collection (already removed); nothing to do")
+        elif r["path"] is None:
             typer.echo(f"removed image {r['id']} (all its paths)")
         elif r["image_removed"]:
             typer.echo(f"removed {r['path']}; it was the last path of image {r['id']}, so the image is removed")

@@ -350,7 +350,15 @@ class ImageService:
         with its last path. One record per ref: ``{"ref", "id", "path", "image_removed", "paths_left"}``."""
         out = []
         for ref in refs:
-            row = self.get(ref)  # NotFoundError before anything is removed
+            try:
+                row = self.get(ref)  # NotFoundError before anything is removed
+            except NotFoundError:
+                if not (isinstance(ref, int) or str(ref).isdigit()):
+                    raise
+                # Already gone (e.g. a retry after a crash): removing is idempotent for ids.
+                out.append({"ref": str(ref), "id": int(ref), "path": None, "image_removed": False, "paths_left": 0,
+                            "already_removed": True})
+                continue
             if isinstance(ref, int) or str(ref).isdigit():
                 gone = self.collection.remove([row.id])
                 out.append({"ref": str(ref), "id": row.id, "path": None, "image_removed": bool(gone), "paths_left": 0})
