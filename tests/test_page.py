@@ -148,3 +148,88 @@ def test_page_is_readable_on_a_phone(server, browser, tmp_path):
     assert box["width"] >= 100
     _shot(page, tmp_path, "phone.png")
     page.close()
+
+
+@pytest.fixture(scope="module")
+def panorama_server(tmp_path_factory):
+    """A private copy of the demo collection plus one 1200x100 panorama, served read-only."""
+    from PIL import Image
+
+    from fwd2bot_index.service import open_service
+
+    demo = demo_collection(tmp_path_factory.getbasetemp() / "api-demo", n=40, seed=0)
+    root = tmp_path_factory.mktemp("pano")
+    coll = demo.copy(root / "collection")
+    (root / "wide").mkdir()
+    strip = Image.linear_gradient("L").resize((1200, 100)).convert("RGB")
+    strip.save(root / "wide" / "panorama.png")
+    with open_service(collection=coll, model=str(demo.model_dir), writable=True) as service:
+        assert service.index([root / "wide"]).indexed == 1
+    live = LiveServer(server=make_server(coll, model=str(demo.model_dir), port=free_port(), writable=False,
+                                         log_level="warning"))
+    with live as url:
+        live.wait_ready()
+        yield url, root / "wide" / "panorama.png"
+
+
+def test_no_good_match_state_and_panorama_keeps_its_shape(panorama_server, browser, tmp_path):
+    """Issue 14: below the score floor the page says "no good match" and dims results; thumbnails are
+    letterboxed in their square tiles, not cropped or stretched."""
+    url, panorama = panorama_server
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(url + "/?q=a+red+circle&floor=2")  # no cosine reaches 2: nothing is a good match
+    page.wait_for_selector("#results .hit")
+    status = page.inner_text("#status")
+    assert "no good match" in status and "24 results" in status, status
+    assert page.locator("#results .hit.weak").count() == 24 and page.locator("#results .divider").count() == 0
+    page.goto(url + "/?q=a+red+circle&floor=-2")  # everything passes: no dimming, no divider
+    page.wait_for_selector("#results .hit")
+    assert page.locator("#results .hit.weak").count() == 0 and "no good match" not in page.inner_text("#status")
+    scores = httpx.post(url + "/v1/search", json={"query": "a red circle", "k": 24}).json()["results"]
+    middle = (scores[3]["score"] + scores[4]["score"]) / 2
+    if scores[3]["score"] > scores[4]["score"]:  # a floor between the 4th and 5th result
+        page.goto(url + f"/?q=a+red+circle&floor={middle}")
+        page.wait_for_selector("#results .hit")
+        assert page.locator("#results .hit:not(.weak)").count() == 4
+        assert page.locator("#results .divider").count() == 1 and "4 above score" in page.inner_text("#status")
+    page.set_input_files("#example-file", str(panorama))
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('like')", timeout=15000)
+    _thumbnails_loaded(page)
+    first = page.locator("#results .hit").first
+    assert first.locator(".name").inner_text() == "panorama.png"
+    shape = first.locator("img").evaluate("""(img) => {
+        const box = img.getBoundingClientRect();
+        return {fit: getComputedStyle(img).objectFit, natural: img.naturalWidth / img.naturalHeight,
+                box: box.width / box.height};
+    }""")
+    assert shape["fit"] == "contain" and abs(shape["box"] - 1) < 0.02, shape
+    assert shape["natural"] > 10, shape  # the server kept the 12:1 shape; `contain` shows all of it
+    _shot(page, tmp_path, "panorama.png")
+    page.close()
+
+
+def test_docs_work_with_no_network(server, browser, tmp_path):
+    """/docs renders Swagger UI from the package's own assets while every non-local request is refused."""
+    url, _ = server
+    html = httpx.get(url + "/docs").text
+    assert "cdn." not in html and "/docs-assets/swagger-ui-bundle.js" in html
+    assert httpx.get(url + "/docs-assets/swagger-ui-bundle.js").status_code == 200
+    page = browser.new_page()
+    outside: list[str] = []
+
+    def only_local(route):
+        if route.request.url.startswith(url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(url + "/docs")
+    page.wait_for_selector(".swagger-ui .opblock", timeout=20000)
+    assert page.locator(".swagger-ui .opblock").count() >= 5
+    assert not [u for u in outside if not u.startswith("data:")], outside
+    page.goto(url + "/redoc")
+    page.wait_for_selector("redoc [role=navigation], .menu-content", timeout=20000)
+    _shot(page, tmp_path, "docs.png")
+    page.close()

@@ -51,20 +51,53 @@ function setImage(img, url) {
     .catch(() => { img.alt += " (thumbnail unavailable)"; });
 }
 
+// Cosine score below which a result is not called a match: the page dims those and says when nothing
+// passes. A rough default for the shipped models; `?floor=0.3` in the page URL sets another.
+const DEFAULT_FLOOR = 0.2;
+
+function scoreFloor() {
+  const given = new URLSearchParams(location.search).get("floor");
+  const value = given === null || given.trim() === "" ? NaN : Number(given);
+  return Number.isFinite(value) ? value : DEFAULT_FLOOR;
+}
+
+function summary(results, label, floor) {
+  const n = results.length;
+  if (!n) return `No results ${label}.`;
+  const plural = `${n} result${n === 1 ? "" : "s"} ${label}`;
+  const good = results.filter((h) => h.score >= floor).length;
+  if (!good) {
+    return `${plural}, but no good match: the best score, ${results[0].score.toFixed(3)}, is below ` +
+      `${floor.toFixed(2)}. The nearest images are shown dimmed.`;
+  }
+  return good === n ? `${plural}.` : `${plural}: ${good} above score ${floor.toFixed(2)}, the rest dimmed.`;
+}
+
 function render(results, label) {
   state.objectUrls.forEach((u) => URL.revokeObjectURL(u));
   state.objectUrls = [];
   const list = $("results");
   list.replaceChildren();
+  const floor = scoreFloor();
+  let dividerShown = false;
   for (const hit of results) {
+    const weak = hit.score < floor;
+    if (weak && !dividerShown && hit !== results[0]) {
+      const divider = document.createElement("li");
+      divider.className = "divider";
+      divider.textContent = `Weaker matches (score below ${floor.toFixed(2)})`;
+      list.append(divider);
+    }
+    dividerShown = dividerShown || weak;
     const li = document.createElement("li");
     const button = document.createElement("button");
     button.type = "button";
-    button.className = "hit";
+    button.className = weak ? "hit weak" : "hit";
     button.dataset.id = hit.id;
     const name = basename(hit.path);
     const score = hit.score.toFixed(3);
-    button.setAttribute("aria-label", `${name}, score ${score}. Open to ask a question`);
+    const note = weak ? ", below the match floor" : "";
+    button.setAttribute("aria-label", `${name}, score ${score}${note}. Open to ask a question`);
     const img = document.createElement("img");
     img.loading = "lazy";
     img.alt = name;
@@ -85,7 +118,7 @@ function render(results, label) {
     li.append(button);
     list.append(li);
   }
-  say(results.length ? `${results.length} result${results.length === 1 ? "" : "s"} ${label}.` : `No results ${label}.`);
+  say(summary(results, label, floor));
 }
 
 async function runSearch(body, label) {
