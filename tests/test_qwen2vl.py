@@ -302,3 +302,21 @@ def test_training_steps_change_both_adapters_and_resume(folders, pairs, tmp_path
     model = Fwd2Bot.from_pretrained(str(out / "model"), device="cpu", dtype="fp32")
     assert model.config.base_family == "qwen2_5_vl" and model.default_strategy.name == "fwd2bot"
     assert model.encode_images(_images()).tokens.shape == (3, 4, 64)
+
+
+def test_base_pretraining_with_staged_pooling_trains_the_merger(folders, pairs, tmp_path):
+    from safetensors.torch import load_file
+
+    from fwd2bot_index.training import run_training
+
+    config = _train_config(folders["qwen2_vl"], pairs, tmp_path / "p", objective="pretrain", max_steps=2,
+                           checkpoint_every=0, pool_schedule="0.5:2,0.5:1")
+    result = run_training(config, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["pool_stride"] for r in rows if r["kind"] == "train"] == [2, 1]
+    merger = "visual.merger.mlp.0.weight"  # as saved (the hub layout)
+    before = load_file(str(folders["qwen2_vl"] / "model.safetensors"))[merger]
+    after = load_file(str(tmp_path / "p" / "model" / "model.safetensors"))[merger]
+    assert not torch.equal(before, after)
+    again = Fwd2Bot.from_pretrained(result.model_dir, device="cpu", dtype="fp32")  # a Qwen2-VL folder again
+    assert again.backbone.family == "qwen2_vl" and again.encode_images(_images()).tokens.shape == (3, 16, 64)

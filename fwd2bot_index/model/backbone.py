@@ -132,6 +132,15 @@ class LlavaBackbone:
     def decoder(self) -> torch.nn.Module:
         return self.hf.model.language_model
 
+    @property
+    def projector(self) -> torch.nn.Module:
+        """The module mapping vision features into the LLM's input space (trained by ``--train-projector``)."""
+        return self.hf.model.multi_modal_projector
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.hf.model.vision_tower
+
     # -- inputs ----------------------------------------------------------------------------
     def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
         """PIL images -> normalized pixel tensor on the model's device and dtype."""

@@ -229,6 +229,14 @@ class Qwen2VLBackbone(LlavaBackbone):
     def pooled_tokens(self, budget: int) -> int:
         return budget
 
+    @property
+    def projector(self) -> torch.nn.Module:
+        return self.hf.model.visual.merger  # the 2x2 patch merger is this family's projector
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.hf.model.visual
+
     # -- inputs ----------------------------------------------------------------------------
     def pixel_values(self, images: Sequence[Any]) -> GridPixels:
         out = self.processor.image_processor(images=list(images), return_tensors="pt")

@@ -36,7 +36,6 @@ import torch
 from ..model import Fwd2Bot, Strategy
 from ..model.backbone import load_backbone
 from ..model.checkpoint import is_checkpoint, resolve_model_name
-from ..model.pooling import pool_by_stride
 from . import state as ckpt
 from .data import ImageLoader, Sample, read_dataset, split_samples
 from .losses import MAX_LOGIT_SCALE, info_nce, recall_at_1
@@ -399,11 +398,11 @@ class Trainer:
                         chosen[f"hf.{name}"] = p
         groups = []
         if parts["projector"]:
-            groups.append(hf.model.multi_modal_projector)
+            groups.append(model.backbone.projector)
         if parts["llm"]:
             groups += [hf.model.language_model, hf.lm_head]
         if self.config.train_vision_tower:
-            groups.append(hf.model.vision_tower)
+            groups.append(model.backbone.vision_tower)
         for module in groups:
             prefix = {id(m): n for n, m in hf.named_modules()}[id(module)]
             for name, p in module.named_parameters():
@@ -484,7 +483,7 @@ class Trainer:
         with self._autocast():
             visual = model.visual_tokens(pixels)
             if cfg.objective == "pretrain":
-                tokens = pool_by_stride(visual, stride)
+                tokens = model.backbone.pool_by_stride(visual, stride)  # per family (Qwen2-VL: per grid)
                 ar = model.pass2_loss(tokens, batch.prompts, batch.targets, kind="full")
                 return {"loss": ar, "autoregressive": ar}
             summary = model.compress(visual, pool_stride=stride)
