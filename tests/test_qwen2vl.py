@@ -168,6 +168,30 @@ def test_pass2_reads_the_stored_tokens(trained, family):
     assert float(a) != pytest.approx(float(b), abs=1e-6)
 
 
+def test_pass2_lays_pooled_tokens_on_their_grid_as_transformers_would(stock):
+    """Pooled tokens in pass 2 get the 3-D positions transformers' get_rope_index gives an image whose merged
+    grid is the pooled grid; rows are left-padded, and batched answers equal one-by-one answers."""
+    model = stock["qwen2_vl"]
+    bb = model.backbone
+    enc = model.encode_images(_images()[:2], strategy="pool@6")  # pooled grid 2x3
+    questions = ["what color?", "how many shapes are in the picture?"]
+    embeds, mask, positions = model._pass2_batch([torch.from_numpy(t) for t in enc.tokens], questions, "pool")
+    pad = bb.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    rows = []
+    for question in questions:
+        parts = bb.chat(model.config.answer_prompt.format(question=question))
+        rows.append(bb.token_ids(parts.before) + [pad] * 6 + bb.token_ids(parts.after))
+    input_ids = torch.tensor([[bb.tokenizer.pad_token_id] * (mask.shape[1] - len(r)) + r for r in rows])
+    assert torch.equal((input_ids != bb.tokenizer.pad_token_id).long(), mask)
+    expected, _ = bb.hf.model.get_rope_index(input_ids, (input_ids == pad).int(),
+                                             image_grid_thw=torch.tensor([[1, 4, 6]] * 2), attention_mask=mask)
+    assert torch.equal(positions, expected)
+    assert bb.stored_positions(mask, [(3, 6), (3, 6)], "fwd2bot") is None  # summary tokens: text positions
+    alone = [model.answer(t, q, max_new_tokens=5, kind="pool") for t, q in zip(enc.tokens, questions)]
+    assert model.answer_batch(list(enc.tokens), questions, max_new_tokens=5, kind="pool") == alone
+    assert "".join(model.answer(enc.tokens[1], questions[1], max_new_tokens=5, stream=True, kind="pool")) == alone[1]
+
+
 def test_checkpoint_round_trip_records_the_family(trained, folders, tmp_path):
     model = trained["qwen2_5_vl"]
     model.save_pretrained(str(tmp_path / "ckpt"))

@@ -231,9 +231,19 @@ class LlavaBackbone:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(hidden)
 
-    def generate(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, streamer=None):
-        """Greedy generation from embedded prompts; returns only the new token ids."""
+    def stored_positions(self, mask: torch.Tensor, blocks: Sequence[tuple[int, int]], kind: str) -> torch.Tensor | None:
+        """Position ids for pass-2 rows holding stored tokens at ``blocks`` (start, count) of each unpadded
+        row; ``None``: consecutive positions (every stored kind in a LLaVA model)."""
+        return None
+
+    def generate(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, streamer=None,
+                 positions: torch.Tensor | None = None):
+        """Greedy generation from embedded prompts; returns only the new token ids.
+
+        ``positions``: explicit position ids of the prompt (new tokens continue from the last one).
+        """
         eos = self.generation_eos()
+        extra = {} if positions is None else {"position_ids": positions}
         return self.hf.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -243,6 +253,7 @@ class LlavaBackbone:
             eos_token_id=eos,
             pad_token_id=self.tokenizer.pad_token_id,
             streamer=streamer,
+            **extra,
         )
 
     # -- identity --------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from torch import nn
 
 from .backbone import LlavaBackbone
 from .config import Fwd2BotConfig, Strategy, StrategyError
+from .layer_pool import run_with_layer_pooling, supports_layer_pooling
 
 PASS1, PASS2 = "pass1", "pass2"
 
@@ -270,17 +271,27 @@ class Fwd2Bot:
     def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.backbone.visual_tokens(pixel_values)
 
-    def compress(self, visual: torch.Tensor, pool_stride: int = 1) -> torch.Tensor:
+    def compress(self, visual: torch.Tensor, pool_stride: int = 1, pool_layer: int = 0) -> torch.Tensor:
         """Pass 1: (B, N, H) visual tokens -> (B, K, H) summary tokens (pass-1 adapter).
 
-        ``pool_stride`` > 1 average-pools the visual tokens before the LLM (LLaVolta's staged
-        compression during training).
+        ``pool_stride`` > 1 average-pools the visual tokens (LLaVolta's staged compression during
+        training; stride s keeps N/s): before decoder layer ``pool_layer`` where the backbone's
+        decoder allows a layer loop (``model.layer_pool``), else before the LLM.
         """
         if self.compressor is None:
             raise StrategyError("this model has no Fwd2Bot compressor")
-        visual = self.backbone.pool_by_stride(visual, pool_stride)
         before, after = self._prompt_embeds(self.config.compress_prompt)
         summary = self.compressor.summary_tokens.to(before.dtype)
+        if pool_stride > 1 and pool_layer > 0 and supports_layer_pooling(self.backbone.decoder) \
+                and getattr(self.backbone, "family", "llava") == "llava":
+            batch = visual.shape[0]
+            seq = torch.cat([before.expand(batch, -1, -1), visual, after.expand(batch, -1, -1),
+                             summary.expand(batch, -1, -1)], dim=1)
+            with self.adapter(PASS1):
+                hidden = run_with_layer_pooling(self.backbone.decoder, seq, before.shape[0], visual.shape[1],
+                                                pool_stride, pool_layer)
+            return hidden[:, -summary.shape[0]:]
+        visual = self.backbone.pool_by_stride(visual, pool_stride)
         with self.adapter(PASS1):
             hidden = self.backbone.run_image_prompt(before, visual, after, tail=summary)
         return hidden[:, -summary.shape[0]:]
@@ -317,7 +328,13 @@ class Fwd2Bot:
     def pass2_inputs(self, tokens: Sequence[torch.Tensor], questions: Sequence[str],
                      kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded input embeddings: [prefix] + stored tokens + [question], per item."""
-        seqs = []
+        return self._pass2_batch(tokens, questions, kind)[:2]
+
+    def _pass2_batch(self, tokens: Sequence[torch.Tensor], questions: Sequence[str],
+                     kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``pass2_inputs`` plus the position ids the backbone lays the stored block out with (``None``:
+        consecutive positions; Qwen2-VL places pooled tokens on their pooled grid)."""
+        seqs, blocks = [], []
         for stored, question in zip(tokens, questions):
             stored = stored.to(self.backbone.device, self.backbone.dtype)
             if kind == "fwd2bot":
@@ -326,7 +343,9 @@ class Fwd2Bot:
             before = self.backbone.embed_ids(self.backbone.token_ids(parts.before, bos=True))
             after = self.backbone.embed_ids(self.backbone.token_ids(parts.after))
             seqs.append(torch.cat([before, stored, after]))
-        return _left_pad(seqs)
+            blocks.append((before.shape[0], stored.shape[0]))
+        embeds, mask = _left_pad(seqs)
+        return embeds, mask, self.backbone.stored_positions(mask, blocks, kind)
 
     def pass2_loss(self, summary: torch.Tensor, prompts: Sequence[str], targets: Sequence[str],
                    kind: str = "fwd2bot") -> torch.Tensor:
@@ -413,9 +432,9 @@ class Fwd2Bot:
         kind = kind or self.default_strategy.tokens
         adapter = PASS2 if kind == "fwd2bot" else None
         with torch.inference_mode():
-            embeds, mask = self.pass2_inputs([self._as_tensor(t) for t in tokens], questions, kind)
+            embeds, mask, positions = self._pass2_batch([self._as_tensor(t) for t in tokens], questions, kind)
             with self.adapter(adapter):
-                out = self.backbone.generate(embeds, mask, max_new_tokens)
+                out = self.backbone.generate(embeds, mask, max_new_tokens, positions=positions)
         return [s.strip() for s in self.backbone.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def answer(self, tokens: Any, question: str, max_new_tokens: int = 32, stream: bool = False,
@@ -430,14 +449,14 @@ class Fwd2Bot:
 
         streamer = TextIteratorStreamer(self.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.inference_mode():
-            embeds, mask = self.pass2_inputs([self._as_tensor(tokens)], [question], kind)
+            embeds, mask, positions = self._pass2_batch([self._as_tensor(tokens)], [question], kind)
         adapter = PASS2 if kind == "fwd2bot" else None
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
                 with torch.inference_mode(), self.adapter(adapter):
-                    self.backbone.generate(embeds, mask, max_new_tokens, streamer=streamer)
+                    self.backbone.generate(embeds, mask, max_new_tokens, streamer=streamer, positions=positions)
             except BaseException as exc:  # surfaced in the consumer's thread below
                 errors.append(exc)
                 streamer.end()

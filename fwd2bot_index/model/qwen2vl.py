@@ -13,8 +13,10 @@ What differs from LLaVA, and the choices made here:
   ``p + max(h, w)``. Summary tokens are *text-like* (all three components equal, consecutive), in pass 1
   (after the compression prompt) and in pass 2 (where they stand in for the image): their relative
   layout is then identical in both passes and independent of the image's size, and pass 2 needs
-  nothing but the stored ``(K, H)`` matrix. Pooled tokens are also placed text-like in pass 2 (the
-  store keeps ``(T, H)`` only); in pass 1 every grid, pooled or not, is placed as a grid.
+  nothing but the stored ``(K, H)`` matrix. Pooled tokens (``pool@N``) are placed in pass 2 on their
+  fixed pooled grid, as transformers would place an image with that merged grid: the grid follows
+  from N alone, so the stored ``(N, H)`` matrix is again all pass 2 needs. In pass 1 every grid,
+  pooled by the training schedule or not, is placed as a grid.
 * **Pooling to a budget** (``pool@N``): each image's merged grid is average-pooled to one fixed grid of
   ``N`` cells (rows x cols, the most square factorization, rows <= cols) with
   ``adaptive_avg_pool2d``: a grid that does not divide evenly gets windows that differ by one cell and
@@ -284,6 +286,22 @@ class Qwen2VLBackbone(LlavaBackbone):
             mask[i, longest - seq.shape[0]:] = 1
             pos[:, i, longest - seq.shape[0]:] = p
         return self.run_decoder(embeds, mask, positions=pos)
+
+    def stored_positions(self, mask: torch.Tensor, blocks: Sequence[tuple[int, int]], kind: str) -> torch.Tensor | None:
+        """Pooled tokens (``pool@N``) sit on their fixed pooled grid, as a small image would; summary tokens
+        (and everything else) keep consecutive text positions, as in pass 1."""
+        if kind != "pool":
+            return None
+        batch, length = mask.shape
+        positions = torch.zeros(3, batch, length, dtype=torch.long, device=mask.device)
+        for i, (start, count) in enumerate(blocks):
+            real = int(mask[i].sum())
+            grid = budget_grid(count)
+            rest = real - start - count
+            positions[:, i, length - real:] = torch.cat([
+                _text_positions(0, start, mask.device), grid_positions(start, grid, mask.device),
+                _text_positions(start + max(grid), rest, mask.device)], dim=1)
+        return positions
 
     def pool_to_budget(self, visual: GridTokens, budget: int) -> torch.Tensor:
         """(B, budget, H): every image's grid pooled to the same ``budget_grid(budget)``."""
