@@ -1,8 +1,10 @@
 """The damage suite: every part of a collection, damaged every way, then every command.
 
 Parts: catalog.sqlite, manifest.json, the first and the last token shard, index.faiss,
-index.state.json. Damage: truncate to half, zero every byte, delete, flip 64 bytes, swap in another
-collection's copy of the part. Commands: verify (read-only), verify --repair (``Collection.recover``
+index.state.json. Damage: truncate to half, empty (0 bytes), zero every byte, delete, flip 64 bytes,
+swap in another collection's copy of the part, and a plausible edit that keeps the file valid (catalog:
+every image row deleted; manifest: embed_dim changed; shard: embeddings negated; index: an empty index
+of the right kind; state: a wrong catalog version). Commands: verify (read-only), verify --repair (``Collection.recover``
 then ``repair``), remove, index (a new batch) and the server's writable open plus a search.
 
 After each, the suite checks what a careful operator would: no command calls a damaged collection ok
@@ -28,7 +30,7 @@ from fwd2bot_index.collection import Collection, CollectionError, Manifest, NewI
 D, T, H = 16, 4, 8
 BATCHES = [range(0, 6), range(6, 12), range(12, 18)]
 PARTS = ["catalog", "manifest", "first shard", "last shard", "index", "state"]
-KINDS = ["truncate", "zero", "delete", "flip", "swap"]
+KINDS = ["truncate", "empty", "zero", "delete", "flip", "swap", "edit"]
 COMMANDS = ["verify", "repair", "remove", "index", "serve"]
 TABLE: dict[tuple[str, str, str], str] = {}
 
@@ -95,8 +97,48 @@ def damage(folder: Path, other: Path, part: str, kind: str) -> None:
         for pos in rng.integers(len(buf) // 8, len(buf), size=64):
             buf[pos] ^= 0xFF
         path.write_bytes(bytes(buf))
-    else:  # swap in the other collection's copy of the same part
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "swap":  # the other collection's copy of the same part
         shutil.copyfile(part_path(other, part), path)
+    else:
+        edit(folder, part, path)
+
+
+def edit(folder: Path, part: str, path: Path) -> None:
+    """A change that leaves the file well-formed: only meaning-level checks can catch it."""
+    import json
+    import sqlite3
+
+    if part == "catalog":
+        db = sqlite3.connect(path)
+        db.execute("DELETE FROM images")
+        db.commit()
+        db.close()
+    elif part == "manifest":
+        data = json.loads(path.read_text())
+        data["embed_dim"] = 32
+        path.write_text(json.dumps(data))
+    elif part.endswith("shard"):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.ipc as ipc
+
+        with pa.memory_map(str(path)) as src:
+            table = ipc.open_file(src).read_all()
+        emb_col = table.column("embedding").combine_chunks()
+        negated = pa.FixedSizeListArray.from_arrays(pc.negate(emb_col.values), D)
+        table = table.set_column(table.schema.get_field_index("embedding"), "embedding", negated)
+        with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    elif part == "index":
+        import faiss
+
+        faiss.write_index(faiss.IndexIDMap(faiss.IndexFlatIP(D)), str(path))
+    else:
+        data = json.loads(path.read_text())
+        data["catalog_version"] = 12345
+        path.write_text(json.dumps(data))
 
 
 def at_risk(part: str, kind: str) -> set[int]:
@@ -131,8 +173,7 @@ def run(command: str, folder: Path, root: Path) -> tuple[str, dict]:
             for line in actions + report.actions + report.problems:
                 one_line(line)
             facts["ok"] = report.ok
-            done = [a.split(" (")[0].split(":")[0] for a in actions + report.actions[:-1]]
-            return (("repaired" if done else "ok") + (", still reports lost data" if not report.ok else "")), facts
+            return summarize(actions + report.actions, report.ok), facts
         with Collection.open(folder, writable=True) as col:
             if command == "remove":
                 facts["removed"] = col.remove([3, 3])  # image 2 (ids start at 1)
@@ -145,6 +186,26 @@ def run(command: str, folder: Path, root: Path) -> tuple[str, dict]:
     except CollectionError as exc:
         facts["refused"] = one_line(str(exc))
         return "refused: " + str(exc).split(";")[0].split(" (")[0].replace(str(folder), "…"), facts
+
+
+def summarize(actions: list[str], ok: bool) -> str:
+    """The repair's actions in a few words for the table."""
+    tags = []
+    for a in actions:
+        if a.startswith("rebuilt manifest.json"):
+            tags.append("manifest rebuilt from shards")
+        elif a.startswith("rebuilt catalog.sqlite"):
+            tags.append("catalog rebuilt: " + a.split(": ")[1].split(" (")[0])
+        elif "intact image(s) into" in a:
+            tags.append("salvaged " + a.split("copied ")[1].split(" ")[0])
+        elif "are re-encoded by the next" in a:
+            tags.append(a.split(": ")[1].split(" ")[0] + " to re-encode (files exist)")
+        elif "files are gone; kept" in a:
+            tags.append(a.split(": ")[1].split(" ")[0] + " kept and reported (no file)")
+        elif a.startswith("imported"):
+            tags.append(a.split(" image")[0])
+    tags.append("index rebuilt")
+    return ", ".join(tags) + ("" if ok else "; verify still not ok")
 
 
 def intact(folder: Path, removed: set[int]) -> bool:
@@ -181,7 +242,12 @@ def check_nothing_lost(folder: Path, root: Path, risk: set[int], removed: set[in
             assert i in risk, f"image {i} was lost though its data was intact"
             path = photo(root, i)
             assert os.path.exists(path) and [f.path for f in col.plan([path]).to_encode] == [path]
-        assert not [p for p in col.path.glob("tokens/*.arrow") if p.stat().st_size == 0]
+        # a damaged shard stays only while kept images still point at it (and verify says so)
+        live = set(col.catalog.shard_live_rows())
+        for p in col.path.glob("tokens/*.arrow"):
+            assert p.name in live
+            if p.name in report.damaged_shards or p.name in report.missing_shards:
+                assert not report.ok
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -198,6 +264,23 @@ def test_damage_loses_nothing_and_is_never_ok(sources, tmp_path, part, kind):
         if command == "verify" and facts.get("ok"):
             assert intact(folder, removed), f"{part}/{kind}: damaged content passed verify"
         check_nothing_lost(folder, root, at_risk(part, kind), removed)
+
+
+def test_a_collection_without_its_manifest_is_never_recreated_over(sources, tmp_path):
+    """``f2b index`` on a folder whose manifest is gone would create a collection there: refused."""
+    from fwd2bot_index.collection import CollectionExistsError
+
+    root, golden, _ = sources
+    folder = tmp_path / "col"
+    shutil.copytree(golden, folder)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(CollectionExistsError, match="no manifest.json; run f2b verify --repair") as err:
+        Collection.create(folder, manifest())
+    one_line(str(err.value))
+    assert len(list((folder / "tokens").glob("*.arrow"))) == 3 and (folder / "catalog.sqlite").exists()
+    assert any("rebuilt manifest.json" in a for a in Collection.recover(folder))
+    with Collection.open(folder, writable=True) as col:
+        assert len(col) == 18 and col.verify().ok
 
 
 def test_remove_of_already_removed_ids_succeeds(sources, tmp_path):
@@ -266,7 +349,7 @@ def test_disk_full_during_a_batch_is_one_line_and_stores_nothing(sources, tmp_pa
         assert col.verify().ok
 
 
-def test_write_table(request):
+def test_zz_write_table(request):
     """Runs last in this file: writes the table when asked (see the module docstring)."""
     target = os.environ.get("F2B_DAMAGE_TABLE")
     if not target or not TABLE:
@@ -276,3 +359,32 @@ def test_write_table(request):
         for kind in KINDS:
             lines.append(f"| {part} | {kind} | " + " | ".join(TABLE.get((part, kind, c), "") for c in COMMANDS) + " |")
     Path(target).write_text("\n".join(lines) + "\n")
+
+
+def test_the_cli_says_it_in_one_line_and_repairs(sources, tmp_path):
+    """``f2b verify`` / ``verify --repair`` / ``remove`` on a damaged copy, as a user runs them (no model needed)."""
+    from typer.testing import CliRunner
+
+    from fwd2bot_index.cli.main import app
+
+    root, golden, other = sources
+    folder = tmp_path / "col"
+    shutil.copytree(golden, folder)
+    damage(folder, other, "catalog", "zero")
+    runner = CliRunner()
+    refused = runner.invoke(app, ["remove", "3", "--collection", str(folder)])
+    assert refused.exit_code == 1
+    message = refused.output.strip()
+    assert "\n" not in message and "not a readable catalog" in message and "f2b verify --repair" in message
+    assert len(list((folder / "tokens").glob("*.arrow"))) == 3  # nothing was deleted
+    assert runner.invoke(app, ["verify", "--collection", str(folder)]).exit_code == 1
+    repaired = runner.invoke(app, ["verify", "--repair", "--collection", str(folder)])
+    assert repaired.exit_code == 0, repaired.output
+    assert "repaired: rebuilt catalog.sqlite from 3 token shard(s): 18 image(s)" in repaired.output
+    assert runner.invoke(app, ["verify", "--collection", str(folder)]).exit_code == 0
+    for _ in range(2):  # the second time the image is already gone: still exit 0
+        done = runner.invoke(app, ["remove", "3", "--collection", str(folder)])
+        assert done.exit_code == 0, done.output
+    assert "already removed" in done.output
+    with Collection.open(folder) as col:
+        assert len(col) == 17 and col.verify().ok

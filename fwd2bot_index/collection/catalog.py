@@ -235,10 +235,12 @@ class Catalog:
             row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         except sqlite3.OperationalError:
             row = None
-        if row is None or int(row[0]) > SCHEMA_VERSION:
-            found = row[0] if row else "none"
+        if row is None:
+            raise CollectionFormatError(_damaged(self.path, "it holds no catalog: empty, or not written by fwd2bot-index"))
+        if int(row[0]) > SCHEMA_VERSION:
             raise CollectionFormatError(
-                f"{self.path}: catalog schema version {found} is not supported (expected {SCHEMA_VERSION})"
+                f"{self.path}: catalog schema version {row[0]} is newer than this fwd2bot-index understands "
+                f"({SCHEMA_VERSION}); upgrade fwd2bot-index"
             )
 
     def version(self) -> int:
@@ -564,7 +566,7 @@ def _json_value(key: str, value: Any) -> Any:
     raise FilterError(f"filter on {key!r}: value {value!r} must be a number, text, true/false or null")
 
 
-def _damaged(path: Path, exc: BaseException) -> str:
+def _damaged(path: Path, exc: BaseException | str) -> str:
     return (f"{path} is not a readable catalog ({exc}); nothing was changed. Run f2b verify --repair "
             f"--collection {path.parent} to rebuild it from the token shards (the damaged file is kept aside)")
 

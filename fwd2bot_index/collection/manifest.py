@@ -69,12 +69,18 @@ class Manifest(BaseModel):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
+            if any((Path(folder) / "tokens").glob("*.arrow")):
+                raise CollectionFormatError(
+                    f"{path} is missing but {Path(folder) / 'tokens'} holds token shards; run f2b verify --repair "
+                    f"--collection {folder} to rebuild it from them"
+                ) from None
             raise CollectionNotFoundError(
                 f"no collection at {folder} ({MANIFEST_NAME} is missing); index some images into it first "
                 f"(f2b index PHOTOS --collection {folder})"
             ) from None
         except (OSError, ValueError) as exc:
-            raise CollectionFormatError(f"{path} is unreadable ({exc}); restore it from a backup") from None
+            raise CollectionFormatError(f"{path} is unreadable ({exc}); run f2b verify --repair --collection {folder} "
+                                        "to rebuild it from the token shards, or restore it from a backup") from None
         version = data.get("format_version", 0) if isinstance(data, dict) else 0
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise CollectionFormatError(
@@ -84,7 +90,10 @@ class Manifest(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise CollectionFormatError(f"{path} is not a valid manifest: {exc}") from None
+            first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+            where = ".".join(str(p) for p in first["loc"]) or "it"
+            raise CollectionFormatError(f"{path} is not a valid manifest ({where}: {first['msg']}); run f2b verify "
+                                        f"--repair --collection {folder} to rebuild it from the token shards") from None
 
     def touch(self) -> None:
         """Record that the collection content changed now."""

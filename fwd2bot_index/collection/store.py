@@ -173,6 +173,11 @@ class Collection(IndexSync, Health, Maintenance):
                     f"{folder} already holds a collection; open it, pick another --collection folder, or "
                     f"re-encode everything with --reindex"
                 )
+            if not overwrite and ((folder / CATALOG_NAME).exists() or any((folder / TOKENS_DIR).glob("*.arrow"))):
+                raise CollectionExistsError(  # a collection that lost its manifest: never wipe it
+                    f"{folder} holds a collection's catalog or token shards but no {MANIFEST_NAME}; run f2b verify "
+                    f"--repair --collection {folder} to rebuild it, or pass --reindex to replace everything"
+                )
             wipe(folder)
             updates: dict[str, Any] = {"created": utc_now(), "updated": utc_now()}
             if backend is not None:

@@ -90,20 +90,36 @@ class _Shard:
         self.check = batch.column("check").to_pylist() if "check" in names else None
         self._batch = batch
 
-    def describe(self) -> list[dict[str, Any]] | None:
-        """Per row ``{"id", "hash", "size", "metadata", "paths"}`` (format 2), None for format 1 shards."""
+    def _texts(self) -> dict[str, list[Any]] | None:
         if self._batch is None or "paths" not in self._batch.schema.names:
             return None
-        cols = {k: self._batch.column(k).to_pylist() for k in _DESCRIBE}
-        return [{"id": int(self.ids[r]), "hash": cols["hash"][r], "size": int(cols["size"][r]),
-                 "metadata": cols["metadata"][r], "paths": json.loads(cols["paths"][r])} for r in range(self.n)]
+        return {k: self._batch.column(k).to_pylist() for k in _DESCRIBE}
+
+    def describe(self) -> list[dict[str, Any]] | None:
+        """Per row ``{"id", "hash", "size", "metadata", "paths"}`` (format 2), None for format 1 shards.
+        A row whose text columns are garbled gets ``paths`` [] (its row check fails anyway)."""
+        cols = self._texts()
+        if cols is None:
+            return None
+        out = []
+        for r in range(self.n):
+            try:
+                paths = json.loads(cols["paths"][r])
+                paths = [[str(p), int(s), float(m)] for p, s, m in paths]
+            except (TypeError, ValueError):
+                paths = []
+            out.append({"id": int(self.ids[r]), "hash": str(cols["hash"][r]), "size": int(cols["size"][r] or 0),
+                        "metadata": str(cols["metadata"][r]), "paths": paths})
+        return out
 
     def good_rows(self) -> np.ndarray | None:
         """Boolean mask of rows whose per-row check still matches (None: format 1, no checks)."""
         if self.check is None:
             return None
+        cols = self._texts()
         return np.array([_row_check(self.ids[r], self.embeddings[r], self.tokens[r],
-                                    None if self.scale is None else self.scale[r]) == self.check[r]
+                                    None if self.scale is None else self.scale[r],
+                                    None if cols is None else [cols[k][r] for k in _DESCRIBE]) == self.check[r]
                          for r in range(self.n)], dtype=bool)
 
     def tokens_f32(self, rows: np.ndarray) -> np.ndarray:
@@ -121,10 +137,14 @@ def _flat(arr: pa.Array) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=True)
 
 
-def _row_check(image_id: Any, emb: np.ndarray, raw: np.ndarray, scale: np.ndarray | None) -> bytes:
+def _row_check(image_id: Any, emb: np.ndarray, raw: np.ndarray, scale: np.ndarray | None,
+               texts: list[Any] | None = None) -> bytes:
+    """8-byte BLAKE2b of one row: id, embedding, tokens (+ scale) and its descriptive columns."""
     h = hashlib.blake2b(digest_size=8)
     for part in (np.int64(image_id), emb, raw) + (() if scale is None else (scale,)):
         h.update(np.ascontiguousarray(part).tobytes())
+    if texts is not None:
+        h.update(json.dumps(texts, default=str).encode("utf-8", "surrogatepass"))
     return h.digest()
 
 
@@ -201,16 +221,16 @@ class TokenStore:
         if scale is not None:
             columns.append(pa.FixedSizeListArray.from_arrays(pa.array(scale.reshape(-1)), self.token_count))
             names.append("scale")
+        texts: list[list[Any]] | None = None
         if describe is not None:
-            columns += [
-                pa.array([str(d["hash"]) for d in describe], pa.string()),
-                pa.array([int(d["size"]) for d in describe], pa.int64()),
-                pa.array([d["metadata"] if isinstance(d["metadata"], str) else json.dumps(d["metadata"], sort_keys=True)
-                          for d in describe], pa.string()),
-                pa.array([json.dumps(d["paths"]) for d in describe], pa.string()),
-            ]
+            texts = [[str(d["hash"]), int(d["size"]),
+                      d["metadata"] if isinstance(d["metadata"], str) else json.dumps(d["metadata"], sort_keys=True),
+                      json.dumps(d["paths"])] for d in describe]
+            columns += [pa.array([t[k] for t in texts], kind)
+                        for k, kind in enumerate((pa.string(), pa.int64(), pa.string(), pa.string()))]
             names += list(_DESCRIBE)
-        checks = [_row_check(ids[r], emb[r], raw[r], None if scale is None else scale[r]) for r in range(len(ids))]
+        checks = [_row_check(ids[r], emb[r], raw[r], None if scale is None else scale[r],
+                             None if texts is None else texts[r]) for r in range(len(ids))]
         columns.append(pa.array(checks, pa.binary(8)))
         names.append("check")
         batch = pa.record_batch(columns, names=names)
