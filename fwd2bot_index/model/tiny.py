@@ -26,12 +26,9 @@ CHAT_TEMPLATE_FALLBACK = "USER: {prompt} ASSISTANT:"
 
 
 @dataclass(frozen=True)
-class TinySpec:
-    """Geometry of a tiny LLaVA: image size / patch set the number of visual tokens."""
+class _TinyWidths:
+    """Widths and depths every tiny family shares (vision tower and LLM)."""
 
-    text_family: str = "llama"  # "llama" or "qwen2"
-    image_size: int = 32
-    patch_size: int = 8
     vision_hidden: int = 32
     vision_layers: int = 2
     hidden: int = 64
@@ -40,6 +37,15 @@ class TinySpec:
     kv_heads: int = 2
     intermediate: int = 128
     vocab_size: int = 512
+
+
+@dataclass(frozen=True)
+class TinySpec(_TinyWidths):
+    """Geometry of a tiny LLaVA: image size / patch set the number of visual tokens."""
+
+    text_family: str = "llama"  # "llama" or "qwen2"
+    image_size: int = 32
+    patch_size: int = 8
     max_positions: int = 1024
 
     @property
@@ -177,19 +183,11 @@ _QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
 
 
 @dataclass(frozen=True)
-class TinyQwenSpec:
+class TinyQwenSpec(_TinyWidths):
     """Geometry of a tiny Qwen2-VL / Qwen2.5-VL (real patch 14 and 2x2 merge, tiny widths)."""
 
     version: str = "2"  # "2" (Qwen2-VL) or "2.5" (Qwen2.5-VL)
-    vision_hidden: int = 32
-    vision_layers: int = 2
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 128
     mrope_section: tuple[int, int, int] = (2, 3, 3)  # sums to head_dim / 2
-    vocab_size: int = 512
     min_pixels: int = 56 * 56
     max_pixels: int = 224 * 224
 
