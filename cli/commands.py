@@ -176,14 +176,23 @@ def search(
     offset: int = typer.Option(0, "--offset", min=0, help="Skip this many results (pagination)."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop results below this cosine score."),
     filters: Optional[List[str]] = typer.Option(None, "--filter", help="key=value metadata filter (repeatable; key>=v, key<=v)."),
+    local: bool = typer.Option(False, "--local",
+                               help="Load the model in this process even when `f2b serve` of this collection runs."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Search the collection by text, by image, or by a stored image."""
+    """Search the collection by text, by image, or by a stored image.
+
+    While `f2b serve` of the same collection runs, text and --like ID searches are answered by it
+    (no model load here: well under a second instead of several).
+    """
     check(model=model, device=device, dtype=dtype)
-    with user_errors():
-        with _service(collection, model, device, dtype) as service:
-            hits = service.search(text=text, image=str(image) if image else None, like=like, k=k,
-                                  filter=_parse_filters(filters), offset=offset, min_score=min_score)
+    hits = None if local or model else _search_via_server(collection, text, image, like, k, offset, min_score,
+                                                                         filters)
+    if hits is None:
+        with user_errors():
+            with _service(collection, model, device, dtype) as service:
+                hits = service.search(text=text, image=str(image) if image else None, like=like, k=k,
+                                      filter=_parse_filters(filters), offset=offset, min_score=min_score)
     if as_json:
         print_json([{"id": int(h.id), "path": str(h.path), "score": float(h.score)} for h in hits])
         return
@@ -191,6 +200,37 @@ def search(
         typer.echo("no results")
     for rank, h in enumerate(hits, offset + 1):
         typer.echo(f"{rank:>3}. {h.score:+.4f}  [{h.id}]  {h.path}")
+
+
+def _search_via_server(collection: Optional[Path], text: Optional[str], image: Optional[Path], like: Optional[str],
+                       k: int, offset: int, min_score: Optional[float], filters: Optional[List[str]]):
+    """Hits from a running `f2b serve` of this collection, or None (then the search runs here, and
+    says what is wrong with an empty query, an example image, a path for --like or two queries)."""
+    if image is not None or (text is not None and like is not None):
+        return None
+    if text is not None and text.strip():
+        body: dict = {"query": text}
+    elif text is None and like is not None and like.isdigit():
+        body = {"like": int(like)}
+    else:
+        return None
+    from .remote import RemoteError, find_server, remote_search
+
+    record = find_server(collection_path(collection))
+    if record is None:
+        return None
+    body.update(k=k, offset=offset)
+    if min_score is not None:
+        body["min_score"] = min_score
+    if filters:
+        body["filter"] = _parse_filters(filters)
+    try:
+        hits = remote_search(record, body)
+    except RemoteError as exc:
+        raise fail(str(exc))
+    if hits is not None:
+        err(f"(answered by the running f2b serve at {record['url']}; --local to load the model here)")
+    return hits
 
 
 @app.command()
@@ -321,7 +361,9 @@ def serve(
         import torch
 
         torch.set_num_threads(threads)
-    with user_errors():
+    from .remote import announce
+
+    with user_errors(), announce(collection_path(collection), host, port):
         from fwd2bot_index.api import serve as run_server
 
         run_server(collection_path(collection), model=model, device=device, dtype=dtype, host=host, port=port,

@@ -43,14 +43,18 @@ class NotFoundError(ServiceError, LookupError):
 def user_error_types() -> tuple[type[BaseException], ...]:
     """The exceptions whose message is the whole story for a user: shells print it, with no traceback.
 
-    Model errors join only once the model package was imported (before that none of them can have
-    been raised), so an early mistake does not pay seconds for importing torch.
+    Model errors join only once the model's torch half was imported (before that none of them can
+    have been raised), so an early mistake does not pay seconds for importing torch.
     """
     import sys
 
     errors: list[type[BaseException]] = [ServiceError, CollectionError, ImageDecodeError, ScanError, OptionError,
                                          FilterError, FileNotFoundError]
-    if "fwd2bot_index.model" in sys.modules:
+    if "fwd2bot_index.model.config" in sys.modules:
+        from .model.config import StrategyError
+
+        errors.append(StrategyError)
+    if "fwd2bot_index.model.backbone" in sys.modules:
         from .model import (CheckpointMismatchError, ModelLoadError, StrategyError, UnsupportedModelError,
                             UntrainedCompressorError)
 

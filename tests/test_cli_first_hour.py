@@ -203,3 +203,38 @@ def test_ctrl_c_during_index_says_what_was_kept(tmp_path, model_dir):
                            text=True, timeout=300)
     report = json.loads(rerun.stdout)
     assert report["indexed"] + report["unchanged"] == 80
+
+
+def test_search_goes_through_a_running_server_and_falls_back(tmp_path, model_dir, monkeypatch):
+    """Cold start: with `f2b serve` of the collection running, `f2b search` asks it (same hits as a local
+    search); a record left by a dead server is ignored and removed."""
+    from fwd2bot_index.api import make_server
+    from fwd2bot_index.api.testing import LiveServer, free_port
+    from fwd2bot_index.cli.remote import announce, find_server
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    write_demo_data(tmp_path / "d", n=12, seed=6)
+    coll = tmp_path / "c"
+    assert runner.invoke(app, ["index", str(tmp_path / "d" / "images"), "-c", str(coll), "-m", str(model_dir),
+                               "--device", "cpu"]).exit_code == 0
+    query = ["search", "a red circle", "-c", str(coll), "-k", "5", "--json"]
+    local = runner.invoke(app, query + ["--local"])
+    assert local.exit_code == 0 and "answered by" not in local.stderr
+    port = free_port()
+    live = LiveServer(server=make_server(coll, model=str(model_dir), port=port, writable=False, log_level="warning"))
+    with live, announce(coll, "127.0.0.1", port):
+        live.wait_ready()
+        served = runner.invoke(app, query)
+        assert served.exit_code == 0 and "answered by the running f2b serve" in served.stderr, served.output
+        like = runner.invoke(app, ["search", "--like", "1", "-c", str(coll), "-k", "3", "--json"])
+        assert like.exit_code == 0 and "answered by" in like.stderr
+    mine, theirs = json.loads(local.stdout), json.loads(served.stdout)
+    assert [h["id"] for h in mine] == [h["id"] for h in theirs]
+    assert np.allclose([h["score"] for h in mine], [h["score"] for h in theirs], atol=1e-4)
+    with announce(coll, "127.0.0.1", free_port()) as record:  # a record whose process then dies
+        data = json.loads(record.read_text())
+    record.write_text(json.dumps({**data, "pid": 2 ** 22 + 12345}))  # beyond pid_max: no such process
+    assert find_server(coll) is None and not record.exists()
+    fallback = runner.invoke(app, query)
+    assert fallback.exit_code == 0 and "answered by" not in fallback.stderr
+    assert [h["id"] for h in json.loads(fallback.stdout)] == [h["id"] for h in mine]
