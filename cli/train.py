@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .main import DeviceOpt, DtypeOpt, JsonOpt, app, fail, print_json
+from .main import DeviceOpt, DtypeOpt, JsonOpt, app, check, fail, print_json
 
 
 @app.command()
@@ -56,6 +56,8 @@ def train(
     """Train a Fwd2Bot compressor: pass 1 -> summary tokens (contrastive), pass 2 -> answers (autoregressive)."""
     options = {k: v for k, v in locals().items() if k not in ("config", "recipe", "quick", "as_json", "resume", "dtype")}
     from .commands import user_errors
+
+    check(device=device, dtype=dtype, model=model if recipe is None else None)
 
     if recipe is not None:
         _run_recipe(recipe, quick, output_dir, device, seed, as_json)
