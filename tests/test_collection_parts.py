@@ -158,7 +158,7 @@ def test_catalog_filters(catalog):
 
 
 def test_standard_metadata_filters_use_an_index(catalog):
-    from fwd2bot_index.collection.catalog import _compile_filter
+    from fwd2bot_index.collection.filters import _compile_filter
 
     where, params = _compile_filter({"camera_make": "Canon", "date_taken>=": "2020"})
     plan = catalog._db.execute(f"EXPLAIN QUERY PLAN SELECT id FROM images WHERE {where}", params).fetchall()

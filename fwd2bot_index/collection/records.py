@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .index import normalize
 
 __all__ = ["FileStat", "Hit", "IndexPlan", "NewImage", "VerifyReport"]
 
@@ -139,3 +141,22 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"{type(value).__name__} value {value!r}")
+
+
+def check_batch(m: Any, folder: Any, items: Sequence[NewImage], embeddings: np.ndarray,
+                tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Shapes and finiteness of one batch against the manifest ``m``; normalized embeddings out."""
+    n = len(items)
+    emb = np.asarray(embeddings, dtype=np.float32)
+    tok = np.asarray(tokens, dtype=np.float32)
+    if emb.shape != (n, m.embed_dim):
+        raise ValueError(f"embeddings have shape {emb.shape}, expected ({n}, {m.embed_dim}) for "
+                         f"{n} images in collection {folder} ({m.describe_model()})")
+    if tok.shape != (n, m.token_count, m.token_dim):
+        raise ValueError(f"tokens have shape {tok.shape}, expected ({n}, {m.token_count}, {m.token_dim}) "
+                         f"for collection {folder} ({m.describe_model()})")
+    bad = ~np.isfinite(emb).all(axis=1) | ~np.isfinite(tok.reshape(n, -1)).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{items[int(np.flatnonzero(bad)[0])].path}: its embedding or tokens contain NaN/inf; "
+                         "nothing of this batch was stored")
+    return (normalize(emb, "embedding") if n else emb.reshape(0, m.embed_dim)), tok
