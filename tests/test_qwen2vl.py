@@ -36,11 +36,18 @@ def one_thread():
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen")
-    return {
+    made = {
         "qwen2_vl": save_tiny_qwen2vl(root / "qwen2vl", TinyQwenSpec(version="2"), seed=0),
         "qwen2_5_vl": save_tiny_qwen2vl(root / "qwen25vl", TinyQwenSpec(version="2.5"), seed=1,
                                         chat_template=OTHER_TEMPLATE, template_file="chat_template.jinja"),
     }
+    # the older hub layout of preprocessor_config.json: top-level min_pixels / max_pixels, no "size"
+    pre = made["qwen2_5_vl"] / "preprocessor_config.json"
+    data = json.loads(pre.read_text())
+    size = data.pop("size")
+    data.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"], processor_class="Qwen2VLProcessor")
+    pre.write_text(json.dumps(data))
+    return made
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +88,7 @@ def test_folder_loads_through_the_ordinary_loader(stock, folders, family):
     assert parts.before.endswith("<|vision_start|>") and parts.after.startswith("<|vision_end|>Summary")
     assert ("You are a helpful assistant" in parts.before) == (family == "qwen2_vl")  # each folder's own template
     assert model.default_strategy.name == "prompt+pool@16"
+    assert model.image_options == {"min_pixels": 56 * 56, "max_pixels": 224 * 224}  # read from either layout
 
 
 @pytest.mark.parametrize("family", FAMILIES)
