@@ -33,11 +33,9 @@ def _targets(collection: Optional[Path], model: Optional[str], strategies: Optio
         from fwd2bot_index.service import open_service
 
         return [CollectionTarget(open_service(collection, model=model, device=device, dtype=dtype))]
-    from fwd2bot_index.model import load_model
-    from fwd2bot_index.model.backbone import quiet_transformers
+    from fwd2bot_index.service import load_checked_model
 
-    quiet_transformers()
-    loaded = load_model(model_name(model), device=device, dtype=dtype)
+    loaded = load_checked_model(model_name(model), None, device, dtype)  # quiets transformers' logging too
     return [ModelTarget(loaded, s) for s in (strategies or [None])]
 
 
