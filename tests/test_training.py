@@ -306,3 +306,50 @@ def test_settings_from_cli_and_validation(tmp_path):
     assert "batch_size" in str(err.value) and "pool_schedule" in str(err.value) and "objective" in str(err.value)
     assert TrainConfig(objective="pretrain").parts() == {"summary_tokens": False, "adapters": False, "heads": False,
                                                          "projector": True, "llm": True}
+
+
+def test_llavolta_pools_inside_the_llm_at_the_reference_layers():
+    """LLaVolta's reference schedule: stride 8 before layer 2, stride 2 before layer 2, stride 2 before
+    layer 16 (capped at a shallow LLM's last layer), then none; the layer-0 variant keeps the strides."""
+    schedule = PoolSchedule.parse("llavolta")
+    assert [(schedule.stage_at(s, 8), schedule.layer_at(s, 8)) for s in range(0, 8, 2)] == [(8, 2), (2, 2), (2, 16), (1, 0)]
+    layer0 = PoolSchedule.parse("llavolta-layer0")
+    assert [layer0.layer_at(s, 8) for s in range(8)] == [0] * 8
+    assert PoolSchedule.parse("0.5:4@3,0.5:1").to_list() == [[0.5, 4, 3], [0.5, 1, 0]]
+    with pytest.raises(ScheduleError, match="FRACTION:STRIDE"):
+        PoolSchedule.parse("0.5:4@x,0.5:1")
+
+
+def test_layer_pooling_matches_the_plain_decoder_and_averages_positions():
+    from fwd2bot_index.model.layer_pool import pooled_positions, run_with_layer_pooling
+    from fwd2bot_index.model.tiny import TinySpec, build_tiny_llava
+
+    model, _ = build_tiny_llava(TinySpec(layers=3))
+    decoder = model.model.language_model
+    torch.manual_seed(0)
+    x = torch.randn(2, 30, 64)
+    ones = torch.ones(2, 30, dtype=torch.long)
+    with torch.no_grad():
+        plain = decoder(inputs_embeds=x, attention_mask=ones).last_hidden_state
+        assert torch.allclose(run_with_layer_pooling(decoder, x, 5, 16, 1, 2), plain, atol=1e-6)  # stride 1: unchanged
+        # stride 2 keeps 8 of the 16 visual tokens; positions of a pooled token are its members' mean
+        assert run_with_layer_pooling(decoder, x, 5, 16, 2, 2).shape == (2, 30 - 8, 64)
+        positions = pooled_positions(30, 5, 16, 2)
+        assert positions[:5].tolist() == [0, 1, 2, 3, 4] and positions[5].item() == 5.5 and positions[-1].item() == 29
+        # pooling before layer 0 is pooling the inputs, with the averaged positions
+        pre = torch.cat([x[:, :5], pool_by_stride(x[:, 5:21], 2), x[:, 21:]], dim=1)
+        direct = decoder(inputs_embeds=pre, attention_mask=torch.ones(2, 22, dtype=torch.long),
+                         position_ids=positions.expand(2, -1)).last_hidden_state
+        assert torch.allclose(run_with_layer_pooling(decoder, x, 5, 16, 2, 0), direct, atol=1e-6)
+        # the deeper the pooling, the closer the kept positions stay to the unpooled run
+        late, early = run_with_layer_pooling(decoder, x, 5, 16, 2, 2), run_with_layer_pooling(decoder, x, 5, 16, 2, 1)
+        assert not torch.allclose(late, early)
+
+
+def test_staged_compressor_training_pools_inside_the_llm(tiny_llava_dir, pairs, tmp_path):
+    config = _config(tiny_llava_dir, pairs, tmp_path / "l", pool_schedule="llavolta")
+    trainer = Trainer(config, progress=False)
+    assert [(trainer.stride_at(s), trainer.layer_at(s)) for s in (0, 2, 4, 7)] == [(8, 2), (2, 2), (2, 16), (1, 0)]
+    trainer.train()
+    rows = _rows(tmp_path / "l")
+    assert [r["pool_layer"] for r in rows][:2] == [2, 2] and rows[-1]["pool_layer"] == 0

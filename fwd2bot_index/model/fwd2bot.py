@@ -28,6 +28,7 @@ from torch import nn
 
 from .backbone import LlavaBackbone
 from .config import Fwd2BotConfig, Strategy, StrategyError
+from .layer_pool import run_with_layer_pooling, supports_layer_pooling
 
 PASS1, PASS2 = "pass1", "pass2"
 
@@ -270,17 +271,27 @@ class Fwd2Bot:
     def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.backbone.visual_tokens(pixel_values)
 
-    def compress(self, visual: torch.Tensor, pool_stride: int = 1) -> torch.Tensor:
+    def compress(self, visual: torch.Tensor, pool_stride: int = 1, pool_layer: int = 0) -> torch.Tensor:
         """Pass 1: (B, N, H) visual tokens -> (B, K, H) summary tokens (pass-1 adapter).
 
-        ``pool_stride`` > 1 average-pools the visual tokens before the LLM (LLaVolta's staged
-        compression during training).
+        ``pool_stride`` > 1 average-pools the visual tokens (LLaVolta's staged compression during
+        training; stride s keeps N/s): before decoder layer ``pool_layer`` where the backbone's
+        decoder allows a layer loop (``model.layer_pool``), else before the LLM.
         """
         if self.compressor is None:
             raise StrategyError("this model has no Fwd2Bot compressor")
-        visual = self.backbone.pool_by_stride(visual, pool_stride)
         before, after = self._prompt_embeds(self.config.compress_prompt)
         summary = self.compressor.summary_tokens.to(before.dtype)
+        if pool_stride > 1 and pool_layer > 0 and supports_layer_pooling(self.backbone.decoder) \
+                and getattr(self.backbone, "family", "llava") == "llava":
+            batch = visual.shape[0]
+            seq = torch.cat([before.expand(batch, -1, -1), visual, after.expand(batch, -1, -1),
+                             summary.expand(batch, -1, -1)], dim=1)
+            with self.adapter(PASS1):
+                hidden = run_with_layer_pooling(self.backbone.decoder, seq, before.shape[0], visual.shape[1],
+                                                pool_stride, pool_layer)
+            return hidden[:, -summary.shape[0]:]
+        visual = self.backbone.pool_by_stride(visual, pool_stride)
         with self.adapter(PASS1):
             hidden = self.backbone.run_image_prompt(before, visual, after, tail=summary)
         return hidden[:, -summary.shape[0]:]

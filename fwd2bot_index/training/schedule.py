@@ -6,9 +6,11 @@ all, so that most steps are cheap and the last stage matches inference (all toke
 at LLM layer 2, stride 2 at layer 2, stride 2 at layer 16, none. Stride s keeps N/s tokens
 (1-D ``avgpool1d`` along the sequence): on LLaVA-1.5's 576 tokens, 72 / 288 / 288 / 576.
 
-Here a stride keeps the same N/s tokens (pooled 2-D on a square grid, see ``pool_by_stride``), and
-the pooling happens before the LLM (layer 0), where LLaVolta's two stride-2 stages coincide; the
-preset keeps its four stages and step fractions, so the share of cheap steps is the same.
+Here a stride keeps the same N/s tokens (pooled 2-D on a square grid, see ``pool_by_stride``) and
+``llavolta`` pools at the reference layers (2, 2, 16; a shallower LLM pools before its last layer),
+with averaged position ids (``model.layer_pool``). ``llavolta-layer0`` is the same schedule pooled
+before the LLM, which also saves the first layers' compute; a family whose decoder the layer loop
+cannot run (Qwen2-VL's M-RoPE) pools before the LLM whatever the stage's layer says.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-LLAVOLTA = ((0.25, 8), (0.25, 2), (0.25, 2), (0.25, 1))
-PRESETS = {"llavolta": LLAVOLTA, "none": ((1.0, 1),), "off": ((1.0, 1),)}
+LLAVOLTA = ((0.25, 8, 2), (0.25, 2, 2), (0.25, 2, 16), (0.25, 1, 0))
+LLAVOLTA_LAYER0 = tuple((f, s, 0) for f, s, _ in LLAVOLTA)
+PRESETS = {"llavolta": LLAVOLTA, "llavolta-layer0": LLAVOLTA_LAYER0, "none": ((1.0, 1, 0),), "off": ((1.0, 1, 0),)}
 
 
 class ScheduleError(ValueError):
@@ -27,29 +30,34 @@ class ScheduleError(ValueError):
 
 @dataclass(frozen=True)
 class PoolSchedule:
-    """Stages of (fraction of the steps, pooling stride); the last stage must be stride 1."""
+    """Stages of (fraction of the steps, pooling stride, LLM layer the pooling happens before);
+    the last stage must be stride 1. Stages given as (fraction, stride) pool at layer 0."""
 
-    stages: tuple[tuple[float, int], ...] = ((1.0, 1),)
+    stages: tuple[tuple[float, int, int], ...] = ((1.0, 1, 0),)
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise ScheduleError("a pooling schedule needs at least one stage")
-        for fraction, stride in self.stages:
+        stages = tuple((*st, 0) if len(st) == 2 else tuple(st) for st in self.stages)
+        for fraction, stride, layer in stages:
             if not fraction > 0:
                 raise ScheduleError(f"stage fraction must be positive, got {fraction}")
             if int(stride) != stride or stride < 1:
                 raise ScheduleError(f"stage stride must be a whole number >= 1, got {stride}")
-        if self.stages[-1][1] != 1:
+            if int(layer) != layer or layer < 0:
+                raise ScheduleError(f"stage layer must be a whole number >= 0, got {layer}")
+        if stages[-1][1] != 1:
             raise ScheduleError(
                 f"the last stage must be uncompressed (stride 1) so training ends on what inference sees; "
-                f"got stride {self.stages[-1][1]}: append a stage like 0.25:1"
+                f"got stride {stages[-1][1]}: append a stage like 0.25:1"
             )
-        total = sum(f for f, _ in self.stages)
-        object.__setattr__(self, "stages", tuple((f / total, int(s)) for f, s in self.stages))
+        total = sum(f for f, _, _ in stages)
+        object.__setattr__(self, "stages", tuple((f / total, int(s), int(l)) for f, s, l in stages))
 
     @classmethod
     def parse(cls, spec: "str | Sequence[tuple[float, int]] | PoolSchedule | None") -> "PoolSchedule":
-        """``None``/'none' (off), 'llavolta', '0.25:8,0.25:2,0.5:1', or a list of (fraction, stride)."""
+        """``None``/'none' (off), 'llavolta', 'llavolta-layer0', '0.25:8@2,0.25:2,0.5:1' (FRACTION:STRIDE[@LAYER]),
+        or a list of (fraction, stride[, layer])."""
         if isinstance(spec, PoolSchedule):
             return spec
         if spec is None:
@@ -60,22 +68,23 @@ class PoolSchedule:
                 return cls(PRESETS[text])
             stages = []
             for part in text.split(","):
-                fraction, sep, stride = part.partition(":")
+                fraction, sep, rest = part.partition(":")
+                stride, _, layer = rest.partition("@")
                 try:
                     if not sep:
                         raise ValueError
-                    stages.append((float(fraction), int(stride)))
+                    stages.append((float(fraction), int(stride), int(layer or 0)))
                 except ValueError:
                     raise ScheduleError(
-                        f"pool schedule {spec!r}: write stages as FRACTION:STRIDE separated by commas "
-                        f"(e.g. 0.25:8,0.25:2,0.5:1) or use a preset ({', '.join(PRESETS)})"
+                        f"pool schedule {spec!r}: write stages as FRACTION:STRIDE[@LAYER] separated by commas "
+                        f"(e.g. 0.25:8@2,0.25:2,0.5:1) or use a preset ({', '.join(PRESETS)})"
                     ) from None
             return cls(tuple(stages))
-        return cls(tuple((float(f), int(s)) for f, s in spec))
+        return cls(tuple((float(st[0]), int(st[1]), int(st[2]) if len(st) > 2 else 0) for st in spec))
 
     @property
     def is_staged(self) -> bool:
-        return any(s > 1 for _, s in self.stages)
+        return any(s > 1 for _, s, _ in self.stages)
 
     def stage_index(self, step: int, total: int) -> int:
         """Which stage optimizer step ``step`` (0-based) of ``total`` falls in."""
@@ -83,7 +92,7 @@ class PoolSchedule:
             return len(self.stages) - 1
         position = min(max(step, 0), total - 1) / total
         edge = 0.0
-        for i, (fraction, _) in enumerate(self.stages):
+        for i, (fraction, _, _) in enumerate(self.stages):
             edge += fraction
             if position < edge - 1e-12:
                 return i
@@ -93,8 +102,12 @@ class PoolSchedule:
         """The pooling stride at optimizer step ``step`` (0-based) of ``total``."""
         return self.stages[self.stage_index(step, total)][1]
 
+    def layer_at(self, step: int, total: int) -> int:
+        """The LLM layer before which stage pooling happens at optimizer step ``step`` of ``total``."""
+        return self.stages[self.stage_index(step, total)][2]
+
     def to_list(self) -> list[list[float]]:
-        return [[f, s] for f, s in self.stages]
+        return [[f, s, l] for f, s, l in self.stages]
 
 
 def stage_at(step: int, total: int, schedule: "str | Sequence[tuple[float, int]] | PoolSchedule" = "llavolta") -> int:

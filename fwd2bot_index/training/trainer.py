@@ -93,7 +93,7 @@ class TrainConfig:
     max_steps: int | None = None
     epochs: float = 1.0
     batch_size: int = 8
-    pool_schedule: Any = "none"  # 'none', 'llavolta', '0.25:8,0.25:2,0.5:1' or [(fraction, stride), ...]
+    pool_schedule: Any = "none"  # 'none', 'llavolta', 'llavolta-layer0', '0.25:8@2,0.5:1' or [(fraction, stride, layer)]
     # evaluation, checkpoints, logging
     eval_every: int = 0  # 0: at the end only
     eval_split: str = "auto"
@@ -115,7 +115,7 @@ class TrainConfig:
         if isinstance(self.pool_schedule, PoolSchedule):
             self.pool_schedule = self.pool_schedule.to_list()
         elif isinstance(self.pool_schedule, (list, tuple)):
-            self.pool_schedule = [[float(f), int(s)] for f, s in self.pool_schedule]
+            self.pool_schedule = PoolSchedule.parse(self.pool_schedule).to_list()
 
     # -- parts and derived settings -------------------------------------------------------
     def parts(self) -> dict[str, bool]:
@@ -476,6 +476,10 @@ class Trainer:
         """The effective pooling stride at ``step`` on this model's visual-token grid."""
         return effective_stride(self.schedule.stage_at(step, self.total_steps), self.model.backbone.num_image_tokens)
 
+    def layer_at(self, step: int) -> int:
+        """The LLM layer before which the stage's pooling happens at ``step`` (0: before the LLM)."""
+        return self.schedule.layer_at(step, self.total_steps)
+
     def batch_losses(self, batch: Batch, stride: int = 1) -> dict[str, torch.Tensor]:
         """The loss parts of one batch (differentiable)."""
         model, cfg = self.model, self.config
@@ -486,7 +490,7 @@ class Trainer:
                 tokens = model.backbone.pool_by_stride(visual, stride)  # per family (Qwen2-VL: per grid)
                 ar = model.pass2_loss(tokens, batch.prompts, batch.targets, kind="full")
                 return {"loss": ar, "autoregressive": ar}
-            summary = model.compress(visual, pool_stride=stride)
+            summary = model.compress(visual, pool_stride=stride, pool_layer=self.layer_at(self.step))
             parts: dict[str, torch.Tensor] = {}
             loss = summary.new_zeros((), dtype=torch.float32)
             with_caption = [i for i, c in enumerate(batch.captions) if c is not None]
@@ -542,6 +546,7 @@ class Trainer:
         elapsed = time.perf_counter() - started
         metrics = {"step": self.step, "epoch": self.plan.epoch, **sums, "lr": lr,
                    "samples_per_s": seen / elapsed if elapsed > 0 else 0.0, "pool_stride": stride,
+                   "pool_layer": self.layer_at(self.step - 1) if stride > 1 else 0,
                    "visual_tokens": pooled_token_count(self.model.backbone.num_image_tokens, stride)}
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm

@@ -102,10 +102,39 @@ def qa_monitor(model: Fwd2Bot, scenes: Sequence[Any], budget: int | None = None)
     return {"qa": round(float(np.mean(every)), 4), **{k: round(float(np.mean(v)), 3) for k, v in sorted(hits.items())}}
 
 
+def with_fresh_llm(init_dir: Path, out_dir: Path, layers: int, seed: int) -> Path:
+    """A copy of the warmed-up LLaVA whose language model has ``layers`` layers, freshly initialised.
+
+    The warm-up never touches the LLM, so the LLM's depth is a base-stage choice: the tower and
+    projector are copied, the rest is built from the seed (``out_dir / 'init'``).
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    target = out_dir / "init"
+    if (target / "config.json").is_file():
+        return target
+    warm = LlavaForConditionalGeneration.from_pretrained(init_dir)
+    config = warm.config
+    config.text_config.num_hidden_layers = layers
+    torch.manual_seed(seed)
+    fresh = LlavaForConditionalGeneration(config)
+    fresh.model.vision_tower.load_state_dict(warm.model.vision_tower.state_dict())
+    fresh.model.multi_modal_projector.load_state_dict(warm.model.multi_modal_projector.state_dict())
+    fresh.save_pretrained(target)
+    AutoProcessor.from_pretrained(init_dir).save_pretrained(target)
+    return target
+
+
 def train_base(init_dir: Path, out_dir: Path, *, seed: int, steps: int, batch: int, lr: float, check_every: int,
-               caption_share: float, caption_weight: float, n_monitor: int,
-               say: Callable[[str], None]) -> dict[str, Any]:
-    """Pretrain projector + LLM of the warmed-up LLaVA in ``init_dir``; the result goes to ``out_dir/model``."""
+               caption_share: float, caption_weight: float, n_monitor: int, say: Callable[[str], None],
+               layers: int | None = None) -> dict[str, Any]:
+    """Pretrain projector + LLM of the warmed-up LLaVA in ``init_dir``; the result goes to ``out_dir/model``.
+
+    ``layers``: the LLM's depth when it should differ from the one built with the warm-up.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if layers is not None:
+        init_dir = with_fresh_llm(init_dir, out_dir, layers, seed)
     model = Fwd2Bot.from_pretrained(str(init_dir), device="cpu", dtype="fp32")
     hf = model.backbone.hf
     image_size = hf.config.vision_config.image_size
@@ -114,7 +143,6 @@ def train_base(init_dir: Path, out_dir: Path, *, seed: int, steps: int, batch: i
     trainable = [p for n, p in hf.named_parameters() if "vision_tower" not in n]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     monitor = heldout_scenes(seed, n_monitor)
-    out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / STATE_FILE
     step, spent, history, factor = 0, 0.0, [], None
     if state_path.is_file():
@@ -164,4 +192,5 @@ def train_base(init_dir: Path, out_dir: Path, *, seed: int, steps: int, batch: i
     model.backbone.processor.save_pretrained(out_dir / "model")
     final = history[-1] if history else {}
     return {"steps": step, "batch": batch, "projector_scale": factor, "seconds": round(time.perf_counter() - started, 1),
-            "heldout": final, "history": history, "pooled_share": [list(x) for x in POOLED_SHARE]}
+            "heldout": final, "history": history, "pooled_share": [list(x) for x in POOLED_SHARE],
+            "llm_layers": hf.config.text_config.num_hidden_layers}

@@ -97,7 +97,7 @@ class HardNegativeTrainer(Trainer):
         pixels = model.backbone.pixel_values(batch.images)
         parts: dict[str, torch.Tensor] = {}
         with self._autocast():
-            summary = model.compress(model.visual_tokens(pixels), pool_stride=stride)
+            summary = model.compress(model.visual_tokens(pixels), pool_stride=stride, pool_layer=self.layer_at(self.step))
             negatives = [n for n in self._negatives if n is not None]
             texts = list(batch.captions) + negatives
             embedded = model.embed_text_batch(texts, self._text_strategy)

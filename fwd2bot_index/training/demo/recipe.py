@@ -44,22 +44,23 @@ class DemoRecipe:
     vision_batch: int = 64
     vision_lr: float = 1e-3
     vision_check_every: int = 250
-    vision_floor: float = 0.98
+    vision_floor: float = 0.99
     vision_heldout: int = 512
     # stage 1: base (multi-turn captions + every question of a scene, all visual tokens, tower frozen)
-    base_steps: int = 3000
-    base_batch: int = 32
+    base_steps: int = 2500
+    base_batch: int = 16
     base_lr: float = 1e-3
     base_caption_share: float = 0.5  # share of sequences that also hold a caption turn
     base_caption_weight: float = 0.5  # caption tokens' weight against answer tokens
     base_check_every: int = 250
+    base_layers: int | None = None  # the LLM's depth for the base stage (None: the spec's)
     # stage 2: the compressor
     num_summary_tokens: int = 16
     embed_dim: int = 128
     lora_r: int = 16
     lora_alpha: int = 32
-    compressor_steps: int = 800
-    compressor_batch: int = 48
+    compressor_steps: int = 600
+    compressor_batch: int = 32
     compressor_lr: float = 1e-3
     compressor_pool_schedule: str = "llavolta"
     hard_negative_share: float = 0.5
@@ -177,7 +178,7 @@ def base_stage(recipe: DemoRecipe, work: Path, seed: int, progress: bool) -> dic
     summary = train_base(work / "base-init", folder, seed=seed, steps=recipe.base_steps, batch=recipe.base_batch,
                          lr=recipe.base_lr, check_every=recipe.base_check_every,
                          caption_share=recipe.base_caption_share, caption_weight=recipe.base_caption_weight,
-                         n_monitor=recipe.monitor_images, say=lambda m: say(progress, m))
+                         n_monitor=recipe.monitor_images, say=lambda m: say(progress, m), layers=recipe.base_layers)
     return finish_stage(folder, summary)
 
 
