@@ -100,7 +100,7 @@ def _add_clause(clauses: list[str], params: list[Any], key: str, op: str, value:
         if not values:
             clauses.append("0")
             return
-        clauses.append(f"{expr} IN ({",".join("?" * len(values))})")
+        clauses.append(f"{expr} IN ({','.join('?' * len(values))})")
         params.extend(key_params + values)
     elif value is None:
         clauses.append(f"{expr} IS {'NOT ' if op == '!=' else ''}NULL")
