@@ -7,6 +7,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
 __all__ = ["FilterError", "parse_filter"]
 
 
