@@ -10,50 +10,47 @@ that need the model answer 503 with ``Retry-After`` meanwhile (searches by id or
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import hmac
 import json
 import logging
-import math
 import os
 import threading
 import time
+
+import numpy as np
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, File, Form, Header, Query, Response, Security, UploadFile
-from fastapi import Path as PathParam
+from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, Response, Security, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from .docs import install_docs
 from .files import ThumbnailCache, catalog_row, read_verified
+from .filters import FilterInvalid, check_filter
+from .guard import HostOriginMiddleware, default_hosts
+from .limits import Gate, result_or_drop
 from .metrics import Metrics
-from .middleware import BodyLimitMiddleware, MetricsMiddleware
-from .problems import PROBLEM_MEDIA_TYPE, ApiProblem, install_handlers
+from .middleware import AllowMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from .openapi import install_openapi
+from .model_routes import IdParam, model_routes
+from .problems import ApiProblem, install_handlers, problem_responses
 from .schemas import (
-    MAX_ID,
-    MAX_TEXT,
-    AskRequest,
-    AskResponse,
-    EmbedRequest,
-    EmbedResponse,
+    MAX_EMBED_CHARS,
     Health,
     ImageInfo,
-    Problem,
     Readiness,
     SearchHit,
     SearchRequest,
     SearchResponse,
     UploadResponse,
+    check_text,
 )
 from .uploads import CheckedImage, Uploader, check_image, safe_name
 from .worker import ModelWorker
@@ -63,38 +60,28 @@ log = logging.getLogger("fwd2bot_index.api")
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_QUEUE = 64  # model jobs waiting or running; more get 503 at once
+DEFAULT_DECODE_SLOTS = 2  # image decodes at once (each holds one upload and one decoded picture)
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
-SSE_EXAMPLE = ('event: token\ndata: {"text": "red"}\n\nevent: done\n'
-               'data: {"id": 17, "question": "What color is the circle?", "answer": "red"}\n\n')
-
-IdParam = Annotated[int, PathParam(ge=0, le=MAX_ID, description="Image id (from a search result).",
-                                   examples=[17])]
-
-
-def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the problem responses a route can give."""
-    words = {400: "Invalid request", 401: "API key missing", 403: "API key wrong", 404: "Not found",
-             409: "Conflict (duplicate, read-only collection)", 413: "Upload too large (bytes or pixels)",
-             415: "Not a supported image type", 422: "Invalid input or undecodable image",
-             503: "Model not ready yet (see Retry-After)"}
-    return {code: {"model": Problem, "description": words.get(code, "Error"),
-                   "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
-            for code in codes}
-
 
 class AppState:
     """Everything the routes share: the service, the model worker, caches, locks, limits."""
 
     def __init__(self, service: Any, *, owns_service: bool, preload: bool, max_upload_bytes: int,
-                 max_pixels: int, metrics: Metrics) -> None:
+                 max_pixels: int, metrics: Metrics, max_queue: int = DEFAULT_MAX_QUEUE,
+                 decode_slots: int = DEFAULT_DECODE_SLOTS, max_embed_chars: int = MAX_EMBED_CHARS) -> None:
         self.service = service
         self.owns_service = owns_service
         self.preload = preload
         self.max_upload_bytes = max_upload_bytes
         self.max_pixels = max_pixels
+        self.max_embed_chars = max_embed_chars
         self.metrics = metrics
-        self.worker = ModelWorker(service, on_batch=lambda n: metrics.model_batch.observe(n))
+        self.worker = ModelWorker(service, on_batch=lambda n: metrics.model_batch.observe(n), max_queue=max_queue)
+        # Image decoding: at most `decode_slots` at once, each holding one upload (<= max_upload_bytes) and one
+        # decoded picture (<= max_pixels x 4 bytes) until the model has encoded it; a few more may wait.
+        self.decodes = Gate("the image decoding queue", decode_slots, max_waiting=4 * decode_slots)
         self.write_lock = threading.Lock()
         self.thumbnails = ThumbnailCache()
         self.uploader = Uploader(service, self.worker, self.write_lock)
@@ -134,14 +121,20 @@ def _open(path: str | os.PathLike[str], model: str | None, writable: bool | None
 def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: bool = False,
                cors_origins: Sequence[str] = (), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, preload: bool = True, model: str | None = None,
-               writable: bool | None = None, device: str = "auto", dtype: str = "auto") -> FastAPI:
+               writable: bool | None = None, device: str = "auto", dtype: str = "auto", host: str = "127.0.0.1",
+               allowed_hosts: Sequence[str] = (), max_queue: int = DEFAULT_MAX_QUEUE,
+               decode_slots: int = DEFAULT_DECODE_SLOTS, max_embed_chars: int = MAX_EMBED_CHARS) -> FastAPI:
     """Build the app over an ``ImageService`` or a collection folder (opened here, closed at shutdown).
 
     ``api_key``: required for writes, and for reads too with ``protect_reads``. ``cors_origins``: CORS is
     off unless origins are given. ``max_upload_bytes`` / ``max_pixels``: limits for uploaded images.
     ``preload``: load the model at startup (readiness waits for it); otherwise on first use.
     ``writable`` (path only): None tries write access and falls back to read-only if another process
-    holds the collection's writer lock.
+    holds the collection's writer lock. ``host``: the address served; requests must name it, a loopback
+    name, or one of ``allowed_hosts`` (``*.example.org`` patterns; ``*`` for any) in ``Host``, and
+    state-changing requests from a browser must come from such an origin (see ``guard``).
+    ``max_queue``: model jobs waiting or running before 503; ``decode_slots``: image decodes at once;
+    ``max_embed_chars``: characters in all the texts of one /v1/embed call.
     """
     if isinstance(service_or_path, (str, os.PathLike)):
         service, owns = _open(service_or_path, model, writable, device, dtype), True
@@ -149,12 +142,17 @@ def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: 
         service, owns = service_or_path, False
     metrics = Metrics()
     state = AppState(service, owns_service=owns, preload=preload, max_upload_bytes=max_upload_bytes,
-                     max_pixels=max_pixels, metrics=metrics)
+                     max_pixels=max_pixels, metrics=metrics, max_queue=max_queue, decode_slots=decode_slots,
+                     max_embed_chars=max_embed_chars)
     metrics.gauge("f2b_model_ready", "1 once the model has loaded.", lambda: state.worker.ready)
     metrics.gauge("f2b_collection_images", "Images in the collection.", lambda: len(state.collection))
+    metrics.gauge("f2b_model_queue", "Model jobs waiting or running.", lambda: state.worker.pending)
+    metrics.gauge("f2b_model_queue_refused", "Model jobs refused with 503 (queue full).", lambda: state.worker.refused)
+    metrics.gauge("f2b_image_decodes", "Image decodes holding a slot.", lambda: state.decodes.active)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.decodes.reset()
         state.worker.start(preload)
         try:
             yield
@@ -177,16 +175,21 @@ def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: 
     app.state.f2b = state
     install_handlers(app)
     read_deps, write_deps = _auth(api_key, protect_reads)
+    # Added innermost first: metrics see every answer; Host and Origin are checked before anything else runs.
     app.add_middleware(BodyLimitMiddleware, limit=max_upload_bytes * 4 // 3 + 256 * 1024)
+    app.add_middleware(AllowMiddleware, router=app.router)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["X-API-Key", "Authorization", "Content-Type"])
+    app.add_middleware(HostOriginMiddleware, allowed_hosts=default_hosts(host), extra_hosts=list(allowed_hosts),
+                       cors_origins=list(cors_origins))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _page_routes(app)
     _health_routes(app, state, read_deps)
     _search_routes(app, state, read_deps)
     _image_routes(app, state, read_deps, write_deps)
-    _model_routes(app, state, read_deps)
+    model_routes(app, state, read_deps)
+    install_openapi(app, state)
     return app
 
 
@@ -241,13 +244,15 @@ def _page_routes(app: FastAPI) -> None:
 
 
 def _health_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:
+    # Both are `async def`: they run on the event loop itself, so a busy model thread or a full
+    # thread pool never delays them.
     @app.get("/healthz", response_model=Health, tags=["health"], summary="Liveness: the process answers")
-    def healthz() -> Health:
+    async def healthz() -> Health:
         return Health()
 
     @app.get("/readyz", response_model=Readiness, tags=["health"], summary="Readiness: the model has loaded",
              responses={503: {"model": Readiness, "description": "Model loading or failed"}})
-    def readyz() -> JSONResponse:
+    async def readyz() -> JSONResponse:
         state.worker.start(state.preload)
         body = Readiness(status=state.worker.state, model=state.service.model_name, detail=state.worker.detail)
         code = 200 if state.worker.ready else 503
@@ -255,13 +260,13 @@ def _health_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:
         return JSONResponse(body.model_dump(), status_code=code, headers=headers)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics", dependencies=read_deps,
-             response_class=PlainTextResponse, responses={**_problems(401, 403), 200: {
+             response_class=PlainTextResponse, responses={**problem_responses(401, 403), 200: {
                  "content": {"text/plain": {"example": "f2b_searches_total{kind=\"text\"} 12\n"}}}})
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/collection", tags=["collection"], summary="Counts, model, strategy, bytes per image",
-             dependencies=read_deps, responses={**_problems(401, 403), 200: {"content": {"application/json": {
+             dependencies=read_deps, responses={**problem_responses(401, 403), 200: {"content": {"application/json": {
                  "example": {"indexed": 1000, "failed": 2, "model": "demo", "strategy": "prompt+pool",
                              "bytes_per_image": 2112.0, "embed_dim": 128, "backend": "faiss", "ready": "ready"}}}}})
     def collection_info() -> JSONResponse:
@@ -289,23 +294,30 @@ def _run_search(state: AppState, **kwargs: Any) -> list[Any]:
         raise ApiProblem(400, str(exc) or "invalid search", "bad-request") from None
 
 
-def _finite(values: list[float]) -> list[float]:
-    """A query vector must hold float32-representable finite numbers (else a 400, not a cast warning)."""
-    if not all(math.isfinite(x) and abs(x) < 3.0e38 for x in values):
-        raise ApiProblem(400, "the embedding must contain finite numbers within float32 range", "bad-request")
-    return values
+def _direction(values: list[float]) -> list[float]:
+    """The query vector scaled to unit length in float64 (first by its largest component, so neither
+    1e300 nor 1e-300 over- or underflows): any finite vector that is not all zero is a direction."""
+    vector = np.asarray(values, dtype=np.float64)
+    largest = float(np.max(np.abs(vector))) if vector.size else 0.0
+    if not largest:
+        raise ApiProblem(400, "the embedding is all zeros; a query vector needs a direction", "bad-request")
+    vector = vector / largest
+    return (vector / np.linalg.norm(vector)).tolist()
 
 
 def _parse_filter(raw: str | None) -> dict[str, Any] | None:
+    """The multipart ``filter`` field: a JSON object following the same schema as in /v1/search (else 422)."""
     if raw is None or not raw.strip():
         return None
     try:
         value = json.loads(raw)
-    except ValueError:
-        raise ApiProblem(400, "'filter' must be a JSON object, e.g. {\"split\": \"test\"}", "bad-request") from None
-    if not isinstance(value, dict):
-        raise ApiProblem(400, "'filter' must be a JSON object, e.g. {\"split\": \"test\"}", "bad-request")
-    return value
+        check_text(value, "filter")
+        return check_filter(value)
+    except FilterInvalid as exc:
+        raise ApiProblem(422, str(exc), "validation-error") from None
+    except ValueError as exc:
+        detail = str(exc) if "surrogate" in str(exc) else "'filter' must be a JSON object, e.g. {\"split\": \"test\"}"
+        raise ApiProblem(422, detail, "validation-error") from None
 
 
 async def _read_upload(state: AppState, file: UploadFile) -> CheckedImage:
@@ -319,23 +331,21 @@ def _search_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:
 
     @app.post("/v1/search", response_model=SearchResponse, tags=["search"], dependencies=read_deps,
               summary="Search by text, by a stored image (like) or by an embedding",
-              responses=_problems(400, 401, 403, 404, 422, 503))
-    async def search(body: SearchRequest) -> SearchResponse:
+              responses=problem_responses(400, 401, 403, 404, 422, 503))
+    async def search(body: SearchRequest, request: Request) -> SearchResponse:
         started = time.perf_counter()
         common = {"k": body.k, "filter": body.filter, "offset": body.offset, "min_score": body.min_score}
         if body.query is not None:
             kind = "text"
-            if not body.query.strip():
-                raise ApiProblem(400, "the text query is empty", "bad-request")
             state.require_model()
-            vector = await state.worker.embed_text(body.query)
+            vector = await result_or_drop(request, state.worker.encode_text(body.query))
             hits = await run_in_threadpool(_run_search, state, embedding=vector.tolist(), **common)
         elif body.like is not None:
             kind = "like"
             hits = await run_in_threadpool(_run_search, state, like=int(body.like), **common)
         else:
             kind = "embedding"
-            hits = await run_in_threadpool(_run_search, state, embedding=_finite(body.embedding or []), **common)
+            hits = await run_in_threadpool(_run_search, state, embedding=_direction(body.embedding), **common)
         took = time.perf_counter() - started
         metrics.searches.inc(kind)
         metrics.search_latency.observe(took, kind)
@@ -344,19 +354,23 @@ def _search_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:
 
     @app.post("/v1/search/image", response_model=SearchResponse, tags=["search"], dependencies=read_deps,
               summary="Search by an uploaded example image (multipart)",
-              responses=_problems(400, 401, 403, 413, 415, 422, 503))
+              responses=problem_responses(400, 401, 403, 413, 415, 422, 503))
     async def search_image(
+        request: Request,
         file: Annotated[UploadFile, File(description="The example image.")],
         k: Annotated[int, Form(ge=1, le=500)] = 10,
         offset: Annotated[int, Form(ge=0, le=100_000)] = 0,
-        min_score: Annotated[float | None, Form(ge=-1.0, le=1.0)] = None,
-        filter: Annotated[str | None, Form(description="Metadata filter as a JSON object.")] = None,
+        # Form fields cannot be null: left out means no limit / no filter (the defaults are not validated).
+        min_score: Annotated[float, Form(ge=-1.0, le=1.0)] = None,  # type: ignore[assignment]
+        filter: Annotated[str, Form(description="Metadata filter as a JSON object.")] = None,  # type: ignore[assignment]
     ) -> SearchResponse:
         started = time.perf_counter()
         conditions = _parse_filter(filter)
-        image = await _read_upload(state, file)
-        state.require_model()
-        vectors = await state.worker.run(state.service.encode_images, [image.picture])
+        async with state.decodes.hold():  # the decoded picture lives until the model has encoded it
+            image = await _read_upload(state, file)
+            state.require_model()
+            vectors = await result_or_drop(request, state.worker.call(state.service.encode_images, [image.picture]))
+            del image
         hits = await run_in_threadpool(_run_search, state, embedding=[float(x) for x in vectors[0]], k=k,
                                        filter=conditions, offset=offset, min_score=min_score)
         took = time.perf_counter() - started
@@ -377,13 +391,15 @@ def _image_info(row: Any) -> ImageInfo:
 def _image_routes(app: FastAPI, state: AppState, read_deps: list[Any], write_deps: list[Any]) -> None:
     @app.post("/v1/images", response_model=UploadResponse, status_code=201, tags=["images"], dependencies=write_deps,
               summary="Upload an image and add it to the collection (409 if its content is already there)",
-              responses=_problems(401, 403, 409, 413, 415, 422, 503))
+              responses=problem_responses(401, 403, 409, 413, 415, 422, 503))
     async def upload(file: Annotated[UploadFile, File(description="A JPEG, PNG, WebP, GIF, BMP or TIFF file.")],
                      response: Response) -> UploadResponse:
         state.require_writable()
-        image = await _read_upload(state, file)
-        state.require_model()
-        image_id, created = await run_in_threadpool(state.uploader.add, image)
+        async with state.decodes.hold():
+            image = await _read_upload(state, file)
+            state.require_model()
+            image_id, created = await run_in_threadpool(state.uploader.add, image)
+            del image
         if not created:
             state.metrics.uploads.inc("duplicate")
             raise ApiProblem(409, f"this image is already in the collection as id {image_id}", "duplicate",
@@ -394,14 +410,14 @@ def _image_routes(app: FastAPI, state: AppState, read_deps: list[Any], write_dep
         return UploadResponse(created=True, image=_image_info(row))
 
     @app.get("/v1/images/{image_id}", response_model=ImageInfo, tags=["images"], dependencies=read_deps,
-             summary="The record of one image", responses=_problems(401, 403, 404, 422))
+             summary="The record of one image", responses=problem_responses(401, 403, 404, 422))
     def get_image(image_id: IdParam) -> ImageInfo:
         return _image_info(catalog_row(state.collection, image_id))
 
     @app.delete("/v1/images/{image_id}", status_code=204, tags=["images"], dependencies=write_deps,
                 summary="Remove an image (all its paths) from the collection; files are not deleted, "
                         "except the server's own copy of an uploaded image",
-                responses=_problems(401, 403, 404, 409, 422))
+                responses=problem_responses(401, 403, 404, 409, 422))
     def delete_image(image_id: IdParam) -> Response:
         state.require_writable()
         with state.write_lock:
@@ -413,7 +429,7 @@ def _image_routes(app: FastAPI, state: AppState, read_deps: list[Any], write_dep
 
     @app.get("/v1/images/{image_id}/thumbnail", tags=["images"], dependencies=read_deps,
              summary="A JPEG thumbnail of the indexed file (made on the fly, cached)",
-             responses={**_problems(401, 403, 404, 422), 200: {"content": {"image/jpeg": {}}},
+             responses={**problem_responses(401, 403, 404, 422), 200: {"content": {"image/jpeg": {}}},
                         304: {"description": "Not modified (ETag matched)"}})
     def thumbnail(image_id: IdParam,
                   size: Annotated[int, Query(ge=16, le=1024, description="Longest side in pixels.")] = 256,
@@ -426,129 +442,10 @@ def _image_routes(app: FastAPI, state: AppState, read_deps: list[Any], write_dep
 
     @app.get("/v1/images/{image_id}/file", tags=["images"], dependencies=read_deps,
              summary="The original file, if it still holds the indexed content",
-             responses={**_problems(401, 403, 404, 422), 200: {"content": {"image/*": {}}}})
+             responses={**problem_responses(401, 403, 404, 422), 200: {"content": {"image/*": {}}}})
     def original(image_id: IdParam) -> Response:
         verified = read_verified(state.collection, image_id)
         name = safe_name(os.path.basename(verified.path)) or f"image-{image_id}"
         return Response(verified.data, media_type=verified.media_type, headers={
             "Content-Disposition": f'inline; filename="{name}"', "Cache-Control": "private, max-age=3600",
             "Content-Security-Policy": "default-src 'none'; sandbox"})
-
-
-# ---------------------------------------------------------------------------------------- model
-
-
-def _sse(event: str, data: dict[str, Any]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
-
-
-def _stream_answer(state: AppState, image_id: int, question: str, max_new_tokens: int) -> StreamingResponse:
-    """Server-sent events: ``token`` ({"text"}) per piece, then ``done`` ({"answer"}) or ``error`` (a problem).
-
-    The model thread drains the whole generation even if the client leaves, so the model is never
-    used by two calls at once.
-    """
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue = asyncio.Queue()
-    end = object()
-
-    def put(item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(pieces.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            pass
-
-    def generate() -> None:
-        try:
-            for piece in state.service.ask(image_id, question, max_new_tokens=max_new_tokens, stream=True):
-                put(str(piece))
-        except Exception as exc:  # noqa: BLE001 - becomes an SSE error event
-            put(exc)
-        finally:
-            put(end)
-
-    state.worker.call(generate)
-    state.metrics.answers.inc("stream")
-
-    async def events() -> AsyncIterator[bytes]:
-        yield b": answer stream\n\n"
-        text: list[str] = []
-        while True:
-            item = await pieces.get()
-            if item is end:
-                break
-            if isinstance(item, Exception):
-                from .problems import classify, problem_body
-
-                known = classify(item)
-                if known is None:
-                    log.error("answer stream failed: %r", item)
-                    known = ApiProblem(500, "the answer failed; the details are in the server log", "internal-error")
-                yield _sse("error", problem_body(known.status, known.detail, known.kind))
-                return
-            text.append(item)
-            yield _sse("token", {"text": item})
-        yield _sse("done", {"id": image_id, "question": question, "answer": "".join(text).strip()})
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _model_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:
-    ask_responses = {**_problems(400, 401, 403, 404, 422, 503), 200: {
-        "description": "The answer (JSON), or server-sent events when streaming",
-        "content": {"text/event-stream": {"schema": {"type": "string"}, "example": SSE_EXAMPLE}}}}
-
-    def precheck(image_id: int, question: str) -> None:
-        catalog_row(state.collection, image_id)
-        if not question.strip():
-            raise ApiProblem(400, "the question is empty", "bad-request")
-        state.require_model()
-
-    @app.post("/v1/images/{image_id}/ask", response_model=AskResponse, tags=["answers"], dependencies=read_deps,
-              summary="Answer a question about an image from its stored tokens (JSON, or SSE with stream=true)",
-              responses=ask_responses)
-    async def ask(image_id: IdParam, body: AskRequest) -> Any:
-        await run_in_threadpool(precheck, image_id, body.question)
-        if body.stream:
-            return _stream_answer(state, image_id, body.question, body.max_new_tokens)
-        answer = await state.worker.run(state.service.ask, image_id, body.question,
-                                        max_new_tokens=body.max_new_tokens)
-        state.metrics.answers.inc("json")
-        return AskResponse(id=image_id, question=body.question, answer=str(answer))
-
-    @app.get("/v1/images/{image_id}/ask", tags=["answers"], dependencies=read_deps,
-             summary="The same answer as server-sent events, for EventSource (GET)",
-             response_class=StreamingResponse,
-             responses={**_problems(400, 401, 403, 404, 422, 503), 200: {
-                 "content": {"text/event-stream": {"schema": {"type": "string"}, "example": SSE_EXAMPLE}}}})
-    async def ask_stream(image_id: IdParam,
-                         question: Annotated[str, Query(min_length=1, max_length=MAX_TEXT)],
-                         max_new_tokens: Annotated[int, Query(ge=1, le=256)] = 32) -> StreamingResponse:
-        await run_in_threadpool(precheck, image_id, question)
-        return _stream_answer(state, image_id, question, max_new_tokens)
-
-    @app.post("/v1/embed", response_model=EmbedResponse, tags=["embeddings"], dependencies=read_deps,
-              summary="Embed texts or images (base64 files) into the collection's vector space",
-              responses=_problems(400, 401, 403, 413, 415, 422, 503))
-    async def embed(body: EmbedRequest) -> EmbedResponse:
-        if body.texts is not None:
-            if any(len(t) > MAX_TEXT or not t.strip() for t in body.texts):
-                raise ApiProblem(400, f"every text must be non-empty and at most {MAX_TEXT} characters", "bad-request")
-            state.require_model()
-            vectors = await state.worker.run(state.service.encode_texts, list(body.texts))
-        else:
-            pictures = []
-            for n, encoded in enumerate(body.images or []):
-                try:
-                    data = base64.b64decode(encoded, validate=True)
-                except (binascii.Error, ValueError):
-                    raise ApiProblem(400, f"images[{n}] is not valid base64", "bad-request") from None
-                image = await run_in_threadpool(check_image, data, f"images[{n}]", None, state.max_upload_bytes,
-                                                state.max_pixels)
-                pictures.append(image.picture)
-            state.require_model()
-            vectors = await state.worker.run(state.service.encode_images, pictures)
-        rows = [[float(x) for x in row] for row in vectors]
-        return EmbedResponse(model=str(state.service.model_name), strategy=str(state.service.strategy.name),
-                             dim=len(rows[0]) if rows else 0, embeddings=rows)

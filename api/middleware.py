@@ -1,4 +1,4 @@
-"""ASGI middleware: request-body limit, metrics per route template, security headers."""
+"""ASGI middleware: request-body limit, metrics per route template, security headers, OPTIONS and Allow."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics import Metrics
@@ -39,10 +40,10 @@ class BodyLimitMiddleware:
             try:
                 length = int(declared)
             except ValueError:
-                await _send_problem(send, scope, 400, "the Content-Length header is not a number")
+                await send_problem(send, scope, 400, "the Content-Length header is not a number")
                 return
             if length > self.limit:
-                await _send_problem(send, scope, 413, self._message(length), "request-too-large")
+                await send_problem(send, scope, 413, self._message(length), "request-too-large")
                 return
         seen = 0
 
@@ -92,6 +93,51 @@ class MetricsMiddleware:
             self.metrics.latency.observe(time.perf_counter() - started, method, route)
 
 
+class AllowMiddleware:
+    """``OPTIONS`` answers 204 with ``Allow``; every 405 lists *all* the methods of its path in ``Allow``.
+
+    Starlette's own 405 names only the methods of the first route matching the path, so a path with
+    GET and DELETE in two routes said ``Allow: GET``. CORS preflights (with CORS configured) are
+    answered by the CORS middleware outside this one.
+    """
+
+    def __init__(self, app: ASGIApp, router: Router) -> None:
+        self.app = app
+        self.router = router
+
+    def methods(self, scope: Scope) -> list[str]:
+        found: set[str] = set()
+        for route in self.router.routes:
+            methods = getattr(route, "methods", None)
+            if methods is None:  # a mount (the static files): GET and HEAD
+                match, _ = route.matches(scope)
+                methods = {"GET", "HEAD"} if match is not Match.NONE else set()
+            elif route.matches({**scope, "method": next(iter(methods))})[0] is Match.NONE:
+                continue
+            found |= set(methods)
+        return sorted(found | {"OPTIONS"}) if found else []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope.get("method") == "OPTIONS":
+            allowed = self.methods(scope)
+            if allowed:
+                await send({"type": "http.response.start", "status": 204,
+                            "headers": [(b"allow", ", ".join(allowed).encode())]})
+                await send({"type": "http.response.body", "body": b""})
+                return
+
+        async def wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 405:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
+                message = {**message, "headers": [*headers, (b"allow", ", ".join(self.methods(scope)).encode())]}
+            await send(message)
+
+        await self.app(scope, receive, wrapped)
+
+
 def _route_template(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
@@ -108,7 +154,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _send_problem(send: Send, scope: Scope, status: int, detail: str, kind: str | None = None) -> None:
+async def send_problem(send: Send, scope: Scope, status: int, detail: str, kind: str | None = None) -> None:
     body = json.dumps(problem_body(status, detail, kind, scope.get("path"))).encode()
     headers: list[Any] = [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode()),
                           (b"connection", b"close")]

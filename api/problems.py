@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .schemas import Problem
+
 log = logging.getLogger("fwd2bot_index.api")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -34,6 +36,18 @@ class ApiProblem(Exception):
         self.kind = kind or _slug(status)
         self.headers = headers or {}
         self.extra = extra
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the problem responses a route can give."""
+    words = {400: "Invalid request", 401: "API key missing", 403: "API key wrong", 404: "Not found",
+             409: "Conflict (duplicate, read-only collection)",
+             413: "Too large: the body, an upload (bytes or pixels), or the texts of one call",
+             415: "Not a supported image type", 422: "Invalid input or undecodable image",
+             503: "Model not ready yet, or the server is busy: retry after Retry-After seconds"}
+    return {code: {"model": Problem, "description": words.get(code, "Error"),
+                   "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+            for code in codes}
 
 
 def _slug(status: int) -> str:
@@ -76,8 +90,14 @@ def classify(exc: BaseException) -> ApiProblem | None:
     from fwd2bot_index.imaging import ImageDecodeError
     from fwd2bot_index.service import NotFoundError, ServiceError
 
+    from .limits import ClientGone, Overloaded
+
     if isinstance(exc, ApiProblem):
         return exc
+    if isinstance(exc, Overloaded):
+        return ApiProblem(503, str(exc), "overloaded", headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, ClientGone):
+        return ApiProblem(499, "the client closed the request before its answer was ready", "client-closed-request")
     if isinstance(exc, NotFoundError):
         return ApiProblem(404, str(exc), "not-found")
     if isinstance(exc, ServiceError):
@@ -102,7 +122,9 @@ def library_errors() -> tuple[type[BaseException], ...]:
     from fwd2bot_index.imaging import ImageDecodeError
     from fwd2bot_index.service import ServiceError
 
-    return (ServiceError, ImageDecodeError, CollectionError)
+    from .limits import ClientGone, Overloaded
+
+    return (ServiceError, ImageDecodeError, CollectionError, Overloaded, ClientGone)
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
-MAX_ID = 2**63 - 1
+from .filters import FILTER_SCHEMA, check_filter
+
+MAX_ID = 2**53 - 1  # ids a JSON client (JavaScript too) holds exactly; the collection counts up from 1
 MAX_TEXT = 2000
+MAX_EMBED_TEXTS = 16  # texts per /v1/embed call
+MAX_EMBED_IMAGES = 8  # images per /v1/embed call (decoded and encoded one at a time)
+MAX_EMBED_CHARS = 8000  # characters in all the texts of one /v1/embed call (the default; see create_app)
+NOT_BLANK = r"\S"  # at least one character that is not white space
 
 ImageId = Field(ge=0, le=MAX_ID, description="An image id from a search result (int64).")
 
@@ -30,28 +36,98 @@ class Readiness(BaseModel):
     detail: str | None = None
 
 
-class SearchRequest(BaseModel):
+def _lone_surrogate(value: Any, where: str = "body") -> str | None:
+    """Where in a decoded JSON value a lone surrogate (like "\\ud800") hides, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = _lone_surrogate(k, f"{where} key") or _lone_surrogate(v, f"{where}.{k}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for n, v in enumerate(value):
+            found = _lone_surrogate(v, f"{where}[{n}]")
+            if found:
+                return found
+    return None
+
+
+def check_text(value: Any, where: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate cannot be encoded, tokenized or stored)."""
+    found = _lone_surrogate(value, where)
+    if found:
+        raise ValueError(f"{found} holds a lone surrogate (e.g. \\ud800), which is not valid Unicode text; "
+                         "send UTF-8 text")
+
+
+class Input(BaseModel):
+    """A request body: strict JSON types (``0`` is not ``false``), no unknown fields, valid Unicode only.
+
+    ``regex_engine="python-re"`` makes ``pattern`` mean what it means to Python's ``re``, the engine
+    schema-driven test generators use, so the schema and the server agree on every string.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        check_text(data, "body")
+        return data
+
+
+def _exactly_one(names: tuple[str, ...], examples: list[dict[str, Any]]) -> Any:
+    """Schema extra: ``oneOf`` on which field is given, and no ``default: null`` on those fields (null is refused)."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        schema["examples"] = examples
+        schema["oneOf"] = [{"required": [n]} for n in names]
+        for n in names:
+            schema["properties"][n].pop("default", None)
+
+    return extra
+
+
+Filter = Annotated[dict[str, Any], WithJsonSchema(FILTER_SCHEMA), AfterValidator(check_filter)]
+Base64 = Annotated[str, Field(json_schema_extra={"format": "byte"})]
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT, pattern=NOT_BLANK)]
+Component = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 3.0 as an integer; strict mode would refuse it, so it becomes 3 first."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+
+
+class SearchRequest(Input):
     """Exactly one of ``query`` (text), ``embedding`` (a vector) or ``like`` (a stored image id)."""
 
     model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [
+        json_schema_extra=_exactly_one(("query", "embedding", "like"), [
             {"query": "a red circle above a blue square", "k": 10},
             {"query": "a green triangle", "k": 5, "filter": {"split": "test", "width>=": 64}, "min_score": 0.1},
             {"like": 42, "k": 8},
             {"embedding": [0.12, -0.03, 0.5], "k": 3, "offset": 3},
-        ]},
+        ]),
     )
-    query: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="Text to search for.")
-    embedding: list[float] | None = Field(None, min_length=1, max_length=16384,
-                                          description="A query vector of the collection's dimension.")
-    like: int | None = Field(None, ge=0, le=MAX_ID, description="More like this stored image (excluded itself).")
-    k: int = Field(10, ge=1, le=500, description="How many results to return.")
-    offset: int = Field(0, ge=0, le=100_000, description="Skip this many results first (pagination).")
+    # Optional but not nullable: left out means None (the default is not validated); null is refused.
+    query: Text = Field(None, description="Text to search for (not blank).")  # type: ignore[assignment]
+    embedding: list[Component] = Field(  # type: ignore[assignment]
+        None, min_length=1, max_length=16384,
+        description="A query vector of the collection's dimension, not all zero (only its direction counts).")
+    like: Integer = Field(None, ge=0, le=MAX_ID,  # type: ignore[assignment]
+                      description="More like this stored image (excluded itself).")
+    k: Integer = Field(10, ge=1, le=500, description="How many results to return.")
+    offset: Integer = Field(0, ge=0, le=100_000, description="Skip this many results first (pagination).")
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="Drop results whose cosine is lower.")
-    filter: dict[str, Any] | None = Field(
-        None, description='Metadata conditions, all must hold: {"key": value}, {"key>=": 3}, '
-                          '{"key": {"gte": 1, "lt": 5}}, {"key": {"in": [..]}}, {"path": "*/holiday/*"}.')
+    filter: Filter | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> "SearchRequest":
@@ -112,13 +188,13 @@ class UploadResponse(BaseModel):
     image: ImageInfo
 
 
-class AskRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+class AskRequest(Input):
+    model_config = ConfigDict(json_schema_extra={"examples": [
         {"question": "What color is the circle?", "max_new_tokens": 32},
         {"question": "How many shapes are there?", "stream": True},
     ]})
-    question: str = Field(min_length=1, max_length=MAX_TEXT)
-    max_new_tokens: int = Field(32, ge=1, le=256)
+    question: Text
+    max_new_tokens: Integer = Field(32, ge=1, le=256)
     stream: bool = Field(False, description="Answer as server-sent events (token, done, error).")
 
 
@@ -129,15 +205,19 @@ class AskResponse(BaseModel):
     answer: str
 
 
-class EmbedRequest(BaseModel):
+class EmbedRequest(Input):
     """Exactly one of ``texts`` or ``images`` (base64-encoded image files)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(json_schema_extra=_exactly_one(("texts", "images"), [
         {"texts": ["a red circle", "two blue squares"]},
         {"images": ["iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"]},
-    ]})
-    texts: list[str] | None = Field(None, min_length=1, max_length=64)
-    images: list[str] | None = Field(None, min_length=1, max_length=16, description="Base64 image files.")
+    ]))
+    texts: list[Text] = Field(  # type: ignore[assignment]
+        None, min_length=1, max_length=MAX_EMBED_TEXTS, description=f"Texts to embed: at most {MAX_EMBED_TEXTS}, and at most {MAX_EMBED_CHARS:,} characters in all "
+                    "(more is a 413: split them over several calls).")
+    images: list[Base64] = Field(  # type: ignore[assignment]
+        None, min_length=1, max_length=MAX_EMBED_IMAGES,
+        description="Base64-encoded image files (JPEG, PNG, WebP, GIF, BMP or TIFF).")
 
     @model_validator(mode="after")
     def _one_kind(self) -> "EmbedRequest":

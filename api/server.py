@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .app import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, create_app
+from .app import DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUEUE, DEFAULT_MAX_UPLOAD_BYTES, create_app
 
 log = logging.getLogger("fwd2bot_index.api")
 
@@ -27,35 +27,44 @@ def serve(collection: str | os.PathLike[str] | None = None, model: str | None = 
           port: int = 8000, api_key: str | None = None, protect_reads: bool = False,
           cors_origins: Sequence[str] = (), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
           max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "auto", dtype: str = "auto",
-          writable: bool | None = None, log_level: str = "info", **uvicorn_options: Any) -> None:
+          writable: bool | None = None, log_level: str = "info", allowed_hosts: Sequence[str] = (),
+          max_queue: int = DEFAULT_MAX_QUEUE, **uvicorn_options: Any) -> None:
     """Open the collection, start loading the model in the background, and serve until interrupted.
 
     Binds 127.0.0.1 unless ``host`` says otherwise; binding another address without an API key is
     allowed but logged as a warning, since anyone who can reach the port could then change the
     collection. ``collection`` defaults like the CLI: $F2B_COLLECTION, else ``./.f2b``. ``writable``:
     None tries write access and serves read-only if another process is indexing the collection.
+    ``allowed_hosts``: host names (besides loopback names and ``host``) that requests may name, e.g.
+    a reverse proxy's public name; ``max_queue``: model jobs waiting before requests get 503.
     """
     make_server(collection, model=model, host=host, port=port, api_key=api_key, protect_reads=protect_reads,
                 cors_origins=cors_origins, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, device=device,
-                dtype=dtype, writable=writable, log_level=log_level, **uvicorn_options).run()
+                dtype=dtype, writable=writable, log_level=log_level, allowed_hosts=allowed_hosts,
+                max_queue=max_queue, **uvicorn_options).run()
 
 
 def make_server(collection: str | os.PathLike[str] | None = None, model: str | None = None,
                 host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, protect_reads: bool = False,
                 cors_origins: Sequence[str] = (), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                 max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "auto", dtype: str = "auto",
-                writable: bool | None = None, log_level: str = "info", **uvicorn_options: Any) -> Any:
+                writable: bool | None = None, log_level: str = "info", allowed_hosts: Sequence[str] = (),
+                max_queue: int = DEFAULT_MAX_QUEUE, **uvicorn_options: Any) -> Any:
     """What ``serve`` runs: a configured ``uvicorn.Server`` (call ``.run()``; tests run it in a thread)."""
     import uvicorn
 
     from fwd2bot_index.service import DEFAULT_COLLECTION
 
     path = collection or os.environ.get("F2B_COLLECTION") or DEFAULT_COLLECTION
+    if host in ("0.0.0.0", "::") and not allowed_hosts:
+        log.warning("serving on all addresses (%s): requests must name a loopback name in Host unless the names "
+                    "clients use are given with --allowed-host (e.g. --allowed-host photos.lan)", host)
     if not is_loopback(host) and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach port %d can add and remove images "
                     "(set --api-key)", host, port)
     app = create_app(path, api_key=api_key, protect_reads=protect_reads, cors_origins=cors_origins,
                      max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, preload=True, model=model,
-                     writable=writable, device=device, dtype=dtype)
+                     writable=writable, device=device, dtype=dtype, host=host, allowed_hosts=allowed_hosts,
+                     max_queue=max_queue)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", **uvicorn_options)
     return uvicorn.Server(config)

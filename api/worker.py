@@ -4,6 +4,10 @@ Why a single thread instead of a lock: the model switches LoRA adapters around c
 answers from a helper thread, so two calls at once are not safe; and a queue lets concurrent text
 queries be *batched*: while the model is busy, text requests pile up and the next turn encodes them
 all in one ``encode_texts`` call (no added wait at low load, higher throughput under load).
+
+The queue is bounded (``max_queue`` jobs waiting or running): a job beyond it raises ``Overloaded``
+at once, which the app answers with 503 and ``Retry-After``. A job whose future was cancelled (its
+client left) frees its place at once and is skipped when its turn comes.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ import asyncio
 import logging
 import queue
 import threading
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
+
+from .limits import Overloaded
 
 log = logging.getLogger("fwd2bot_index.api")
 
@@ -44,10 +51,18 @@ _STOP = object()
 class ModelWorker:
     """Serializes model use on one thread; reports readiness once the model has loaded."""
 
-    def __init__(self, service: Any, max_batch: int = 32, on_batch: Callable[[int], None] | None = None) -> None:
+    def __init__(self, service: Any, max_batch: int = 32, on_batch: Callable[[int], None] | None = None,
+                 max_queue: int = 64) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self.service = service
         self.max_batch = max_batch
+        self.max_queue = max_queue
         self.on_batch = on_batch
+        self.pending = 0  # jobs queued or running (not counting the model load)
+        self.refused = 0
+        self._turn_seconds = 0.05  # a running average of one turn of the loop, for Retry-After
+        self._count_lock = threading.Lock()
         self.state = "loading"
         self.detail: str | None = None
         self.load_seconds: float | None = None
@@ -61,7 +76,7 @@ class ModelWorker:
         if self._thread is not None:
             return
         if preload:
-            self._queue.put(_CallJob(self._preload, (), {}))
+            self._queue.put(_CallJob(self._preload, (), {}))  # not counted: it is not a client's job
         else:
             self.state = "ready"
         self._thread = threading.Thread(target=self._loop, name="f2b-model", daemon=True)
@@ -92,16 +107,27 @@ class ModelWorker:
 
     # -- submitting --------------------------------------------------------------------------
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-        """Run ``fn(*args, **kwargs)`` on the model thread."""
-        job = _CallJob(fn, args, kwargs)
-        self._queue.put(job)
-        return job.future
+        """Run ``fn(*args, **kwargs)`` on the model thread; ``Overloaded`` if the queue is full."""
+        return self._submit(_CallJob(fn, args, kwargs))
 
     def encode_text(self, text: str) -> Future:
         """The embedding of one text, encoded together with whatever other texts are waiting."""
-        job = _TextJob(text)
+        return self._submit(_TextJob(text))
+
+    def _submit(self, job: Any) -> Future:
+        with self._count_lock:
+            if self.pending >= self.max_queue:
+                self.refused += 1
+                turns = math.ceil(self.pending / self.max_batch) + 1
+                raise Overloaded("the model queue", self.max_queue, retry_after=turns * self._turn_seconds)
+            self.pending += 1
+        job.future.add_done_callback(self._finished)  # also runs on cancel: the place frees at once
         self._queue.put(job)
         return job.future
+
+    def _finished(self, _future: Future) -> None:
+        with self._count_lock:
+            self.pending -= 1
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.wrap_future(self.call(fn, *args, **kwargs))
@@ -121,10 +147,13 @@ class ModelWorker:
             job = self._next()
             if job is _STOP:
                 return
+            started = time.perf_counter()
             if isinstance(job, _TextJob):
                 self._run_texts(self._gather(job))
             else:
                 self._run_call(job)
+            if not (isinstance(job, _CallJob) and job.fn == self._preload):
+                self._turn_seconds = 0.8 * self._turn_seconds + 0.2 * (time.perf_counter() - started)
 
     def _gather(self, first: _TextJob) -> list[_TextJob]:
         batch = [first]

@@ -1,0 +1,160 @@
+"""Routes that need the model for more than one query vector: answers (JSON or SSE) and /v1/embed.
+
+Every model call goes through the app's bounded model queue (a full queue is a 503 at once) and is
+dropped if its client leaves before it starts. /v1/embed cuts its texts into small model jobs so a
+long call shares the model thread with searches and stops when its client goes; its images are
+decoded and encoded one at a time under the decode gate, so one call holds one decoded picture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from .files import catalog_row
+from .limits import result_or_drop
+from .problems import ApiProblem, classify, problem_body, problem_responses
+from .schemas import MAX_ID, MAX_TEXT, NOT_BLANK, AskRequest, AskResponse, EmbedRequest, EmbedResponse
+from .uploads import check_image
+
+if TYPE_CHECKING:
+    from .app import AppState
+
+log = logging.getLogger("fwd2bot_index.api")
+
+TEXT_CHUNK = 4  # texts per model job in /v1/embed
+SSE_EXAMPLE = ('event: token\ndata: {"text": "red"}\n\nevent: done\n'
+               'data: {"id": 17, "question": "What color is the circle?", "answer": "red"}\n\n')
+IdParam = Annotated[int, PathParam(ge=0, le=MAX_ID, description="Image id (from a search result).", examples=[17])]
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def _stream_answer(state: AppState, image_id: int, question: str, max_new_tokens: int) -> StreamingResponse:
+    """Server-sent events: ``token`` ({"text"}) per piece, then ``done`` ({"answer"}) or ``error`` (a problem).
+
+    If the client leaves before the model thread reaches this answer, the job is dropped. Once the
+    generation runs it is drained to its end (at most ``max_new_tokens``), because it runs on a helper
+    thread of the model that cannot be stopped midway, and the model must never run two calls at once.
+    """
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(pieces.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            pass
+
+    def generate() -> None:
+        try:
+            for piece in state.service.ask(image_id, question, max_new_tokens=max_new_tokens, stream=True):
+                put(str(piece))
+        except Exception as exc:  # noqa: BLE001 - becomes an SSE error event
+            put(exc)
+        finally:
+            put(end)
+
+    job = state.worker.call(generate)  # a full queue raises here: a 503 before the stream starts
+    state.metrics.answers.inc("stream")
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            yield b": answer stream\n\n"
+            text: list[str] = []
+            while True:
+                item = await pieces.get()
+                if item is end:
+                    break
+                if isinstance(item, Exception):
+                    known = classify(item)
+                    if known is None:
+                        log.error("answer stream failed: %r", item)
+                        known = ApiProblem(500, "the answer failed; the details are in the server log",
+                                           "internal-error")
+                    yield _sse("error", problem_body(known.status, known.detail, known.kind))
+                    return
+                text.append(item)
+                yield _sse("token", {"text": item})
+            yield _sse("done", {"id": image_id, "question": question, "answer": "".join(text).strip()})
+        finally:
+            job.cancel()  # the client left (or the stream ended): drop the job if it has not started
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def model_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:
+    sse_200 = {"description": "Server-sent events: `token` events, then `done` (or `error`); see the schema",
+               "content": {"text/event-stream": {"example": SSE_EXAMPLE}}}
+
+    def precheck(image_id: int) -> None:
+        catalog_row(state.collection, image_id)
+        state.require_model()
+
+    @app.post("/v1/images/{image_id}/ask", response_model=AskResponse, tags=["answers"], dependencies=read_deps,
+              summary="Answer a question about an image from its stored tokens (JSON, or SSE with stream=true)",
+              responses={**problem_responses(400, 401, 403, 404, 422, 503), 200: {
+                  **sse_200, "description": "The answer (JSON), or server-sent events with stream=true"}})
+    async def ask(image_id: IdParam, body: AskRequest, request: Request) -> Any:
+        await run_in_threadpool(precheck, image_id)
+        if body.stream:
+            return _stream_answer(state, image_id, body.question, body.max_new_tokens)
+        job = state.worker.call(state.service.ask, image_id, body.question, max_new_tokens=body.max_new_tokens)
+        answer = await result_or_drop(request, job)
+        state.metrics.answers.inc("json")
+        return AskResponse(id=image_id, question=body.question, answer=str(answer))
+
+    @app.get("/v1/images/{image_id}/ask", tags=["answers"], dependencies=read_deps,
+             summary="The same answer as server-sent events, for EventSource (GET)",
+             response_class=StreamingResponse,
+             responses={**problem_responses(400, 401, 403, 404, 422, 503), 200: sse_200})
+    async def ask_stream(image_id: IdParam,
+                         question: Annotated[str, Query(min_length=1, max_length=MAX_TEXT, pattern=NOT_BLANK)],
+                         max_new_tokens: Annotated[int, Query(ge=1, le=256)] = 32) -> StreamingResponse:
+        await run_in_threadpool(precheck, image_id)
+        return _stream_answer(state, image_id, question, max_new_tokens)
+
+    @app.post("/v1/embed", response_model=EmbedResponse, tags=["embeddings"], dependencies=read_deps,
+              summary="Embed texts or images (base64 files) into the collection's vector space",
+              responses=problem_responses(400, 401, 403, 413, 415, 422, 503))
+    async def embed(body: EmbedRequest, request: Request) -> EmbedResponse:
+        rows: list[list[float]] = []
+        if body.texts is not None:
+            chars = sum(len(t) for t in body.texts)
+            if chars > state.max_embed_chars:
+                raise ApiProblem(413, f"the texts hold {chars:,} characters in all; one call may hold at most "
+                                      f"{state.max_embed_chars:,}: split them over several calls", "too-much-text")
+            state.require_model()
+            for start in range(0, len(body.texts), TEXT_CHUNK):
+                chunk = list(body.texts[start:start + TEXT_CHUNK])
+                rows += (await result_or_drop(request, state.worker.call(state.service.encode_texts, chunk))).tolist()
+        else:
+            for n, encoded in enumerate(body.images or []):
+                try:
+                    data = base64.b64decode(encoded, validate=True)
+                except (binascii.Error, ValueError):
+                    raise ApiProblem(400, f"images[{n}] is not valid base64", "bad-request") from None
+                async with state.decodes.hold():
+                    image = await run_in_threadpool(check_image, data, f"images[{n}]", None, state.max_upload_bytes,
+                                                    state.max_pixels)
+                    state.require_model()
+                    job = state.worker.call(state.service.encode_images, [image.picture])
+                    del image
+                    rows += (await result_or_drop(request, job)).tolist()
+        rows = [[float(x) for x in row] for row in rows]
+        return EmbedResponse(model=str(state.service.model_name), strategy=str(state.service.strategy.name),
+                             dim=len(rows[0]) if rows else 0, embeddings=rows)
