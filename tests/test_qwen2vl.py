@@ -352,3 +352,15 @@ def test_base_pretraining_with_staged_pooling_trains_the_merger(folders, pairs, 
     assert not torch.equal(before, after)
     again = Fwd2Bot.from_pretrained(result.model_dir, device="cpu", dtype="fp32")  # a Qwen2-VL folder again
     assert again.backbone.family == "qwen2_vl" and again.encode_images(_images()).tokens.shape == (3, 16, 64)
+
+
+def test_cli_train_on_a_qwen25_folder(folders, pairs, tmp_path):
+    out = tmp_path / "cli-run"
+    result = CliRunner().invoke(app, ["train", "--data", str(pairs), "--model", str(folders["qwen2_5_vl"]), "-o",
+                                      str(out), "-K", "4", "--embed-dim", "32", "--lora-r", "4", "-b", "4",
+                                      "--max-steps", "2", "--pool-schedule", "llavolta", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["steps"] == 2 and report["last"]["pool_stride"] in (1, 2, 8)
+    config = json.loads((out / "model" / "fwd2bot_config.json").read_text())
+    assert config["base_family"] == "qwen2_5_vl" and config["trained_steps"] == 2
