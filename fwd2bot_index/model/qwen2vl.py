@@ -16,7 +16,8 @@ What differs from LLaVA, and the choices made here:
   nothing but the stored ``(K, H)`` matrix. Pooled tokens (``pool@N``) are placed in pass 2 on their
   fixed pooled grid, as transformers would place an image with that merged grid: the grid follows
   from N alone, so the stored ``(N, H)`` matrix is again all pass 2 needs. In pass 1 every grid,
-  pooled by the training schedule or not, is placed as a grid.
+  pooled by the training schedule or not, is placed as a grid. Base pretraining (``--objective
+  pretrain``) feeds all visual tokens to pass 2 at text positions (the trainer passes bare tensors).
 * **Pooling to a budget** (``pool@N``): each image's merged grid is average-pooled to one fixed grid of
   ``N`` cells (rows x cols, the most square factorization, rows <= cols) with
   ``adaptive_avg_pool2d``: a grid that does not divide evenly gets windows that differ by one cell and
@@ -126,6 +127,12 @@ def grid_positions(start: int, grid: tuple[int, int], device: torch.device) -> t
 
 def _text_positions(start: int, length: int, device: torch.device) -> torch.Tensor:
     return torch.arange(start, start + length, device=device).view(1, -1).expand(3, -1)
+
+
+def _layout(start: int, grid: tuple[int, int], rest: int, device: torch.device) -> torch.Tensor:
+    """(3, start + h*w + rest) positions: text, an image grid at ``start``, text resuming after the grid."""
+    return torch.cat([_text_positions(0, start, device), grid_positions(start, grid, device),
+                      _text_positions(start + max(grid), rest, device)], dim=1)
 
 
 class QwenProcessorParts:
@@ -272,11 +279,8 @@ class Qwen2VLBackbone(LlavaBackbone):
         for tokens, grid in zip(visual.tokens, visual.grids):
             parts = [before, tokens.to(before.dtype), after] + ([tail] if tail is not None else [])
             seqs.append(torch.cat(parts))
-            start = before.shape[0]
-            resume = start + max(grid)
             rest = after.shape[0] + (tail.shape[0] if tail is not None else 0)
-            positions.append(torch.cat([_text_positions(0, start, device), grid_positions(start, grid, device),
-                                        _text_positions(resume, rest, device)], dim=1))
+            positions.append(_layout(before.shape[0], grid, rest, device))
         longest = max(s.shape[0] for s in seqs)
         embeds = seqs[0].new_zeros(len(seqs), longest, seqs[0].shape[-1])
         mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=device)
@@ -296,11 +300,7 @@ class Qwen2VLBackbone(LlavaBackbone):
         positions = torch.zeros(3, batch, length, dtype=torch.long, device=mask.device)
         for i, (start, count) in enumerate(blocks):
             real = int(mask[i].sum())
-            grid = budget_grid(count)
-            rest = real - start - count
-            positions[:, i, length - real:] = torch.cat([
-                _text_positions(0, start, mask.device), grid_positions(start, grid, mask.device),
-                _text_positions(start + max(grid), rest, mask.device)], dim=1)
+            positions[:, i, length - real:] = _layout(start, budget_grid(count), real - start - count, mask.device)
         return positions
 
     def pool_to_budget(self, visual: GridTokens, budget: int) -> torch.Tensor:
@@ -309,7 +309,8 @@ class Qwen2VLBackbone(LlavaBackbone):
         return torch.stack([_pool_grid(t, g, target) for t, g in zip(visual.tokens, visual.grids)])
 
     def pool_by_stride(self, visual: GridTokens, stride: int) -> GridTokens:
-        """LLaVolta-style stride pooling on each grid (ceil(h/s) x ceil(w/s) cells; edges averaged)."""
+        """LLaVolta-style stride pooling on each grid: ceil(h/s) x ceil(w/s) cells by adaptive average
+        pooling (windows of about s x s, overlapping by a cell where a side does not divide)."""
         if stride <= 1:
             return visual
         grids = [(-(-h // stride), -(-w // stride)) for h, w in visual.grids]
