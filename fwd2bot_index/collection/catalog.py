@@ -115,6 +115,7 @@ class Catalog:
         self.readonly = readonly
         self._local = threading.RLock()
         self._depth = 0
+        self._touched: set[str] = set()
         try:
             if readonly:
                 db = sqlite3.connect(
@@ -138,13 +139,23 @@ class Catalog:
         self._db.close()
 
     def quick_check(self) -> str | None:
-        """``PRAGMA quick_check``: None when the file is sound, else SQLite's first complaint."""
+        """``PRAGMA quick_check`` plus a read of every row: None when the file is sound, else the
+        first complaint (O(size of the catalog): run before a catalog may drive deletions)."""
         try:
             rows = self._db.execute("PRAGMA quick_check(3)").fetchall()
         except CollectionFormatError as exc:
             return str(exc)
         first = rows[0][0] if rows else "no answer"
-        return None if first == "ok" else "; ".join(str(r[0]) for r in rows)
+        if first != "ok":
+            return "; ".join(str(r[0]) for r in rows)
+        try:  # quick_check proves the structure; reading every row proves the text decodes too
+            for table in ("images", "paths", "failures", "meta"):
+                self._db.execute(f"SELECT * FROM {table}")
+        except CollectionFormatError as exc:
+            return str(exc).split(" is not a readable catalog (")[-1].split("); nothing")[0]
+        except sqlite3.OperationalError as exc:
+            return str(exc)
+        return None
 
     # ------------------------------------------------------------------ the shard ledger
 
@@ -217,6 +228,7 @@ class Catalog:
                 yield
             except BaseException:
                 self._depth = 0
+                self._touched = set()
                 self._db.execute("ROLLBACK")
                 raise
             self._depth = 0
@@ -309,9 +321,21 @@ class Catalog:
         gone: list[int] = []
         for chunk in _chunks([int(i) for i in ids]):
             marks = _marks(chunk)
-            gone.extend(r[0] for r in self._db.execute(f"SELECT id FROM images WHERE id IN ({marks})", chunk))
+            rows = self._db.execute(f"SELECT id, shard FROM images WHERE id IN ({marks})", chunk)
+            gone.extend(r[0] for r in rows)
+            self._touched.update(r[1] for r in rows)
             self._db.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
         return sorted(gone)
+
+    def emptied_shards(self) -> list[str]:
+        """Shards that lost images since the last call and now hold none (inside a transaction:
+        mark them doomed in it). Uses the (shard, row) index: no scan of the whole catalog."""
+        touched, self._touched = self._touched, set()
+        return sorted(s for s in touched
+                      if self._db.execute("SELECT 1 FROM images WHERE shard=? LIMIT 1", (s,)).fetchone() is None)
+
+    def references(self, shard: str) -> bool:
+        return self._db.execute("SELECT 1 FROM images WHERE shard=? LIMIT 1", (shard,)).fetchone() is not None
 
     def update_locations(self, moves: Iterable[tuple[int, str, int]]) -> None:
         """Re-point images at new token-store rows (after compaction)."""

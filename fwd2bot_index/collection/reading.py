@@ -225,7 +225,9 @@ class Reading:
             per = (lambda b: round(b / n, 1) if n and b is not None else None)
             m = self.manifest
             live = self.catalog.shard_live_rows()
-            total_rows = sum(self.tokens.shard_rows(s) for s in live)
+            ledger = self.catalog.shard_ledger()  # rows recorded at commit: no need to open every shard
+            total_rows = sum(ledger[s][1] if s in ledger and ledger[s][0] == "live" else self.tokens.shard_rows(s)
+                             for s in live)
             return {
                 "path": str(self.path), "model_name": m.model_name, "model_fingerprint": m.model_fingerprint,
                 "strategy": m.strategy, "embed_dim": m.embed_dim, "token_count": m.token_count,

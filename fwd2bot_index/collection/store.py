@@ -234,7 +234,7 @@ class Collection(Reading, IndexSync, Health, Maintenance):
                 raise refuse(folder, f"collection {folder} has no {CATALOG_NAME}")
             catalog = Catalog(folder / CATALOG_NAME, readonly=not writable)
             tokens = token_store(folder, manifest, catalog)
-            problem = trust_problem(folder, manifest, catalog, tokens, deep=writable)
+            problem = trust_problem(folder, manifest, catalog, tokens, deep=False)
             if problem is not None:
                 raise refuse(folder, problem)
             if writable:
@@ -247,7 +247,7 @@ class Collection(Reading, IndexSync, Health, Maintenance):
                       backend_options)
             col._index_damage = damage
             if writable:
-                col._delete_leftovers()
+                col._delete_leftovers(check=True)
                 col._reconcile()
                 if not col._hold:
                     lock.release()
@@ -306,12 +306,18 @@ class Collection(Reading, IndexSync, Health, Maintenance):
                 if outer and not self._hold:
                     self._lock.release()
 
-    def _delete_leftovers(self) -> None:
+    def _delete_leftovers(self, check: bool = False) -> None:
         """Under the lock: delete the shard files the catalog itself marked pending (never committed)
-        or doomed (emptied by a committed remove or compaction). Nothing else is ever deleted."""
+        or doomed (emptied by a committed remove or compaction). Nothing else is ever deleted. With
+        ``check`` (leftovers of another run, found at open) the catalog must first pass SQLite's
+        ``quick_check``: a damaged catalog never drives a deletion."""
         ledger = self.catalog.shard_ledger()
-        live = set(self.catalog.shard_live_rows())
-        gone = [name for name, (state, _, _) in ledger.items() if state in ("pending", "doomed") and name not in live]
+        gone = [name for name, (state, _, _) in ledger.items()
+                if state in ("pending", "doomed") and not self.catalog.references(name)]
+        if gone and check:
+            bad = self.catalog.quick_check()
+            if bad is not None:
+                raise refuse(self.path, f"{self.path / CATALOG_NAME} fails SQLite's quick_check ({bad})")
         if gone:
             deleted = self.tokens.delete_shards(gone)
             self.catalog.forget_shards(gone)
@@ -496,7 +502,7 @@ class Collection(Reading, IndexSync, Health, Maintenance):
     def _transaction(self) -> Iterator[None]:
         """A catalog transaction that also marks the shards it empties as doomed (deleted after it)."""
         with self.catalog.transaction():
-            before = set(self.catalog.shard_live_rows())
+            self.catalog.emptied_shards()  # start counting from here
             yield
-            self.catalog.shards_doomed(before - set(self.catalog.shard_live_rows()))
+            self.catalog.shards_doomed(self.catalog.emptied_shards())
 
