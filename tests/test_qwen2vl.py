@@ -364,3 +364,14 @@ def test_cli_train_on_a_qwen25_folder(folders, pairs, tmp_path):
     assert report["steps"] == 2 and report["last"]["pool_stride"] in (1, 2, 8)
     config = json.loads((out / "model" / "fwd2bot_config.json").read_text())
     assert config["base_family"] == "qwen2_5_vl" and config["trained_steps"] == 2
+
+
+def test_cli_eval_retrieval_on_a_qwen_folder(folders, pairs, tmp_path):
+    rows = [{**json.loads(line), "split": "test"} for line in pairs.read_text().splitlines()]
+    annotations = tmp_path / "captions.jsonl"
+    annotations.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(app, ["eval", "retrieval", "--annotations", str(annotations), "--images", str(pairs.parent),
+                                      "-m", str(folders["qwen2_vl"]), "-s", "pool@4", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    (run,) = json.loads(result.stdout)["retrieval"]
+    assert run["n_images"] == 8 and 0 <= run["recall"]["t2i"]["1"] <= 1
