@@ -354,6 +354,11 @@ def serve(
     protect_reads: bool = typer.Option(False, "--protect-reads", help="Require the API key for reads too."),
     threads: Optional[int] = typer.Option(None, "--threads", envvar="F2B_THREADS", min=1,
                                           help="Torch threads for model calls (1 gives steadier latency on a busy CPU)."),
+    allowed_hosts: List[str] = typer.Option(
+        [], "--allowed-host", help="Another host name clients reach the server by (a reverse proxy's, a LAN name, "
+                                   "*.example.org); repeatable. Loopback names and --host are always allowed."),
+    max_queue: int = typer.Option(64, "--max-queue", min=1,
+                                  help="Model requests that may wait; more are answered 503 with Retry-After at once."),
 ) -> None:
     """Serve the REST API (/v1/...) and the search page (/)."""
     check(model=model, device=device, dtype=dtype)
@@ -367,7 +372,7 @@ def serve(
         from fwd2bot_index.api import serve as run_server
 
         run_server(collection_path(collection), model=model, device=device, dtype=dtype, host=host, port=port,
-                   api_key=api_key, protect_reads=protect_reads)
+                   api_key=api_key, protect_reads=protect_reads, allowed_hosts=allowed_hosts, max_queue=max_queue)
 
 
 @app.command()
