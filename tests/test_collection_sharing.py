@@ -116,3 +116,57 @@ def test_index_beside_a_server_process(tmp_path):
         for n in (0, 9, 49, 100, 139):
             hit = col.search(emb(n), k=1)[0]
             assert hit.metadata["i"] == n and np.abs(col.get_tokens(hit.id) - tok(n)).max() < 0.01
+
+
+def test_f2b_index_beside_f2b_serve(tmp_path, tiny_llava_dir):
+    """End to end with the tiny model: `f2b serve` in its own process, `f2b index` and an upload beside it."""
+    import time
+
+    import httpx
+    from typer.testing import CliRunner
+
+    from fwd2bot_index.api.testing import free_port
+    from fwd2bot_index.cli.main import app
+    from fwd2bot_index.synthetic import write_demo_data
+
+    write_demo_data(tmp_path / "a", n=6, seed=1)
+    write_demo_data(tmp_path / "b", n=6, seed=2)
+    coll = tmp_path / "c"
+    runner = CliRunner()
+    index = ["-c", str(coll), "-m", str(tiny_llava_dir), "--device", "cpu"]
+    assert runner.invoke(app, ["index", str(tmp_path / "a" / "images"), *index]).exit_code == 0
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "fwd2bot_index.cli", "serve", *index, "--port", str(port)],
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            for _ in range(600):  # wait for the server process to listen (bounded)
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert server.poll() is None, server.stderr.read()
+                time.sleep(0.1)
+            info = client.get("/v1/collection").json()
+            assert info["writable"] is True and info["indexed"] == 6
+            added = runner.invoke(app, ["index", str(tmp_path / "b" / "images"), *index])  # the server is up
+            assert added.exit_code == 0, added.output
+            assert client.get("/v1/collection").json()["indexed"] == 12  # seen at its next request
+            assert client.get("/v1/images/12").status_code == 200  # ids 7-12 came from the second run
+            hits = client.post("/v1/search", json={"like": 12, "k": 3}).json()["results"]
+            assert len(hits) == 3
+            from PIL import Image
+
+            Image.new("RGB", (40, 32), (10, 200, 90)).save(tmp_path / "upload.png")
+            up = client.post("/v1/images", files={"file": ("u.png", (tmp_path / "upload.png").read_bytes(), "image/png")})
+            assert up.status_code == 201, up.text
+            assert client.get("/v1/collection").json()["indexed"] == 13
+            again = runner.invoke(app, ["verify", "-c", str(coll)])
+            assert again.exit_code == 0, again.output
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    with Collection.open(coll) as col:
+        assert len(col) == 13 and col.verify().ok
