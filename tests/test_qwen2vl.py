@@ -358,12 +358,18 @@ def test_cli_train_on_a_qwen25_folder(folders, pairs, tmp_path):
     out = tmp_path / "cli-run"
     result = CliRunner().invoke(app, ["train", "--data", str(pairs), "--model", str(folders["qwen2_5_vl"]), "-o",
                                       str(out), "-K", "4", "--embed-dim", "32", "--lora-r", "4", "-b", "4",
-                                      "--max-steps", "2", "--pool-schedule", "llavolta", "--device", "cpu", "--json"])
+                                      "--max-steps", "2", "--pool-schedule", "llavolta", "--max-pixels", "6272",
+                                      "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["steps"] == 2 and report["last"]["pool_stride"] in (1, 2, 8)
     config = json.loads((out / "model" / "fwd2bot_config.json").read_text())
     assert config["base_family"] == "qwen2_5_vl" and config["trained_steps"] == 2
+    trained_with = {"min_pixels": 3136, "max_pixels": 6272}
+    assert config["image_options"] == trained_with  # loading defaults to the bounds it was trained with
+    assert Fwd2Bot.from_pretrained(str(out / "model"), device="cpu").image_options == trained_with
+    wider = Fwd2Bot.from_pretrained(str(out / "model"), device="cpu", max_pixels=50176)
+    assert wider.image_options == {"min_pixels": 3136, "max_pixels": 50176}
 
 
 def test_cli_eval_retrieval_on_a_qwen_folder(folders, pairs, tmp_path):

@@ -131,6 +131,7 @@ def save_model(model: Fwd2Bot, path: str | Path, include_base: bool | None = Non
     try:
         config = model.config
         config.versions = _versions()
+        config.image_options = model.image_options
         if include_base:
             config.base_model, config.base_revision = "base", None
             hf = model.peft.get_base_model() if model.peft is not None else model.backbone.hf
@@ -180,7 +181,8 @@ def load_checkpoint(path: str | Path, device: str | None = "auto", dtype: str | 
                     base: str | None = None, revision: str | None = None, **image_options: int | None) -> Fwd2Bot:
     """Load a Fwd2Bot checkpoint folder onto its base (or onto ``base``, checked for a match).
 
-    ``image_options`` (``min_pixels``, ``max_pixels``) go to the base's image processor.
+    ``image_options`` (``min_pixels``, ``max_pixels``) go to the base's image processor; each one not
+    given is the value recorded at training (``fwd2bot_config.json``), else the base folder's own.
     """
     from peft import PeftModel
 
@@ -192,7 +194,8 @@ def load_checkpoint(path: str | Path, device: str | None = "auto", dtype: str | 
         base_ref, base_rev = str(path / "base"), None
     else:
         base_ref, base_rev = config.base_model, config.base_revision
-    backbone = load_backbone(base_ref, device=device, dtype=dtype, revision=base_rev, **image_options)
+    trained_with = {k: v if v is not None else config.image_options.get(k) for k, v in image_options.items()}
+    backbone = load_backbone(base_ref, device=device, dtype=dtype, revision=base_rev, **trained_with)
     _check_signature(config.base_signature, backbone.signature(), base_ref)
     compressor = Compressor(config.hidden_size, config.num_summary_tokens, config.embed_dim)
     compressor.load_state_dict(load_file(str(path / COMPRESSOR_FILE)))

@@ -103,6 +103,8 @@ class Fwd2BotConfig:
     hidden_size: int = 0
     embed_dim: int = 256
     pool_budget: int = 16
+    # preprocessing the compressor was trained with (Qwen2-VL: min/max pixels); loading defaults to it
+    image_options: dict = field(default_factory=dict)
     compress_prompt: str = COMPRESS_PROMPT
     image_embed_prompt: str = IMAGE_EMBED_PROMPT
     text_embed_prompt: str = TEXT_EMBED_PROMPT

@@ -151,11 +151,17 @@ class Fwd2Bot:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: str | None = "auto", dtype: str | None = "auto",
-                        base: str | None = None, revision: str | None = None) -> "Fwd2Bot":
-        """Load ``demo``, a Fwd2Bot checkpoint folder, or a stock LLaVA folder / hub id."""
+                        base: str | None = None, revision: str | None = None, min_pixels: int | None = None,
+                        max_pixels: int | None = None) -> "Fwd2Bot":
+        """Load ``demo``, a Fwd2Bot checkpoint folder, or a stock LLaVA / Qwen2-VL folder or hub id.
+
+        ``min_pixels`` / ``max_pixels`` bound the resized image of the Qwen2-VL family (default: what the
+        checkpoint was trained with, else the folder's own).
+        """
         from .checkpoint import load_model
 
-        return load_model(name_or_path, device=device, dtype=dtype, base=base, revision=revision)
+        return load_model(name_or_path, device=device, dtype=dtype, base=base, revision=revision,
+                          min_pixels=min_pixels, max_pixels=max_pixels)
 
     def save_pretrained(self, path: str, include_base: bool | None = None) -> None:
         """Write the checkpoint folder (see ``checkpoint.save_model``)."""

@@ -46,7 +46,7 @@ OBJECTIVES = ("fwd2bot", "pretrain")
 _RESUME_FIXED = ("objective", "data", "batch_size", "grad_accum", "seed", "num_summary_tokens", "embed_dim",
                  "lora_r", "lora_alpha", "lora_targets", "lr", "max_steps", "epochs", "pool_schedule",
                  "train_summary_tokens", "train_adapters", "train_heads", "train_projector", "train_llm",
-                 "train_vision_tower")
+                 "train_vision_tower", "min_pixels", "max_pixels")
 
 
 class TrainingError(RuntimeError):
@@ -76,6 +76,9 @@ class TrainConfig:
     train_projector: bool | None = None
     train_llm: bool | None = None  # the whole language model incl. embeddings and LM head (small models)
     train_vision_tower: bool = False  # the vision encoder too (a base trained from scratch, e.g. the demo model)
+    # Qwen2-VL family: resize bounds of the images (None: the checkpoint's or the folder's own)
+    min_pixels: int | None = None
+    max_pixels: int | None = None
     # losses and pass-2 targets
     contrastive_weight: float = 1.0
     autoregressive_weight: float = 1.0
@@ -354,14 +357,15 @@ class Trainer:
             source = str(resume_dir / ckpt.MODEL_DIR)
         else:
             source = _model_source(resolve_model_name(cfg.model))
+        pixels = {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}
         if cfg.objective == "pretrain":
             if is_checkpoint(source):
                 raise TrainingError(f"{source} is a Fwd2Bot compressor checkpoint; objective 'pretrain' "
                                     "trains a stock LLaVA model (give its folder)")
-            return Fwd2Bot.stock(load_backbone(source, device=cfg.device, dtype=cfg.dtype))
+            return Fwd2Bot.stock(load_backbone(source, device=cfg.device, dtype=cfg.dtype, **pixels))
         if is_checkpoint(source):  # continue training a compressor (or resume)
-            return Fwd2Bot.from_pretrained(source, device=cfg.device, dtype=cfg.dtype)
-        backbone = load_backbone(source, device=cfg.device, dtype=cfg.dtype)
+            return Fwd2Bot.from_pretrained(source, device=cfg.device, dtype=cfg.dtype, **pixels)
+        backbone = load_backbone(source, device=cfg.device, dtype=cfg.dtype, **pixels)
         return Fwd2Bot.create(backbone, num_summary_tokens=cfg.num_summary_tokens, embed_dim=cfg.embed_dim,
                               lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                               lora_targets=cfg.lora_targets, seed=cfg.seed)
