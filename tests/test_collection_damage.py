@@ -349,6 +349,45 @@ def test_disk_full_during_a_batch_is_one_line_and_stores_nothing(sources, tmp_pa
         assert col.verify().ok
 
 
+def test_disk_full_while_saving_the_index_keeps_the_commits(sources, tmp_path, monkeypatch):
+    """Fault injection on the index save: FAISS's writer, then the state file's atomic writer."""
+    import errno
+
+    import faiss
+
+    root, golden, _ = sources
+    folder = tmp_path / "col"
+    shutil.copytree(golden, folder)
+    col = Collection.open(folder, writable=True, save_every=1)
+    real_write = faiss.write_index
+
+    def full_faiss(index, path):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("Error in faiss::FileIOWriter: write error (No space left on device)")
+
+    monkeypatch.setattr(faiss, "write_index", full_faiss)
+    with pytest.raises(CollectionError, match="full while writing the vector index: the images committed") as err:
+        add(col, root, [70])
+    one_line(str(err.value))
+    monkeypatch.setattr(faiss, "write_index", real_write)
+    real_replace = os.replace
+
+    def full_replace(src, dst):
+        if str(dst).endswith("index.state.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_replace)
+    with pytest.raises(CollectionError, match="full while writing the vector index"):
+        add(col, root, [71])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not list(folder.glob(".tmp-*"))
+    col.close()
+    with Collection.open(folder, writable=True) as col:  # the commits are there; the index is made whole
+        assert len(col) == 20 and col.verify().ok
+        assert col.search(emb(71), k=1)[0].metadata["i"] == 71
+
+
 def test_zz_write_table(request):
     """Runs last in this file: writes the table when asked (see the module docstring)."""
     target = os.environ.get("F2B_DAMAGE_TABLE")

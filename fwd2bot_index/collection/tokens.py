@@ -478,7 +478,7 @@ class TokenStore:
         tmp = tmp_name(target)
         total = 0
         try:
-            with pq.ParquetWriter(str(tmp), schema) as writer:
+            with pq.ParquetWriter(str(tmp), schema, write_page_checksum=True) as writer:  # CRC per page
                 for part in _batched(rows, chunk):
                     writer.write_table(self._export_table(part, schema))
                     total += len(part)
