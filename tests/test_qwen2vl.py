@@ -242,7 +242,7 @@ def test_cli_index_search_ask(folders, family, tmp_path):
     assert result.exit_code == 0, result.output
     refused = runner.invoke(app, ["index", str(photos), "--collection", str(tmp_path / "c2"), "--model",
                                   str(folders[family]), "--device", "cpu", "--strategy", "full"])
-    assert refused.exit_code != 0 and "pool@N" in refused.output
+    assert refused.exit_code == 1 and "pool@N" in refused.output and not (tmp_path / "c2").exists()
 
 
 def test_pixel_bounds_are_options_the_collection_records(folders, tiny_llava_dir, tmp_path):
