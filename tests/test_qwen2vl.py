@@ -195,6 +195,18 @@ def test_pass2_lays_pooled_tokens_on_their_grid_as_transformers_would(stock):
                                              image_grid_thw=torch.tensor([[1, 4, 6]] * 2), attention_mask=mask)
     assert torch.equal(positions, expected)
     assert bb.stored_positions(mask, [(3, 6), (3, 6)], "fwd2bot") is None  # summary tokens: text positions
+    # generation uses these positions and continues from the last one (checked against a plain forward)
+    one = slice(1, 2)
+    out = bb.hf.generate(inputs_embeds=embeds[one], attention_mask=mask[one], position_ids=positions[:, one],
+                         max_new_tokens=2, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                         pad_token_id=bb.tokenizer.pad_token_id)
+    with torch.no_grad():
+        first = out.sequences[:, :1]
+        grown = torch.cat([embeds[one], bb.embed_ids(first[0].tolist())[None]], 1)
+        grown_mask = torch.cat([mask[one], torch.ones_like(first)], 1)
+        grown_pos = torch.cat([positions[:, one], positions[:, one, -1:] + 1], -1)
+        logits = bb.logits(bb.run_decoder(grown, grown_mask, positions=grown_pos)[:, -1])
+    torch.testing.assert_close(logits, out.scores[1], atol=1e-5, rtol=1e-5)
     alone = [model.answer(t, q, max_new_tokens=5, kind="pool") for t, q in zip(enc.tokens, questions)]
     assert model.answer_batch(list(enc.tokens), questions, max_new_tokens=5, kind="pool") == alone
     assert "".join(model.answer(enc.tokens[1], questions[1], max_new_tokens=5, stream=True, kind="pool")) == alone[1]
