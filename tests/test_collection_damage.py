@@ -388,6 +388,52 @@ def test_disk_full_while_saving_the_index_keeps_the_commits(sources, tmp_path, m
         assert col.search(emb(71), k=1)[0].metadata["i"] == 71
 
 
+def test_one_flipped_row_is_salvaged_and_the_rest_kept(sources, tmp_path):
+    """Per-row checks: a flip inside one image's tokens costs that image only, not its whole shard."""
+    root, golden, _ = sources
+    folder = tmp_path / "col"
+    shutil.copytree(golden, folder)
+    with Collection.open(folder) as col:
+        shard = col.get(5).shard  # image i=4 (id 5), whose file exists
+        row = col.get(5).row
+    path = folder / "tokens" / shard
+    data = bytearray(path.read_bytes())
+    needle = np.asarray(tok(4), np.float16).tobytes()[:16]
+    data[data.index(needle) + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+    with Collection.open(folder) as col:
+        report = col.verify()
+        assert not report.ok and report.damaged_shards == [shard] and report.bad_rows == [5]
+        assert any(f"{shard} is damaged" in p and "1 affected: ids 5" in p for p in report.problems)
+    with Collection.open(folder, writable=True) as col:
+        fixed = col.repair()
+        assert fixed.ok, fixed.problems
+        assert any("copied 5 intact image(s)" in a for a in fixed.actions) and row == 4
+        assert len(col) == 17 and col.get(5) is None  # its file exists: re-encoded by the next f2b index
+        assert [f.path for f in col.plan([photo(root, 4)]).to_encode] == [photo(root, 4)]
+        for i in (0, 1, 2, 3, 5):
+            assert np.abs(col.get_tokens(i + 1) - tok(i)).max() < 0.01
+    assert (folder / "damaged" / shard).exists()  # the damaged file is kept aside, not deleted
+
+
+def test_the_only_shard_after_compaction_lost(sources, tmp_path):
+    """The issue's case: compaction leaves one shard; it is truncated; repair used to forget all images."""
+    root, golden, _ = sources
+    folder = tmp_path / "col"
+    shutil.copytree(golden, folder)
+    with Collection.open(folder, writable=True) as col:
+        assert col.compact()["written"] == 1 and col.verify().ok
+    (only,) = (folder / "tokens").glob("*.arrow")
+    only.write_bytes(only.read_bytes()[:100])
+    with Collection.open(folder, writable=True) as col:
+        fixed = col.repair()
+        evens = [i for b in BATCHES for i in b if i % 2 == 0]
+        assert len(col) == 9 and not fixed.ok  # the 9 without a file are kept, and reported
+        assert any("9 image(s) lost their stored data; their files exist" in a for a in fixed.actions)
+        plan = col.plan([photo(root, i) for i in evens])
+        assert len(plan.to_encode) == 9  # the next f2b index restores the other 9 from their files
+
+
 def test_zz_write_table(request):
     """Runs last in this file: writes the table when asked (see the module docstring)."""
     target = os.environ.get("F2B_DAMAGE_TABLE")
