@@ -295,7 +295,9 @@ def info(
 @app.command()
 def verify(
     collection: Optional[Path] = CollectionOpt,
-    repair: bool = typer.Option(False, "--repair", help="Rebuild the index from the stored embeddings."),
+    repair: bool = typer.Option(False, "--repair", help="Rebuild what is damaged from what survives: manifest and "
+                                "catalog from the token shards, the index from the embeddings (damaged files are "
+                                "kept aside; images whose data is lost are re-encoded by the next index)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Check that catalog, token store and index agree (exit 0 only then)."""
