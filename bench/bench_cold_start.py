@@ -52,11 +52,11 @@ def _wall(cmd: list[str], env: dict[str, str], runs: int) -> list[float]:
     return times
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"f2b serve exited early: {proc.stderr.read()[-500:] if proc.stderr else ''}")
+            raise SystemExit(f"f2b serve exited early: {log.read_text()[-500:]}")
         try:
             with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:  # noqa: S310 - loopback
                 if json.loads(r.read()).get("status") == "ready":
@@ -85,10 +85,12 @@ def measure(runs: int, workdir: Path) -> dict:
     rows["f2b search --local (loads the model)"] = _wall(
         _f2b("search", QUERY, "-c", str(coll), "-k", "5", "--local", "--device", "cpu"), env, runs)
     port = free_port()
-    server = subprocess.Popen(_f2b("serve", "-c", str(coll), "--port", str(port), "--device", "cpu"), env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # one torch thread: a single short query gains nothing from two, and on a shared machine OpenMP
+    # barriers waiting for a descheduled sibling thread make it several times slower
+    server = subprocess.Popen(_f2b("serve", "-c", str(coll), "--port", str(port), "--device", "cpu", "--threads", "1"),
+                              env=env, stdout=subprocess.DEVNULL, stderr=(workdir / "serve.log").open("w"))
     try:
-        _wait_ready(f"http://127.0.0.1:{port}", server)
+        _wait_ready(f"http://127.0.0.1:{port}", server, workdir / "serve.log")
         C.log("timing f2b search beside a running f2b serve ...")
         probe = subprocess.run(_f2b("search", QUERY, "-c", str(coll), "-k", "5"), env=env, capture_output=True,
                                text=True, timeout=120)
