@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from fwd2bot_index.cli.main import app
 from fwd2bot_index.model import CheckpointMismatchError, Fwd2Bot, StrategyError, load_backbone
-from fwd2bot_index.model.qwen2vl import QwenProcessorParts, Qwen2VLBackbone, budget_grid
+from fwd2bot_index.model.parts import ProcessorParts
+from fwd2bot_index.model.qwen2vl import Qwen2VLBackbone, budget_grid
 from fwd2bot_index.model.tiny import TinyQwenSpec, random_images, save_tiny_qwen2vl
 
 # Qwen2.5-VL's folder gets its own template (no system turn), saved the newer way (chat_template.jinja)
@@ -81,7 +82,7 @@ FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 def test_folder_loads_through_the_ordinary_loader(stock, folders, family):
     model = stock[family]
     assert isinstance(model.backbone, Qwen2VLBackbone) and model.backbone.family == family
-    assert isinstance(model.backbone.processor, QwenProcessorParts)
+    assert isinstance(model.backbone.processor, ProcessorParts)
     pre = json.loads((folders[family] / "preprocessor_config.json").read_text())
     assert pre["image_processor_type"] == "Qwen2VLImageProcessor"  # as a hub folder names it
     parts = model.backbone.chat("<image>\nSummary above image in one word:")

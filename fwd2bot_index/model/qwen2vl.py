@@ -26,21 +26,20 @@ What differs from LLaVA, and the choices made here:
   per collection; ``pool@N`` or ``fwd2bot`` keep a fixed cost per image.
 * **Loading without torchvision**: transformers 5 cannot build the combined ``Qwen2VLProcessor``
   without torchvision (its video processor), so the image processor, the tokenizer and the chat
-  template are loaded separately (``QwenProcessorParts``).
+  template are loaded separately (``parts.ProcessorParts``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .backbone import _SLOT, ChatParts, ImageOptionError, LlavaBackbone, ModelLoadError
+from .backbone import _SLOT, ChatParts, ImageOptionError, LlavaBackbone
+from .parts import ProcessorParts, load_parts
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 MODEL_TYPES = {"qwen2_vl": ARCHITECTURES[0], "qwen2_5_vl": ARCHITECTURES[1]}
@@ -135,74 +134,16 @@ def _layout(start: int, grid: tuple[int, int], rest: int, device: torch.device) 
                       _text_positions(start + max(grid), rest, device)], dim=1)
 
 
-class QwenProcessorParts:
-    """Image processor + tokenizer + chat template, the parts of a ``Qwen2VLProcessor``.
-
-    Saved as a hub folder keeps them: ``preprocessor_config.json``, the tokenizer files and
-    ``chat_template.jinja``.
-    """
-
-    def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None):
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
-
-    def apply_chat_template(self, conversation: list[dict], **kwargs: Any) -> str:
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, **kwargs)
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.image_processor.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
-        (folder / "chat_template.jinja").write_text(self.chat_template)
-
-
-def _folder_file(ref: str, name: str, revision: str | None) -> Path | None:
-    from transformers.utils import cached_file
-
-    try:
-        found = cached_file(ref, name, revision=revision, _raise_exceptions_for_missing_entries=False,
-                            _raise_exceptions_for_connection_errors=False)
-    except OSError:
-        return None
-    return Path(found) if found else None
-
-
-def read_chat_template(ref: str, revision: str | None, tokenizer: Any) -> str | None:
-    """The folder's chat template: ``chat_template.json`` (older hub layout), ``chat_template.jinja``,
-    else the tokenizer's own; ``None`` falls back to the Qwen2-VL-Instruct template."""
-    found = _folder_file(ref, "chat_template.json", revision)
-    if found is not None:
-        template = json.loads(found.read_text()).get("chat_template")
-        if template:
-            return template
-    found = _folder_file(ref, "chat_template.jinja", revision)
-    if found is not None:
-        return found.read_text()
-    return getattr(tokenizer, "chat_template", None)
-
-
 def load_processor_parts(ref: str, revision: str | None = None, min_pixels: int | None = None,
-                         max_pixels: int | None = None) -> QwenProcessorParts:
-    """Load the parts separately; the Pil image processor is used when torchvision is missing."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLImageProcessorPil
-    from transformers.utils import is_torchvision_available
-
+                         max_pixels: int | None = None) -> ProcessorParts:
+    """The image processor (Pil class without torchvision), tokenizer and chat template, with the bounds."""
     size_args = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    try:
-        if is_torchvision_available():
-            image_processor = AutoImageProcessor.from_pretrained(ref, revision=revision, **size_args)
-        else:
-            image_processor = Qwen2VLImageProcessorPil.from_pretrained(ref, revision=revision, **size_args)
-        tokenizer = AutoTokenizer.from_pretrained(ref, revision=revision, padding_side="left")
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the image processor or tokenizer of {ref!r}: {exc}") from exc
-    low, high = image_processor.size["shortest_edge"], image_processor.size["longest_edge"]
+    parts = load_parts(ref, revision, "Qwen2VLImageProcessorPil", DEFAULT_CHAT_TEMPLATE, **size_args)
+    low, high = parts.image_processor.size["shortest_edge"], parts.image_processor.size["longest_edge"]
     if low > high:
         raise ImageOptionError(f"{ref}: min_pixels ({low}) is larger than max_pixels ({high}); give both "
                                "--min-pixels and --max-pixels, the first no larger than the second")
-    return QwenProcessorParts(image_processor, tokenizer, read_chat_template(ref, revision, tokenizer))
+    return parts
 
 
 class Qwen2VLBackbone(LlavaBackbone):
