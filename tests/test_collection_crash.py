@@ -154,3 +154,52 @@ def test_sigkill_after_commits_before_index_save(backend, tmp_path):
             assert reader.search(_emb(7), k=1)[0].path == "/data/img00007.jpg"
             assert reader.verify().ok
     _check_exactly_once(folder, 30)
+
+
+COMPACT_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from fwd2bot_index.collection import Collection
+
+    folder, mode = sys.argv[1], sys.argv[2]
+    col = Collection.open(folder, writable=True)
+    if mode == "after_copy":  # the merged shard is durable, the catalog does not point at it yet
+        original = col.tokens.copy_rows
+        def copy_then_die(*a, **kw):
+            original(*a, **kw)
+            os.kill(os.getpid(), signal.SIGKILL)
+        col.tokens.copy_rows = copy_then_die
+    else:  # committed: the catalog points at the new shard, the old files are not deleted yet
+        def die_before_delete(names):
+            if names:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return []
+        col.tokens.delete_shards = die_before_delete
+    col.compact()
+""")
+
+
+
+@pytest.mark.parametrize("mode", ["after_copy", "after_commit"])
+def test_sigkill_during_compaction(tmp_path, mode):
+    """Killed after the new shard is written (never committed: a pending leftover) or after the commit
+    (the old shards doomed but still on disk): the next writer deletes exactly those, nothing else."""
+    folder = tmp_path / "col"
+    code, out = _run(folder, "faiss", "run", 60, 10)
+    assert code == 0, out
+    with Collection.open(folder, writable=True) as col:
+        col.remove([1, 2, 3])
+    before = {p.name for p in (folder / "tokens").glob("*.arrow")}
+    proc = subprocess.run([sys.executable, "-c", COMPACT_CHILD, str(folder), mode], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    after = {p.name for p in (folder / "tokens").glob("*.arrow")}
+    assert len(after - before) == 1 and before <= after  # the new shard exists, no old one was deleted yet
+    with Collection.open(folder) as reader:
+        assert len(reader) == 57 and not reader.verify().ok  # the leftovers are named, not hidden
+    with Collection.open(folder, writable=True) as col:
+        assert col.verify().ok and len(col) == 57
+        left = {p.name for p in (folder / "tokens").glob("*.arrow")}
+        assert left == (after - before if mode == "after_commit" else before)
+        for r in col.list_images(0, 100)[::9]:
+            n = r.metadata["i"]
+            assert np.abs(col.get_tokens(r.id) - _tok(n)).max() < 0.01 and col.search(_emb(n), k=1)[0].id == r.id
