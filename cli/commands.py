@@ -351,7 +351,7 @@ def serve(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (127.0.0.1 unless you mean it)."),
-    port: int = typer.Option(8000, "--port", help="TCP port to listen on."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port to listen on."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="F2B_API_KEY", help="Require this key for writes."),
     protect_reads: bool = typer.Option(False, "--protect-reads", help="Require the API key for reads too."),
     threads: Optional[int] = typer.Option(None, "--threads", envvar="F2B_THREADS", min=1,
@@ -364,6 +364,7 @@ def serve(
 ) -> None:
     """Serve the REST API (/v1/...) and the search page (/)."""
     check(model=model, device=device, dtype=dtype)
+    _check_port_free(host, port)
     if threads:
         import torch
 
@@ -377,6 +378,20 @@ def serve(
                    api_key=api_key, protect_reads=protect_reads, allowed_hosts=allowed_hosts, max_queue=max_queue)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """A taken port is refused in a line, before the model loads (uvicorn would log a traceback later)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise fail(f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another f2b serve running? "
+                       "pick another --port") from None
+
+
 @app.command()
 def export(
     out: Path = typer.Argument(..., help="Parquet file to write (readable by pandas, DuckDB, pyarrow)."),
@@ -384,6 +399,8 @@ def export(
     as_json: bool = JsonOpt,
 ) -> None:
     """Export ids, paths, metadata, embeddings and stored tokens as one Parquet file."""
+    if not out.parent.is_dir():
+        raise fail(f"cannot write {out}: the folder {out.parent} does not exist")
     with user_errors():
         with _service(collection, None, "cpu", "auto") as service:
             rows = service.export(out)

@@ -93,9 +93,9 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 @app.command("demo-data")
 def demo_data(
     out_dir: Path = typer.Argument(..., help="Folder to write images/, captions.jsonl, qa.jsonl, sugarcrepe/."),
-    n: int = typer.Option(300, "--n", help="Number of scenes."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same bytes)."),
-    image_size: int = typer.Option(64, "--image-size", help="Image side in pixels."),
+    n: int = typer.Option(300, "--n", min=1, help="Number of scenes."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Random seed (same seed, same bytes)."),
+    image_size: int = typer.Option(64, "--image-size", min=32, help="Image side in pixels (the demo model reads 64)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Generate the procedural shapes world (the demo model's world) in the benchmark layouts."""

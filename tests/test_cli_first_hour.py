@@ -238,3 +238,18 @@ def test_search_goes_through_a_running_server_and_falls_back(tmp_path, model_dir
     fallback = runner.invoke(app, query)
     assert fallback.exit_code == 0 and "answered by" not in fallback.stderr
     assert [h["id"] for h in json.loads(fallback.stdout)] == [h["id"] for h in mine]
+
+
+def test_serve_on_a_taken_port_and_export_to_a_missing_folder(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        busy = runner.invoke(app, ["serve", "-c", str(tmp_path / "c"), "--port", str(port)])
+    _one_line_error(busy, 1, f"127.0.0.1:{port}", "--port")
+    nowhere = runner.invoke(app, ["export", str(tmp_path / "no" / "such" / "x.parquet"), "-c", str(tmp_path / "c")])
+    _one_line_error(nowhere, 1, str(tmp_path / "no" / "such"))
+    bad_port = runner.invoke(app, ["serve", "--port", "99999"])
+    assert bad_port.exit_code == 2 and "Traceback" not in bad_port.output
