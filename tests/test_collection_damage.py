@@ -473,3 +473,29 @@ def test_the_cli_says_it_in_one_line_and_repairs(sources, tmp_path):
     assert "already removed" in done.output
     with Collection.open(folder) as col:
         assert len(col) == 17 and col.verify().ok
+
+
+def test_a_shard_the_catalog_never_knew_is_imported_or_kept_aside(sources, tmp_path):
+    """An unreferenced shard (a catalog restored from an older backup, a copied file) is never deleted:
+    repair imports the images only it holds, and a shard that cannot describe itself is kept aside."""
+    root, golden, other = sources
+    folder = tmp_path / "col"
+    shutil.copytree(golden, folder)
+    with Collection.open(folder, writable=True) as col:
+        last = col.get(18).shard
+        col.catalog.forget_shards([last])
+        with col.catalog.transaction():  # as if the catalog were a backup from before the last batch
+            col.catalog.delete_images(range(13, 19))
+            col.catalog.bump_version()
+    foreign = next((other / "tokens").glob("*.arrow"))
+    shutil.copyfile(foreign, folder / "tokens" / ("0" + foreign.name[1:]))  # ids 1-4, other content
+    (folder / "tokens" / "00000000000000000001-ffffffff.arrow").write_bytes(b"not a shard")
+    with Collection.open(folder, writable=True) as col:
+        assert len(col) == 12 and len(list((folder / "tokens").glob("*.arrow"))) == 5  # nothing deleted on open
+        report = col.verify()
+        assert not report.ok and sum("not referenced by the catalog" in p for p in report.problems) == 3
+        fixed = col.repair()
+        assert fixed.ok, fixed.problems
+        assert len(col) == 18 and sorted(r.metadata["i"] for r in col.list_images(0, 100)) == list(range(18))
+        assert sum("kept as" in a for a in fixed.actions) == 2  # the foreign shard and the garbage file
+    assert len(list((folder / "damaged").glob("*.arrow"))) == 2

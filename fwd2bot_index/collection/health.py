@@ -253,10 +253,14 @@ def import_shards(catalog: Catalog, tokens: TokenStore, names: list[str], known_
     with catalog.transaction():
         for name in sorted(names):  # names start with the write time: oldest first
             try:
+                theirs = tokens.schema_of(name)["identity"].get("model_fingerprint")
                 rows = tokens.describe_rows(name)
                 good = tokens.good_rows(name)
             except (CollectionFormatError, OSError):
                 skipped.append(name)
+                continue
+            if theirs and theirs != tokens.identity.get("model_fingerprint"):
+                skipped.append(name)  # another model's embeddings never join this collection
                 continue
             if rows is None:
                 skipped.append(name)
@@ -400,10 +404,14 @@ class Health:
             if unknown:
                 n, _ = import_shards(self.catalog, self.tokens, unknown)
                 actions.append(f"imported {n} image(s) that only unreferenced token shard(s) still held")
-                redundant = [s for s in unknown if s not in self.catalog.shard_live_rows() and self._redundant(s)]
+                still = [s for s in unknown if not self.catalog.references(s)]
+                redundant = [s for s in still if self._redundant(s)]
                 if redundant:  # every image in them lives on in another shard: copies, safe to drop
                     with self.catalog.transaction():
                         self.catalog.shards_doomed(redundant)
+                for shard in sorted(set(still) - set(redundant)):  # cannot describe themselves: kept aside
+                    actions.append(f"token shard {shard} holds images this catalog cannot take in; it is kept as "
+                                   f"{self._set_aside(shard)}")
             kept: set[int] = set()
             for shard in report.damaged_shards + report.missing_shards:
                 actions.extend(self._salvage(shard, kept))
@@ -468,10 +476,14 @@ class Health:
             actions.append(f"token shard {shard}: {len(kept)} image(s) lost their stored data and their files are "
                            f"gone; kept in the catalog so nothing is forgotten (ids {_ids_text(kept)})")
         elif (self.tokens.folder / shard).exists():
-            aside = self.path / DAMAGED_DIR
-            aside.mkdir(exist_ok=True)
-            self.tokens.close()
-            os.replace(self.tokens.folder / shard, aside / shard)
-            self.catalog.forget_shards([shard])
-            actions.append(f"token shard {shard}: the damaged file is kept as {aside / shard}")
+            actions.append(f"token shard {shard}: the damaged file is kept as {self._set_aside(shard)}")
         return actions
+
+    def _set_aside(self, shard: str) -> Path:
+        """Move a shard out of ``tokens/`` into ``damaged/`` (kept, never deleted) and forget it."""
+        aside = self.path / DAMAGED_DIR
+        aside.mkdir(exist_ok=True)
+        self.tokens.close()
+        os.replace(self.tokens.folder / shard, aside / shard)
+        self.catalog.forget_shards([shard])
+        return aside / shard
