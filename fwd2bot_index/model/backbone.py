@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .config import LORA_TARGETS
+
 DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -80,6 +82,7 @@ class LlavaBackbone:
 
     family = "llava"
     image_placeholder = "<image>"
+    lora_targets = LORA_TARGETS  # LoRA goes into the LLM's projections only, never the vision tower
     variable_image_tokens = False  # every image gives num_image_tokens tokens
 
     def __init__(self, hf_model: Any, processor: Any, reference: str, revision: str | None = None):
@@ -187,6 +190,22 @@ class LlavaBackbone:
         before, _, after = text.partition(self.image_placeholder)
         return ChatParts(before=before, after=after)
 
+    def chat_with_image_item(self, prompt: str) -> ChatParts:
+        """Like ``chat``, but the image goes in as an image content item (as these families' processors
+        write it), rendered by the template as ``image_placeholder``; text right after it starts flush."""
+        head, has_image, tail = prompt.partition("<image>")
+        content: list[dict] = [{"type": "text", "text": _SLOT}]
+        if has_image:
+            content = ([{"type": "text", "text": head}] if head.strip() else []) + [{"type": "image"}] + content
+        turn = [{"role": "user", "content": content}]
+        rendered = self.processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        bos = self.tokenizer.bos_token
+        if bos and rendered.startswith(bos):
+            rendered = rendered[len(bos):]  # BOS is added once, as an id, by token_ids()
+        text = rendered.replace(_SLOT, tail.lstrip("\n") if has_image else head)
+        before, _, after = text.partition(self.image_placeholder)
+        return ChatParts(before=before, after=after)
+
     # -- running ---------------------------------------------------------------------------
     def run_decoder(self, embeds: torch.Tensor, mask: torch.Tensor,
                     positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -280,11 +299,12 @@ class LlavaBackbone:
 
 def _adapters() -> tuple[dict[str, type], dict[str, str]]:
     """Architecture name -> adapter class, and config ``model_type`` -> architecture name."""
-    from . import qwen2vl
+    from . import idefics3, qwen2vl
 
     adapters: dict[str, type] = {"LlavaForConditionalGeneration": LlavaBackbone}
     adapters.update({arch: qwen2vl.Qwen2VLBackbone for arch in qwen2vl.ARCHITECTURES})
-    return adapters, {"llava": "LlavaForConditionalGeneration", **qwen2vl.MODEL_TYPES}
+    adapters.update({arch: idefics3.Idefics3Backbone for arch in idefics3.ARCHITECTURES})
+    return adapters, {"llava": "LlavaForConditionalGeneration", **qwen2vl.MODEL_TYPES, **idefics3.MODEL_TYPES}
 
 
 def supported_architectures() -> list[str]:
@@ -326,11 +346,12 @@ def load_backbone(
         raise UnsupportedModelError(
             f"{ref}: architecture {found} is not supported. Supported: "
             f"{', '.join(supported_architectures())} (LLaVA-1.5, llava-interleave-qwen and other "
-            "checkpoints transformers loads as LlavaForConditionalGeneration; Qwen2-VL; Qwen2.5-VL)."
+            "checkpoints transformers loads as LlavaForConditionalGeneration; Qwen2-VL; Qwen2.5-VL; Idefics3; "
+            "SmolVLM)."
         )
     import transformers
 
-    from . import qwen2vl
+    from . import idefics3, qwen2vl
 
     adapter = _adapters()[0][arch]
     if adapter is qwen2vl.Qwen2VLBackbone:
@@ -338,6 +359,8 @@ def load_backbone(
     elif min_pixels is not None or max_pixels is not None:
         raise ImageOptionError(f"{ref}: --min-pixels/--max-pixels apply to dynamic-resolution models (Qwen2-VL "
                          f"family); {arch} resizes every image to one fixed size")
+    elif adapter is idefics3.Idefics3Backbone:
+        processor = idefics3.load_processor_parts(ref, config.model_type, revision)
     else:
         processor = AutoProcessor.from_pretrained(ref, revision=revision)
     torch_device = resolve_device(device)

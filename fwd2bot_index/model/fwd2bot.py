@@ -124,9 +124,8 @@ class Fwd2Bot:
 
         from .config import LoraSettings
 
-        lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
-        if lora_targets:
-            lora.target_modules = lora_targets
+        lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
+                            target_modules=lora_targets or backbone.lora_targets)
         config = Fwd2BotConfig(
             base_model=backbone.reference,
             base_revision=backbone.revision,

@@ -38,7 +38,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .backbone import _SLOT, ChatParts, ImageOptionError, LlavaBackbone
+from .backbone import ChatParts, ImageOptionError, LlavaBackbone
 from .parts import ProcessorParts, load_parts
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
@@ -200,15 +200,7 @@ class Qwen2VLBackbone(LlavaBackbone):
 
     def chat(self, prompt: str) -> ChatParts:
         """The family's chat template with the image as an image content item."""
-        head, has_image, tail = prompt.partition("<image>")
-        content: list[dict] = [{"type": "text", "text": _SLOT}]
-        if has_image:
-            content = ([{"type": "text", "text": head}] if head.strip() else []) + [{"type": "image"}] + content
-        turn = [{"role": "user", "content": content}]
-        rendered = self.processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
-        text = rendered.replace(_SLOT, tail.lstrip("\n") if has_image else head)
-        before, _, after = text.partition(self.image_placeholder)
-        return ChatParts(before=before, after=after)
+        return self.chat_with_image_item(prompt)
 
     # -- running ---------------------------------------------------------------------------
     def run_image_prompt(self, before: torch.Tensor, visual: GridTokens, after: torch.Tensor,

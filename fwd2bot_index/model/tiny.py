@@ -261,3 +261,53 @@ def save_tiny_qwen2vl(path: str | Path, spec: TinyQwenSpec = TinyQwenSpec(), see
     else:
         (path / template_file).write_text(template)
     return path
+
+
+# -- the Idefics3 family ----------------------------------------------------------------------
+_IDEFICS_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                     "<global-img>")
+
+
+@dataclass(frozen=True)
+class TinyIdeficsSpec(_TinyWidths):
+    """Geometry of a tiny Idefics3 / SmolVLM: (image_size / patch)^2 / scale_factor^2 visual tokens."""
+
+    version: str = "smolvlm"  # "smolvlm" or "idefics3"
+    image_size: int = 64
+    patch_size: int = 8
+    scale_factor: int = 2
+
+
+def save_tiny_idefics3(path: str | Path, spec: TinyIdeficsSpec = TinyIdeficsSpec(), seed: int = 0) -> Path:
+    """Save a random tiny Idefics3 or SmolVLM as a hub-like folder (weights, config, image processor,
+    tokenizer, ``chat_template.jinja``); the image processor keeps the family's default of splitting."""
+    import torch
+    import transformers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    from .idefics3 import DEFAULT_CHAT_TEMPLATE
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_trained_bpe(spec.vocab_size, (), _IDEFICS_SPECIALS), bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>", pad_token="<|endoftext|>", unk_token=None, padding_side="left")
+    prefix = {"smolvlm": "SmolVLM", "idefics3": "Idefics3"}[spec.version]
+    vision = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
+                  num_hidden_layers=spec.vision_layers, num_attention_heads=4, image_size=spec.image_size,
+                  patch_size=spec.patch_size)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+                       num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=vision, text_config=text.to_dict(), scale_factor=spec.scale_factor,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
+    image_processor = getattr(transformers, f"{prefix}ImageProcessorPil")(
+        size={"longest_edge": spec.image_size * 2}, max_image_size={"longest_edge": spec.image_size})
+    path = Path(path)
+    model.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
+    return path
