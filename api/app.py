@@ -10,19 +10,21 @@ that need the model answer 503 with ``Retry-After`` meanwhile (searches by id or
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import json
 import logging
 import os
 import threading
 import time
-
-import numpy as np
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, Response, Security, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.middleware.cors import CORSMiddleware
@@ -82,9 +84,27 @@ class AppState:
         # Image decoding: at most `decode_slots` at once, each holding one upload (<= max_upload_bytes) and one
         # decoded picture (<= max_pixels x 4 bytes) until the model has encoded it; a few more may wait.
         self.decodes = Gate("the image decoding queue", decode_slots, max_waiting=4 * decode_slots)
+        self._decode_slots = decode_slots
+        self._decoder: ThreadPoolExecutor | None = None
         self.write_lock = threading.Lock()
         self.thumbnails = ThumbnailCache()
         self.uploader = Uploader(service, self.worker, self.write_lock)
+
+    async def decode(self, data: bytes, name: str, declared: str | None) -> CheckedImage:
+        """``check_image`` on one of ``decode_slots`` dedicated threads (call inside ``decodes.hold()``).
+
+        Dedicated threads, not the shared pool: large decodes never take the pool's threads from the
+        routes that need them (file reads, thumbnails, searches).
+        """
+        if self._decoder is None:
+            self._decoder = ThreadPoolExecutor(self._decode_slots, thread_name_prefix="f2b-decode")
+        call = functools.partial(check_image, data, name, declared, self.max_upload_bytes, self.max_pixels)
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, call)
+
+    def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True)
+            self._decoder = None
 
     @property
     def collection(self) -> Any:
@@ -158,6 +178,7 @@ def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: 
             yield
         finally:
             await run_in_threadpool(state.worker.stop)
+            await run_in_threadpool(state.close)
             if owns:
                 await run_in_threadpool(service.close)
 
@@ -322,8 +343,7 @@ def _parse_filter(raw: str | None) -> dict[str, Any] | None:
 
 async def _read_upload(state: AppState, file: UploadFile) -> CheckedImage:
     data = await file.read(state.max_upload_bytes + 1)
-    return await run_in_threadpool(check_image, data, file.filename or "upload", file.content_type,
-                                   state.max_upload_bytes, state.max_pixels)
+    return await state.decode(data, file.filename or "upload", file.content_type)
 
 
 def _search_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:

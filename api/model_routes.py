@@ -25,7 +25,6 @@ from .files import catalog_row
 from .limits import result_or_drop
 from .problems import ApiProblem, classify, problem_body, problem_responses
 from .schemas import MAX_ID, MAX_TEXT, NOT_BLANK, AskRequest, AskResponse, EmbedRequest, EmbedResponse
-from .uploads import check_image
 
 if TYPE_CHECKING:
     from .app import AppState
@@ -149,8 +148,7 @@ def model_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:
                 except (binascii.Error, ValueError):
                     raise ApiProblem(400, f"images[{n}] is not valid base64", "bad-request") from None
                 async with state.decodes.hold():
-                    image = await run_in_threadpool(check_image, data, f"images[{n}]", None, state.max_upload_bytes,
-                                                    state.max_pixels)
+                    image = await state.decode(data, f"images[{n}]", None)
                     state.require_model()
                     job = state.worker.call(state.service.encode_images, [image.picture])
                     del image

@@ -3,11 +3,14 @@
 Starts ``f2b serve``'s own code path (``fwd2bot_index.api.serve``) in a subprocess on 127.0.0.1,
 waits for readiness, then sends bounded bursts of searches with ``httpx.AsyncClient``: text queries
 (model encode, batched by the server's model thread, then FAISS) and "more like this" queries (no
-model). Prints a Markdown table for BENCHMARKS.md.
+model). Requests beyond the server's model queue are refused with 503 at once: the table counts them
+apart, with their own latency. ``--image-memory`` also sends concurrent searches by a large example
+image and reports the server's peak RSS (the decode gate bounds it). Prints Markdown for BENCHMARKS.md.
 
     python bench/bench_service.py                  # 200-image demo collection, 200 requests per level
     python bench/bench_service.py --quick          # fewer levels and requests
     python bench/bench_service.py --collection .f2b --model demo
+    python bench/bench_service.py --quick --image-memory 8 --megapixels 36
 
 Only loopback addresses are used; every run is bounded in requests and time.
 """
@@ -20,7 +23,6 @@ import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,6 +72,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> floa
 async def burst(url: str, kind: str, concurrency: int, total: int, ids: list[int]) -> dict:
     """``total`` requests with at most ``concurrency`` in flight; latency per request, QPS overall."""
     latencies: list[float] = []
+    refused_latencies: list[float] = []
     errors = 0
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -81,22 +84,68 @@ async def burst(url: str, kind: str, concurrency: int, total: int, ids: list[int
                 t0 = time.perf_counter()
                 try:
                     response = await client.post("/v1/search", json=body)
-                    ok = response.status_code == 200
+                    status = response.status_code
                 except httpx.HTTPError:
-                    ok = False
-                latencies.append(time.perf_counter() - t0)
-                errors += not ok
+                    status = 0
+                took = time.perf_counter() - t0
+                if status == 503 and "retry-after" in response.headers:  # the queue was full: refused at once
+                    refused_latencies.append(took)
+                    return
+                latencies.append(took)
+                errors += status != 200
 
         await one(0)  # warm the connection and caches
         latencies.clear()
+        refused_latencies.clear()
         started = time.perf_counter()
         await asyncio.gather(*(one(n) for n in range(total)))
         wall = time.perf_counter() - started
-    latencies.sort()
     return {"kind": kind, "concurrency": concurrency, "requests": total, "errors": errors,
-            "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(round(0.99 * (len(latencies) - 1))))],
-            "qps": total / wall}
+            "refused": len(refused_latencies), "p50_ms": _percentile(latencies, 50), "p99_ms": _percentile(latencies, 99),
+            "refused_p99_ms": _percentile(refused_latencies, 99), "qps": len(latencies) / wall}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return 1000 * ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (Linux VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def image_memory(url: str, pid: int, concurrency: int, megapixels: float) -> dict:
+    """``concurrency`` searches at once by one large PNG; the server's RSS before and at peak."""
+    import io
+
+    from PIL import Image
+
+    side = int((megapixels * 1e6) ** 0.5)
+    out = io.BytesIO()
+    picture = Image.new("RGB", (side, side), (240, 240, 240))
+    picture.paste((200, 40, 40), (side // 4, side // 4, side // 2, side // 2))
+    picture.save(out, format="PNG", compress_level=1)
+    data = out.getvalue()
+    before, peak_before = _rss_mb(pid), _peak_rss_mb(pid)
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        responses = await asyncio.gather(*(client.post("/v1/search/image", files={"file": ("big.png", data, "image/png")},
+                                                       data={"k": "3"}) for _ in range(concurrency)))
+    return {"concurrency": concurrency, "megapixels": side * side / 1e6, "upload_mb": len(data) / 2**20,
+            "statuses": sorted(r.status_code for r in responses), "rss_before_mb": before,
+            "peak_before_mb": peak_before, "peak_rss_mb": _peak_rss_mb(pid)}
 
 
 def batch_stats(url: str) -> tuple[float, float]:
@@ -121,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="levels 1,32 and 100 requests")
     parser.add_argument("--torch-threads", type=int, help="OMP_NUM_THREADS for the server (default: torch's own)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--image-memory", type=int, default=0, metavar="N",
+                        help="also send N concurrent searches by a large image and report the server's peak RSS")
+    parser.add_argument("--megapixels", type=float, default=36.0, help="size of that image (default 36)")
     args = parser.parse_args(argv)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")  # other work on the machine
     levels = [1, 32] if args.quick else [int(x) for x in args.levels.split(",")]
@@ -147,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {kind} c={level}: p50 {rows[-1]['p50_ms']:.1f} ms, {rows[-1]['qps']:.0f} QPS",
                           file=sys.stderr)
             mean_batch, calls = batch_stats(url)
+            memory = asyncio.run(image_memory(url, proc.pid, args.image_memory, args.megapixels)) \
+                if args.image_memory else None
         finally:
             proc.send_signal(signal.SIGINT)
             try:
@@ -161,11 +215,18 @@ def main(argv: list[str] | None = None) -> int:
           f"httpx.AsyncClient in another process. Collection: {collection.name if args.collection else f'{args.images} demo images, tiny LLaVA, FAISS flat'}; "
           f"model ready {ready:.1f} s after start. `text` = text query (model encode + search), "
           f"`like` = more-like-this by id (no model). k = 10.\n")
-    print("| query | concurrency | requests | errors | p50 ms | p99 ms | QPS |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| query | concurrency | requests | errors | refused (503) | p50 ms | p99 ms | 503 p99 ms | QPS served |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['kind']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']:.1f} | "
-              f"{r['p99_ms']:.1f} | {r['qps']:.0f} |")
+        print(f"| {r['kind']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['refused']} | "
+              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['refused_p99_ms']:.1f} | {r['qps']:.0f} |")
+    print("\nLatencies are of served requests; refused ones (model queue full, default 64) are answered 503 with "
+          "Retry-After and timed apart.")
+    if memory:
+        print(f"\nImage search memory: {memory['concurrency']} concurrent searches by a {memory['megapixels']:.1f} Mpx "
+              f"PNG ({memory['upload_mb']:.1f} MiB): statuses {memory['statuses']}; server RSS "
+              f"{memory['rss_before_mb']:.0f} MiB before (peak so far {memory['peak_before_mb']:.0f} MiB), peak "
+              f"{memory['peak_rss_mb']:.0f} MiB after (decode gate: 2 at once).")
     print(f"\nText queries were encoded in {calls:.0f} model calls, {mean_batch:.1f} texts per call on average "
           "(concurrent queries are batched by the server's model thread).")
     if args.json:

@@ -588,3 +588,32 @@ def test_openapi_documents_every_route_with_examples_and_problems(client):
     assert schema["components"]["schemas"]["SearchRequest"]["examples"]
     assert "text/event-stream" in paths["/v1/images/{image_id}/ask"]["post"]["responses"]["200"]["content"]
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_openapi_tells_the_truth_about_bodies_events_and_statuses(client):
+    schema = client.get("/openapi.json").json()
+    components, paths = schema["components"]["schemas"], schema["paths"]
+    search = components["SearchRequest"]
+    assert search["oneOf"] == [{"required": ["query"]}, {"required": ["embedding"]}, {"required": ["like"]}]
+    assert components["EmbedRequest"]["oneOf"] == [{"required": ["texts"]}, {"required": ["images"]}]
+    assert "default" not in search["properties"]["query"] and search["properties"]["query"]["type"] == "string"
+    vector = search["properties"]["embedding"]
+    assert vector["minItems"] == vector["maxItems"] == 64 and vector["contains"] == {"not": {"const": 0}}
+    example = next(e for e in search["examples"] if "embedding" in e)  # the schema's own example works
+    assert client.post("/v1/search", json=example).status_code == 200
+    assert search["properties"]["filter"]["anyOf"][0]["patternProperties"]
+    # Server-sent events: one schema per event, with the JSON schema of its data.
+    events = paths["/v1/images/{image_id}/ask"]["get"]["responses"]["200"]["content"]
+    assert list(events) == ["text/event-stream"]
+    names = [e["properties"]["event"]["const"] for e in events["text/event-stream"]["schema"]["oneOf"]]
+    assert names == ["token", "done", "error"]
+    # Uploads are images; the multipart filter is the same JSON object as in /v1/search.
+    upload = paths["/v1/search/image"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert upload["encoding"]["file"]["contentType"].startswith("image/png") and \
+        upload["encoding"]["filter"]["contentType"] == "application/json"
+    # Statuses every route can give: a Host it does not answer to (400), a cross-site write (403).
+    for path, item in paths.items():
+        for method, operation in item.items():
+            assert path in ("/healthz", "/readyz") or "400" in operation["responses"], (method, path)
+            assert method == "get" or "403" in operation["responses"], (method, path)
+    assert "503" in paths["/v1/embed"]["post"]["responses"] and "413" in paths["/v1/embed"]["post"]["responses"]
