@@ -404,7 +404,7 @@ class Trainer:
         if parts["projector"]:
             groups.append(model.backbone.projector)
         if parts["llm"]:
-            groups += [hf.model.language_model, hf.lm_head]
+            groups += [model.backbone.decoder, hf.lm_head]
         if self.config.train_vision_tower:
             groups.append(model.backbone.vision_tower)
         for module in groups:
