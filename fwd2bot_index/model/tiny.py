@@ -38,6 +38,13 @@ class _TinyWidths:
     intermediate: int = 128
     vocab_size: int = 512
 
+    def text_kwargs(self, tokenizer, **extra) -> dict:
+        """Keyword arguments of the LLM's config at these widths, with the tokenizer's special ids."""
+        return dict(vocab_size=len(tokenizer), hidden_size=self.hidden, intermediate_size=self.intermediate,
+                    num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **extra)
+
 
 @dataclass(frozen=True)
 class TinySpec(_TinyWidths):
@@ -115,19 +122,7 @@ def build_tiny_llava(spec: TinySpec = TinySpec(), seed: int = 0, tokenizer=None)
         patch_size=spec.patch_size,
         projection_dim=spec.vision_hidden,
     )
-    text_kwargs = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=spec.max_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    text_kwargs = spec.text_kwargs(tokenizer, max_position_embeddings=spec.max_positions)
     if spec.text_family == "llama":
         text = LlamaConfig(**text_kwargs)
     elif spec.text_family == "qwen2":
@@ -215,10 +210,8 @@ def build_tiny_qwen2vl(spec: TinyQwenSpec = TinyQwenSpec(), seed: int = 0, token
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    text = dict(vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-                num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-                max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": list(spec.mrope_section)},
-                bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text = spec.text_kwargs(tokenizer, max_position_embeddings=4096,
+                            rope_scaling={"type": "mrope", "mrope_section": list(spec.mrope_section)})
     if spec.version == "2":
         vision = dict(depth=spec.vision_layers, embed_dim=spec.vision_hidden, hidden_size=spec.hidden,
                       num_heads=4, mlp_ratio=2)
@@ -294,10 +287,7 @@ def save_tiny_idefics3(path: str | Path, spec: TinyIdeficsSpec = TinyIdeficsSpec
     vision = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
                   num_hidden_layers=spec.vision_layers, num_attention_heads=4, image_size=spec.image_size,
                   patch_size=spec.patch_size)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-                       num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    text = LlamaConfig(**spec.text_kwargs(tokenizer))
     config = getattr(transformers, f"{prefix}Config")(
         vision_config=vision, text_config=text.to_dict(), scale_factor=spec.scale_factor,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id)
