@@ -84,6 +84,10 @@ class AppState:
         # Image decoding: at most `decode_slots` at once, each holding one upload (<= max_upload_bytes) and one
         # decoded picture (<= max_pixels x 4 bytes) until the model has encoded it; a few more may wait.
         self.decodes = Gate("the image decoding queue", decode_slots, max_waiting=4 * decode_slots)
+        # Requests that search, embed, answer or upload: at most `max_queue` in flight, more get 503 at once. The
+        # model queue bounds work for the model; this bounds everything else a flood makes the CPU do (parsing,
+        # searching, answering), so a served request waits for at most `max_queue` others.
+        self.in_flight = Gate("the request queue", max_queue, max_waiting=0)
         self._decode_slots = decode_slots
         self._decoder: ThreadPoolExecutor | None = None
         self.write_lock = threading.Lock()
@@ -100,6 +104,11 @@ class AppState:
             self._decoder = ThreadPoolExecutor(self._decode_slots, thread_name_prefix="f2b-decode")
         call = functools.partial(check_image, data, name, declared, self.max_upload_bytes, self.max_pixels)
         return await asyncio.get_running_loop().run_in_executor(self._decoder, call)
+
+    async def admit(self) -> AsyncIterator[None]:
+        """A route dependency: hold a place among the requests in flight (503 at once when none is free)."""
+        async with self.in_flight.hold():
+            yield
 
     def close(self) -> None:
         if self._decoder is not None:
@@ -169,10 +178,13 @@ def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: 
     metrics.gauge("f2b_model_queue", "Model jobs waiting or running.", lambda: state.worker.pending)
     metrics.gauge("f2b_model_queue_refused", "Model jobs refused with 503 (queue full).", lambda: state.worker.refused)
     metrics.gauge("f2b_image_decodes", "Image decodes holding a slot.", lambda: state.decodes.active)
+    metrics.gauge("f2b_requests_in_flight", "Search, embed, answer and upload requests in flight.",
+                  lambda: state.in_flight.active)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.decodes.reset()
+        state.in_flight.reset()
         state.worker.start(preload)
         try:
             yield
@@ -196,6 +208,7 @@ def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: 
     app.state.f2b = state
     install_handlers(app)
     read_deps, write_deps = _auth(api_key, protect_reads)
+    heavy_reads, heavy_writes = [*read_deps, Depends(state.admit)], [*write_deps, Depends(state.admit)]
     # Added innermost first: metrics see every answer; Host and Origin are checked before anything else runs.
     app.add_middleware(BodyLimitMiddleware, limit=max_upload_bytes * 4 // 3 + 256 * 1024)
     app.add_middleware(AllowMiddleware, router=app.router)
@@ -207,9 +220,9 @@ def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: 
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _page_routes(app)
     _health_routes(app, state, read_deps)
-    _search_routes(app, state, read_deps)
-    _image_routes(app, state, read_deps, write_deps)
-    model_routes(app, state, read_deps)
+    _search_routes(app, state, heavy_reads)
+    _image_routes(app, state, read_deps, write_deps, heavy_writes)
+    model_routes(app, state, heavy_reads)
     install_openapi(app, state)
     return app
 
@@ -408,8 +421,9 @@ def _image_info(row: Any) -> ImageInfo:
                      thumbnail_url=f"/v1/images/{int(row.id)}/thumbnail", file_url=f"/v1/images/{int(row.id)}/file")
 
 
-def _image_routes(app: FastAPI, state: AppState, read_deps: list[Any], write_deps: list[Any]) -> None:
-    @app.post("/v1/images", response_model=UploadResponse, status_code=201, tags=["images"], dependencies=write_deps,
+def _image_routes(app: FastAPI, state: AppState, read_deps: list[Any], write_deps: list[Any],
+                  upload_deps: list[Any]) -> None:
+    @app.post("/v1/images", response_model=UploadResponse, status_code=201, tags=["images"], dependencies=upload_deps,
               summary="Upload an image and add it to the collection (409 if its content is already there)",
               responses=problem_responses(401, 403, 409, 413, 415, 422, 503))
     async def upload(file: Annotated[UploadFile, File(description="A JPEG, PNG, WebP, GIF, BMP or TIFF file.")],

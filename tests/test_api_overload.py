@@ -234,3 +234,22 @@ def test_a_lone_surrogate_is_422_everywhere(service, method, path, body):
         assert form.status_code == 422 and "surrogate" in form.text
         pair = c.post("/v1/search", json={"query": "a \U0001F600 smile", "k": 1})  # a valid pair is text
         assert pair.status_code == 200
+
+
+def test_requests_in_flight_are_bounded_even_when_they_need_no_model(service):
+    """Three image searches wait on the held model: with max_queue=3 a fourth request of any heavy kind,
+    even a search by id that needs no model, is refused at once; /healthz and reads still answer."""
+    app = create_app(service, max_queue=3)
+    with TestClient(app, base_url=LOCAL) as c, ThreadPoolExecutor(3) as pool:
+        c.get("/readyz")
+        like = c.post("/v1/search", json={"query": "a red circle", "k": 1}).json()["results"][0]["id"]
+        with HeldModel(app):
+            waiting = [pool.submit(c.post, "/v1/search/image", files={"file": ("a.png", big_png(40), "image/png")})
+                       for _ in range(3)]
+            until(lambda: app.state.f2b.in_flight.active == 3, "3 image searches in flight")
+            refused = c.post("/v1/search", json={"like": like, "k": 3})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert "request queue" in refused.json()["detail"]
+            assert c.get("/healthz").status_code == 200 and c.get(f"/v1/images/{like}").status_code == 200
+        assert [f.result(DEADLINE).status_code for f in waiting] == [200, 200, 200]
+        assert c.post("/v1/search", json={"like": like, "k": 3}).status_code == 200
