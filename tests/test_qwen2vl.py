@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from fwd2bot_index.cli.main import app
 from fwd2bot_index.model import CheckpointMismatchError, Fwd2Bot, StrategyError, load_backbone
 from fwd2bot_index.model.parts import ProcessorParts
-from fwd2bot_index.model.qwen2vl import Qwen2VLBackbone, budget_grid
+from fwd2bot_index.model.qwen2vl import Qwen2VLBackbone, stored_grid, stride_grid
 from fwd2bot_index.model.tiny import TinyQwenSpec, random_images, save_tiny_qwen2vl
 
 # Qwen2.5-VL's folder gets its own template (no system turn), saved the newer way (chat_template.jinja)
@@ -131,7 +131,9 @@ def test_pool_budget_is_fixed_whatever_the_size(stock):
     for budget in (16, 6, 1):
         enc = model.encode_images(images, strategy=f"pool@{budget}")
         assert enc.tokens.shape == (3, budget, 64) and model.token_shape(enc.strategy) == (budget, 64)
-    assert budget_grid(16) == (4, 4) and budget_grid(6) == (2, 3) and budget_grid(7) == (1, 7)
+    assert stored_grid(16) == (4, 4) and stored_grid(6) == (2, 3) and stored_grid(7) == (1, 7)
+    # LLaVolta's stride s keeps about N/s tokens, on a grid: 6x9 / 2 -> 27 = 3x9; 3x5 / 2 -> 7 fits no grid -> 2x3
+    assert stride_grid(6, 9, 2) == (3, 9) and stride_grid(3, 5, 2) == (2, 3) and stride_grid(2, 2, 8) == (1, 1)
     visual = model.visual_tokens(model.backbone.pixel_values(images[:2]))
     pooled = model.backbone.pool_to_budget(visual, 4)
     small, odd = visual.tokens  # 2x2 grid: kept as is; 3x5 grid -> 2x2 with windows of rows {0,1},{1,2}

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .backbone import ChatParts, ImageOptionError, LlavaBackbone
 from .parts import ProcessorParts, load_parts
+from .pooling import budget_grid
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 MODEL_TYPES = {"qwen2_vl": ARCHITECTURES[0], "qwen2_5_vl": ARCHITECTURES[1]}
@@ -91,10 +92,29 @@ class GridTokens:
         return self.tokens[index]
 
 
-def budget_grid(budget: int) -> tuple[int, int]:
-    """The fixed pooled grid for ``budget`` cells: the most square rows x cols, rows <= cols."""
+def stored_grid(budget: int) -> tuple[int, int]:
+    """The one grid ``pool@budget`` stores every image on: the most square rows x cols, rows <= cols.
+
+    Fixed by the budget alone (not each image's aspect, as ``pooling.budget_grid`` would choose), so
+    pass 2 can place the stored tokens from their count.
+    """
     rows = max(d for d in range(1, math.isqrt(budget) + 1) if budget % d == 0)
     return rows, budget // rows
+
+
+def stride_grid(rows: int, cols: int, stride: int) -> tuple[int, int]:
+    """The grid LLaVolta's stride ``s`` pools an image's (rows, cols) grid to: about rows*cols/s cells.
+
+    ``pooling.budget_grid`` when N/s factors inside the grid, else the largest grid of at most N/s
+    cells with the closest aspect.
+    """
+    keep = max(1, rows * cols // stride)
+    found = budget_grid(rows, cols, keep)
+    if found is not None:
+        return found
+    aspect = math.log(rows / cols)
+    cells = [(r, c) for r in range(1, rows + 1) for c in range(1, cols + 1) if r * c <= keep]
+    return max(cells, key=lambda rc: (rc[0] * rc[1], -abs(math.log(rc[0] / rc[1]) - aspect)))
 
 
 def _pool_grid(tokens: torch.Tensor, grid: tuple[int, int], out: tuple[int, int]) -> torch.Tensor:
@@ -233,20 +253,21 @@ class Qwen2VLBackbone(LlavaBackbone):
         positions = torch.zeros(3, batch, length, dtype=torch.long, device=mask.device)
         for i, (start, count) in enumerate(blocks):
             real = int(mask[i].sum())
-            positions[:, i, length - real:] = _layout(start, budget_grid(count), real - start - count, mask.device)
+            positions[:, i, length - real:] = _layout(start, stored_grid(count), real - start - count, mask.device)
         return positions
 
     def pool_to_budget(self, visual: GridTokens, budget: int) -> torch.Tensor:
-        """(B, budget, H): every image's grid pooled to the same ``budget_grid(budget)``."""
-        target = budget_grid(budget)
+        """(B, budget, H): every image's grid pooled to the same ``stored_grid(budget)``."""
+        target = stored_grid(budget)
         return torch.stack([_pool_grid(t, g, target) for t, g in zip(visual.tokens, visual.grids)])
 
     def pool_by_stride(self, visual: GridTokens, stride: int) -> GridTokens:
-        """LLaVolta-style stride pooling on each grid: ceil(h/s) x ceil(w/s) cells by adaptive average
-        pooling (windows of about s x s, overlapping by a cell where a side does not divide)."""
+        """LLaVolta's stride pooling on each image's grid: about N/s tokens (as ``pooling.pool_by_stride``
+        keeps N/s), 2-D on ``stride_grid`` by adaptive average pooling (uneven windows where a side does
+        not divide), so the pooled tokens keep a grid for their M-RoPE positions."""
         if stride <= 1:
             return visual
-        grids = [(-(-h // stride), -(-w // stride)) for h, w in visual.grids]
+        grids = [stride_grid(h, w, stride) for h, w in visual.grids]
         return GridTokens([_pool_grid(t, g, o) for t, g, o in zip(visual.tokens, visual.grids, grids)], grids)
 
     def generation_eos(self) -> list[int]:
