@@ -38,3 +38,36 @@ def images():
     from fwd2bot_index.model.tiny import random_images
 
     return random_images(5)
+
+
+# -------------------------------------------------------------- REST service tests (tests/test_api*.py)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """A real collection: 40 synthetic demo images indexed with a tiny random LLaVA (built once)."""
+    from fwd2bot_index.api.testing import demo_collection
+
+    return demo_collection(tmp_path_factory.getbasetemp() / "api-demo", n=40, seed=0)
+
+
+@pytest.fixture(scope="module")
+def service(demo):
+    """The shared demo collection, opened read-only, model loaded (writable copies share the model)."""
+    from fwd2bot_index.service import open_service
+
+    with open_service(collection=demo.collection, model=str(demo.model_dir)) as svc:
+        svc.preload()
+        yield svc
+
+
+@pytest.fixture
+def writable(demo, tmp_path, service):
+    """A private writable copy of the demo collection with the already loaded model; closed after the test."""
+    from fwd2bot_index.collection import Collection
+    from fwd2bot_index.service import ImageService
+
+    svc = ImageService(Collection.open(demo.copy(tmp_path / "collection"), writable=True), str(demo.model_dir),
+                       model=service.model)
+    yield svc
+    svc.close()

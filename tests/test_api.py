@@ -22,9 +22,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from fwd2bot_index.api import create_app, is_loopback
-from fwd2bot_index.api.testing import LiveServer, demo_collection
+from fwd2bot_index.api.testing import LiveServer
 from fwd2bot_index.collection import Collection
-from fwd2bot_index.service import ImageService, open_service
 
 PROBLEM = "application/problem+json"
 LOCAL = "http://127.0.0.1:8000"  # the Host a browser or client on this machine sends (the server refuses others)
@@ -37,34 +36,11 @@ def local_client(app, **kwargs) -> TestClient:
 # ------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    return demo_collection(tmp_path_factory.getbasetemp() / "api-demo", n=40, seed=0)
-
-
-@pytest.fixture(scope="module")
-def service(demo):
-    """The shared collection, opened read-only (its model is shared by the writable copies)."""
-    with open_service(collection=demo.collection, model=str(demo.model_dir)) as svc:
-        svc.preload()
-        yield svc
-
-
 @pytest.fixture(scope="module")
 def client(service):
     with local_client(create_app(service)) as c:
         c.get("/readyz")
         yield c
-
-
-@pytest.fixture
-def writable(demo, tmp_path, service):
-    """A private writable copy of the collection with its own app; closed after the test."""
-    copy = demo.copy(tmp_path / "collection")
-    # The same tiny model object, already loaded: saves a reload per test.
-    svc = ImageService(Collection.open(copy, writable=True), str(demo.model_dir), model=service.model)
-    yield svc
-    svc.close()
 
 
 def problem(response, status: int) -> dict:

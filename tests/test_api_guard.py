@@ -13,32 +13,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from fwd2bot_index.api import create_app, make_server
-from fwd2bot_index.api.testing import LiveServer, demo_collection, free_port
-from fwd2bot_index.collection import Collection
-from fwd2bot_index.service import ImageService, open_service
+from fwd2bot_index.api.testing import LiveServer, free_port
 
 LOCAL = "http://127.0.0.1:8000"
 EVIL = {"Origin": "https://evil.example"}
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return demo_collection(tmp_path_factory.getbasetemp() / "api-demo", n=40, seed=0)
-
-
-@pytest.fixture(scope="module")
-def service(demo):
-    with open_service(collection=demo.collection, model=str(demo.model_dir)) as svc:
-        svc.preload()
-        yield svc
-
-
-@pytest.fixture
-def writable(demo, tmp_path, service):
-    svc = ImageService(Collection.open(demo.copy(tmp_path / "collection"), writable=True), str(demo.model_dir),
-                       model=service.model)
-    yield svc
-    svc.close()
 
 
 def png(color=(200, 30, 30)) -> bytes:
