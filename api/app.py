@@ -6,6 +6,13 @@ model thread (``ModelWorker``), which batches concurrent text queries. Writes (u
 one write lock, so the collection sees one writer at a time. The model loads in the background at
 startup: ``/healthz`` answers at once, ``/readyz`` says 503 until the model is ready, and routes
 that need the model answer 503 with ``Retry-After`` meanwhile (searches by id or vector work).
+
+Overload (see ``limits``): at most ``max_queue`` model jobs and ``max_queue`` search, embed, answer
+or upload requests in flight; beyond either, 503 with ``Retry-After`` at once. A job whose client
+left is dropped. Images are decoded ``decode_slots`` at a time on their own threads. ``/healthz``
+and ``/readyz`` are coroutines that touch neither the model nor the pool. Abuse (see ``guard``):
+Host allow-list and Origin check; request bodies are strict, valid Unicode, and described exactly
+by the OpenAPI document (see ``openapi``).
 """
 
 from __future__ import annotations

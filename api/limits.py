@@ -29,7 +29,7 @@ class Overloaded(Exception):
     def __init__(self, what: str, limit: int, retry_after: float = 1.0) -> None:
         self.what, self.limit = what, limit
         self.retry_after = max(1, min(60, math.ceil(retry_after)))
-        super().__init__(f"the server is busy: {what} is full ({limit} waiting); retry in {self.retry_after} s")
+        super().__init__(f"the server is busy: {what} is full ({limit} requests); retry in {self.retry_after} s")
 
 
 class ClientGone(Exception):
@@ -59,7 +59,7 @@ class Gate:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.slots)
         if self.active >= self.slots and self.waiting >= self.max_waiting:
-            raise Overloaded(self.what, self.max_waiting)
+            raise Overloaded(self.what, self.slots + self.max_waiting)
         self.waiting += 1
         try:
             await self._sem.acquire()
