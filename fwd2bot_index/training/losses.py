@@ -24,15 +24,18 @@ def duplicate_mask(texts: Sequence[str], device: torch.device | None = None) -> 
 
 
 def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-             texts: Sequence[str] | None = None) -> torch.Tensor:
+             texts: Sequence[str] | None = None, same: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE with in-batch negatives and a learnable (log-scale) temperature.
 
     Both inputs are (B, D) and L2-normalized; item i of one side matches item i of the other.
+    Pairs that share a caption are not negatives: give the ``texts`` or the (B, B) ``same`` mask.
     """
     scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
     logits = scale * image_emb.float() @ text_emb.float().t()
-    if texts is not None:
-        logits = logits.masked_fill(duplicate_mask(texts, logits.device), float("-inf"))
+    if same is None and texts is not None:
+        same = duplicate_mask(texts, logits.device)
+    if same is not None:
+        logits = logits.masked_fill(same, float("-inf"))
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
