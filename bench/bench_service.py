@@ -44,14 +44,15 @@ QUERIES = [f"a {size}{color} {shape}" for size in ("", "small ", "large ")
            for shape in ("circle", "square", "triangle", "star")]
 
 
-def start_server(collection: Path, model: str | None, port: int, threads: int | None) -> subprocess.Popen:
+def start_server(collection: Path, model: str | None, port: int, threads: int | None,
+                 max_queue: int = 64) -> subprocess.Popen:
     code = ("import sys; from fwd2bot_index.api import serve; "
             "serve(sys.argv[1], model=sys.argv[2] or None, host=sys.argv[3], port=int(sys.argv[4]), "
-            "log_level='warning', writable=False)")
+            "log_level='warning', writable=False, max_queue=int(sys.argv[5]))")
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server process
-    return subprocess.Popen([sys.executable, "-c", code, str(collection), model or "", HOST, str(port)],
+    return subprocess.Popen([sys.executable, "-c", code, str(collection), model or "", HOST, str(port), str(max_queue)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="levels 1,32 and 100 requests")
     parser.add_argument("--torch-threads", type=int, help="OMP_NUM_THREADS for the server (default: torch's own)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--max-queue", type=int, default=64, help="the server's --max-queue (default 64)")
     parser.add_argument("--image-memory", type=int, default=0, metavar="N",
                         help="also send N concurrent searches by a large image and report the server's peak RSS")
     parser.add_argument("--megapixels", type=float, default=36.0, help="size of that image (default 36)")
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"built a {args.images}-image demo collection in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         port = free_port(HOST)
         url = f"http://{HOST}:{port}"
-        proc = start_server(collection, model, port, args.torch_threads)
+        proc = start_server(collection, model, port, args.torch_threads, args.max_queue)
         try:
             ready = wait_ready(url, proc)
             ids = [h["id"] for h in httpx.post(url + "/v1/search", json={"query": "shapes", "k": 50}).json()["results"]]
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = args.torch_threads or "default"
     print(f"\n### REST service on loopback ({platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} before the run, "
-          f"torch threads {threads})\n")
+          f"torch threads {threads}, max queue {args.max_queue})\n")
     print(f"Server: `fwd2bot_index.api.serve` (uvicorn, one process) in a subprocess on {HOST}; client: "
           f"httpx.AsyncClient in another process. Collection: {collection.name if args.collection else f'{args.images} demo images, tiny LLaVA, FAISS flat'}; "
           f"model ready {ready:.1f} s after start. `text` = text query (model encode + search), "
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['kind']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['refused']} | "
               f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['refused_p99_ms']:.1f} | {r['server_p99_le_ms']:.0f} | "
               f"{r['qps']:.0f} |")
-    print("\nLatencies (client side) are of served requests; refused ones (queue full, default 64) are answered 503 "
+    print("\nLatencies (client side) are of served requests; refused ones (queue full) are answered 503 "
           "with Retry-After and timed apart. `server p99 <=` is the server's own histogram bucket (from receiving the "
           "request to its response head) that holds 99% of the searches: the rest of the client's time is spent "
           "before the server has the request (connections, the client's own CPU).")
