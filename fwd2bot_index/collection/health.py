@@ -240,7 +240,9 @@ def _recover_catalog(folder: Path, manifest: Manifest, actions: list[str]) -> No
         names = tokens.list_shards()
         n, skipped = import_shards(catalog, tokens, names)
         note = f" ({len(skipped)} shard(s) of an older format cannot describe their images: re-index them)" if skipped else ""
-        actions.append(f"rebuilt {CATALOG_NAME} from {len(names)} token shard(s): {n} image(s) ({problem}){kept}{note}")
+        actions.append(f"rebuilt {CATALOG_NAME} from {len(names)} token shard(s): {n} image(s) ({problem}){kept}{note}; "
+                       "images removed since their shard was last compacted may be back (remove them again), "
+                       "and the list of failed files starts empty")
     finally:
         catalog.close()
 
