@@ -87,7 +87,9 @@ def check_model_reference(name: str | None, probe_timeout: float = 2.0) -> None:
 
     ``demo`` and existing folders pass. A hub id passes when the Hugging Face cache holds it; otherwise
     with ``HF_HUB_OFFLINE`` set it is refused at once, and without it one short TCP probe of the hub
-    decides (transformers would otherwise retry for ~25 s before saying the same thing).
+    decides (transformers would otherwise retry for ~25 s before saying the same thing). A cached id
+    on a machine that cannot reach the hub switches this process to offline mode: transformers then
+    reads the cache at once instead of retrying every file (measured: 7.5 minutes for `f2b index`).
     """
     import os
     from pathlib import Path
@@ -108,6 +110,8 @@ def check_model_reference(name: str | None, probe_timeout: float = 2.0) -> None:
         raise OptionError(f"--model {name!r} is neither a folder here nor a valid hub id (like "
                           "llava-hf/llava-1.5-7b-hf)") from None
     if isinstance(cached, str):
+        if not constants.HF_HUB_OFFLINE and not _reachable(constants.ENDPOINT, probe_timeout):
+            _read_cache_only(constants)
         return
     way_out = ("download it on a machine with network (`hf download ID --local-dir DIR`) and pass the folder, "
                "or use --model demo")
@@ -117,6 +121,14 @@ def check_model_reference(name: str | None, probe_timeout: float = 2.0) -> None:
     if not _reachable(constants.ENDPOINT, probe_timeout):
         raise OptionError(f"--model {name}: not a folder here, not in the Hugging Face cache, and "
                           f"{constants.ENDPOINT} cannot be reached from this machine; {way_out}")
+
+
+def _read_cache_only(constants) -> None:
+    """Offline mode for this process and its children (huggingface_hub reads the flag at call time)."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
 
 
 def _reachable(url: str, timeout: float) -> bool:

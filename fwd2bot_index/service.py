@@ -446,6 +446,7 @@ def load_checked_model(name: str, manifest: Manifest | None, device: str, dtype:
     from .model import load_model
     from .model.backbone import quiet_transformers
 
+    check_model_reference(name)  # a hub id: fail fast offline, or read the cache without retries
     quiet_transformers()
     options = manifest.image_options if manifest is not None else (image_options or {})
     model = load_model(name, device=device, dtype=dtype, **options)

@@ -253,3 +253,31 @@ def test_serve_on_a_taken_port_and_export_to_a_missing_folder(tmp_path):
     _one_line_error(nowhere, 1, str(tmp_path / "no" / "such"))
     bad_port = runner.invoke(app, ["serve", "--port", "99999"])
     assert bad_port.exit_code == 2 and "Traceback" not in bad_port.output
+
+
+def test_hub_id_in_the_cache_loads_offline_without_retries(tmp_path, model_dir, monkeypatch):
+    """A cached hub id on a machine that cannot reach the hub: offline mode, so transformers reads the
+    cache at once (it retried every file for minutes); an uncached one is refused in a line."""
+    from huggingface_hub import constants
+
+    from fwd2bot_index.api.testing import free_port
+    from fwd2bot_index.options import OptionError, check_model_reference
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    shutil.copytree(model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(OptionError, match="cannot be reached"):
+        check_model_reference("someone/not-cached")
+    assert constants.HF_HUB_OFFLINE is False
+    check_model_reference("someone/tiny")
+    assert constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
+    from fwd2bot_index.model import load_model
+
+    model = load_model("someone/tiny", device="cpu")
+    assert model.encode_texts(["a red circle"]).shape[0] == 1
