@@ -76,6 +76,14 @@ def index(
     qdrant_url: Optional[str] = typer.Option(None, "--qdrant-url", help="Qdrant server/cluster URL (backend qdrant-server)."),
     qdrant_collection: Optional[str] = typer.Option(None, "--qdrant-collection",
                                                     help="Collection name on the Qdrant server (default f2b)."),
+    qdrant_shards: Optional[int] = typer.Option(None, "--qdrant-shards", min=1,
+                                                help="Qdrant cluster: shards of a new collection (e.g. 2 per node)."),
+    qdrant_replicas: Optional[int] = typer.Option(None, "--qdrant-replicas", min=1,
+                                                  help="Qdrant cluster: copies of each shard (replication factor)."),
+    qdrant_on_disk: bool = typer.Option(False, "--qdrant-on-disk",
+                                        help="Qdrant: keep vectors and the HNSW graph on disk (memory-mapped)."),
+    qdrant_quantization: Optional[str] = typer.Option(None, "--qdrant-quantization",
+                                                      help="Qdrant: int8 or binary copies in RAM, rescored with full vectors."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="fwd2bot, pool[@N], prompt, full (new collections)."),
     token_dtype: str = typer.Option("fp16", "--token-dtype", help="Stored token precision: fp16 or int8 (new collections)."),
     min_pixels: Optional[int] = typer.Option(None, "--min-pixels", min=1,
@@ -93,6 +101,14 @@ def index(
     """Add new or changed images to the collection (crash-safe, incremental, deduplicated)."""
     check(model=model_name(model, None), device=device, dtype=dtype, backend=backend, token_dtype=token_dtype,
           faiss_index=index_kind, strategy=strategy)
+    cluster = [name for name, v in (("--qdrant-shards", qdrant_shards), ("--qdrant-replicas", qdrant_replicas),
+                                    ("--qdrant-on-disk", qdrant_on_disk or None),
+                                    ("--qdrant-quantization", qdrant_quantization)) if v is not None]
+    if qdrant_quantization not in (None, "int8", "binary"):
+        raise fail(f"--qdrant-quantization {qdrant_quantization!r}: use int8 or binary", 2)
+    if cluster and backend != "qdrant-server":
+        raise fail(f"{', '.join(cluster)}: settings of a new Qdrant server collection; add --backend qdrant-server "
+                   "--qdrant-url URL", 2)
     missing = [str(d) for d in dirs if not d.exists()]
     if missing:  # before a collection folder is created: a typo leaves nothing behind
         raise fail(f"no such file or folder: {', '.join(missing)}")
@@ -102,7 +118,9 @@ def index(
 
     with user_errors():
         options = {k: v for k, v in (("kind", index_kind), ("url", qdrant_url),
-                                      ("collection_name", qdrant_collection)) if v is not None}
+                                      ("collection_name", qdrant_collection), ("shards", qdrant_shards),
+                                      ("replication_factor", qdrant_replicas), ("on_disk", qdrant_on_disk or None),
+                                      ("quantization", qdrant_quantization)) if v is not None}
         # the server's API key comes from $QDRANT_API_KEY and is never written to the manifest
         service = _service(collection, model_name(model, None), device, dtype, create=True, writable=True,
                            strategy=strategy, backend=backend, token_dtype=token_dtype, reindex=reindex,

@@ -21,6 +21,39 @@ __all__ = ["QdrantEdgeIndex", "QdrantLocalIndex", "QdrantServerIndex"]
 
 _UPSERT_CHUNK = 1024
 _SCROLL_PAGE = 10_000
+QUANTIZATIONS = ("int8", "binary")
+
+
+def cluster_settings(shards: int | None = None, replication_factor: int | None = None,
+                     write_consistency_factor: int | None = None, on_disk: bool = False,
+                     quantization: str | None = None) -> dict[str, Any]:
+    """``create_collection`` keyword arguments for a collection at scale (a server or cluster).
+
+    shards split the points across nodes; replication_factor keeps copies on other nodes (reads and
+    writes survive a node loss); on_disk keeps full vectors and the HNSW graph memory-mapped instead of
+    in RAM; quantization keeps int8 (4x smaller) or binary (32x) copies in RAM for the first pass, and
+    searches rescore with the full vectors. ``None`` leaves the server's default.
+    """
+    from qdrant_client import models as m
+
+    for name, value in (("shards", shards), ("replication_factor", replication_factor),
+                        ("write_consistency_factor", write_consistency_factor)):
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            raise ValueError(f"Qdrant option {name} must be a whole number >= 1, got {value!r}")
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ValueError(f"Qdrant quantization {quantization!r}: use {' or '.join(QUANTIZATIONS)} (or none)")
+    kwargs: dict[str, Any] = {
+        "shard_number": shards, "replication_factor": replication_factor,
+        "write_consistency_factor": write_consistency_factor,
+    }
+    if quantization == "int8":
+        kwargs["quantization_config"] = m.ScalarQuantization(
+            scalar=m.ScalarQuantizationConfig(type=m.ScalarType.INT8, quantile=0.99, always_ram=True))
+    elif quantization == "binary":
+        kwargs["quantization_config"] = m.BinaryQuantization(binary=m.BinaryQuantizationConfig(always_ram=True))
+    if on_disk:
+        kwargs["on_disk_payload"] = True
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 class QdrantEdgeIndex(VectorIndex):
@@ -123,7 +156,8 @@ class _QdrantClientIndex(VectorIndex):
     #: True when the client searches by brute force (local mode), where HNSW params do not apply.
     exact_engine = False
 
-    def __init__(self, client: Any, dim: int, collection_name: str = "f2b", ef_search: int = 128) -> None:
+    def __init__(self, client: Any, dim: int, collection_name: str = "f2b", ef_search: int = 128,
+                 **cluster: Any) -> None:
         from qdrant_client import models
 
         self._m = models
@@ -131,16 +165,23 @@ class _QdrantClientIndex(VectorIndex):
         self.dim = int(dim)
         self.collection_name = collection_name
         self.ef_search = ef_search
+        self.on_disk = bool(cluster.get("on_disk"))
+        self.quantization = cluster.get("quantization")
+        self._create_options = cluster_settings(**cluster)
         if not client.collection_exists(collection_name):
-            client.create_collection(
-                collection_name, vectors_config=models.VectorParams(size=self.dim, distance=models.Distance.DOT)
-            )
+            self._create()
         else:
             size = client.get_collection(collection_name).config.params.vectors.size
             if int(size) != self.dim:
                 raise ValueError(
                     f"Qdrant collection {collection_name!r} holds {size}-d vectors, this collection needs {self.dim}"
                 )
+
+    def _create(self) -> None:
+        m = self._m
+        vectors = m.VectorParams(size=self.dim, distance=m.Distance.DOT, on_disk=self.on_disk or None,
+                                 hnsw_config=m.HnswConfigDiff(on_disk=True) if self.on_disk else None)
+        self.client.create_collection(self.collection_name, vectors_config=vectors, **self._create_options)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         ids = as_ids(ids)
@@ -169,7 +210,8 @@ class _QdrantClientIndex(VectorIndex):
             return [[] for _ in range(len(q))]
         flt = m.Filter(must=[m.HasIdCondition(has_id=sorted(int(i) for i in allowed_ids))]) if allowed_ids is not None else None
         # Local mode is brute force and warns about search params, so only servers get them.
-        params = None if self.exact_engine else m.SearchParams(hnsw_ef=max(self.ef_search, k))
+        rescore = m.QuantizationSearchParams(rescore=True, oversampling=2.0) if self.quantization else None
+        params = None if self.exact_engine else m.SearchParams(hnsw_ef=max(self.ef_search, k), quantization=rescore)
         requests = [
             m.QueryRequest(query=row.tolist(), limit=k, filter=flt, params=params, with_payload=False, with_vector=False)
             for row in q
@@ -193,9 +235,7 @@ class _QdrantClientIndex(VectorIndex):
 
     def clear(self) -> None:
         self.client.delete_collection(self.collection_name)
-        self.client.create_collection(
-            self.collection_name, vectors_config=self._m.VectorParams(size=self.dim, distance=self._m.Distance.DOT)
-        )
+        self._create()
 
     def close(self) -> None:
         if self.client is not None:
@@ -225,12 +265,19 @@ class QdrantLocalIndex(_QdrantClientIndex):
 
 class QdrantServerIndex(_QdrantClientIndex):
     """A collection on a Qdrant server or cluster. ``api_key`` defaults to ``$QDRANT_API_KEY`` and is
-    never written into the manifest. ``url=":memory:"`` gives an in-process stand-in (tests)."""
+    never written into the manifest. ``url=":memory:"`` gives an in-process stand-in (tests).
+
+    ``shards``, ``replication_factor``, ``write_consistency_factor``, ``on_disk`` and ``quantization``
+    apply when this creates the collection (``cluster_settings``); an existing collection keeps its own.
+    Filters are resolved in the catalog and reach Qdrant as id lists (``HasIdCondition``, served by
+    Qdrant's id tracker), so the points carry no payload and need no payload index."""
 
     backend = "qdrant-server"
 
     def __init__(self, url: str, dim: int, api_key: str | None = None, collection_name: str = "f2b",
-                 prefer_grpc: bool = False, timeout: int = 30, ef_search: int = 128) -> None:
+                 prefer_grpc: bool = False, timeout: int = 30, ef_search: int = 128, shards: int | None = None,
+                 replication_factor: int | None = None, write_consistency_factor: int | None = None,
+                 on_disk: bool = False, quantization: str | None = None) -> None:
         from qdrant_client import QdrantClient
 
         self.url = url
@@ -240,7 +287,9 @@ class QdrantServerIndex(_QdrantClientIndex):
         else:
             client = QdrantClient(url=url, api_key=api_key or os.environ.get("QDRANT_API_KEY"),
                                   prefer_grpc=prefer_grpc, timeout=timeout)
-        super().__init__(client, dim, collection_name, ef_search)
+        super().__init__(client, dim, collection_name, ef_search, shards=shards,
+                         replication_factor=replication_factor, write_consistency_factor=write_consistency_factor,
+                         on_disk=on_disk, quantization=quantization)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "url": self.url, "collection_name": self.collection_name, "vectors": len(self)}
