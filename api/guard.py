@@ -6,8 +6,10 @@ A page on ``https://evil.example`` can make the victim's browser send requests t
 - **Host allow-list.** A rebinding page reaches the server under its own name
   (``Host: rebind.evil.example``), so only the names this server is meant to be reached by are
   answered: the loopback names, the address it binds, and names given with ``--allowed-host``
-  (a reverse proxy's public name, or ``*.example.org``; ``*`` turns the check off). ``/healthz``
-  and ``/readyz`` answer any Host (orchestrators probe by IP; they reveal nothing).
+  (a reverse proxy's public name, or ``*.example.org``; ``*`` turns the check off). A Host that is
+  an IP address is always answered: a browser sends one only to a page loaded from that very
+  address, which no other site can rebind (so a server bound to 0.0.0.0 works by IP on a LAN).
+  ``/healthz`` and ``/readyz`` answer any Host (they reveal nothing).
 - **Origin check** on every state-changing request (any method but GET, HEAD, OPTIONS): a browser
   names the page's origin in ``Origin``; it must be this server itself (same host and port as the
   ``Host`` header), a name given with ``--allowed-host``, or a configured CORS origin. Requests
@@ -16,6 +18,7 @@ A page on ``https://evil.example`` can make the victim's browser send requests t
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
@@ -74,7 +77,7 @@ class HostOriginMiddleware:
         host_header = headers.get("host", "")
         if host_header and not self.any_host:
             host, _ = split_host(host_header)
-            if not _matches(host, self.hosts):
+            if not (_is_ip(host) or _matches(host, self.hosts)):
                 await send_problem(send, scope, 400, (
                     f"this server does not answer to the host name {host!r} (it answers to "
                     f"{', '.join(self.hosts)}); if that name is yours (a reverse proxy, a LAN name), start the "
@@ -110,6 +113,14 @@ class HostOriginMiddleware:
         # No port in Host means the default port of the scheme the browser used (behind a TLS proxy
         # that is the origin's scheme, not this server's).
         return o_host == host and origin_port == (port or DEFAULT_PORTS[parts.scheme])
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _matches(host: str, allowed: Sequence[str]) -> bool:

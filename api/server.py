@@ -57,8 +57,8 @@ def make_server(collection: str | os.PathLike[str] | None = None, model: str | N
 
     path = collection or os.environ.get("F2B_COLLECTION") or DEFAULT_COLLECTION
     if host in ("0.0.0.0", "::") and not allowed_hosts:
-        log.warning("serving on all addresses (%s): requests must name a loopback name in Host unless the names "
-                    "clients use are given with --allowed-host (e.g. --allowed-host photos.lan)", host)
+        log.warning("serving on all addresses (%s): clients may use this machine's IP addresses; host names they "
+                    "use (e.g. photos.lan) must be given with --allowed-host", host)
     if not is_loopback(host) and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach port %d can add and remove images "
                     "(set --api-key)", host, port)
