@@ -376,7 +376,7 @@ def serve(
                                           help="Torch threads for model calls (1 gives steadier latency on a busy CPU)."),
     allowed_hosts: List[str] = typer.Option(
         [], "--allowed-host", help="Another host name clients reach the server by (a reverse proxy's, a LAN name, "
-                                   "*.example.org); repeatable. Loopback names and --host are always allowed."),
+                                   "*.example.org); repeatable. Loopback names, --host and IP addresses are always allowed."),
     max_queue: int = typer.Option(64, "--max-queue", min=1,
                                   help="Model requests that may wait; more are answered 503 with Retry-After at once."),
 ) -> None:
