@@ -87,6 +87,9 @@ def retrieval(
         data = load_retrieval_set(annotations, images_dir=images, split=None if split == ALL_SPLITS else split,
                                   limit=limit, skip_missing=skip_missing)
         name = dataset or data.name or annotations.stem  # the file's "dataset" field says coco or flickr30k
+        if dataset and data.name and dataset.lower() != data.name.lower():
+            err(f"warning: --dataset {dataset}, but {annotations.name} says it is {data.name!r}; the report "
+                f"labels it {dataset!r} and compares it with that dataset's published numbers")
         data = dataclasses.replace(data, name=name)
         settings["dataset"] = name
         runs = []

@@ -78,8 +78,8 @@ def test_eval_retrieval_settings_name_and_split(setup, tmp_path):
                                      "collection", "model", "strategy", "device", "dtype", "batch_size"}
     assert (tmp_path / "o" / "results.json").stat().st_size < 20_000  # was the whole dataset
     assert "flickr30k" not in (tmp_path / "o" / "report.md").read_text().lower()
-    named = _json(runner.invoke(app, base + ["--annotations", str(tmp_path / "coco.json"), "--dataset", "mine"]))
-    assert named["retrieval"][0]["dataset"] == "mine"
+    renamed = runner.invoke(app, base + ["--annotations", str(tmp_path / "coco.json"), "--dataset", "mine"])
+    assert _json(renamed)["retrieval"][0]["dataset"] == "mine" and "says it is 'coco'" in renamed.stderr
     rows = data["images"][:6]
     csv_file = tmp_path / "caps.csv"
     with csv_file.open("w", newline="") as fh:
