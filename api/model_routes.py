@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
+from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
 from .files import catalog_row
 from .limits import result_or_drop
 from .problems import ApiProblem, classify, problem_body, problem_responses
-from .schemas import MAX_ID, MAX_TEXT, NOT_BLANK, AskRequest, AskResponse, EmbedRequest, EmbedResponse
+from .schemas import MAX_ID, MAX_TEXT, NOT_BLANK, AskRequest, AskResponse, EmbedRequest, EmbedResponse, not_blank
 
 if TYPE_CHECKING:
     from .app import AppState
@@ -122,7 +123,8 @@ def model_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:
              response_class=StreamingResponse,
              responses={**problem_responses(400, 401, 403, 404, 422, 503), 200: sse_200})
     async def ask_stream(image_id: IdParam,
-                         question: Annotated[str, Query(min_length=1, max_length=MAX_TEXT, pattern=NOT_BLANK)],
+                         question: Annotated[str, Query(min_length=1, max_length=MAX_TEXT, pattern=NOT_BLANK),
+                                             AfterValidator(not_blank)],
                          max_new_tokens: Annotated[int, Query(ge=1, le=256)] = 32) -> StreamingResponse:
         await run_in_threadpool(precheck, image_id)
         return _stream_answer(state, image_id, question, max_new_tokens)

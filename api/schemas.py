@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
@@ -95,6 +96,14 @@ def _exactly_one(names: tuple[str, ...], examples: list[dict[str, Any]]) -> Any:
 Filter = Annotated[dict[str, Any], WithJsonSchema(FILTER_SCHEMA), AfterValidator(check_filter)]
 Base64 = Annotated[str, Field(json_schema_extra={"format": "byte"})]
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT, pattern=NOT_BLANK)]
+
+
+def not_blank(value: str) -> str:
+    """``NOT_BLANK`` as Python's ``re`` reads it, for parameters outside a body model (whose regex engine is
+    pydantic's default, where a few control characters such as \\x1c are not white space)."""
+    if not re.search(NOT_BLANK, value):
+        raise ValueError("must hold a character that is not white space")
+    return value
 Component = Annotated[float, Field(allow_inf_nan=False)]
 
 
