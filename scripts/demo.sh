@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job: generate the shapes world, index it with the default model (demo), search by text,
-# and ask questions about the top hit, answered from its stored summary tokens only.
+# The main job: generate the shapes world, index it with the default model (demo), search with a
+# held-out scene's own caption, and ask that scene's questions, answered from its stored summary
+# tokens only. It reports what happened, misses included: the rank of the described scene and each
+# answer beside the true one, with a count of matches.
 set -euo pipefail
 F2B=${F2B:-.venv/bin/f2b}
 PY=${PY:-.venv/bin/python}
@@ -12,7 +14,7 @@ export HF_HUB_OFFLINE=1
 $F2B demo-data "$DIR" --n "$N" --seed 7
 $F2B index "$DIR/images" --collection "$COLLECTION"
 
-# A held-out scene's own caption is the query; its questions (with their true answers) are asked.
+# A held-out scene (never trained on) and its scene-unique caption.
 read -r TARGET QUERY < <($PY - "$DIR" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/captions.jsonl")]
@@ -20,25 +22,43 @@ row = next(r for r in reversed(rows) if r["split"] != "train")
 print(row["image"], row["captions"][0])
 PY
 )
+TARGET_PATH=$($PY -c "import os,sys; print(os.path.realpath(sys.argv[1]))" "$DIR/$TARGET")
 echo
-echo "== search: \"$QUERY\"   (the scene it describes: $TARGET)"
+echo "== search: \"$QUERY\""
 $F2B search "$QUERY" --collection "$COLLECTION" -k 5
-TOP=$($F2B search "$QUERY" --collection "$COLLECTION" -k 1 --json | $PY -c "import json,sys; h=json.load(sys.stdin)[0]; print(h['id'], h['path'])")
-TOP_ID=${TOP%% *}
-TOP_PATH=${TOP#* }
-echo
-echo "== ask image $TOP_ID ($TOP_PATH), from its stored tokens only"
-$PY - "$DIR" "$TOP_PATH" <<'PY' | while IFS=$'\t' read -r QUESTION ANSWER; do
+$F2B search "$QUERY" --collection "$COLLECTION" -k "$N" --json | $PY -c '
 import json, os, sys
-root, path = sys.argv[1], os.path.realpath(sys.argv[2])
-rows = [json.loads(line) for line in open(f"{root}/qa.jsonl")]
-mine = [r for r in rows if os.path.realpath(os.path.join(root, r["image"])) == path]
-for kind in ("count", "color", "shape", "position"):
-    r = next((r for r in mine if r["type"] == kind), None)
-    if r:
+hits, target, n = json.load(sys.stdin), sys.argv[1], int(sys.argv[2])
+paths = [os.path.realpath(h["path"]) for h in hits]
+if target not in paths:
+    print(f"MISS: the described scene ({sys.argv[3]}) is not among the {len(hits)} results")
+elif paths.index(target) == 0:
+    print(f"hit: the described scene ({sys.argv[3]}) ranks 1st of {n}")
+else:
+    print(f"MISS: the described scene ({sys.argv[3]}) ranks {paths.index(target) + 1} of {n}, not 1st")
+' "$TARGET_PATH" "$N" "$TARGET"
+
+echo
+echo "== ask the described scene ($TARGET), answered from its stored tokens only"
+RIGHT=0
+TOTAL=0
+while IFS=$'\t' read -r QUESTION ANSWER; do
+  GOT=$($F2B ask "$TARGET_PATH" "$QUESTION" --collection "$COLLECTION")
+  if $PY -c "import sys; from fwd2bot_index.eval import exact_match; sys.exit(0 if exact_match(sys.argv[1], sys.argv[2]) else 1)" "$GOT" "$ANSWER"; then
+    MARK="right"; RIGHT=$((RIGHT + 1))
+  else
+    MARK="WRONG"
+  fi
+  TOTAL=$((TOTAL + 1))
+  printf '  Q: %s\n  A: %s   (true: %s) %s\n' "$QUESTION" "$GOT" "$ANSWER" "$MARK"
+done < <($PY - "$DIR" "$TARGET" <<'PY'
+import json, sys
+root, target = sys.argv[1], sys.argv[2]
+for r in (json.loads(line) for line in open(f"{root}/qa.jsonl")):
+    if r["image"] == target:
         print(f"{r['question']}\t{r['answer']}")
 PY
-  printf '  Q: %s\n  A: %s   (true: %s)\n' "$QUESTION" "$($F2B ask "$TOP_ID" "$QUESTION" --collection "$COLLECTION")" "$ANSWER"
-done
+)
+echo "answers right: $RIGHT of $TOTAL"
 echo
 $F2B info --collection "$COLLECTION"
