@@ -59,7 +59,7 @@ class DemoRecipe:
     embed_dim: int = 128
     lora_r: int = 16
     lora_alpha: int = 32
-    compressor_steps: int = 600
+    compressor_steps: int = 400
     compressor_batch: int = 32
     compressor_lr: float = 1e-3
     compressor_pool_schedule: str = "llavolta"
