@@ -120,7 +120,8 @@ def pairs(tmp_path_factory) -> Path:
 
 def _settings(tiny_llava_dir, pairs, out, **overrides) -> dict:
     settings = dict(model=str(tiny_llava_dir), data=[str(pairs)], output_dir=str(out), num_summary_tokens=4,
-                    embed_dim=32, lora_r=8, lr=1e-3, batch_size=2, max_steps=4, checkpoint_every=2, seed=0,
+                    embed_dim=32, lora_r=8, lr=1e-3, batch_size=2, grad_accum=2, max_steps=4, checkpoint_every=2,
+                    seed=0,
                     device="cpu")
     settings.update(overrides)
     return settings
@@ -154,7 +155,7 @@ def test_torchrun_two_processes_train_checkpoint_and_resume(tiny_llava_dir, pair
 
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["steps"] == 4
-    assert result["samples_seen"] == 4 * 2 * 2  # steps x per-rank batch x ranks
+    assert result["samples_seen"] == 4 * 2 * 2 * 2  # steps x accumulation x per-rank batch x ranks
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]  # rank 0 alone logs
     assert [r["eval_images"] for r in rows if r["kind"] == "eval"] == [2, 2]  # at the start and at the end
@@ -164,7 +165,8 @@ def test_torchrun_two_processes_train_checkpoint_and_resume(tiny_llava_dir, pair
     assert (out / "checkpoints" / "step-00000002" / "trainer_state.pt").is_file()
     Fwd2Bot.from_pretrained(str(out / "checkpoints" / "step-00000002" / "model"), device="cpu", dtype="fp32")
 
-    # the first step's contrastive loss is the one-process loss over the global batch of 4
+    # the first step's contrastive loss (mean of its 2 micro-batches) is the one-process loss over the
+    # same global micro-batches of 4
     first = rows[1]
     assert first["kind"] == "train" and first["step"] == 1
     alone = Trainer(TrainConfig(**_settings(tiny_llava_dir, pairs, tmp_path / "alone", batch_size=4)), progress=False)
