@@ -186,14 +186,14 @@ def test_index_with_demo_warns_once_on_photos_only(tmp_path):
 
 
 def test_ctrl_c_during_index_says_what_was_kept(tmp_path, model_dir):
-    write_demo_data(tmp_path / "d", n=80, seed=4)
+    write_demo_data(tmp_path / "d", n=160, seed=4)  # enough work that SIGINT lands mid-run on a busy machine
     coll = tmp_path / "c"
     cmd = [sys.executable, "-m", "fwd2bot_index.cli", "index", str(tmp_path / "d" / "images"), "-c", str(coll),
            "-m", str(model_dir), "--batch-size", "2", "--device", "cpu"]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((coll / "tokens").glob("*.arrow"))) < 3:
+    while time.time() < deadline and len(list((coll / "tokens").glob("*.arrow"))) < 1:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
@@ -202,7 +202,7 @@ def test_ctrl_c_during_index_says_what_was_kept(tmp_path, model_dir):
     rerun = subprocess.run(cmd + ["--json"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
                            text=True, timeout=300)
     report = json.loads(rerun.stdout)
-    assert report["indexed"] + report["unchanged"] == 80
+    assert report["indexed"] + report["unchanged"] == 160
 
 
 def test_search_goes_through_a_running_server_and_falls_back(tmp_path, model_dir, monkeypatch):
