@@ -1,9 +1,10 @@
 """Routes that need the model for more than one query vector: answers (JSON or SSE) and /v1/embed.
 
 Every model call goes through the app's bounded model queue (a full queue is a 503 at once) and is
-dropped if its client leaves before it starts. /v1/embed cuts its texts into small model jobs so a
-long call shares the model thread with searches and stops when its client goes; its images are
-decoded and encoded one at a time under the decode gate, so one call holds one decoded picture.
+dropped if its client leaves before it starts. /v1/embed cuts its texts into model jobs of bounded
+size (``CHUNK_CHARS``), so a long call shares the model thread with searches and stops when its
+client goes; its images are decoded and encoded in groups of bounded size (``CHUNK_PIXELS``) under
+the decode gate, so one call holds at most one group of decoded pictures.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fwd2bot_index.api")
 
-TEXT_CHUNK = 4  # texts per model job in /v1/embed
+CHUNK_CHARS = 2000  # characters of text per model job in /v1/embed (short texts share one job)
+CHUNK_PIXELS = 4_000_000  # decoded pixels per model job in /v1/embed (small images share one job)
 SSE_EXAMPLE = ('event: token\ndata: {"text": "red"}\n\nevent: done\n'
                'data: {"id": 17, "question": "What color is the circle?", "answer": "red"}\n\n')
 IdParam = Annotated[int, PathParam(ge=0, le=MAX_ID, description="Image id (from a search result).", examples=[17])]
@@ -97,6 +99,26 @@ def _stream_answer(state: AppState, image_id: int, question: str, max_new_tokens
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _text_chunks(texts: list[str]) -> list[list[str]]:
+    """Texts in order, cut into model jobs of at most CHUNK_CHARS characters (a longer text alone)."""
+    chunks: list[list[str]] = []
+    size = 0
+    for text in texts:
+        if not chunks or size + len(text) > CHUNK_CHARS:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(text)
+        size += len(text)
+    return chunks
+
+
+def _base64(n: int, encoded: str) -> bytes:
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiProblem(400, f"images[{n}] is not valid base64", "bad-request") from None
+
+
 def model_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:
     sse_200 = {"description": "Server-sent events: `token` events, then `done` (or `error`); see the schema",
                "content": {"text/event-stream": {"example": SSE_EXAMPLE}}}
@@ -140,20 +162,22 @@ def model_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:
                 raise ApiProblem(413, f"the texts hold {chars:,} characters in all; one call may hold at most "
                                       f"{state.max_embed_chars:,}: split them over several calls", "too-much-text")
             state.require_model()
-            for start in range(0, len(body.texts), TEXT_CHUNK):
-                chunk = list(body.texts[start:start + TEXT_CHUNK])
+            for chunk in _text_chunks(body.texts):
                 rows += (await result_or_drop(request, state.worker.call(state.service.encode_texts, chunk))).tolist()
         else:
-            for n, encoded in enumerate(body.images or []):
-                try:
-                    data = base64.b64decode(encoded, validate=True)
-                except (binascii.Error, ValueError):
-                    raise ApiProblem(400, f"images[{n}] is not valid base64", "bad-request") from None
+            blobs = [_base64(n, encoded) for n, encoded in enumerate(body.images)]
+            n = 0
+            while n < len(blobs):
+                # One slot holds at most CHUNK_PIXELS of decoded pictures plus one more picture.
                 async with state.decodes.hold():
-                    image = await state.decode(data, f"images[{n}]", None)
+                    pictures, pixels = [], 0
+                    while n < len(blobs) and pixels < CHUNK_PIXELS:
+                        image = await state.decode(blobs[n], f"images[{n}]", None)
+                        pictures.append(image.picture)
+                        pixels, n = pixels + image.width * image.height, n + 1
                     state.require_model()
-                    job = state.worker.call(state.service.encode_images, [image.picture])
-                    del image
+                    job = state.worker.call(state.service.encode_images, pictures)
+                    del pictures, image
                     rows += (await result_or_drop(request, job)).tolist()
         rows = [[float(x) for x in row] for row in rows]
         return EmbedResponse(model=str(state.service.model_name), strategy=str(state.service.strategy.name),

@@ -231,3 +231,20 @@ def test_requests_in_flight_are_bounded_even_when_they_need_no_model(service):
             assert c.get("/healthz").status_code == 200 and c.get(f"/v1/images/{like}").status_code == 200
         assert [f.result(DEADLINE).status_code for f in waiting] == [200, 200, 200]
         assert c.post("/v1/search", json={"like": like, "k": 3}).status_code == 200
+
+
+def test_embed_in_bounded_jobs_gives_the_same_vectors_as_one_by_one(service, demo):
+    """/v1/embed cuts texts (by characters) and images (by pixels) into model jobs; the vectors do not change."""
+    import base64
+
+    import numpy as np
+
+    texts = ["a red circle", "x" * 1500, "two blue squares", "y" * 1900]  # three jobs: 1+1 texts, 1, 1
+    images = [base64.b64encode(p.read_bytes()).decode() for p in demo.images[:3]]
+    with TestClient(create_app(service), base_url=LOCAL) as c:
+        together = c.post("/v1/embed", json={"texts": texts}).json()["embeddings"]
+        alone = [c.post("/v1/embed", json={"texts": [t]}).json()["embeddings"][0] for t in texts]
+        assert np.allclose(together, alone, atol=1e-4)
+        together = c.post("/v1/embed", json={"images": images}).json()["embeddings"]
+        alone = [c.post("/v1/embed", json={"images": [i]}).json()["embeddings"][0] for i in images]
+        assert np.allclose(together, alone, atol=1e-4)
