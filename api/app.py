@@ -47,8 +47,8 @@ from .guard import HostOriginMiddleware, default_hosts
 from .limits import Gate, result_or_drop
 from .metrics import Metrics
 from .middleware import AllowMiddleware, BodyLimitMiddleware, MetricsMiddleware
-from .openapi import install_openapi
 from .model_routes import IdParam, model_routes
+from .openapi import install_openapi
 from .problems import ApiProblem, install_handlers, problem_responses
 from .schemas import (
     MAX_EMBED_CHARS,
