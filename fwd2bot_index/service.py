@@ -276,6 +276,8 @@ class ImageService:
             if gone:  # moved or renamed: the old path is re-linked to the new one, not kept as a ghost
                 self.collection.remove_paths(gone)
                 report.moved += [(old, new_path) for old in gone]
+            elif row is not None and new_path in row.paths:
+                report.unchanged += 1  # rewritten in place with the same content (touched, copied over)
             else:
                 report.duplicates += 1
 

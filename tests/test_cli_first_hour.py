@@ -159,6 +159,11 @@ def test_rerun_summary_counts_still_failing_moved_and_pruned(tmp_path, model_dir
     search = runner.invoke(app, ["search", "--like", str(images / "renamed.png"), "-c", coll, "-k", "10", "--json"])
     paths = [Path(h["path"]).name for h in json.loads(search.stdout)]
     assert "000002.png" not in paths and "000003.png" not in paths  # no ghosts of moved or vanished files
+    # a file rewritten in place with the same bytes (regenerated, copied over) is unchanged, not a duplicate
+    (images / "000004.png").write_bytes((images / "000004.png").read_bytes())
+    os.utime(images / "000004.png", (1, 1))
+    rewritten = json.loads(runner.invoke(app, args + ["--json"]).stdout)
+    assert rewritten["duplicates"] == 0 and rewritten["indexed"] == 0 and rewritten["unchanged"] == 4
 
 
 def test_demo_world_detector_on_generated_scenes_and_photos(tmp_path):
