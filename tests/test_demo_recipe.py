@@ -85,6 +85,7 @@ def test_base_stage_resumes_bit_exactly_after_an_interruption(tiny_base, tmp_pat
     resumed = train_base(tiny_base, tmp_path / "cut", say=said.append, **args)
     assert any("resuming at step 2" in m for m in said)
     assert resumed["steps"] == whole["steps"] == 4
+    assert resumed["history"] == whole["history"]  # the logged loss and the monitor too, not only the weights
     from safetensors.torch import load_file
 
     a = load_file(tmp_path / "whole" / "model" / "model.safetensors")

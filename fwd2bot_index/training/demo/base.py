@@ -26,6 +26,7 @@ from ...eval import exact_match
 from ...model import Fwd2Bot
 from ...model.pooling import pool_visual_tokens
 from .scenes import heldout_scenes, train_scenes
+from .stage_state import load_stage_state, save_stage_state
 from .turns import multi_turn_loss, scene_turns
 
 CAPTION_PROMPT = "Describe the image."
@@ -144,13 +145,13 @@ def train_base(init_dir: Path, out_dir: Path, *, seed: int, steps: int, batch: i
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     monitor = heldout_scenes(seed, n_monitor)
     state_path = out_dir / STATE_FILE
-    step, spent, history, factor = 0, 0.0, [], None
-    if state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
+    step, spent, history, factor, last_loss = 0, 0.0, [], None, float("nan")
+    state = load_stage_state(state_path)
+    if state is not None:
         hf.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, spent, factor = int(state["step"]), float(state["seconds"]), float(state["factor"])
-        history = [dict(zip(state["history_keys"], row)) for row in state["history"].tolist()]
+        history, last_loss = state["history"], float(state["last_loss"])
         say(f"base: resuming at step {step}")
     else:
         probe = model.backbone.pixel_values([s.render(image_size) for s in monitor[:64]])
@@ -158,7 +159,6 @@ def train_base(init_dir: Path, out_dir: Path, *, seed: int, steps: int, batch: i
         say(f"base: projector output scaled by {factor:.4g} to the word embeddings' RMS")
     started = time.perf_counter() - spent
     warmup = max(1, min(100, steps // 10))
-    last_loss = float("nan")
     while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -180,12 +180,9 @@ def train_base(init_dir: Path, out_dir: Path, *, seed: int, steps: int, batch: i
         if step % check_every == 0 or step == steps:
             row = {"step": step, "loss": round(last_loss, 4), **qa_monitor(model, monitor)}
             history.append(row)
-            keys = sorted(row)
-            torch.save({"model": hf.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "seconds": time.perf_counter() - started, "factor": factor, "history_keys": keys,
-                        "history": torch.tensor([[float(h.get(k, float("nan"))) for k in keys] for h in history])},
-                       state_path.with_suffix(".tmp"))
-            state_path.with_suffix(".tmp").replace(state_path)
+            save_stage_state(state_path, {"model": hf.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                          "seconds": time.perf_counter() - started, "factor": factor,
+                                          "last_loss": last_loss}, history)
             say(f"base step {step}/{steps}: {row} ({(time.perf_counter() - started) / 60:.1f} min)")
     hf.eval()
     hf.save_pretrained(out_dir / "model")

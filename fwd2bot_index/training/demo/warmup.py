@@ -29,6 +29,7 @@ from torch import nn
 from ...synthetic import COLORS, SHAPES, SIZES
 from ...synthetic.world import BACKGROUND_PATTERNS, BACKGROUND_TONES
 from .scenes import heldout_scenes, scene_dict, train_scenes
+from .stage_state import load_stage_state, save_stage_state
 
 _CELLS = 3  # the world's grid is 3x3
 SHAPE_WEIGHT = 5.0
@@ -209,14 +210,13 @@ def vision_warmup(model: Any, processor: Any, work: Path, *, seed: int, max_step
     test_pixels, test_labels = scene_batch(heldout_scenes(seed, n_heldout), processor, size, patch)
     state_path = work / STATE_FILE
     step, history, spent = 0, [], 0.0
-    if state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
+    state = load_stage_state(state_path)
+    if state is not None:
         model.model.vision_tower.load_state_dict(state["tower"])
         model.model.multi_modal_projector.load_state_dict(state["projector"])
         readout.load_state_dict(state["readout"])
         optimizer.load_state_dict(state["optimizer"])
-        step, spent = int(state["step"]), float(state["seconds"])
-        history = [dict(zip(state["history_keys"], row)) for row in state["history"].tolist()]
+        step, spent, history = int(state["step"]), float(state["seconds"]), state["history"]
         say(f"vision warm-up: resuming at step {step}")
     model.train()
     started = time.perf_counter() - spent
@@ -234,14 +234,10 @@ def vision_warmup(model: Any, processor: Any, work: Path, *, seed: int, max_step
         if step % check_every == 0 or step == max_steps:
             accuracy = {"step": step, **probe_accuracy(model, readout, test_pixels, test_labels)}
             history.append(accuracy)
-            keys = sorted(accuracy)
-            torch.save({"tower": model.model.vision_tower.state_dict(),
-                        "projector": model.model.multi_modal_projector.state_dict(),
-                        "readout": readout.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "seconds": time.perf_counter() - started, "history_keys": keys,
-                        "history": torch.tensor([[float(h.get(k, float("nan"))) for k in keys] for h in history])},
-                       state_path.with_suffix(".tmp"))
-            state_path.with_suffix(".tmp").replace(state_path)
+            save_stage_state(state_path, {"tower": model.model.vision_tower.state_dict(),
+                                          "projector": model.model.multi_modal_projector.state_dict(),
+                                          "readout": readout.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "step": step, "seconds": time.perf_counter() - started}, history)
             say(f"vision warm-up step {step}/{max_steps}: loss {float(loss.detach()):.3f}; held-out {accuracy}")
     model.eval()
     final = history[-1] if history else {"step": step, **probe_accuracy(model, readout, test_pixels, test_labels)}
