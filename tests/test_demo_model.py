@@ -77,7 +77,9 @@ def test_demo_retrieval_clears_the_sanity_floor(demo, held_out):
     assert image_emb.shape == (N_SANITY, demo.embed_dim) and text_emb.shape == (N_SANITY, demo.embed_dim)
     top1 = (text_emb @ image_emb.T).argmax(axis=1)
     r_at_1 = float(np.mean(top1 == np.arange(N_SANITY)))
-    assert r_at_1 >= 0.2, f"text->image R@1 on {N_SANITY} held-out scenes is {r_at_1:.2f} (chance 0.02)"
+    # Floor, not target: the shipped model measures 0.92 here (0.40 on the claims table's 1,000-image gallery);
+    # the model it replaced measured ~0.5, a random one 0.02
+    assert r_at_1 >= 0.7, f"text->image R@1 on {N_SANITY} held-out scenes is {r_at_1:.2f} (chance 0.02)"
 
 
 def test_demo_answers_from_summary_tokens_above_the_floor(demo, held_out):
@@ -93,9 +95,10 @@ def test_demo_answers_from_summary_tokens_above_the_floor(demo, held_out):
                                 max_new_tokens=8)
     accuracy = float(np.mean([exact_match(a, q["answer"]) for a, q in zip(answers, qa)]))
     assert len(qa) >= 80
-    # Floor, not target: half of these questions are yes/no, so answering "yes" always scores ~0.25 and
-    # a random model 0. The shipped model measures 0.36 here (38.5 on the 4,000-question claims table).
-    assert accuracy >= 0.3, f"QA exact match from stored tokens is {accuracy:.2f} on {len(qa)} questions"
+    # Floor, not target: half of these questions are yes/no, so answering "yes" always scores ~0.25, the
+    # blind template prior ~0.35 and a random model 0. The shipped model measures 0.45 here (43.5 on the
+    # 4,000-question claims table).
+    assert accuracy >= 0.38, f"QA exact match from stored tokens is {accuracy:.2f} on {len(qa)} questions"
 
 
 @pytest.mark.slow
