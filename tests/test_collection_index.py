@@ -142,6 +142,18 @@ def test_auto_switches_from_flat_to_hnsw(data, tmp_path):
     assert [[i for i, _ in r] for r in index.search(q, 5)] == [[i for i, _ in r] for r in truth]
 
 
+def test_hnsw_search_breadth_grows_with_size_unless_set(data, tmp_path):
+    ids, x, q = data
+    index = FaissIndex(tmp_path / "e.faiss", D, kind="hnsw", ef_search_large_from=len(ids) // 2)
+    index.add(ids[: len(ids) // 4], x[: len(ids) // 4])
+    assert index.effective_ef_search == 128
+    index.add(ids[len(ids) // 4:], x[len(ids) // 4:])
+    assert index.effective_ef_search == 256  # large collections search wider by default (recall at 1M)
+    index.save()
+    assert FaissIndex(tmp_path / "e.faiss", D, kind="hnsw", ef_search_large_from=len(ids) // 2).effective_ef_search == 256
+    assert FaissIndex(tmp_path / "e.faiss", D, kind="hnsw", ef_search=64).effective_ef_search == 64  # as given
+
+
 def test_ivfpq_trains_and_deletes(tmp_path):
     ids, x, q = clustered(n_clusters=8, per=200, seed=1)
     index = FaissIndex(tmp_path / "i.faiss", D, kind="ivfpq", train_min=1000, ivf_nlist=8, nprobe=8)

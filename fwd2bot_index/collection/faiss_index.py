@@ -44,7 +44,7 @@ class FaissIndex(VectorIndex):
         kind: str = "auto",
         hnsw_m: int = 32,
         ef_construction: int = 40,
-        ef_search: int = 128,
+        ef_search: int | None = None,
         auto_threshold: int = 100_000,
         tombstone_fraction: float = 0.2,
         ivf_nlist: int | None = None,
@@ -54,6 +54,7 @@ class FaissIndex(VectorIndex):
         train_min: int = 10_000,
         small_filter: int = 2048,
         threads: int | None = None,
+        ef_search_large_from: int = 500_000,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"faiss index kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -65,6 +66,7 @@ class FaissIndex(VectorIndex):
         self.ivf_nlist, self.pq_m, self.pq_nbits, self.nprobe = ivf_nlist, pq_m, pq_nbits, nprobe
         self.train_min, self.small_filter = train_min, small_filter
         self.threads = threads
+        self.ef_search_large_from = ef_search_large_from
         self._tomb: set[int] = set()
         self._dirty = False
         if self.path is not None and self.path.exists():
@@ -72,6 +74,15 @@ class FaissIndex(VectorIndex):
         else:
             self._index, self._current = self._new_flat(), "flat"
             self._live: set[int] = set()
+
+    @property
+    def effective_ef_search(self) -> int:
+        """HNSW's search breadth: ``ef_search`` when given, else by size. At 1M clustered 256-d vectors
+        (efConstruction 40) 128 gave recall@10 0.944 and 256 gave 0.960 at 0.48 ms (bench/bench_search.py),
+        so collections from ``ef_search_large_from`` vectors search twice as wide."""
+        if self.ef_search is not None:
+            return int(self.ef_search)
+        return 256 if len(getattr(self, "_live", ())) >= self.ef_search_large_from else 128
 
     # ------------------------------------------------------------------ construction
 
@@ -87,7 +98,7 @@ class FaissIndex(VectorIndex):
         faiss = _faiss()
         inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         inner.hnsw.efConstruction = self.ef_construction
-        inner.hnsw.efSearch = self.ef_search
+        inner.hnsw.efSearch = self.effective_ef_search
         return faiss.IndexIDMap2(inner)
 
     def _new_ivfpq(self, n: int) -> Any:
@@ -125,7 +136,7 @@ class FaissIndex(VectorIndex):
         inner = faiss.downcast_index(index.index)
         self._current = "hnsw" if isinstance(inner, faiss.IndexHNSW) else "flat"
         if self._current == "hnsw":
-            inner.hnsw.efSearch = self.ef_search
+            inner.hnsw.efSearch = self.effective_ef_search
         stored = faiss.vector_to_array(index.id_map).astype(np.int64)
         tp = self.tombstones_path
         if self._current == "hnsw" and tp is not None and tp.exists():
@@ -229,7 +240,7 @@ class FaissIndex(VectorIndex):
         faiss = _faiss()
         if self._current == "hnsw":
             ratio = max(1.0, len(self._live) / max(1, n_allowed))
-            params = faiss.SearchParametersHNSW(sel=sel, efSearch=int(min(4096, max(self.ef_search, k) * ratio)))
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=int(min(4096, max(self.effective_ef_search, k) * ratio)))
         elif self._current == "ivfpq":
             params = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe if n_allowed > self.small_filter else self._index.nlist)
         else:
