@@ -96,9 +96,19 @@ def index(
     prune: bool = typer.Option(False, "--prune", help="Drop catalog entries whose files vanished under DIRS."),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="Sidecar JSON/CSV with a 'path' column of per-image metadata."),
     reindex: bool = typer.Option(False, "--reindex", help="Rebuild the collection from scratch with --model/--strategy."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Decode and encode on Ray: local (a cluster in this "
+                                      "process), auto, HOST:PORT or ray://HOST:10001. Workers need the same paths."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Add new or changed images to the collection (crash-safe, incremental, deduplicated)."""
+    if ray is not None:
+        from fwd2bot_index.options import OptionError
+        from fwd2bot_index.ray_index import check_ray_address
+
+        try:
+            check_ray_address(ray)
+        except OptionError as exc:
+            raise fail(str(exc), 2)
     check(model=model_name(model, None), device=device, dtype=dtype, backend=backend, token_dtype=token_dtype,
           faiss_index=index_kind, strategy=strategy)
     cluster = [name for name, v in (("--qdrant-shards", qdrant_shards), ("--qdrant-replicas", qdrant_replicas),
@@ -131,7 +141,7 @@ def index(
             try:
                 report = service.index([str(d) for d in dirs], exclude=exclude or [], include_hidden=include_hidden,
                                        follow_symlinks=follow_symlinks, batch_size=batch_size, prune=prune,
-                                       metadata=metadata, progress=True)
+                                       metadata=metadata, progress=True, ray=ray)
             except IndexInterrupted as stop:
                 err(f"interrupted: {stop.report.indexed} new image(s) were committed and are kept; "
                     "run the same command again to continue")

@@ -187,8 +187,12 @@ class ImageService:
     def index(self, roots: Sequence[str | os.PathLike], exclude: Sequence[str] = (), include_hidden: bool = False,
               follow_symlinks: bool = False, batch_size: int = 16, prune: bool = False,
               metadata: str | os.PathLike | None = None, workers: int | None = None, max_pixels: int | None = None,
-              progress: bool = False) -> IndexReport:
-        """Scan ``roots`` and add new or changed images; failures are recorded, never fatal."""
+              progress: bool = False, ray: str | None = None) -> IndexReport:
+        """Scan ``roots`` and add new or changed images; failures are recorded, never fatal.
+
+        ``ray`` (an address, or ``"local"``) decodes and encodes on a Ray cluster; this process stays the
+        one writer and commits each returned batch exactly as a local run does (see ``ray_index``).
+        """
         from tqdm.auto import tqdm
 
         started = time.perf_counter()
@@ -214,7 +218,12 @@ class ImageService:
             report.failed.append((stat.path, reason))
         sidecar = read_sidecar(metadata) if metadata else {}
         try:
-            self._encode_all(plan, report, sidecar, batch_size, workers, max_pixels, progress)
+            encoder = None
+            if ray is not None:
+                from .ray_index import RayEncoder
+
+                encoder = RayEncoder(ray, self.model_name, self.collection.manifest, self.device, self.dtype, progress)
+            self._encode_all(plan, report, sidecar, batch_size, workers, max_pixels, progress, encoder)
         except KeyboardInterrupt as exc:
             report.interrupted = True
             report.seconds = time.perf_counter() - started
@@ -232,8 +241,13 @@ class ImageService:
         return report
 
     def _encode_all(self, plan, report: IndexReport, sidecar: dict, batch_size: int, workers: int | None,
-                    max_pixels: int | None, progress: bool) -> None:
-        """Decode, encode and commit the plan's new files, then link its duplicates and moved files."""
+                    max_pixels: int | None, progress: bool, encoder: Callable | None = None) -> None:
+        """Decode, encode and commit the plan's new files, then link its duplicates and moved files.
+
+        The seam: ``encoder(todo, sidecar, batch_size, max_pixels, world_check)`` yields already
+        encoded batches (``EncodedBatch``, in plan order) from elsewhere (a Ray cluster); they go
+        through the same failure records and the same per-batch commit as the local path's.
+        """
         from tqdm.auto import tqdm
 
         todo = plan.to_encode
@@ -242,12 +256,25 @@ class ImageService:
         with ThreadPoolExecutor(workers, thread_name_prefix="f2b-decode") as pool, \
                 tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress or not todo,
                      dynamic_ncols=True) as bar:
+            if encoder is not None and todo:
+                batches = encoder(todo, sidecar, batch_size, max_pixels, WORLD_CHECK_IMAGES if watch_world else 0)
+                with contextlib.closing(batches):  # on Ctrl-C too: the cluster goes now, not at exit
+                    for done in batches:
+                        for item in done.failed:
+                            self._record_failed(item, report)
+                        for foreign in done.world[:max(0, WORLD_CHECK_IMAGES - report.world_checked)]:
+                            report.world_checked += 1
+                            report.world_foreign += foreign
+                        if done.items:
+                            report.encode_seconds += done.encode_seconds
+                            self._store(done.items, done.embeddings, done.tokens, report)
+                        bar.update(len(done.items) + len(done.failed))
+                todo = []
             batch: list[_Prepared] = []
             jobs = ((stat, sidecar, max_pixels) for stat in todo)
             for item in _prefetch(pool, jobs, _prepare, depth=2 * batch_size + workers):
                 if item.error:
-                    self.collection.record_failure(item.path, item.size, item.mtime, item.error)
-                    report.failed.append((item.path, item.error))
+                    self._record_failed(item, report)
                     bar.update(1)
                     continue
                 if watch_world and report.world_checked < WORLD_CHECK_IMAGES:
@@ -286,10 +313,18 @@ class ImageService:
         t0 = time.perf_counter()
         enc = self.model.encode_images([i.image for i in batch], batch_size=batch_size, strategy=self.strategy)
         report.encode_seconds += time.perf_counter() - t0
+        self._store(batch, enc.embeddings, enc.tokens, report)
+
+    def _store(self, batch: list[_Prepared], embeddings: np.ndarray, tokens: np.ndarray, report: IndexReport) -> None:
+        """Commit one encoded batch (one shard, one catalog transaction): a killed run keeps it."""
         new = [NewImage(path=i.path, hash=i.hash, size=i.size, mtime=i.mtime, metadata=i.metadata or {})
                for i in batch]
-        self.collection.add_batch(new, enc.embeddings, enc.tokens)
+        self.collection.add_batch(new, embeddings, tokens)
         report.indexed += len(batch)
+
+    def _record_failed(self, item: _Prepared, report: IndexReport) -> None:
+        self.collection.record_failure(item.path, item.size, item.mtime, item.error)
+        report.failed.append((item.path, item.error))
 
     # -- queries -------------------------------------------------------------------------------
     def search(self, text: str | None = None, image: str | os.PathLike | Any = None, like: int | str | None = None,
