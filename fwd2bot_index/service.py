@@ -291,6 +291,7 @@ class ImageService:
                 self._commit(batch, report, batch_size)
                 bar.update(len(batch))
         for stat in plan.duplicates:  # identical content: one entry, several paths
+            linked = self.collection.path_status(stat.path).get("status") == "indexed"  # before the alias
             image_id = self.collection.add_path_alias(stat.path, stat.hash, stat.size, stat.mtime)
             if image_id is None:
                 reason = "same content as another file that could not be indexed"
@@ -303,7 +304,7 @@ class ImageService:
             if gone:  # moved or renamed: the old path is re-linked to the new one, not kept as a ghost
                 self.collection.remove_paths(gone)
                 report.moved += [(old, new_path) for old in gone]
-            elif row is not None and new_path in row.paths:
+            elif linked and row is not None and new_path in row.paths:
                 report.unchanged += 1  # rewritten in place with the same content (touched, copied over)
             else:
                 report.duplicates += 1
