@@ -17,7 +17,7 @@ def train(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base LLaVA folder / hub id, or a checkpoint to continue."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run folder (model/, checkpoints/, metrics.jsonl)."),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON file of TrainConfig fields; options override it."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="'demo': the shipped demo model's whole recipe."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="'demo': the shipped demo model's whole recipe (stages kept in OUTPUT_DIR.work; rerun to resume)."),
     quick: bool = typer.Option(False, "--quick", help="With --recipe demo: a minutes-long run of the same recipe."),
     objective: Optional[str] = typer.Option(None, "--objective", help="fwd2bot (compressor) or pretrain (base)."),
     num_summary_tokens: Optional[int] = typer.Option(None, "--summary-tokens", "-K", help="K summary tokens per image (default 32)."),
@@ -91,7 +91,8 @@ def _run_recipe(recipe: str, quick: bool, output_dir: Optional[str], device: str
     from fwd2bot_index.training.demo_recipe import train_demo_model
 
     out = output_dir or ("f2b-demo-quick" if quick else "f2b-demo")
-    result = train_demo_model(out, quick=quick, seed=seed or 0, device=device, progress=True)
+    work = f"{out.rstrip('/')}.work"  # stages live here: the same command after a kill continues from them
+    result = train_demo_model(out, quick=quick, seed=seed or 0, device=device, progress=True, work_dir=work)
     if as_json:
         print_json(result)
     else:

@@ -135,3 +135,21 @@ def test_train_cli_produces_a_loadable_compressor(setup, tmp_path):
     assert trained.is_trained and trained.default_strategy.name == "fwd2bot"
     bad = runner.invoke(app, ["train", "--data", str(root / "world")])
     assert bad.exit_code == 2 and "--model" in bad.output
+
+
+def test_train_recipe_demo_keeps_its_stages_and_resumes(tmp_path):
+    """`f2b train --recipe demo` keeps its stages beside the output, so the same command after a kill goes
+    on from them instead of starting over (here: a finished run is not trained again)."""
+    from fwd2bot_index.model import folder_fingerprint
+
+    out = tmp_path / "demo-out"
+    args = ["train", "--recipe", "demo", "--quick", "-o", str(out), "--json", "--device", "cpu"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "demo-out.work" / "base-run" / "demo_stage.json").is_file()
+    fingerprint = folder_fingerprint(out)
+    report = json.loads(first.stdout[first.stdout.index("{"):])
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout[again.stdout.index("{"):])["stages"] == report["stages"]
+    assert folder_fingerprint(out) == fingerprint
