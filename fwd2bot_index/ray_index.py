@@ -122,7 +122,7 @@ class RayEncoder:
         quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
         if self.address == "local":
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1",
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1",  # not $RAY_ADDRESS
                      object_store_memory=512 * 1024**2, **quiet)
         else:
             quiet.pop("include_dashboard")  # a setting of the cluster, not of a client
