@@ -71,3 +71,17 @@ def writable(demo, tmp_path, service):
                        model=service.model)
     yield svc
     svc.close()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads that
+    spin against other processes make each step several times slower. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

@@ -18,12 +18,7 @@ from fwd2bot_index.model.tiny import TinyIdeficsSpec, random_images, save_tiny_i
 SIZES = [(48, 40), (200, 120), (64, 64)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

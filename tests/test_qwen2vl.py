@@ -26,12 +26,7 @@ OTHER_TEMPLATE = (
 SIZES = [(56, 56), (140, 84), (300, 200)]  # merged grids 2x2, 3x5 (odd), 6x9 (resized down to max_pixels)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

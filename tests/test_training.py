@@ -35,14 +35,7 @@ COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "
           "purple": (140, 30, 160), "orange": (240, 140, 20), "white": (245, 245, 245), "black": (10, 10, 10)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads that
-    spin against other processes make each step several times slower: run these tests single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
