@@ -62,7 +62,7 @@ from .schemas import (
     check_text,
 )
 from .uploads import CheckedImage, Uploader, check_image, safe_name
-from .worker import ModelWorker
+from .worker import DEFAULT_BATCH_WAIT, ModelWorker
 
 log = logging.getLogger("fwd2bot_index.api")
 
@@ -71,6 +71,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_QUEUE = 64  # model jobs waiting or running; more get 503 at once
 DEFAULT_DECODE_SLOTS = 2  # image decodes at once (each holds one upload and one decoded picture)
+DEFAULT_BATCH_WAIT_MS = DEFAULT_BATCH_WAIT * 1000  # how long a model turn under load may wait for more texts
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
@@ -79,7 +80,8 @@ class AppState:
 
     def __init__(self, service: Any, *, owns_service: bool, preload: bool, max_upload_bytes: int,
                  max_pixels: int, metrics: Metrics, max_queue: int = DEFAULT_MAX_QUEUE,
-                 decode_slots: int = DEFAULT_DECODE_SLOTS, max_embed_chars: int = MAX_EMBED_CHARS) -> None:
+                 decode_slots: int = DEFAULT_DECODE_SLOTS, max_embed_chars: int = MAX_EMBED_CHARS,
+                 batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> None:
         self.service = service
         self.owns_service = owns_service
         self.preload = preload
@@ -87,7 +89,9 @@ class AppState:
         self.max_pixels = max_pixels
         self.max_embed_chars = max_embed_chars
         self.metrics = metrics
-        self.worker = ModelWorker(service, on_batch=lambda n: metrics.model_batch.observe(n), max_queue=max_queue)
+        # The worker waits for more texts only while admitted requests could still send one.
+        self.worker = ModelWorker(service, on_batch=lambda n: metrics.model_batch.observe(n), max_queue=max_queue,
+                                  batch_wait=batch_wait_ms / 1000, expected=lambda: self.in_flight.active)
         # Image decoding: at most `decode_slots` at once, each holding one upload (<= max_upload_bytes) and one
         # decoded picture (<= max_pixels x 4 bytes) until the model has encoded it; a few more may wait.
         self.decodes = Gate("the image decoding queue", decode_slots, max_waiting=4 * decode_slots)
@@ -159,7 +163,8 @@ def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: 
                max_pixels: int = DEFAULT_MAX_PIXELS, preload: bool = True, model: str | None = None,
                writable: bool | None = None, device: str = "auto", dtype: str = "auto", host: str = "127.0.0.1",
                allowed_hosts: Sequence[str] = (), max_queue: int = DEFAULT_MAX_QUEUE,
-               decode_slots: int = DEFAULT_DECODE_SLOTS, max_embed_chars: int = MAX_EMBED_CHARS) -> FastAPI:
+               decode_slots: int = DEFAULT_DECODE_SLOTS, max_embed_chars: int = MAX_EMBED_CHARS,
+               batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS) -> FastAPI:
     """Build the app over an ``ImageService`` or a collection folder (opened here, closed at shutdown).
 
     ``api_key``: required for writes, and for reads too with ``protect_reads``. ``cors_origins``: CORS is
@@ -170,7 +175,8 @@ def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: 
     name, or one of ``allowed_hosts`` (``*.example.org`` patterns; ``*`` for any) in ``Host``, and
     state-changing requests from a browser must come from such an origin (see ``guard``).
     ``max_queue``: model jobs waiting or running before 503; ``decode_slots``: image decodes at once;
-    ``max_embed_chars``: characters in all the texts of one /v1/embed call.
+    ``max_embed_chars``: characters in all the texts of one /v1/embed call; ``batch_wait_ms``: how long
+    the model thread, under load, waits for more concurrent text queries to encode together (0: never).
     """
     if isinstance(service_or_path, (str, os.PathLike)):
         service, owns = _open(service_or_path, model, writable, device, dtype), True
@@ -179,11 +185,16 @@ def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: 
     metrics = Metrics()
     state = AppState(service, owns_service=owns, preload=preload, max_upload_bytes=max_upload_bytes,
                      max_pixels=max_pixels, metrics=metrics, max_queue=max_queue, decode_slots=decode_slots,
-                     max_embed_chars=max_embed_chars)
+                     max_embed_chars=max_embed_chars, batch_wait_ms=batch_wait_ms)
     metrics.gauge("f2b_model_ready", "1 once the model has loaded.", lambda: state.worker.ready)
     metrics.gauge("f2b_collection_images", "Images in the collection.", lambda: len(state.collection))
     metrics.gauge("f2b_model_queue", "Model jobs waiting or running.", lambda: state.worker.pending)
     metrics.gauge("f2b_model_queue_refused", "Model jobs refused with 503 (queue full).", lambda: state.worker.refused)
+    metrics.gauge("f2b_model_batch_wait_seconds", "How long a model turn under load may wait for more texts.",
+                  lambda: state.worker.batch_wait)
+    metrics.gauge("f2b_model_text_turns", "Model turns that encoded texts.", lambda: state.worker.turns)
+    metrics.gauge("f2b_model_text_turns_waited", "Text turns that waited for more texts (load seen).",
+                  lambda: state.worker.waited_turns)
     metrics.gauge("f2b_image_decodes", "Image decodes holding a slot.", lambda: state.decodes.active)
     metrics.gauge("f2b_requests_in_flight", "Search, embed, answer and upload requests in flight.",
                   lambda: state.in_flight.active)

@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .app import DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUEUE, DEFAULT_MAX_UPLOAD_BYTES, create_app
+from .app import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUEUE, DEFAULT_MAX_UPLOAD_BYTES, create_app
 
 log = logging.getLogger("fwd2bot_index.api")
 
@@ -28,7 +28,8 @@ def serve(collection: str | os.PathLike[str] | None = None, model: str | None = 
           cors_origins: Sequence[str] = (), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
           max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "auto", dtype: str = "auto",
           writable: bool | None = None, log_level: str = "info", allowed_hosts: Sequence[str] = (),
-          max_queue: int = DEFAULT_MAX_QUEUE, **uvicorn_options: Any) -> None:
+          max_queue: int = DEFAULT_MAX_QUEUE, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+          **uvicorn_options: Any) -> None:
     """Open the collection, start loading the model in the background, and serve until interrupted.
 
     Binds 127.0.0.1 unless ``host`` says otherwise; binding another address without an API key is
@@ -36,12 +37,13 @@ def serve(collection: str | os.PathLike[str] | None = None, model: str | None = 
     collection. ``collection`` defaults like the CLI: $F2B_COLLECTION, else ``./.f2b``. ``writable``:
     None tries write access and serves read-only if another process is indexing the collection.
     ``allowed_hosts``: host names (besides loopback names and ``host``) that requests may name, e.g.
-    a reverse proxy's public name; ``max_queue``: model jobs waiting before requests get 503.
+    a reverse proxy's public name; ``max_queue``: model jobs waiting before requests get 503;
+    ``batch_wait_ms``: how long the model thread, under load, waits to batch more text queries.
     """
     make_server(collection, model=model, host=host, port=port, api_key=api_key, protect_reads=protect_reads,
                 cors_origins=cors_origins, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, device=device,
                 dtype=dtype, writable=writable, log_level=log_level, allowed_hosts=allowed_hosts,
-                max_queue=max_queue, **uvicorn_options).run()
+                max_queue=max_queue, batch_wait_ms=batch_wait_ms, **uvicorn_options).run()
 
 
 def make_server(collection: str | os.PathLike[str] | None = None, model: str | None = None,
@@ -49,7 +51,8 @@ def make_server(collection: str | os.PathLike[str] | None = None, model: str | N
                 cors_origins: Sequence[str] = (), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                 max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "auto", dtype: str = "auto",
                 writable: bool | None = None, log_level: str = "info", allowed_hosts: Sequence[str] = (),
-                max_queue: int = DEFAULT_MAX_QUEUE, **uvicorn_options: Any) -> Any:
+                max_queue: int = DEFAULT_MAX_QUEUE, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+                **uvicorn_options: Any) -> Any:
     """What ``serve`` runs: a configured ``uvicorn.Server`` (call ``.run()``; tests run it in a thread)."""
     import uvicorn
 
@@ -65,6 +68,6 @@ def make_server(collection: str | os.PathLike[str] | None = None, model: str | N
     app = create_app(path, api_key=api_key, protect_reads=protect_reads, cors_origins=cors_origins,
                      max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, preload=True, model=model,
                      writable=writable, device=device, dtype=dtype, host=host, allowed_hosts=allowed_hosts,
-                     max_queue=max_queue)
+                     max_queue=max_queue, batch_wait_ms=batch_wait_ms)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", **uvicorn_options)
     return uvicorn.Server(config)

@@ -1,10 +1,14 @@
 """Load on the REST service over loopback: p50/p99 latency and QPS at a few concurrency levels.
 
 Starts ``f2b serve``'s own code path (``fwd2bot_index.api.serve``) in a subprocess on 127.0.0.1,
-waits for readiness, then sends bounded bursts of searches with ``httpx.AsyncClient``: text queries
+waits for readiness, then sends bounded bursts of searches over keep-alive connections (``Connection``): text queries
 (model encode, batched by the server's model thread, then FAISS) and "more like this" queries (no
 model). Requests beyond the server's model queue are refused with 503 at once: the table counts them
-apart, with their own latency. ``--image-memory`` also sends concurrent searches by a large example
+apart, with their own latency. Levels above the server's ``--max-queue`` are measured twice: with
+that queue (refusals counted) and on a second server whose queue holds every client (the goal uses
+the second: it measures what the server serves, not how fast it refuses). Per level it reports the
+texts the model encoded per call and the CPU time the server and the client spent per request (the
+client shares the machine's cores with the server). ``--image-memory`` also sends concurrent searches by a large example
 image and reports the server's peak RSS (the decode gate bounds it). Prints Markdown for BENCHMARKS.md.
 
     python bench/bench_service.py                  # 200-image demo collection, 200 requests per level
@@ -32,28 +36,43 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common as C  # noqa: E402
 import httpx  # noqa: E402
 
 from fwd2bot_index.api.testing import demo_collection, free_port  # noqa: E402
 
 HOST = "127.0.0.1"
 MAX_REQUESTS = 5000
+GOAL_TEXT_RATIO = 1.5  # text QPS at 200 clients / at 1 client (issue 16)
+GOAL_LIKE_RATIO = 3.0  # like QPS at 200 clients / the QPS measured before issue 16 ("several times")
+LIKE_BEFORE_QPS = 538  # like searches at 200 clients, BENCHMARKS.md of 2026-11-29 21:33 UTC, this machine
 QUERIES = [f"a {size}{color} {shape}" for size in ("", "small ", "large ")
            for color in ("red", "blue", "green", "yellow", "purple")
            for shape in ("circle", "square", "triangle", "star")]
 
 
 def start_server(collection: Path, model: str | None, port: int, threads: int | None,
-                 max_queue: int = 64) -> subprocess.Popen:
+                 max_queue: int = 64, batch_wait_ms: float | None = None) -> subprocess.Popen:
     code = ("import sys; from fwd2bot_index.api import serve; "
             "serve(sys.argv[1], model=sys.argv[2] or None, host=sys.argv[3], port=int(sys.argv[4]), "
-            "log_level='warning', writable=False, max_queue=int(sys.argv[5]))")
+            "log_level='warning', writable=False, max_queue=int(sys.argv[5]), "
+            "**({'batch_wait_ms': float(sys.argv[6])} if sys.argv[6] else {}))")
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server process
-    return subprocess.Popen([sys.executable, "-c", code, str(collection), model or "", HOST, str(port), str(max_queue)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    wait = "" if batch_wait_ms is None else str(batch_wait_ms)
+    return subprocess.Popen([sys.executable, "-c", code, str(collection), model or "", HOST, str(port), str(max_queue),
+                             wait], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> float:
@@ -70,38 +89,85 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> floa
     raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection that POSTs JSON: a client far cheaper in CPU than httpx.
+
+    The client shares the machine's cores with the server; httpx.AsyncClient spent 2-5 CPU ms per
+    request at 200 connections here (more than the server itself), which would cap the measured
+    throughput at the client's speed. This one only writes a request and reads status, headers and a
+    Content-Length body (what uvicorn sends for JSON), reconnecting when the server closes.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, path: str, body: dict) -> tuple[int, dict[str, str], bytes]:
+        if self._streams is None:
+            self._streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self._streams
+        data = json.dumps(body).encode()
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        payload = await reader.readexactly(int(headers.get("content-length", "0")))
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, headers, payload
+
+    async def close(self) -> None:
+        if self._streams is not None:
+            self._streams[1].close()
+            self._streams = None
+
+
 async def burst(url: str, kind: str, concurrency: int, total: int, ids: list[int]) -> dict:
-    """``total`` requests with at most ``concurrency`` in flight; latency per request, QPS overall."""
+    """``total`` requests over ``concurrency`` connections, each sending its next request when the last
+    is answered (a closed loop); latency per request, QPS overall, the client's own CPU per request."""
     latencies: list[float] = []
     refused_latencies: list[float] = []
     errors = 0
-    gate = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
-        async def one(n: int) -> None:
-            nonlocal errors
-            body = {"query": QUERIES[n % len(QUERIES)], "k": 10} if kind == "text" else {"like": ids[n % len(ids)], "k": 10}
-            async with gate:
-                t0 = time.perf_counter()
-                try:
-                    response = await client.post("/v1/search", json=body)
-                    status = response.status_code
-                except httpx.HTTPError:
-                    status = 0
-                took = time.perf_counter() - t0
-                if status == 503 and "retry-after" in response.headers:  # the queue was full: refused at once
-                    refused_latencies.append(took)
-                    return
-                latencies.append(took)
-                errors += status != 200
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    connections = [Connection(host, int(port)) for _ in range(concurrency)]
+    counter = iter(range(total))
 
-        await one(0)  # warm the connection and caches
+    async def one(conn: Connection, n: int) -> None:
+        nonlocal errors
+        body = {"query": QUERIES[n % len(QUERIES)], "k": 10} if kind == "text" else {"like": ids[n % len(ids)], "k": 10}
+        t0 = time.perf_counter()
+        try:
+            status, headers, _ = await conn.post("/v1/search", body)
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            await conn.close()
+            status, headers = 0, {}
+        took = time.perf_counter() - t0
+        if status == 503 and "retry-after" in headers:  # the queue was full: refused at once
+            refused_latencies.append(took)
+            return
+        latencies.append(took)
+        errors += status != 200
+
+    async def client(conn: Connection) -> None:
+        for n in counter:
+            await one(conn, n)
+
+    try:
+        for conn in connections:  # connect and warm every connection before the clock starts
+            await one(conn, 0)
         latencies.clear()
         refused_latencies.clear()
-        started = time.perf_counter()
-        await asyncio.gather(*(one(n) for n in range(total)))
-        wall = time.perf_counter() - started
+        errors = 0
+        started, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(client(conn) for conn in connections))
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    finally:
+        for conn in connections:
+            await conn.close()
     return {"kind": kind, "concurrency": concurrency, "requests": total, "errors": errors,
+            "wall_s": wall, "client_cpu_ms": 1000 * cpu / total,
             "refused": len(refused_latencies), "p50_ms": _percentile(latencies, 50), "p99_ms": _percentile(latencies, 99),
             "refused_p99_ms": _percentile(refused_latencies, 99), "qps": len(latencies) / wall}
 
@@ -168,15 +234,131 @@ def server_p99_bound(before: dict[float, float], after: dict[float, float]) -> f
 
 
 def batch_stats(url: str) -> tuple[float, float]:
-    """Mean texts per model call and number of calls, from the server's own /metrics."""
+    """Texts encoded and model calls so far, from the server's own /metrics (f2b_model_text_batch_size)."""
     text = httpx.get(url + "/metrics", timeout=10).text
     values = {}
     for line in text.splitlines():
         if line.startswith(("f2b_model_text_batch_size_sum", "f2b_model_text_batch_size_count")):
             name, value = line.rsplit(" ", 1)
             values[name.split("{")[0]] = float(value)
-    calls = values.get("f2b_model_text_batch_size_count", 0.0)
-    return (values.get("f2b_model_text_batch_size_sum", 0.0) / calls if calls else 0.0), calls
+    return values.get("f2b_model_text_batch_size_sum", 0.0), values.get("f2b_model_text_batch_size_count", 0.0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(url: str, pid: int, kind: str, level: int, total: int, ids: list[int], max_queue: int) -> dict:
+    """One burst, with the server's p99 bucket, texts per model call and CPU per request around it."""
+    before, (texts, calls), cpu = search_histogram(url), batch_stats(url), cpu_seconds(pid)
+    row = asyncio.run(burst(url, kind, level, total, ids))
+    cpu = cpu_seconds(pid) - cpu
+    texts_after, calls_after = batch_stats(url)
+    row.update(max_queue=max_queue, server_p99_le_ms=1000 * server_p99_bound(before, search_histogram(url)),
+               server_cpu_ms=1000 * cpu / row["requests"], model_calls=calls_after - calls,
+               texts_per_call=(texts_after - texts) / (calls_after - calls) if calls_after > calls else float("nan"))
+    print(f"  {kind} c={level} queue {max_queue}: p50 {row['p50_ms']:.1f} ms, {row['qps']:.0f} QPS, "
+          f"{row['texts_per_call']:.1f} texts/call, server {row['server_cpu_ms']:.2f} CPU ms/request",
+          file=sys.stderr)
+    return row
+
+
+def serve_and_measure(collection: Path, model: str | None, args: argparse.Namespace, max_queue: int,
+                      plan: list[tuple[str, int]], total: int) -> tuple[list[dict], float]:
+    """Start a server with this queue, run the (kind, level) bursts in order; the rows and the load time."""
+    port = free_port(HOST)
+    url = f"http://{HOST}:{port}"
+    proc = start_server(collection, model, port, args.torch_threads, max_queue, args.batch_wait_ms)
+    try:
+        ready = wait_ready(url, proc)
+        ids = [h["id"] for h in httpx.post(url + "/v1/search", json={"query": "shapes", "k": 50}).json()["results"]]
+        rows = [measure(url, proc.pid, kind, level, max(total, 4 * level), ids, max_queue) for kind, level in plan]
+    finally:
+        stop_server(proc)
+    return rows, ready
+
+
+def pick(rows: list[dict], kind: str, level: int, sized: bool) -> dict | None:
+    """The row for (kind, level): from the server whose queue holds every client when ``sized``."""
+    found = [r for r in rows if r["kind"] == kind and r["concurrency"] == level]
+    found.sort(key=lambda r: r["max_queue"], reverse=sized)
+    return found[0] if found else None
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    """Issue 16's service goals: text QPS at the top level vs 1 client; like QPS vs before the issue."""
+    out = []
+    top = max(r["concurrency"] for r in rows)
+    one, many = pick(rows, "text", 1, True), pick(rows, "text", top, True)
+    text_goal = f"text QPS at {top} clients >= {GOAL_TEXT_RATIO}x QPS at 1 client"
+    if one and many and top > 1:
+        ratio = many["qps"] / one["qps"]
+        met = ratio >= GOAL_TEXT_RATIO
+        cpu = many["server_cpu_ms"] + many["client_cpu_ms"]
+        why = "" if met else (
+            f"at {top} clients the server spent {many['server_cpu_ms']:.2f} CPU ms per request and the client "
+            f"{many['client_cpu_ms']:.2f} on the same {os.cpu_count()} cores, a ceiling of about "
+            f"{1000 * (os.cpu_count() or 1) / cpu:.0f} QPS if nothing else ran; {many['texts_per_call']:.1f} texts "
+            f"per model call; at 1 client {one['server_cpu_ms']:.2f} + {one['client_cpu_ms']:.2f} CPU ms per request")
+        out.append(C.goal("5", text_goal, f"{ratio:.2f}x ({many['qps']:.0f} vs {one['qps']:.0f} QPS, queue "
+                                          f"{many['max_queue']}, {many['texts_per_call']:.1f} texts per call)",
+                          met, why))
+    else:
+        out.append(C.goal("5", text_goal, "not measured (needs levels 1 and more)", None))
+    like = pick(rows, "like", top, True)
+    like_goal = f"like QPS at {top} clients >= {GOAL_LIKE_RATIO:.0f}x the {LIKE_BEFORE_QPS} measured before issue 16"
+    if like:
+        ratio = like["qps"] / LIKE_BEFORE_QPS
+        met = ratio >= GOAL_LIKE_RATIO
+        why = "" if met else (
+            f"the server spent {like['server_cpu_ms']:.2f} CPU ms per like request and the client "
+            f"{like['client_cpu_ms']:.2f} on the same {os.cpu_count()} cores; the earlier figure came from another run "
+            "(load differs)")
+        one_like = pick(rows, "like", 1, True)
+        scale = f", {like['qps'] / one_like['qps']:.2f}x its 1-client QPS" if one_like else ""
+        out.append(C.goal("5", like_goal, f"{ratio:.2f}x ({like['qps']:.0f} QPS{scale})", met, why))
+    return out
+
+
+def render(rows: list[dict], meta: dict) -> str:
+    """The Markdown section: the table per level, notes, the image-memory line if measured."""
+    lines = [f"### REST service on loopback ({platform.machine()}, {os.cpu_count()} CPUs, load average "
+             f"{meta['load']:.1f} before the run, torch threads {meta['threads']}, max queue {meta['max_queue']}, "
+             f"batch wait {meta['batch_wait']})", "",
+             f"Server: `fwd2bot_index.api.serve` (uvicorn, one process) in a subprocess on {HOST}; client: one "
+             "keep-alive connection per concurrent client (a minimal asyncio HTTP/1.1 client, see `Connection`) in "
+             f"another process, each sending its next request when the last is answered. Collection: {meta['collection']}; model ready "
+             f"{meta['ready']:.1f} s after start. `text` = text query (model encode + search), `like` = more-like-this "
+             "by id (no model). k = 10.", ""]
+    headers = ["query", "concurrency", "max queue", "requests", "errors", "refused (503)", "p50 ms", "p99 ms",
+               "503 p99 ms", "server p99 <= ms", "QPS served", "texts per model call", "server CPU ms / request",
+               "client CPU ms / request"]
+    table = [[r["kind"], r["concurrency"], r["max_queue"], r["requests"], r["errors"], r["refused"],
+              f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['refused_p99_ms']:.1f}", f"{r['server_p99_le_ms']:.0f}",
+              f"{r['qps']:.0f}", f"{r['texts_per_call']:.1f}" if r["kind"] == "text" else "-",
+              f"{r['server_cpu_ms']:.2f}", f"{r['client_cpu_ms']:.2f}"] for r in rows]
+    lines += [C.md_table(headers, table), "",
+              "Latencies (client side) are of served requests; refused ones (queue full) are answered 503 with "
+              "Retry-After and timed apart; QPS counts served requests over the burst's wall time. A level above the "
+              "default queue is run again on a server whose queue holds every client: the goal uses that row. "
+              "`server p99 <=` is the server's own histogram bucket (from receiving the request to its response head) "
+              "that holds 99% of the searches. CPU ms per request: the server process's user + system time (all "
+              "threads) and the client's, over the burst, divided by the requests sent; both share the same cores.",
+              ""]
+    texts = sum(r["texts_per_call"] * r["model_calls"] for r in rows if r["kind"] == "text" and r["model_calls"])
+    calls = sum(r["model_calls"] for r in rows if r["kind"] == "text")
+    if calls:
+        lines.append(f"Text queries were encoded in {calls:.0f} model calls, {texts / calls:.1f} texts per call on "
+                     "average over all levels (per level in the table; the model thread batches concurrent queries).")
+    memory = meta.get("memory")
+    if memory:
+        lines.append(f"\nImage search memory: {memory['concurrency']} concurrent searches by a "
+                     f"{memory['megapixels']:.1f} Mpx PNG ({memory['upload_mb']:.1f} MiB): statuses {memory['statuses']}; "
+                     f"server RSS {memory['rss_before_mb']:.0f} MiB before (peak so far {memory['peak_before_mb']:.0f} "
+                     f"MiB), peak {memory['peak_rss_mb']:.0f} MiB after (decode gate: 2 at once).")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,19 +366,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collection", help="an existing collection (default: build a demo one)")
     parser.add_argument("--model", help="its model (default: the collection's own)")
     parser.add_argument("--images", type=int, default=200, help="images in the demo collection")
-    parser.add_argument("--requests", type=int, default=200, help="requests per level (at most %d)" % MAX_REQUESTS)
+    parser.add_argument("--requests", type=int, default=400, help="requests per level (at most %d)" % MAX_REQUESTS)
     parser.add_argument("--levels", default="1,8,32,200", help="concurrency levels, comma-separated")
-    parser.add_argument("--quick", action="store_true", help="levels 1,32 and 100 requests")
+    parser.add_argument("--quick", action="store_true", help="levels 1,32,200 and 200 requests")
     parser.add_argument("--torch-threads", type=int, help="OMP_NUM_THREADS for the server (default: torch's own)")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--json", help="also write the rows and goal checks to this JSON file")
     parser.add_argument("--max-queue", type=int, default=64, help="the server's --max-queue (default 64)")
+    parser.add_argument("--batch-wait-ms", type=float, help="the server's --batch-wait-ms (default: the server's)")
     parser.add_argument("--image-memory", type=int, default=0, metavar="N",
                         help="also send N concurrent searches by a large image and report the server's peak RSS")
     parser.add_argument("--megapixels", type=float, default=36.0, help="size of that image (default 36)")
     args = parser.parse_args(argv)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")  # other work on the machine
-    levels = [1, 32] if args.quick else [int(x) for x in args.levels.split(",")]
-    total = min(100 if args.quick else args.requests, MAX_REQUESTS)
+    levels = [1, 32, 200] if args.quick else [int(x) for x in args.levels.split(",")]
+    total = min(200 if args.quick else args.requests, MAX_REQUESTS)
+    over = [level for level in levels if level > args.max_queue]
 
     with tempfile.TemporaryDirectory(prefix="f2b-bench-") as tmp:
         if args.collection:
@@ -206,57 +390,36 @@ def main(argv: list[str] | None = None) -> int:
             demo = demo_collection(Path(tmp) / "demo", n=args.images, seed=0)
             collection, model = demo.collection, None
             print(f"built a {args.images}-image demo collection in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        port = free_port(HOST)
-        url = f"http://{HOST}:{port}"
-        proc = start_server(collection, model, port, args.torch_threads, args.max_queue)
-        try:
-            ready = wait_ready(url, proc)
-            ids = [h["id"] for h in httpx.post(url + "/v1/search", json={"query": "shapes", "k": 50}).json()["results"]]
-            rows = []
-            for kind in ("text", "like"):
-                for level in levels:
-                    before = search_histogram(url)
-                    rows.append(asyncio.run(burst(url, kind, level, max(total, level), ids)))
-                    rows[-1]["server_p99_le_ms"] = 1000 * server_p99_bound(before, search_histogram(url))
-                    print(f"  {kind} c={level}: p50 {rows[-1]['p50_ms']:.1f} ms, {rows[-1]['qps']:.0f} QPS",
-                          file=sys.stderr)
-            mean_batch, calls = batch_stats(url)
-            memory = asyncio.run(image_memory(url, proc.pid, args.image_memory, args.megapixels)) \
-                if args.image_memory else None
-        finally:
-            proc.send_signal(signal.SIGINT)
+        plan = [(kind, level) for kind in ("text", "like") for level in levels]
+        rows, ready = serve_and_measure(collection, model, args, args.max_queue, plan, total)
+        memory = None
+        if over:  # the same levels on a server whose queue holds every client
+            sized = max(256, max(over))
+            more, _ = serve_and_measure(collection, model, args, sized, [("text", 1)] + [("text", x) for x in over]
+                                        + [("like", x) for x in over], total)
+            rows += more
+        if args.image_memory:
+            port = free_port(HOST)
+            proc = start_server(collection, model, port, args.torch_threads, args.max_queue, args.batch_wait_ms)
             try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                wait_ready(f"http://{HOST}:{port}", proc)
+                memory = asyncio.run(image_memory(f"http://{HOST}:{port}", proc.pid, args.image_memory,
+                                                  args.megapixels))
+            finally:
+                stop_server(proc)
 
-    threads = args.torch_threads or "default"
-    print(f"\n### REST service on loopback ({platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} before the run, "
-          f"torch threads {threads}, max queue {args.max_queue})\n")
-    print(f"Server: `fwd2bot_index.api.serve` (uvicorn, one process) in a subprocess on {HOST}; client: "
-          f"httpx.AsyncClient in another process. Collection: {collection.name if args.collection else f'{args.images} demo images, tiny LLaVA, FAISS flat'}; "
-          f"model ready {ready:.1f} s after start. `text` = text query (model encode + search), "
-          f"`like` = more-like-this by id (no model). k = 10.\n")
-    print("| query | concurrency | requests | errors | refused (503) | p50 ms | p99 ms | 503 p99 ms | server p99 <= ms "
-          "| QPS served |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['kind']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['refused']} | "
-              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['refused_p99_ms']:.1f} | {r['server_p99_le_ms']:.0f} | "
-              f"{r['qps']:.0f} |")
-    print("\nLatencies (client side) are of served requests; refused ones (queue full) are answered 503 "
-          "with Retry-After and timed apart. `server p99 <=` is the server's own histogram bucket (from receiving the "
-          "request to its response head) that holds 99% of the searches: the rest of the client's time is spent "
-          "before the server has the request (connections, the client's own CPU).")
-    if memory:
-        print(f"\nImage search memory: {memory['concurrency']} concurrent searches by a {memory['megapixels']:.1f} Mpx "
-              f"PNG ({memory['upload_mb']:.1f} MiB): statuses {memory['statuses']}; server RSS "
-              f"{memory['rss_before_mb']:.0f} MiB before (peak so far {memory['peak_before_mb']:.0f} MiB), peak "
-              f"{memory['peak_rss_mb']:.0f} MiB after (decode gate: 2 at once).")
-    print(f"\nText queries were encoded in {calls:.0f} model calls, {mean_batch:.1f} texts per call on average "
-          "(concurrent queries are batched by the server's model thread).")
+    from fwd2bot_index.api.app import DEFAULT_BATCH_WAIT_MS
+
+    wait = args.batch_wait_ms if args.batch_wait_ms is not None else DEFAULT_BATCH_WAIT_MS
+    meta = {"load": load, "threads": args.torch_threads or "default", "max_queue": args.max_queue,
+            "batch_wait": f"{wait:g} ms", "ready": ready, "memory": memory,
+            "collection": collection.name if args.collection else f"{args.images} demo images, tiny LLaVA, FAISS flat"}
+    text = render(rows, meta)
+    checks = goals(rows)
+    print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        C.write_json(Path(args.json), {"figure": 5, "name": "service", "machine": C.machine(), "rows": rows,
+                                       "meta": meta, "goals": checks, "markdown": text})
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 
 

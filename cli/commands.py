@@ -389,6 +389,9 @@ def serve(
                                    "*.example.org); repeatable. Loopback names, --host and IP addresses are always allowed."),
     max_queue: int = typer.Option(64, "--max-queue", min=1,
                                   help="Model requests that may wait; more are answered 503 with Retry-After at once."),
+    batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", min=0, max=1000,
+                                        help="Under load, how long the model may wait to encode more text queries "
+                                             "together (0: never wait; a lone query never waits)."),
 ) -> None:
     """Serve the REST API (/v1/...) and the search page (/)."""
     check(model=model, device=device, dtype=dtype)
@@ -403,7 +406,8 @@ def serve(
         from fwd2bot_index.api import serve as run_server
 
         run_server(collection_path(collection), model=model, device=device, dtype=dtype, host=host, port=port,
-                   api_key=api_key, protect_reads=protect_reads, allowed_hosts=allowed_hosts, max_queue=max_queue)
+                   api_key=api_key, protect_reads=protect_reads, allowed_hosts=allowed_hosts, max_queue=max_queue,
+                   batch_wait_ms=batch_wait_ms)
 
 
 def _check_port_free(host: str, port: int) -> None:
