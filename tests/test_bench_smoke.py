@@ -109,10 +109,13 @@ def test_answer_quick_tiny(bench, tmp_path, capsys):
                                             "--max-new-tokens", "3", "--threads", "1",
                                             "--json", str(tmp_path / "a.json")], capsys)
     (table,) = tables(out)
-    assert [r[1].split(":")[0] for r in table[1:]] == ["stock", "fwd2bot"]
+    assert [r[1].split(":")[0].split(",")[0] for r in table[1:]] == [
+        "stock", "stock tokens", "fwd2bot", "fwd2bot (the product's path)"]
     (row,) = data["rows"]
     assert row["stock"]["prefill_tokens"] > row["fwd2bot"]["prefill_tokens"]  # K=8 < 16 visual tokens
+    assert row["stock_lean"]["prefill_tokens"] == row["stock"]["prefill_tokens"]
     assert row["ttft_ratio"] == pytest.approx(row["stock"]["ttft_ms"] / row["fwd2bot"]["ttft_ms"])
+    assert row["ttft_ratio_same_loop"] == pytest.approx(row["stock_lean"]["ttft_ms"] / row["fwd2bot"]["ttft_ms"])
     assert 1 <= row["fwd2bot"]["tokens"] <= 3
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import answering
 from .backbone import LlavaBackbone
 from .config import Fwd2BotConfig, Strategy, StrategyError
 from .layer_pool import run_with_layer_pooling, supports_layer_pooling
@@ -99,6 +99,7 @@ class Fwd2Bot:
         self._fingerprint: str | None = None
         self._grad_adapters = False
         self._active_adapter: str | None = None
+        self.answerer = answering.Answerer(self)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -434,13 +435,10 @@ class Fwd2Bot:
     def answer_batch(self, tokens: Sequence[Any], questions: Sequence[str], max_new_tokens: int = 32,
                      kind: str | None = None) -> list[str]:
         """Pass 2 for several (stored tokens, question) pairs at once; greedy decoding."""
-        kind = kind or self.default_strategy.tokens
-        adapter = PASS2 if kind == "fwd2bot" else None
-        with torch.inference_mode():
-            embeds, mask, positions = self._pass2_batch([self._as_tensor(t) for t in tokens], questions, kind)
-            with self.adapter(adapter):
-                out = self.backbone.generate(embeds, mask, max_new_tokens, positions=positions)
-        return [s.strip() for s in self.backbone.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        steps = list(self.answerer.steps([self._as_tensor(t) for t in tokens], questions, max_new_tokens,
+                                        kind or self.default_strategy.tokens))
+        ids = torch.stack(steps, dim=1) if steps else torch.zeros(len(questions), 0, dtype=torch.long)
+        return [s.strip() for s in self.backbone.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def answer(self, tokens: Any, question: str, max_new_tokens: int = 32, stream: bool = False,
                kind: str | None = None) -> str | Iterator[str]:
@@ -450,28 +448,23 @@ class Fwd2Bot:
         return self._answer_stream(tokens, question, max_new_tokens, kind or self.default_strategy.tokens)
 
     def _answer_stream(self, tokens: Any, question: str, max_new_tokens: int, kind: str) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
+        """Text pieces as the tokens come, cut where transformers' ``TextStreamer`` cuts (whole words);
+        runs in the caller's thread, so a consumer that stops iterating stops the decoding."""
+        from transformers import TextStreamer
 
-        streamer = TextIteratorStreamer(self.backbone.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        with torch.inference_mode():
-            embeds, mask, positions = self._pass2_batch([self._as_tensor(tokens)], [question], kind)
-        adapter = PASS2 if kind == "fwd2bot" else None
-        errors: list[BaseException] = []
+        pieces: list[str] = []
 
-        def run() -> None:
-            try:
-                with torch.inference_mode(), self.adapter(adapter):
-                    self.backbone.generate(embeds, mask, max_new_tokens, streamer=streamer, positions=positions)
-            except BaseException as exc:  # surfaced in the consumer's thread below
-                errors.append(exc)
-                streamer.end()
+        class Collect(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                pieces.append(text)
 
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        yield from (piece for piece in streamer if piece)
-        worker.join()
-        if errors:
-            raise errors[0]
+        streamer = Collect(self.backbone.tokenizer, skip_special_tokens=True)
+        for token in self.answerer.steps([self._as_tensor(tokens)], [question], max_new_tokens, kind):
+            streamer.put(token)
+            yield from (p for p in pieces if p)
+            pieces.clear()
+        streamer.end()
+        yield from (p for p in pieces if p)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = [p for p in self.compressor.parameters() if p.requires_grad] if self.compressor else []
