@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import threading
 import time
 from collections import deque
@@ -84,6 +85,14 @@ class IndexReport:
     world_checked: int = 0
     world_foreign: int = 0
     interrupted: bool = False
+    #: where the time went (seconds): hashing new files, the main thread waiting for decoded images,
+    #: the writer committing batches (overlapped with encoding), the writer holding up the encoder
+    #: (the queue was full, or the last commits at the end), compaction and saving
+    check_seconds: float = 0.0
+    decode_wait_seconds: float = 0.0
+    commit_seconds: float = 0.0
+    commit_wait_seconds: float = 0.0
+    finish_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -99,6 +108,10 @@ class IndexReport:
             "moved": [{"from": a, "to": b} for a, b in self.moved], "pruned_paths": self.pruned_paths,
             "demo_world_check": {"checked": self.world_checked, "not_from_world": self.world_foreign},
             "interrupted": self.interrupted,
+            "timings": {k: round(v, 3) for k, v in (
+                ("check", self.check_seconds), ("decode_wait", self.decode_wait_seconds),
+                ("encode", self.encode_seconds), ("commit", self.commit_seconds),
+                ("commit_wait", self.commit_wait_seconds), ("finish", self.finish_seconds))},
         }
 
 
@@ -151,6 +164,63 @@ def _prefetch(pool: ThreadPoolExecutor, jobs: Iterable[tuple], fn: Callable, dep
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+def _not_from_world(image: Any) -> bool:
+    from .synthetic.detect import looks_like_demo_world
+
+    return not looks_like_demo_world(image)
+
+
+class _Committer:
+    """The one writer of an ``index`` run: a background thread that commits batches in the order they
+    were submitted while the caller encodes the next one.
+
+    Why a thread and not inline commits: a commit (token shard written and fsynced, its checksum, one
+    catalog transaction) mostly waits on the disk or runs in code that releases the GIL, so it hides
+    behind the model's compute. At most ``depth`` commits wait in the queue (backpressure: encoded
+    batches never pile up in memory). The first error stops the writer: nothing submitted after the
+    failing commit is committed, and ``submit`` or ``close`` re-raises that same exception in the caller,
+    so a run stops with every earlier commit kept, exactly as when it committed inline.
+    """
+
+    def __init__(self, report: IndexReport, depth: int = 1):
+        self._report = report
+        self._jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="f2b-commit", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._error is not None:
+                continue  # after a failed commit nothing later is committed (the caller learns at once)
+            t0 = time.perf_counter()
+            try:
+                job[0](*job[1:])
+            except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
+                self._error = exc
+            self._report.commit_seconds += time.perf_counter() - t0
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, fn: Callable, *args: Any) -> None:
+        """Queue ``fn(*args)``; waits while ``depth`` commits are already waiting."""
+        self._raise()
+        t0 = time.perf_counter()
+        self._jobs.put((fn, *args))
+        self._report.commit_wait_seconds += time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Wait until every submitted commit is done (also on Ctrl-C: the report then counts exactly
+        what was committed); raise the writer's error, if any."""
+        t0 = time.perf_counter()
+        self._jobs.put(None)
+        self._thread.join()
+        self._report.commit_wait_seconds += time.perf_counter() - t0
+        self._raise()
 
 
 class ImageService:
@@ -210,7 +280,9 @@ class ImageService:
             stats.append((str(path), st.st_size, st.st_mtime))
         with tqdm(total=len(stats), desc="checking", unit="file", disable=not progress or not stats,
                   dynamic_ncols=True) as bar:
+            checking = time.perf_counter()
             plan = self.collection.plan(stats, on_checked=bar.update)
+            report.check_seconds = time.perf_counter() - checking
         report.unchanged = len(plan.already_indexed)
         report.still_failing = [(stat.path, reason) for stat, reason in plan.failed_unchanged]
         for stat, reason in plan.unreadable:
@@ -234,9 +306,11 @@ class ImageService:
             pruned = self.collection.prune([p for p, _, _ in stats], roots=[str(Path(r).resolve()) for r in roots])
             report.pruned = len(pruned["paths"])
             report.pruned_paths = list(pruned["paths"])
+        finishing = time.perf_counter()
         if report.indexed:
             self.collection.compact()  # one shard per batch was written; merge the small ones
         self.collection.save()
+        report.finish_seconds = time.perf_counter() - finishing
         report.seconds = time.perf_counter() - started
         return report
 
@@ -253,43 +327,55 @@ class ImageService:
         todo = plan.to_encode
         watch_world = self.model_name == DEFAULT_MODEL
         workers = workers or min(8, (os.cpu_count() or 2) + 2)
-        with ThreadPoolExecutor(workers, thread_name_prefix="f2b-decode") as pool, \
-                tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress or not todo,
-                     dynamic_ncols=True) as bar:
-            if encoder is not None and todo:
-                batches = encoder(todo, sidecar, batch_size, max_pixels, WORLD_CHECK_IMAGES if watch_world else 0)
-                with contextlib.closing(batches):  # on Ctrl-C too: the cluster goes now, not at exit
-                    for done in batches:
-                        for item in done.failed:
-                            self._record_failed(item, report)
-                        for foreign in done.world[:max(0, WORLD_CHECK_IMAGES - report.world_checked)]:
-                            report.world_checked += 1
-                            report.world_foreign += foreign
-                        if done.items:
-                            report.encode_seconds += done.encode_seconds
-                            self._store(done.items, done.embeddings, done.tokens, report)
-                        bar.update(len(done.items) + len(done.failed))
-                todo = []
-            batch: list[_Prepared] = []
-            jobs = ((stat, sidecar, max_pixels) for stat in todo)
-            for item in _prefetch(pool, jobs, _prepare, depth=2 * batch_size + workers):
-                if item.error:
-                    self._record_failed(item, report)
-                    bar.update(1)
-                    continue
-                if watch_world and report.world_checked < WORLD_CHECK_IMAGES:
-                    from .synthetic.detect import looks_like_demo_world
-
-                    report.world_checked += 1
-                    report.world_foreign += not looks_like_demo_world(item.image)
-                batch.append(item)
-                if len(batch) >= batch_size:
-                    self._commit(batch, report, batch_size)
+        committer = _Committer(report)  # every write of this phase, in plan order, on one writer thread
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="f2b-decode") as pool, \
+                    tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress or not todo,
+                         dynamic_ncols=True) as bar:
+                if encoder is not None and todo:
+                    batches = encoder(todo, sidecar, batch_size, max_pixels, WORLD_CHECK_IMAGES if watch_world else 0)
+                    with contextlib.closing(batches):  # on Ctrl-C too: the cluster goes now, not at exit
+                        for done in batches:
+                            for item in done.failed:
+                                committer.submit(self._record_failed, item, report)
+                            for foreign in done.world[:max(0, WORLD_CHECK_IMAGES - report.world_checked)]:
+                                report.world_checked += 1
+                                report.world_foreign += foreign
+                            if done.items:
+                                report.encode_seconds += done.encode_seconds
+                                committer.submit(self._store, done.items, done.embeddings, done.tokens, report)
+                            bar.update(len(done.items) + len(done.failed))
+                    todo = []
+                batch: list[_Prepared] = []
+                # the first decoded images are tested in the decode pool while the model encodes
+                world: list[Future] = []
+                jobs = ((stat, sidecar, max_pixels) for stat in todo)
+                waited = time.perf_counter()
+                for item in _prefetch(pool, jobs, _prepare, depth=2 * batch_size + workers):
+                    report.decode_wait_seconds += time.perf_counter() - waited
+                    if item.error:
+                        committer.submit(self._record_failed, item, report)
+                        bar.update(1)
+                    else:
+                        if watch_world and len(world) < WORLD_CHECK_IMAGES:
+                            world.append(pool.submit(_not_from_world, item.image))
+                        batch.append(item)
+                        if len(batch) >= batch_size:
+                            self._commit(batch, report, batch_size, committer)
+                            bar.update(len(batch))
+                            batch = []
+                    waited = time.perf_counter()
+                if batch:
+                    self._commit(batch, report, batch_size, committer)
                     bar.update(len(batch))
-                    batch = []
-            if batch:
-                self._commit(batch, report, batch_size)
-                bar.update(len(batch))
+                for check in world:
+                    report.world_checked += 1
+                    report.world_foreign += check.result()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the error already on its way is the one to report
+                committer.close()  # what was encoded before it is still committed, and counted
+            raise
+        committer.close()
         for stat in plan.duplicates:  # identical content: one entry, several paths
             linked = self.collection.path_status(stat.path).get("status") == "indexed"  # before the alias
             image_id = self.collection.add_path_alias(stat.path, stat.hash, stat.size, stat.mtime)
@@ -309,12 +395,15 @@ class ImageService:
             else:
                 report.duplicates += 1
 
-    def _commit(self, batch: list[_Prepared], report: IndexReport, batch_size: int) -> None:
-        """Encode one batch of decoded images and commit it (one shard, one catalog transaction)."""
+    def _commit(self, batch: list[_Prepared], report: IndexReport, batch_size: int, committer: _Committer) -> None:
+        """Encode one batch of decoded images and hand it to the writer (one shard, one catalog
+        transaction), which commits it while the next batch is encoded."""
         t0 = time.perf_counter()
         enc = self.model.encode_images([i.image for i in batch], batch_size=batch_size, strategy=self.strategy)
         report.encode_seconds += time.perf_counter() - t0
-        self._store(batch, enc.embeddings, enc.tokens, report)
+        for item in batch:
+            item.image = None  # the writer needs the file's facts only: free the pixels now
+        committer.submit(self._store, batch, enc.embeddings, enc.tokens, report)
 
     def _store(self, batch: list[_Prepared], embeddings: np.ndarray, tokens: np.ndarray, report: IndexReport) -> None:
         """Commit one encoded batch (one shard, one catalog transaction): a killed run keeps it."""
