@@ -133,17 +133,22 @@ def test_a_stream_left_early_stops_decoding(demo, world):
     assert 1 <= len(calls) < 30
 
 
+def _random_adapters(stock: Fwd2Bot, scale: float = 0.05) -> Fwd2Bot:
+    """A compressor over ``stock`` whose two adapters both matter (LoRA B starts at zero)."""
+    model = Fwd2Bot.create(stock.backbone, num_summary_tokens=6, embed_dim=32, lora_r=4, seed=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, scale)
+    model.config.trained_steps = 1
+    return model
+
+
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     folder = save_tiny_qwen2vl(tmp_path_factory.mktemp("answer-qwen") / "qwen2vl", TinyQwenSpec(version="2"), seed=0)
-    stock = Fwd2Bot.from_pretrained(str(folder), device="cpu", dtype="fp32")
-    model = Fwd2Bot.create(stock.backbone, num_summary_tokens=6, embed_dim=32, lora_r=4, seed=0)
-    with torch.no_grad():  # LoRA B starts at zero; give the adapters weight so they matter
-        for name, p in model.peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    model.config.trained_steps = 1
-    return model
+    return _random_adapters(Fwd2Bot.from_pretrained(str(folder), device="cpu", dtype="fp32"))
 
 
 @pytest.mark.parametrize("strategy,kind", [("fwd2bot", "fwd2bot"), ("prompt+pool@4", "pool")])
@@ -157,3 +162,21 @@ def test_qwen2vl_answers_equal_generate(qwen, strategy, kind):
     assert [qwen.answer(t, q, max_new_tokens=5, kind=kind) for t, q in zip(tokens, questions)] == expected
     assert qwen.answer_batch(tokens, questions, 5, kind=kind) == expected
     assert len(qwen.answerer._shared_prefix(questions)) > 5
+
+
+def test_using_the_model_between_tokens_does_not_change_the_answer(tiny_llava_dir, monkeypatch):
+    """The loop enters inference mode and the adapter around each step, not across yields: a caller that
+    encodes texts (the pass-1 adapter) between two tokens of a stream still gets the same answer."""
+    monkeypatch.setenv("F2B_ANSWER_MERGE", "off")  # unmerged: the pass-2 adapter must be switched back each step
+    model = _random_adapters(Fwd2Bot.from_pretrained(str(tiny_llava_dir), device="cpu", dtype="fp32"))
+    tokens = [torch.as_tensor(t) for t in model.encode_images(random_images(3), strategy="fwd2bot").tokens]
+    questions = ["what color is it?", "how many shapes?", "where is the circle?"]
+    expected = generated(model, tokens, questions, "fwd2bot", 8)
+    steps = []
+    for token in model.answerer.steps(tokens, questions, 8, "fwd2bot"):
+        steps.append(token)
+        model.encode_texts(["a red circle"])  # switches to the pass-1 adapter
+        assert torch.is_grad_enabled()  # the caller's own mode between tokens
+    assert len(steps) == 8  # a random model rarely stops early: every step after the first is exposed
+    answers = model.backbone.tokenizer.batch_decode(torch.stack(steps, 1), skip_special_tokens=True)
+    assert [a.strip() for a in answers] == expected

@@ -178,26 +178,33 @@ class Answerer:
         """The (B,) greedy token ids of each decoding step for (stored tokens, question) pairs."""
         model, backbone = self.model, self.model.backbone
         adapter = self.PASS2 if kind == "fwd2bot" else None
+        config = getattr(backbone.hf, "generation_config", None)
         with torch.inference_mode():
             embeds, mask, positions = model._pass2_batch(tokens, questions, kind)
-            eos = backbone.generation_eos()
-            eos = [eos] if isinstance(eos, int) else list(eos)
-            pad = backbone.tokenizer.pad_token_id
-            pad = eos[0] if pad is None else pad
-            config = getattr(backbone.hf, "generation_config", None)
-            if not lean_supported(config):  # processors this loop does not apply: generate() answers
-                with model.adapter(adapter):
-                    yield from backbone.generate(embeds, mask, max_new_tokens, positions=positions).T
-                return
-            decoder = self.merged() if adapter == self.PASS2 else None
-            with contextlib.nullcontext() if decoder is not None else model.adapter(adapter):
-                decoder = decoder if decoder is not None else backbone.decoder
-                prefix = self._shared_prefix(questions)
-                embeds, mask, positions = prefix_first(embeds, mask, positions, len(prefix))
-                cache = self._prefix_kv(decoder, adapter, prefix, embeds, positions) if prefix else None
-                yield from greedy_steps(decoder, backbone.logits, backbone.hf.get_input_embeddings(),
-                                        embeds[:, len(prefix):], mask, positions, max_new_tokens, eos, pad,
-                                        cache=cache, penalty=repetition_penalty(config))
+        if not lean_supported(config):  # processors this loop does not apply: generate() answers
+            with torch.inference_mode(), model.adapter(adapter):
+                out = backbone.generate(embeds, mask, max_new_tokens, positions=positions)
+            yield from out.T
+            return
+        eos = backbone.generation_eos()
+        eos = [eos] if isinstance(eos, int) else list(eos)
+        pad = eos[0] if backbone.tokenizer.pad_token_id is None else backbone.tokenizer.pad_token_id
+        decoder = self.merged() if adapter == self.PASS2 else None
+
+        @contextlib.contextmanager
+        def scope() -> Iterator[None]:
+            """Entered around each model call, not across yields: between two tokens the caller may use
+            the model (another adapter, grad mode) without changing this answer."""
+            with torch.inference_mode(), contextlib.nullcontext() if decoder is not None else model.adapter(adapter):
+                yield
+
+        prefix = self._shared_prefix(questions)
+        embeds, mask, positions = prefix_first(embeds, mask, positions, len(prefix))
+        with scope():
+            cache = self._prefix_kv(decoder or backbone.decoder, adapter, prefix, embeds, positions) if prefix else None
+        yield from greedy_steps(decoder or backbone.decoder, backbone.logits, backbone.hf.get_input_embeddings(),
+                                embeds[:, len(prefix):], mask, positions, max_new_tokens, eos, pad, cache=cache,
+                                penalty=repetition_penalty(config), scope=scope)
 
     def _shared_prefix(self, questions: Sequence[str]) -> tuple[int, ...]:
         """Token ids of the chat text before the stored tokens when every question shares it (else ())."""
@@ -246,11 +253,13 @@ class Answerer:
 def greedy_steps(decoder: nn.Module, lm_head: Callable[[torch.Tensor], torch.Tensor],
                  embed: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, mask: torch.Tensor,
                  positions: torch.Tensor, max_new_tokens: int, eos: Sequence[int], pad: int,
-                 cache: Any = None, penalty: float | None = None) -> Iterator[torch.Tensor]:
+                 cache: Any = None, penalty: float | None = None,
+                 scope: Callable[[], Any] = torch.inference_mode) -> Iterator[torch.Tensor]:
     """Yield the (B,) next token ids of each greedy step; finished rows get ``pad`` after their EOS.
 
     ``cache`` holds the keys/values of the columns before ``embeds`` (``mask`` and ``positions`` cover
-    those columns too); ``positions`` continue from each row's last one, as ``generate`` does.
+    those columns too); ``positions`` continue from each row's last one, as ``generate`` does. ``scope()``
+    is entered around each step's model calls (inference mode, the adapter).
     """
     from transformers import DynamicCache
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
@@ -264,20 +273,22 @@ def greedy_steps(decoder: nn.Module, lm_head: Callable[[torch.Tensor], torch.Ten
     generated = torch.zeros(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
     step_in, step_pos = embeds, positions[..., past:]
     for _ in range(max_new_tokens):
-        out = decoder(inputs_embeds=step_in, attention_mask=mask, position_ids=step_pos, cache=cache,
-                      use_cache=True)
-        cache = out.cache if getattr(out, "cache", None) is not None else cache
-        logits = lm_head(out.last_hidden_state[:, -1]).float()
-        if process is not None and generated.shape[1]:
-            logits = process(generated, logits)
-        token = logits.argmax(dim=-1)
-        token = torch.where(done, torch.full_like(token, pad), token)
+        with scope():
+            out = decoder(inputs_embeds=step_in, attention_mask=mask, position_ids=step_pos, cache=cache,
+                          use_cache=True)
+            cache = out.cache if getattr(out, "cache", None) is not None else cache
+            logits = lm_head(out.last_hidden_state[:, -1]).float()
+            if process is not None and generated.shape[1]:
+                logits = process(generated, logits)
+            token = logits.argmax(dim=-1)
+            token = torch.where(done, torch.full_like(token, pad), token)
         yield token
         done |= torch.isin(token, eos_t)
         if bool(done.all()):
             return
         generated = torch.cat([generated, token[:, None]], dim=1)
-        step_in = embed(token[:, None])
+        with scope():
+            step_in = embed(token[:, None])
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         step_pos = positions[..., -1:] + 1
         positions = step_pos
