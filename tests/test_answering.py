@@ -15,7 +15,8 @@ import torch
 from fwd2bot_index.imaging import load_image
 from fwd2bot_index.model import Fwd2Bot
 from fwd2bot_index.model.answering import Answerer, lean_supported, merged_bytes, merged_decoder
-from fwd2bot_index.model.tiny import TinyQwenSpec, random_images, save_tiny_qwen2vl
+from fwd2bot_index.model.tiny import (TinyIdeficsSpec, TinyQwenSpec, random_images, save_tiny_idefics3,
+                                      save_tiny_qwen2vl)
 from fwd2bot_index.synthetic.demo_data import write_demo_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -180,3 +181,15 @@ def test_using_the_model_between_tokens_does_not_change_the_answer(tiny_llava_di
     assert len(steps) == 8  # a random model rarely stops early: every step after the first is exposed
     answers = model.backbone.tokenizer.batch_decode(torch.stack(steps, 1), skip_special_tokens=True)
     assert [a.strip() for a in answers] == expected
+
+
+def test_smolvlm_answers_equal_generate(tmp_path):
+    """SmolVLM's template puts image markers and a role before the stored tokens: a longer cached prefix."""
+    folder = save_tiny_idefics3(tmp_path / "smolvlm", TinyIdeficsSpec(version="smolvlm"), seed=0)
+    model = _random_adapters(Fwd2Bot.from_pretrained(str(folder), device="cpu", dtype="fp32"))
+    tokens = list(model.encode_images(random_images(3), strategy="fwd2bot").tokens)
+    questions = ["what color is it?", "is there a red circle left of a square?", "how many?"]
+    expected = [generated(model, [t], [q], "fwd2bot", 5)[0] for t, q in zip(tokens, questions)]
+    assert model.answer_batch(tokens, questions, 5) == expected
+    assert [model.answer(t, q, max_new_tokens=5) for t, q in zip(tokens, questions)] == expected
+    assert len(model.answerer._shared_prefix(questions)) > 3
