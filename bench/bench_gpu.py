@@ -6,6 +6,9 @@ projector, and a LLaMA-2-7B-shaped LLM (4096 wide, 32 layers, MLP 11008, 32 head
 a Fwd2Bot compressor (K=32, LoRA r=16 on both adapters) from ``Fwd2Bot.create``. Pass 1 = vision tower,
 projector, LLM over [prefix + 576 visual tokens + prompt + 32 summary tokens], embedding head.
 
+Also: time to the first answer token, stock image path vs the answering loop from K=32 stored tokens
+(the 7B shape is where the prefill FLOP ratio, 12.3x, bounds it), and one bf16 training step.
+
 Two rates per batch size: ``encode_images`` on PIL images (preprocessing on the CPU included, what
 `f2b index` sees) and the model alone on preprocessed pixel tensors (what MFU is computed from). MFU =
 model FLOPs per image (counted from the shapes, base weights only, LoRA excluded) x images/s / the
@@ -117,7 +120,7 @@ def rate(fn: Any, n_images: int, repeats: int, cuda: bool = True) -> float:
     return n_images / best
 
 
-def measure(batches: list[int], repeats: int, smoke: bool = False) -> dict:
+def measure(batches: list[int], repeats: int, smoke: bool = False, train_batches: tuple[int, ...] = (8,)) -> dict:
     import torch
 
     from fwd2bot_index.model.tiny import random_images
@@ -144,8 +147,82 @@ def measure(batches: list[int], repeats: int, smoke: bool = False) -> dict:
                      "achieved_tflops": achieved, "mfu": achieved / peak if peak else None,
                      "max_memory_gib": None if smoke else torch.cuda.max_memory_allocated() / 2**30})
         C.log(f"  batch {b}: {core:.1f} img/s model-only, {end_to_end:.1f} img/s encode_images, {achieved:.0f} TFLOP/s")
+    answer = ttft(model, repeats, not smoke)
+    C.log(f"  TTFT: stock {answer['stock_ms']:.1f} ms, fwd2bot {answer['fwd2bot_ms']:.1f} ms ({answer['ratio']:.1f}x)")
+    training = []
+    for b in train_batches:
+        training.append(train_step_rate(model, b, repeats, not smoke))
+        C.log(f"  training step, batch {b}: {training[-1]['step_s']:.3f} s")
     return {"device": name, "peak_tflops": peak, "flops_per_image": flops, "sequence": seq, "rows": rows,
-            "repeats": repeats}
+            "repeats": repeats, "ttft": answer, "training": training, "K": g["K"],
+            "dtype": str(model.backbone.dtype).replace("torch.", "")}
+
+
+def train_step_rate(model: Any, batch: int, repeats: int, cuda: bool = True) -> dict:
+    """One Fwd2Bot training step as ``f2b train`` takes it (pass 1 over the images, InfoNCE against the
+    captions' text embeddings, pass-2 autoregressive loss, backward, AdamW) with the base frozen and the
+    LoRA adapters, summary tokens and heads trainable, all in the model's dtype (bf16 on the GPU)."""
+    import torch
+
+    from fwd2bot_index.model.tiny import random_images
+    from fwd2bot_index.training.losses import info_nce
+
+    images = random_images(batch, seed=100 + batch, size=(640, 480))
+    pixels = model.backbone.pixel_values(images)
+    captions = [f"picture {i}: a red circle left of a blue square" for i in range(batch)]
+    strategy = model.resolve_strategy("fwd2bot")
+    model.enable_adapter_training(True)
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        summary = model.compress(model.visual_tokens(pixels))
+        loss = info_nce(model.embed_summary(summary), model.embed_text_batch(captions, strategy),
+                        model.compressor.logit_scale, captions)
+        loss = loss + model.pass2_loss(summary, ["Describe the image."] * batch, captions)
+        loss.backward()
+        optimizer.step()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    samples = rate(step, batch, repeats, cuda)
+    model.enable_adapter_training(False)
+    return {"batch": batch, "samples_per_s": samples, "step_s": batch / samples,
+            "trainable_parameters": sum(p.numel() for p in params),
+            "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+
+
+def ttft(model: Any, repeats: int, cuda: bool = True) -> dict:
+    """Time to the first answer token: stock (image -> vision tower -> all visual tokens -> ``generate``)
+    vs the product's answering loop from K stored summary tokens, best of ``repeats``."""
+    import torch
+
+    from fwd2bot_index.model.tiny import random_images
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    image = random_images(1, seed=7, size=(640, 480))
+    with torch.inference_mode():
+        stored = model.compress(model.visual_tokens(model.backbone.pixel_values(image)))[0]
+    question = "What is the color of the small circle on the left?"
+
+    def stock() -> None:
+        with torch.inference_mode():
+            visual = model.visual_tokens(model.backbone.pixel_values(image))
+            embeds, mask = model.pass2_inputs([visual[0]], [question], "full")
+            with model.adapter(None):
+                model.backbone.generate(embeds, mask, 1)
+
+    def lazy() -> None:
+        for _ in model.answerer.steps([stored], [question], 1, "fwd2bot"):
+            break
+
+    times = {}
+    for name, fn in (("stock", stock), ("fwd2bot", lazy)):
+        times[name] = 1.0 / rate(fn, 1, repeats, cuda)
+        sync()
+    return {"stock_ms": 1000 * times["stock"], "fwd2bot_ms": 1000 * times["fwd2bot"],
+            "ratio": times["stock"] / times["fwd2bot"]}
 
 
 def render(result: dict) -> str:
@@ -159,6 +236,15 @@ def render(result: dict) -> str:
                             [[r["batch"], r["model_images_per_s"], r["encode_images_per_s"], r["achieved_tflops"],
                               f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-", r["max_memory_gib"]]
                              for r in result["rows"]]))
+    t = result["ttft"]
+    lines += ["", f"**Time to first answer token** ({result['dtype']}, best of {result['repeats']}): stock image path "
+              f"(vision tower, all visual tokens, generate) {t['stock_ms']:.1f} ms vs the answering loop from "
+              f"{result['K']} stored summary tokens {t['fwd2bot_ms']:.1f} ms: {t['ratio']:.1f}x.", "",
+              f"**Training step** ({result['dtype']} weights; base frozen; LoRA r=16 on both adapters, summary tokens "
+              "and heads trained; pass 1 + InfoNCE + pass-2 loss, backward, AdamW):", "",
+              C.md_table(["batch", "s / step", "samples/s", "trainable parameters", "peak memory GiB"],
+                         [[r["batch"], r["step_s"], r["samples_per_s"], f"{r['trainable_parameters']:,}",
+                           r["max_memory_gib"]] for r in result["training"]])]
     return "\n".join(lines)
 
 
@@ -166,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p = C.parser(__doc__, NAME)
     p.add_argument("--batches", help="comma-separated batch sizes (default 1,8,32; quick 1,8)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--train-batches", help="comma-separated batch sizes of the timed training step (default 8)")
     p.add_argument("--smoke", action="store_true", help="tests only: a tiny geometry on the CPU (no figure)")
     args = p.parse_args(argv)
     C.set_threads(args.threads)
@@ -178,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         return NO_GPU_EXIT
     batches = [int(x) for x in (args.batches or ("1,8" if args.quick else "1,8,32")).split(",")]
     info = C.machine()
-    result = measure(batches, args.repeats, smoke=args.smoke)
+    train = tuple(int(x) for x in (args.train_batches or ("2" if args.smoke else "8")).split(","))
+    result = measure(batches, args.repeats, smoke=args.smoke, train_batches=train)
     text = render(result)
     print(text)
     best = max(result["rows"], key=lambda r: r["model_images_per_s"])

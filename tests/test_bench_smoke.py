@@ -154,6 +154,18 @@ def test_gpu_refuses_on_cpu(bench, tmp_path, capsys):
     assert gpu.peak_tflops("NVIDIA H100 PCIe") == 756.0 and gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
 
 
+def test_gpu_script_smoke_on_cpu(bench, tmp_path, capsys):
+    """The GPU figure's code path (pass-1 rates, TTFT, a training step) on a tiny geometry on the CPU."""
+    gpu = bench("bench_gpu")
+    assert gpu.main(["--smoke", "--quick", "--batches", "2", "--repeats", "1", "--threads", "1",
+                     "--json", str(tmp_path / "g.json")]) == 0
+    data = json.loads((tmp_path / "g.json").read_text())["result"]
+    assert data["ttft"]["stock_ms"] > 0 and data["ttft"]["fwd2bot_ms"] > 0
+    (step,) = data["training"]
+    assert step["batch"] == 2 and step["step_s"] > 0 and step["trainable_parameters"] > 0
+    assert "Training step" in capsys.readouterr().out
+
+
 def test_run_all_assembles_document(bench, tmp_path):
     run_all = bench("run_all")
     common = bench("_common")
