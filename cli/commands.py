@@ -271,25 +271,64 @@ def ask(
     dtype: str = DtypeOpt,
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
     stream: bool = typer.Option(False, "--stream", help="Print the answer as it is generated."),
+    local: bool = typer.Option(False, "--local",
+                               help="Load the model in this process even when `f2b serve` of this collection runs."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Answer a question about an indexed image from its stored tokens (no image decode)."""
+    """Answer a question about an indexed image from its stored tokens (no image decode).
+
+    While `f2b serve` of the same collection runs, it answers (no model load here).
+    """
     check(model=model, device=device, dtype=dtype)
+    if not question.strip():
+        raise fail("the question is empty")
     with user_errors():
-        with _service(collection, model, device, dtype) as service:
-            image_id = service.resolve(int(ref) if ref.isdigit() else ref)
-            if stream and not as_json:
-                for piece in service.ask(image_id, question, max_new_tokens=max_new_tokens, stream=True):
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-                sys.stdout.write("\n")
-                return
-            answer = service.ask(image_id, question, max_new_tokens=max_new_tokens)
-            path = service.get(image_id).path
+        with _service(collection, None, "cpu", "auto") as catalog:  # the catalog only: no model loads
+            image_id = catalog.resolve(int(ref) if ref.isdigit() else ref)  # unknown refs fail here, fast
+            path = catalog.get(image_id).path
+        streaming = stream and not as_json
+        answer = None if local or model else _ask_via_server(collection, image_id, question, max_new_tokens,
+                                                             streaming)
+        if answer is None:
+            with _service(collection, model, device, dtype) as service:
+                answer = service.ask(image_id, question, max_new_tokens=max_new_tokens, stream=streaming)
+                if streaming:
+                    return _print_stream(answer)
+        elif streaming:
+            return _print_stream(answer)
     if as_json:
         print_json({"id": image_id, "path": str(path), "question": question, "answer": answer})
     else:
         typer.echo(answer)
+
+
+def _print_stream(pieces: Iterator[str]) -> None:
+    from .remote import RemoteError
+
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except RemoteError as exc:  # the server's error event in the middle of a stream
+        sys.stdout.write("\n")
+        raise fail(str(exc))
+    sys.stdout.write("\n")
+
+
+def _ask_via_server(collection: Optional[Path], image_id: int, question: str, max_new_tokens: int, stream: bool):
+    """The answer (or its pieces) from a running `f2b serve` of this collection, or None (answer here)."""
+    from .remote import RemoteError, find_server, remote_ask
+
+    record = find_server(collection_path(collection))
+    if record is None:
+        return None
+    try:
+        answer = remote_ask(record, image_id, question, max_new_tokens, stream=stream)
+    except RemoteError as exc:
+        raise fail(str(exc))
+    if answer is not None:
+        err(f"(answered by the running f2b serve at {record['url']}; --local to load the model here)")
+    return answer
 
 
 @app.command()

@@ -21,9 +21,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
-__all__ = ["RemoteError", "RemoteHit", "announce", "find_server", "remote_search", "runtime_dir"]
+__all__ = ["RemoteError", "RemoteHit", "announce", "find_server", "remote_ask", "remote_search", "runtime_dir"]
 
 TIMEOUT_S = 5.0
+ANSWER_TIMEOUT_S = 300.0  # an answer waits for the model queue and generates up to max_new_tokens
 
 
 class RemoteError(Exception):
@@ -82,8 +83,8 @@ def find_server(collection: Path) -> dict[str, Any] | None:
     return record if record.get("collection") == str(collection.resolve()) else None
 
 
-def _call(url: str, body: dict | None = None) -> Any:
-    headers = {"Accept": "application/json"}
+def _open(url: str, body: dict | None = None, timeout: float = TIMEOUT_S, accept: str = "application/json") -> Any:
+    headers = {"Accept": accept}
     key = os.environ.get("F2B_API_KEY")
     if key:
         headers["X-API-Key"] = key
@@ -92,26 +93,83 @@ def _call(url: str, body: dict | None = None) -> Any:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
     request = urllib.request.Request(url, data=data, headers=headers, method="POST" if body is not None else "GET")
-    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310 - loopback URL we wrote
+    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - the loopback URL the server wrote
+
+
+def _call(url: str, body: dict | None = None) -> Any:
+    with _open(url, body) as response:
         return json.loads(response.read())
+
+
+def _same_collection(record: dict[str, Any]) -> bool:
+    info = _call(f"{record['url']}/v1/collection")
+    return Path(str(info.get("collection") or info.get("path") or "")).resolve() == Path(record["collection"])
+
+
+def _refused(exc: urllib.error.HTTPError, what: str) -> None:
+    """Raise ``RemoteError`` when the request itself is wrong (a 4xx other than auth or busy); return
+    otherwise (a key is needed, or the server is busy or loading: the caller works locally instead)."""
+    if 400 <= exc.code < 500 and exc.code not in (401, 403, 408, 429):
+        try:
+            detail = json.loads(exc.read()).get("detail")
+        except (OSError, ValueError, AttributeError):
+            detail = None
+        raise RemoteError(detail or f"the server refused the {what} ({exc.code})") from None
 
 
 def remote_search(record: dict[str, Any], body: dict[str, Any]) -> list[RemoteHit] | None:
     """Search through the server; None when it cannot answer (not ready, busy, gone, another collection)."""
-    url = record["url"]
     try:
-        info = _call(f"{url}/v1/collection")
-        if Path(str(info.get("collection") or info.get("path") or "")).resolve() != Path(record["collection"]):
+        if not _same_collection(record):
             return None
-        results = _call(f"{url}/v1/search", body)["results"]
+        results = _call(f"{record['url']}/v1/search", body)["results"]
     except urllib.error.HTTPError as exc:
-        if 400 <= exc.code < 500 and exc.code not in (401, 403, 408, 429):  # the request itself is wrong
-            try:
-                detail = json.loads(exc.read()).get("detail")
-            except (OSError, ValueError, AttributeError):
-                detail = None
-            raise RemoteError(detail or f"the server refused the search ({exc.code})") from None
-        return None  # a key is needed, or it is busy or still loading: search here instead
+        _refused(exc, "search")
+        return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return [RemoteHit(int(h["id"]), str(h["path"]), float(h["score"])) for h in results]
+
+
+def remote_ask(record: dict[str, Any], image_id: int, question: str, max_new_tokens: int,
+               stream: bool = False) -> str | Iterator[str] | None:
+    """The server's answer (``stream``: an iterator of text pieces, read from its server-sent events);
+    None when it cannot answer, decided before the first piece arrives."""
+    body = {"question": question, "max_new_tokens": max_new_tokens, "stream": stream}
+    try:
+        if not _same_collection(record):
+            return None
+        response = _open(f"{record['url']}/v1/images/{image_id}/ask", body, timeout=ANSWER_TIMEOUT_S,
+                         accept="text/event-stream" if stream else "application/json")
+    except urllib.error.HTTPError as exc:
+        _refused(exc, "question")
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not stream:
+        with response:
+            try:
+                return str(json.loads(response.read())["answer"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+    return _events(response)
+
+
+def _events(response: Any) -> Iterator[str]:
+    """Text pieces from an answer's server-sent events (``token`` ... ``done``, or ``error``)."""
+    with response:
+        event = None
+        for raw in response:
+            line = raw.decode("utf-8").rstrip("\r\n")
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event is not None:
+                data = json.loads(line[5:])
+                if event == "token":
+                    yield str(data.get("text", ""))
+                elif event == "error":
+                    raise RemoteError(str(data.get("detail") or "the server could not answer"))
+                elif event == "done":
+                    return
+                event = None
+        raise RemoteError("the server closed the answer stream before it was done")
