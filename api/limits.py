@@ -17,7 +17,8 @@ import asyncio
 import math
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from starlette.requests import Request
@@ -72,6 +73,19 @@ class Gate:
         finally:
             self.active -= 1
             self._sem.release()
+
+    @contextmanager
+    def hold_now(self) -> Iterator[None]:
+        """A slot now or ``Overloaded``, never waiting: for the hot search route, a plain counter instead
+        of the semaphore and an async context (the asyncio holders still count it, so the bound holds)."""
+        if self.active >= self.slots:
+            raise Overloaded(self.what, self.slots + self.max_waiting)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            yield
+        finally:
+            self.active -= 1
 
 
 async def _disconnected(request: Request) -> None:

@@ -23,13 +23,27 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def model_threads() -> int | None:
+    """torch threads for a server's model calls when none are asked for: one core fewer than the process
+    may use (at least one), so the event loop, which parses and answers every request, keeps a core.
+
+    Measured on 2 cores (bench/bench_service.py): with torch's default of 2 threads a one-text query cost
+    the server about 60 CPU ms (the threads spin while the event loop and the client need the cores),
+    with 1 thread about 2 ms. None when $OMP_NUM_THREADS is set: the user's choice is kept.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
 def serve(collection: str | os.PathLike[str] | None = None, model: str | None = None, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None, protect_reads: bool = False,
           cors_origins: Sequence[str] = (), max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
           max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "auto", dtype: str = "auto",
           writable: bool | None = None, log_level: str = "info", allowed_hosts: Sequence[str] = (),
           max_queue: int = DEFAULT_MAX_QUEUE, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
-          **uvicorn_options: Any) -> None:
+          threads: int | None = None, **uvicorn_options: Any) -> None:
     """Open the collection, start loading the model in the background, and serve until interrupted.
 
     Binds 127.0.0.1 unless ``host`` says otherwise; binding another address without an API key is
@@ -38,12 +52,13 @@ def serve(collection: str | os.PathLike[str] | None = None, model: str | None = 
     None tries write access and serves read-only if another process is indexing the collection.
     ``allowed_hosts``: host names (besides loopback names and ``host``) that requests may name, e.g.
     a reverse proxy's public name; ``max_queue``: model jobs waiting before requests get 503;
-    ``batch_wait_ms``: how long the model thread, under load, waits to batch more text queries.
+    ``batch_wait_ms``: how long the model thread, under load, waits to batch more text queries;
+    ``threads``: torch's threads for model calls (default: see ``model_threads``).
     """
     make_server(collection, model=model, host=host, port=port, api_key=api_key, protect_reads=protect_reads,
                 cors_origins=cors_origins, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, device=device,
                 dtype=dtype, writable=writable, log_level=log_level, allowed_hosts=allowed_hosts,
-                max_queue=max_queue, batch_wait_ms=batch_wait_ms, **uvicorn_options).run()
+                max_queue=max_queue, batch_wait_ms=batch_wait_ms, threads=threads, **uvicorn_options).run()
 
 
 def make_server(collection: str | os.PathLike[str] | None = None, model: str | None = None,
@@ -52,9 +67,16 @@ def make_server(collection: str | os.PathLike[str] | None = None, model: str | N
                 max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "auto", dtype: str = "auto",
                 writable: bool | None = None, log_level: str = "info", allowed_hosts: Sequence[str] = (),
                 max_queue: int = DEFAULT_MAX_QUEUE, batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
-                **uvicorn_options: Any) -> Any:
-    """What ``serve`` runs: a configured ``uvicorn.Server`` (call ``.run()``; tests run it in a thread)."""
+                threads: int | None = None, **uvicorn_options: Any) -> Any:
+    """What ``serve`` runs: a configured ``uvicorn.Server`` (call ``.run()``; tests run it in a thread).
+
+    Sets torch's (process-wide) thread count for model calls: ``threads``, else ``model_threads()``."""
+    import torch
     import uvicorn
+
+    count = threads or model_threads()
+    if count:
+        torch.set_num_threads(count)
 
     from fwd2bot_index.service import DEFAULT_COLLECTION
 

@@ -446,7 +446,7 @@ def serve(
 
         run_server(collection_path(collection), model=model, device=device, dtype=dtype, host=host, port=port,
                    api_key=api_key, protect_reads=protect_reads, allowed_hosts=allowed_hosts, max_queue=max_queue,
-                   batch_wait_ms=batch_wait_ms)
+                   batch_wait_ms=batch_wait_ms, threads=threads)
 
 
 def _check_port_free(host: str, port: int) -> None:
