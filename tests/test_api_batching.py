@@ -1,0 +1,153 @@
+"""Dynamic batching in the server, over real HTTP: concurrent text queries share model calls and get
+the same hits as alone, a lone query never waits for a batch, a turn under load gathers texts that
+arrive within its window, and searches that need no model never wait for the model thread.
+
+No timed assertions: the model thread is held by a real job that waits on an event, and the
+worker's recorded decisions (texts per call, whether a turn waited) are read instead of clocks.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from fwd2bot_index.api import create_app
+from fwd2bot_index.api.worker import ModelWorker
+
+from .test_api_overload import DEADLINE, LOCAL, HeldModel, until
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+QUERIES = ["a red circle", "a blue square", "a small green triangle", "a large yellow star", "a purple circle",
+           "two shapes"]
+
+
+class CountingCalls:
+    """The real service, with a record of each ``encode_texts`` call (the texts encoded together)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.calls: list[list[str]] = []
+
+    def encode_texts(self, texts):
+        self.calls.append(list(texts))
+        return self._inner.encode_texts(texts)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _metric(text: str, name: str) -> float:
+    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def _hits(response) -> list[tuple[int, float]]:
+    assert response.status_code == 200, response.text
+    return [(h["id"], h["score"]) for h in response.json()["results"]]
+
+
+def test_concurrent_text_queries_share_one_model_call_and_get_the_same_hits_as_alone(service):
+    counting = CountingCalls(service)
+    app = create_app(counting)
+    worker = app.state.f2b.worker
+    with TestClient(app, base_url=LOCAL) as c, ThreadPoolExecutor(len(QUERIES)) as pool:
+        c.get("/readyz")
+        alone = {q: _hits(c.post("/v1/search", json={"query": q, "k": 5})) for q in QUERIES}
+        assert counting.calls == [[q] for q in QUERIES]  # sent one after another: one text per call
+        assert worker.waited_turns == 0
+        counting.calls.clear()
+        with HeldModel(app):
+            futures = [pool.submit(c.post, "/v1/search", json={"query": q, "k": 5}) for q in QUERIES]
+            until(lambda: worker.pending == 1 + len(QUERIES), "every query queued behind the held job")
+        together = {q: _hits(f.result(DEADLINE)) for q, f in zip(QUERIES, futures)}
+        metrics = c.get("/metrics").text
+    assert len(counting.calls) == 1 and sorted(counting.calls[0]) == sorted(QUERIES)
+    for q in QUERIES:
+        assert [i for i, _ in together[q]] == [i for i, _ in alone[q]], q
+        assert [s for _, s in together[q]] == pytest.approx([s for _, s in alone[q]], abs=1e-5), q
+    calls, texts = _metric(metrics, "f2b_model_text_batch_size_count"), _metric(metrics, "f2b_model_text_batch_size_sum")
+    assert (calls, texts) == (len(QUERIES) + 1, 2 * len(QUERIES))  # six calls of one, then one of six
+
+
+def test_a_lone_query_never_waits_for_a_batch(service):
+    app = create_app(service, batch_wait_ms=1000)  # a window long enough that a wait could not go unseen
+    worker = app.state.f2b.worker
+    with TestClient(app, base_url=LOCAL) as c:
+        c.get("/readyz")
+        for q in QUERIES[:3]:
+            assert c.post("/v1/search", json={"query": q, "k": 3}).status_code == 200
+            assert worker.last_waited is False
+        metrics = c.get("/metrics").text
+    assert worker.turns == 3 and worker.waited_turns == 0
+    assert _metric(metrics, "f2b_model_batch_wait_seconds") == 1.0
+    assert _metric(metrics, "f2b_model_text_turns_waited") == 0
+
+
+def test_a_turn_under_load_waits_for_texts_that_arrive_within_its_window(service):
+    """Two texts queued behind a held job make the next turn one 'under load'; with more requests admitted
+    than queued (``expected``) it waits, and a third text sent while it waits joins the same call. The
+    window is long (the batch closes at ``max_batch`` = 3, not at a clock)."""
+    counting = CountingCalls(service)
+    worker = ModelWorker(counting, max_batch=3, batch_wait=1.0, expected=lambda: 3)
+    worker.batch_wait = 60.0  # not reachable through the constructor; only max_batch may end this wait
+    worker.start(preload=False)
+    try:
+        release = threading.Event()
+        held = worker.call(release.wait, DEADLINE)
+        until(held.running, "the model thread to pick up the holding job")
+        first = [worker.encode_text(q) for q in QUERIES[:2]]
+        release.set()
+        until(lambda: held.done() and worker.pending == 2, "the held job to end and the two texts to be taken")
+        late = worker.encode_text(QUERIES[2])  # the turn is waiting for it: it joins the batch
+        vectors = [f.result(DEADLINE) for f in [*first, late]]
+    finally:
+        worker.stop()
+    assert counting.calls == [QUERIES[:3]]
+    assert worker.turns == 1 and worker.waited_turns == 1 and worker.last_waited
+    for q, v in zip(QUERIES, vectors):
+        np.testing.assert_allclose(v, service.encode_texts([q])[0], atol=1e-5)
+
+
+def test_no_wait_when_every_admitted_request_is_already_queued(service):
+    """Under load but with nothing more to come (``expected`` == jobs queued), the turn starts at once."""
+    counting = CountingCalls(service)
+    worker = ModelWorker(counting, batch_wait=1.0, expected=lambda: 2)
+    worker.batch_wait = 60.0  # a wait would hang this test past its deadline
+    worker.start(preload=False)
+    try:
+        release = threading.Event()
+        held = worker.call(release.wait, DEADLINE)
+        until(held.running, "the model thread to pick up the holding job")
+        futures = [worker.encode_text(q) for q in QUERIES[:2]]
+        release.set()
+        for f in futures:
+            f.result(DEADLINE)
+    finally:
+        worker.stop()
+    assert counting.calls == [QUERIES[:2]] and worker.waited_turns == 0
+
+
+def test_searches_without_the_model_complete_while_the_model_thread_is_blocked(service):
+    app = create_app(service)
+    with TestClient(app, base_url=LOCAL) as c, ThreadPoolExecutor(8) as pool:
+        c.get("/readyz")
+        ids = [h["id"] for h in c.post("/v1/search", json={"query": "shapes", "k": 8}).json()["results"]]
+        vector = c.post("/v1/embed", json={"texts": ["a red circle"]}).json()["embeddings"][0]
+        expected = {i: _hits(c.post("/v1/search", json={"like": i, "k": 4})) for i in ids}
+        with HeldModel(app) as held:
+            likes = {i: pool.submit(c.post, "/v1/search", json={"like": i, "k": 4}) for i in ids}
+            by_vector = pool.submit(c.post, "/v1/search", json={"embedding": vector, "k": 4})
+            filtered = pool.submit(c.post, "/v1/search", json={"like": ids[0], "k": 4, "filter": {"split": "test"}})
+            got = {i: _hits(f.result(DEADLINE)) for i, f in likes.items()}
+            assert _hits(by_vector.result(DEADLINE)) and filtered.result(DEADLINE).status_code == 200
+            assert not held.release.is_set()  # all answered while the model thread was still blocked
+    assert got == expected
+
+
+def test_batch_wait_is_checked():
+    with pytest.raises(ValueError, match="batch_wait must be between 0 and 1 second"):
+        ModelWorker(object(), batch_wait=2.0)
