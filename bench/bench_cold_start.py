@@ -1,4 +1,4 @@
-"""Cold start: wall time of one `f2b search` process on the demo model, alone and beside a running server.
+"""Cold start: wall time of one `f2b search` (and `f2b ask`) process on the demo model, alone and beside a running server.
 
 Each row is a fresh process timed from spawn to exit (what a user waits for at the shell):
 
@@ -6,6 +6,7 @@ Each row is a fresh process timed from spawn to exit (what a user waits for at t
   one query and searches;
 - ``f2b search`` while ``f2b serve`` of the same collection runs: the process finds the server's
   record, asks it over loopback HTTP and prints; no torch is imported;
+- ``f2b ask`` the same two ways (``--local`` loads the model; beside the server, the server answers);
 - ``f2b info`` (no model) and bare ``import torch`` / ``import transformers, peft`` as references for
   what the imports alone cost on this machine.
 
@@ -34,6 +35,7 @@ import _common as C  # noqa: E402
 
 GOAL_S = 1.5
 QUERY = "a red circle at the top left"
+QUESTION = "what color is the circle?"
 
 
 def _f2b(*args: str) -> list[str]:
@@ -84,6 +86,8 @@ def measure(runs: int, workdir: Path) -> dict:
     rows["f2b info (no model)"] = _wall(_f2b("info", "-c", str(coll)), env, runs)
     rows["f2b search --local (loads the model)"] = _wall(
         _f2b("search", QUERY, "-c", str(coll), "-k", "5", "--local", "--device", "cpu"), env, runs)
+    ask = _f2b("ask", "1", QUESTION, "-c", str(coll), "--max-new-tokens", "8")
+    rows["f2b ask --local (loads the model)"] = _wall(ask + ["--local", "--device", "cpu"], env, runs)
     port = free_port()
     # one torch thread: a single short query gains nothing from two, and on a shared machine OpenMP
     # barriers waiting for a descheduled sibling thread make it several times slower
@@ -98,6 +102,10 @@ def measure(runs: int, workdir: Path) -> dict:
             raise SystemExit(f"the search did not go through the server: {probe.stderr[-500:]}")
         _wall(_f2b("search", QUERY, "-c", str(coll), "-k", "5"), env, 2)  # warm the server's first queries
         rows["f2b search, f2b serve running"] = _wall(_f2b("search", QUERY, "-c", str(coll), "-k", "5"), env, runs)
+        probe = subprocess.run(ask, env=env, capture_output=True, text=True, timeout=120)
+        if "answered by the running f2b serve" not in probe.stderr:
+            raise SystemExit(f"the question did not go through the server: {probe.stderr[-500:]}")
+        rows["f2b ask, f2b serve running"] = _wall(ask, env, runs)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -118,9 +126,11 @@ def main() -> None:
     goals = [C.goal("cold start", f"`f2b search` on the demo model <= {GOAL_S} s", f"{served:.2f} s with f2b serve "
                     f"running ({local / served:.1f}x faster than {local:.2f} s loading the model)", served <= GOAL_S,
                     "the machine must be quiet for the absolute figure; the ratio holds either way")]
+    asked_local, asked = rows["f2b ask --local (loads the model)"]["median_s"], rows["f2b ask, f2b serve running"]["median_s"]
     print(f"{C.machine_line(C.machine())}\n\n{table}\n\nWith `f2b serve` of the collection running, `f2b search` "
           f"takes {served:.2f} s instead of {local:.2f} s ({local / served:.1f}x). Goal <= {GOAL_S} s: "
-          f"{C.verdict(served <= GOAL_S)}.")
+          f"{C.verdict(served <= GOAL_S)}. `f2b ask` (8 new tokens at most) takes {asked:.2f} s instead of "
+          f"{asked_local:.2f} s ({asked_local / asked:.1f}x).")
     C.write_json(args.json, {"rows": rows, "ratio": local / served, "goals": goals, "machine": C.machine()})
 
 

@@ -53,7 +53,7 @@ SECTIONS = [
             "gpu.json"),
     Section("training", "Training throughput: staged compression (LLaVolta) on vs off", "bench_training.py", None,
             own_json_flag=False),
-    Section("cold", "Cold start: one `f2b search` process, alone and beside a running `f2b serve`",
+    Section("cold", "Cold start: one `f2b search` or `f2b ask` process, alone and beside a running `f2b serve`",
             "bench_cold_start.py", "cold_start.json"),
 ]
 KEYS = [s.key for s in SECTIONS]

@@ -282,20 +282,21 @@ def ask(
     check(model=model, device=device, dtype=dtype)
     if not question.strip():
         raise fail("the question is empty")
+    streaming = stream and not as_json
     with user_errors():
-        with _service(collection, None, "cpu", "auto") as catalog:  # the catalog only: no model loads
-            image_id = catalog.resolve(int(ref) if ref.isdigit() else ref)  # unknown refs fail here, fast
-            path = catalog.get(image_id).path
-        streaming = stream and not as_json
-        answer = None if local or model else _ask_via_server(collection, image_id, question, max_new_tokens,
-                                                             streaming)
-        if answer is None:
+        served = None if local or model else _ask_via_server(collection, ref, question, max_new_tokens, streaming,
+                                                             as_json)
+        if served is not None:
+            image_id, path, answer = served
+            if streaming:
+                return _print_stream(answer)
+        else:
             with _service(collection, model, device, dtype) as service:
+                image_id = service.resolve(int(ref) if ref.isdigit() else ref)
                 answer = service.ask(image_id, question, max_new_tokens=max_new_tokens, stream=streaming)
                 if streaming:
                     return _print_stream(answer)
-        elif streaming:
-            return _print_stream(answer)
+                path = service.get(image_id).path
     if as_json:
         print_json({"id": image_id, "path": str(path), "question": question, "answer": answer})
     else:
@@ -315,20 +316,32 @@ def _print_stream(pieces: Iterator[str]) -> None:
     sys.stdout.write("\n")
 
 
-def _ask_via_server(collection: Optional[Path], image_id: int, question: str, max_new_tokens: int, stream: bool):
-    """The answer (or its pieces) from a running `f2b serve` of this collection, or None (answer here)."""
-    from .remote import RemoteError, find_server, remote_ask
+def _ask_via_server(collection: Optional[Path], ref: str, question: str, max_new_tokens: int, stream: bool,
+                    with_path: bool):
+    """(id, path, answer or its pieces) from a running `f2b serve` of this collection, or None (answer
+    here). An id goes to the server as it is (no local imports); a path is resolved in the catalog first."""
+    from .remote import RemoteError, find_server, remote_ask, remote_image
 
     record = find_server(collection_path(collection))
     if record is None:
         return None
+    path = None
+    if ref.isdigit():
+        image_id = int(ref)
+    else:
+        with _service(collection, None, "cpu", "auto") as catalog:  # the catalog only: no model loads
+            image_id = catalog.resolve(ref)
+            path = catalog.get(image_id).path
     try:
         answer = remote_ask(record, image_id, question, max_new_tokens, stream=stream)
+        if answer is not None and with_path and path is None:
+            path = (remote_image(record, image_id) or {}).get("path")
     except RemoteError as exc:
         raise fail(str(exc))
-    if answer is not None:
-        err(f"(answered by the running f2b serve at {record['url']}; --local to load the model here)")
-    return answer
+    if answer is None or (with_path and path is None):
+        return None
+    err(f"(answered by the running f2b serve at {record['url']}; --local to load the model here)")
+    return image_id, path, answer
 
 
 @app.command()

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
-__all__ = ["RemoteError", "RemoteHit", "announce", "find_server", "remote_ask", "remote_search", "runtime_dir"]
+__all__ = ["RemoteError", "RemoteHit", "announce", "find_server", "remote_ask", "remote_image", "remote_search", "runtime_dir"]
 
 TIMEOUT_S = 5.0
 ANSWER_TIMEOUT_S = 300.0  # an answer waits for the model queue and generates up to max_new_tokens
@@ -153,6 +153,17 @@ def remote_ask(record: dict[str, Any], image_id: int, question: str, max_new_tok
             except (OSError, ValueError, KeyError, TypeError):
                 return None
     return _events(response)
+
+
+def remote_image(record: dict[str, Any], image_id: int) -> dict[str, Any] | None:
+    """The server's record of one image (id, path, paths, metadata...), or None when it cannot say."""
+    try:
+        return _call(f"{record['url']}/v1/images/{image_id}")
+    except urllib.error.HTTPError as exc:
+        _refused(exc, "image lookup")
+        return None
+    except (OSError, ValueError):
+        return None
 
 
 def _events(response: Any) -> Iterator[str]:

@@ -58,6 +58,7 @@ def test_ask_goes_through_a_running_server(indexed, tmp_path, monkeypatch):
     assert streamed.stdout.strip() == expected["answer"]
     assert forced.exit_code == 0 and "answered by" not in forced.stderr
     assert forced.stdout.strip() == expected["answer"]
-    for bad, words in ((unknown, "999 is not in the collection"), (blank, "the question is empty")):
+    for bad, words in ((unknown, "999"), (blank, "the question is empty")):
         assert bad.exit_code == 1 and words in bad.stderr and "Traceback" not in bad.output
         assert len(bad.stderr.strip().splitlines()) == 1
+    assert "no image with id 999" in unknown.stderr  # the server's own 404, one line
