@@ -14,6 +14,7 @@ import base64
 import binascii
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -47,13 +48,14 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 def _stream_answer(state: AppState, image_id: int, question: str, max_new_tokens: int) -> StreamingResponse:
     """Server-sent events: ``token`` ({"text"}) per piece, then ``done`` ({"answer"}) or ``error`` (a problem).
 
-    If the client leaves before the model thread reaches this answer, the job is dropped. Once the
-    generation runs it is drained to its end (at most ``max_new_tokens``), because it runs on a helper
-    thread of the model that cannot be stopped midway, and the model must never run two calls at once.
+    If the client leaves before the model thread reaches this answer, the job is dropped; if it leaves
+    while the answer is generated, the generation stops at its next piece of text (the answering loop runs
+    in the model thread and computes no more tokens once it is no longer iterated).
     """
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
     end = object()
+    left = threading.Event()  # set when the client is gone (or the stream ended)
 
     def put(item: Any) -> None:
         try:
@@ -64,6 +66,8 @@ def _stream_answer(state: AppState, image_id: int, question: str, max_new_tokens
     def generate() -> None:
         try:
             for piece in state.service.ask(image_id, question, max_new_tokens=max_new_tokens, stream=True):
+                if left.is_set():
+                    break  # leaving the loop closes the answer's generator: no more tokens are computed
                 put(str(piece))
         except Exception as exc:  # noqa: BLE001 - becomes an SSE error event
             put(exc)
@@ -93,6 +97,7 @@ def _stream_answer(state: AppState, image_id: int, question: str, max_new_tokens
                 yield _sse("token", {"text": item})
             yield _sse("done", {"id": image_id, "question": question, "answer": "".join(text).strip()})
         finally:
+            left.set()
             job.cancel()  # the client left (or the stream ended): drop the job if it has not started
 
     return StreamingResponse(events(), media_type="text/event-stream",

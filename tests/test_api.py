@@ -370,6 +370,44 @@ def test_client_leaving_mid_stream_leaves_the_model_usable(service):
         assert httpx.get(url + "/readyz").status_code == 200
 
 
+def test_client_leaving_mid_answer_stops_the_generation(service):
+    """The answering loop runs in the model thread and stops once its stream is abandoned: a client that
+    leaves costs the tokens up to the next piece of text, not the whole answer."""
+    import time
+
+    lm_head = service.model.backbone.hf.lm_head
+    calls, release = [], threading.Event()
+
+    def hook(*_):
+        calls.append(1)
+        if len(calls) == 2:
+            release.wait(10)  # hold the generation until the client has gone
+
+    live = LiveServer(create_app(service))
+    with live as url:
+        live.wait_ready()
+        image_id = httpx.post(url + "/v1/search", json={"query": "a circle", "k": 1}).json()["results"][0]["id"]
+        question = {"question": "Describe the picture in detail.", "max_new_tokens": 200}
+        handle = lm_head.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            httpx.post(f"{url}/v1/images/{image_id}/ask", json=question, timeout=60)
+        finally:
+            handle.remove()
+        whole = len(calls)
+        assert whole > 20  # the model does not stop by itself early: leaving has something to save
+        calls.clear()
+        handle = lm_head.register_forward_hook(hook)
+        try:
+            with httpx.stream("POST", f"{url}/v1/images/{image_id}/ask", json={**question, "stream": True}) as r:
+                assert next(r.iter_lines()).startswith(":")
+            time.sleep(1.0)  # the server sees the closed socket (milliseconds; a wide margin)
+            release.set()
+            httpx.post(f"{url}/v1/images/{image_id}/ask", json={**question, "max_new_tokens": 1}, timeout=60)
+        finally:
+            handle.remove()
+    assert len(calls) < whole  # stopped early (the one-token answer after it adds one call)
+
+
 # ------------------------------------------------------------------------------------ embed
 
 
