@@ -123,8 +123,10 @@ class IndexInterrupted(KeyboardInterrupt):
         self.report = report
 
 
-#: how many new images `index` checks against the demo model's world (the test is ~1 ms each)
-WORLD_CHECK_IMAGES = 32
+#: how many new images `index` checks against the demo model's world: 8 tell a folder of photos from
+#: shapes-world scenes as surely as 32 did, and each test costs ~1.8 ms of CPU (measured on a 2-core
+#: machine) that a small model's encoder competes with
+WORLD_CHECK_IMAGES = 8
 
 
 @dataclass
