@@ -14,7 +14,7 @@ import torch
 
 from fwd2bot_index.imaging import load_image
 from fwd2bot_index.model import Fwd2Bot
-from fwd2bot_index.model.answering import Answerer, lean_supported, merged_bytes, merged_decoder
+from fwd2bot_index.model.answering import Answerer, base_decoder, lean_supported, merged_bytes, merged_decoder
 from fwd2bot_index.model.tiny import (TinyIdeficsSpec, TinyQwenSpec, random_images, save_tiny_idefics3,
                                       save_tiny_qwen2vl)
 from fwd2bot_index.synthetic.demo_data import write_demo_data
@@ -83,6 +83,14 @@ def test_merged_copy_shares_everything_but_the_merged_weights(demo):
     assert not torch.equal(q_merged.weight, base)  # the adapter is really in it
     copies = sum(m.weight.numel() * 4 for m in merged.modules() if type(m) is torch.nn.Linear)
     assert merged_bytes(decoder) == copies
+    base = base_decoder(decoder)  # the adapter-free view: no LoRA module left, no tensor copied
+    assert not any("lora" in name for name, _ in base.named_modules())
+    assert base.layers[0].self_attn.q_proj.weight.data_ptr() == base_weight_ptr(q_lora)
+    assert {p.data_ptr() for p in base.parameters()} <= {p.data_ptr() for p in decoder.parameters()}
+
+
+def base_weight_ptr(layer) -> int:
+    return layer.get_base_layer().weight.data_ptr()
 
 
 def test_caches_follow_the_weights_when_the_adapter_changes(tmp_path, tiny_llava_dir, monkeypatch):

@@ -140,8 +140,7 @@ def merged_decoder(decoder: nn.Module, adapter: str) -> nn.Module | None:
         base = layer.get_base_layer()
         if type(base) is not nn.Linear or adapter not in layer.lora_A or layer.use_dora.get(adapter, False):
             return None
-    shared = {id(t): t for t in list(decoder.parameters()) + list(decoder.buffers())}
-    clone = copy.deepcopy(decoder, memo=shared)
+    clone = _shared_copy(decoder)
     with torch.no_grad():
         for name, layer in _lora_layers(clone):
             base = layer.get_base_layer()
@@ -150,17 +149,37 @@ def merged_decoder(decoder: nn.Module, adapter: str) -> nn.Module | None:
             plain.weight.copy_(base.weight + layer.get_delta_weight(adapter).to(base.weight.dtype))
             if base.bias is not None:
                 plain.bias = base.bias  # shared
-            parent_name, _, child = name.rpartition(".")
-            setattr(clone.get_submodule(parent_name) if parent_name else clone, child, plain)
-    clone.eval()
-    return clone
+            _replace(clone, name, plain)
+    return clone.eval()
+
+
+def base_decoder(decoder: nn.Module) -> nn.Module:
+    """A copy of ``decoder`` without its LoRA layers (each replaced by its base layer), every tensor
+    shared: the base model's answers (``pool``/``full`` tokens) without switching adapters off and on
+    around every decoding step. Costs module objects only."""
+    clone = _shared_copy(decoder)
+    for name, layer in _lora_layers(clone):
+        _replace(clone, name, layer.get_base_layer())
+    return clone.eval()
+
+
+def _shared_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of the module tree whose parameters and buffers are the original tensors."""
+    shared = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return copy.deepcopy(module, memo=shared)
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
 # ------------------------------------------------------------------------------ the loop
 
 
 class Answerer:
-    """A model's answering state: cached prefix keys/values and the merged pass-2 decoder.
+    """A model's answering state: cached prefix keys/values, the merged pass-2 decoder and an adapter-free
+    view of the decoder for the base model's answers.
 
     Both are derived from weights, so both are keyed by ``weights_version`` and rebuilt after training
     changes the adapter; the prefix cache also by the prefix's token ids (the chat template and prompt).
@@ -172,6 +191,7 @@ class Answerer:
         self.model = model  # a Fwd2Bot
         self._prefixes: dict[tuple, Any] = {}
         self._merged: tuple[int, nn.Module | None] | None = None
+        self._base: nn.Module | None = None
 
     def steps(self, tokens: Sequence[torch.Tensor], questions: Sequence[str], max_new_tokens: int,
               kind: str) -> Iterator[torch.Tensor]:
@@ -189,7 +209,7 @@ class Answerer:
         eos = backbone.generation_eos()
         eos = [eos] if isinstance(eos, int) else list(eos)
         pad = eos[0] if backbone.tokenizer.pad_token_id is None else backbone.tokenizer.pad_token_id
-        decoder = self.merged() if adapter == self.PASS2 else None
+        decoder = self.merged() if adapter == self.PASS2 else self.base()
 
         @contextlib.contextmanager
         def scope() -> Iterator[None]:
@@ -235,6 +255,14 @@ class Answerer:
         if peft is None or adapter is None:
             return []
         return [p for n, p in peft.named_parameters() if "lora_" in n and f".{adapter}." in n]
+
+    def base(self) -> nn.Module | None:
+        """The LLM without adapters (``base_decoder``; it shares every weight, so it never goes stale)."""
+        if self.model.peft is None:
+            return None  # the decoder has no adapters to switch off
+        if self._base is None:
+            self._base = base_decoder(self.model.backbone.decoder)
+        return self._base
 
     def merged(self) -> nn.Module | None:
         """The LLM with the pass-2 adapter merged (``merged_decoder``) when memory allows (``should_merge``);
