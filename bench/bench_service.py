@@ -27,11 +27,14 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -47,6 +50,7 @@ HOST = "127.0.0.1"
 MAX_REQUESTS = 5000
 GOAL_TEXT_RATIO = 1.5  # text QPS at 200 clients / at 1 client (issue 16)
 GOAL_LIKE_RATIO = 3.0  # like QPS at 200 clients / the QPS measured before issue 16 ("several times")
+ROUNDS = 3  # alternating rounds of 1 client and the top level for the goal ratios
 LIKE_BEFORE_QPS = 538  # like searches at 200 clients, BENCHMARKS.md of 2026-11-29 21:33 UTC, this machine
 QUERIES = [f"a {size}{color} {shape}" for size in ("", "small ", "large ")
            for color in ("red", "blue", "green", "yellow", "purple")
@@ -124,9 +128,11 @@ class Connection:
             self._streams = None
 
 
-async def burst(url: str, kind: str, concurrency: int, total: int, ids: list[int]) -> dict:
+async def burst(url: str, kind: str, concurrency: int, total: int, ids: list[int],
+                warmed: Callable[[], Any] = lambda: None) -> dict:
     """``total`` requests over ``concurrency`` connections, each sending its next request when the last
-    is answered (a closed loop); latency per request, QPS overall, the client's own CPU per request."""
+    is answered (a closed loop); latency per request, QPS overall, the client's own CPU per request.
+    ``warmed`` is called once every connection has answered one request, just before the clock starts."""
     latencies: list[float] = []
     refused_latencies: list[float] = []
     errors = 0
@@ -160,6 +166,7 @@ async def burst(url: str, kind: str, concurrency: int, total: int, ids: list[int
         latencies.clear()
         refused_latencies.clear()
         errors = 0
+        warmed()
         started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client(conn) for conn in connections))
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
@@ -251,12 +258,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 def measure(url: str, pid: int, kind: str, level: int, total: int, ids: list[int], max_queue: int) -> dict:
-    """One burst, with the server's p99 bucket, texts per model call and CPU per request around it."""
-    before, (texts, calls), cpu = search_histogram(url), batch_stats(url), cpu_seconds(pid)
-    row = asyncio.run(burst(url, kind, level, total, ids))
-    cpu = cpu_seconds(pid) - cpu
-    texts_after, calls_after = batch_stats(url)
-    row.update(max_queue=max_queue, server_p99_le_ms=1000 * server_p99_bound(before, search_histogram(url)),
+    """One burst, with the server's p99 bucket, texts per model call and CPU per request around it (from
+    after the warm-up request of each connection, which runs one at a time)."""
+    start: dict[str, Any] = {}
+
+    def warmed() -> None:
+        start.update(hist=search_histogram(url), batches=batch_stats(url), cpu=cpu_seconds(pid))
+
+    row = asyncio.run(burst(url, kind, level, total, ids, warmed))
+    cpu = cpu_seconds(pid) - start["cpu"]
+    (texts, calls), (texts_after, calls_after) = start["batches"], batch_stats(url)
+    row.update(max_queue=max_queue, server_p99_le_ms=1000 * server_p99_bound(start["hist"], search_histogram(url)),
                server_cpu_ms=1000 * cpu / row["requests"], model_calls=calls_after - calls,
                texts_per_call=(texts_after - texts) / (calls_after - calls) if calls_after > calls else float("nan"))
     print(f"  {kind} c={level} queue {max_queue}: p50 {row['p50_ms']:.1f} ms, {row['qps']:.0f} QPS, "
@@ -274,51 +286,70 @@ def serve_and_measure(collection: Path, model: str | None, args: argparse.Namesp
     try:
         ready = wait_ready(url, proc)
         ids = [h["id"] for h in httpx.post(url + "/v1/search", json={"query": "shapes", "k": 50}).json()["results"]]
-        rows = [measure(url, proc.pid, kind, level, max(total, 4 * level), ids, max_queue) for kind, level in plan]
+        rows = [measure(url, proc.pid, kind, level, max(total, 5 * level), ids, max_queue) for kind, level in plan]
     finally:
         stop_server(proc)
     return rows, ready
 
 
-def pick(rows: list[dict], kind: str, level: int, sized: bool) -> dict | None:
-    """The row for (kind, level): from the server whose queue holds every client when ``sized``."""
-    found = [r for r in rows if r["kind"] == kind and r["concurrency"] == level]
-    found.sort(key=lambda r: r["max_queue"], reverse=sized)
-    return found[0] if found else None
+def goal_rows(rows: list[dict], kind: str, level: int) -> list[dict]:
+    return [r for r in rows if r.get("round") is not None and r["kind"] == kind and r["concurrency"] == level]
+
+
+def median_row(rounds: list[dict]) -> dict:
+    """The round with the median QPS, labelled as such (for the table)."""
+    ordered = sorted(rounds, key=lambda r: r["qps"])
+    row = dict(ordered[len(ordered) // 2])
+    row["label"] = f"{row['max_queue']} (median of {len(rounds)})"
+    return row
+
+
+def paired_ratio(rows: list[dict], kind: str, level: int, base: int) -> tuple[float, list[float]]:
+    """Median over rounds of QPS at ``level`` / QPS at ``base``, each pair measured back to back."""
+    top, one = goal_rows(rows, kind, level), goal_rows(rows, kind, base)
+    ratios = [t["qps"] / o["qps"] for t, o in zip(sorted(top, key=lambda r: r["round"]),
+                                                   sorted(one, key=lambda r: r["round"])) if o["qps"]]
+    return (statistics.median(ratios) if ratios else float("nan")), ratios
 
 
 def goals(rows: list[dict]) -> list[dict]:
-    """Issue 16's service goals: text QPS at the top level vs 1 client; like QPS vs before the issue."""
+    """Issue 16's service goals, from the interleaved rounds on the server whose queue holds every client:
+    text QPS at the top level vs 1 client, and like QPS vs the figure measured before the issue."""
     out = []
     top = max(r["concurrency"] for r in rows)
-    one, many = pick(rows, "text", 1, True), pick(rows, "text", top, True)
     text_goal = f"text QPS at {top} clients >= {GOAL_TEXT_RATIO}x QPS at 1 client"
-    if one and many and top > 1:
-        ratio = many["qps"] / one["qps"]
+    many, one = goal_rows(rows, "text", top), goal_rows(rows, "text", 1)
+    if many and one and top > 1:
+        ratio, ratios = paired_ratio(rows, "text", top, 1)
+        m, o = median_row(many), median_row(one)
         met = ratio >= GOAL_TEXT_RATIO
-        cpu = many["server_cpu_ms"] + many["client_cpu_ms"]
+        cpu = m["server_cpu_ms"] + m["client_cpu_ms"]
         why = "" if met else (
-            f"at {top} clients the server spent {many['server_cpu_ms']:.2f} CPU ms per request and the client "
-            f"{many['client_cpu_ms']:.2f} on the same {os.cpu_count()} cores, a ceiling of about "
-            f"{1000 * (os.cpu_count() or 1) / cpu:.0f} QPS if nothing else ran; {many['texts_per_call']:.1f} texts "
-            f"per model call; at 1 client {one['server_cpu_ms']:.2f} + {one['client_cpu_ms']:.2f} CPU ms per request")
-        out.append(C.goal("5", text_goal, f"{ratio:.2f}x ({many['qps']:.0f} vs {one['qps']:.0f} QPS, queue "
-                                          f"{many['max_queue']}, {many['texts_per_call']:.1f} texts per call)",
-                          met, why))
+            f"at {top} clients the server spent {m['server_cpu_ms']:.2f} CPU ms per request and the client "
+            f"{m['client_cpu_ms']:.2f} on the same {os.cpu_count()} cores (a ceiling of about "
+            f"{1000 * (os.cpu_count() or 1) / cpu:.0f} QPS if nothing else ran) with {m['texts_per_call']:.1f} texts "
+            f"per model call, against {o['server_cpu_ms']:.2f} + {o['client_cpu_ms']:.2f} CPU ms at 1 client; the "
+            "event loop and the model thread share one interpreter lock, so the loop's per-request work "
+            "(HTTP, validation, search, JSON) does not spread over both cores")
+        out.append(C.goal("5", text_goal, f"{ratio:.2f}x (rounds {', '.join(f'{r:.2f}' for r in ratios)}; median "
+                                          f"{m['qps']:.0f} vs {o['qps']:.0f} QPS, queue {m['max_queue']}, "
+                                          f"{m['texts_per_call']:.1f} texts per call)", met, why))
     else:
         out.append(C.goal("5", text_goal, "not measured (needs levels 1 and more)", None))
-    like = pick(rows, "like", top, True)
-    like_goal = f"like QPS at {top} clients >= {GOAL_LIKE_RATIO:.0f}x the {LIKE_BEFORE_QPS} measured before issue 16"
+    like = goal_rows(rows, "like", top)
     if like:
-        ratio = like["qps"] / LIKE_BEFORE_QPS
-        met = ratio >= GOAL_LIKE_RATIO
-        why = "" if met else (
-            f"the server spent {like['server_cpu_ms']:.2f} CPU ms per like request and the client "
-            f"{like['client_cpu_ms']:.2f} on the same {os.cpu_count()} cores; the earlier figure came from another run "
-            "(load differs)")
-        one_like = pick(rows, "like", 1, True)
-        scale = f", {like['qps'] / one_like['qps']:.2f}x its 1-client QPS" if one_like else ""
-        out.append(C.goal("5", like_goal, f"{ratio:.2f}x ({like['qps']:.0f} QPS{scale})", met, why))
+        m = median_row(like)
+        ratio = m["qps"] / LIKE_BEFORE_QPS
+        scale, _ = paired_ratio(rows, "like", top, 1)
+        why = "" if ratio >= GOAL_LIKE_RATIO else (
+            f"one event loop (one interpreter) serves every request: at {m['server_cpu_ms']:.2f} CPU ms per like "
+            f"request it tops out near {1000 / m['server_cpu_ms']:.0f} QPS on a whole core, and this machine's "
+            f"{os.cpu_count()} cores are shared with the client and other work; the earlier figure came from another "
+            "run (other load)")
+        out.append(C.goal("5", f"like QPS at {top} clients >= {GOAL_LIKE_RATIO:.0f}x the {LIKE_BEFORE_QPS} QPS "
+                               "measured before issue 16", f"{ratio:.2f}x ({m['qps']:.0f} QPS; {scale:.2f}x its "
+                                                           "1-client QPS in the same rounds)",
+                          ratio >= GOAL_LIKE_RATIO, why))
     return out
 
 
@@ -335,14 +366,19 @@ def render(rows: list[dict], meta: dict) -> str:
     headers = ["query", "concurrency", "max queue", "requests", "errors", "refused (503)", "p50 ms", "p99 ms",
                "503 p99 ms", "server p99 <= ms", "QPS served", "texts per model call", "server CPU ms / request",
                "client CPU ms / request"]
-    table = [[r["kind"], r["concurrency"], r["max_queue"], r["requests"], r["errors"], r["refused"],
+    shown = [r for r in rows if r.get("round") is None]
+    for kind, level in dict.fromkeys((r["kind"], r["concurrency"]) for r in rows if r.get("round") is not None):
+        shown.append(median_row(goal_rows(rows, kind, level)))
+    table = [[r["kind"], r["concurrency"], r.get("label", r["max_queue"]), r["requests"], r["errors"], r["refused"],
               f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['refused_p99_ms']:.1f}", f"{r['server_p99_le_ms']:.0f}",
               f"{r['qps']:.0f}", f"{r['texts_per_call']:.1f}" if r["kind"] == "text" else "-",
-              f"{r['server_cpu_ms']:.2f}", f"{r['client_cpu_ms']:.2f}"] for r in rows]
+              f"{r['server_cpu_ms']:.2f}", f"{r['client_cpu_ms']:.2f}"] for r in shown]
     lines += [C.md_table(headers, table), "",
               "Latencies (client side) are of served requests; refused ones (queue full) are answered 503 with "
-              "Retry-After and timed apart; QPS counts served requests over the burst's wall time. A level above the "
-              "default queue is run again on a server whose queue holds every client: the goal uses that row. "
+              "Retry-After and timed apart; QPS counts served requests over the burst's wall time. The goal rows "
+              f"(queue marked 'median of {ROUNDS}') come from a second server whose queue holds every client, where 1 "
+              "client and the top level alternate in rounds, so that other load on the machine hits both alike; the "
+              "goal ratios are medians of the per-round ratios. "
               "`server p99 <=` is the server's own histogram bucket (from receiving the request to its response head) "
               "that holds 99% of the searches. CPU ms per request: the server process's user + system time (all "
               "threads) and the client's, over the burst, divided by the requests sent; both share the same cores.",
@@ -380,7 +416,6 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")  # other work on the machine
     levels = [1, 32, 200] if args.quick else [int(x) for x in args.levels.split(",")]
     total = min(200 if args.quick else args.requests, MAX_REQUESTS)
-    over = [level for level in levels if level > args.max_queue]
 
     with tempfile.TemporaryDirectory(prefix="f2b-bench-") as tmp:
         if args.collection:
@@ -393,11 +428,13 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(kind, level) for kind in ("text", "like") for level in levels]
         rows, ready = serve_and_measure(collection, model, args, args.max_queue, plan, total)
         memory = None
-        if over:  # the same levels on a server whose queue holds every client
-            sized = max(256, max(over))
-            more, _ = serve_and_measure(collection, model, args, sized, [("text", 1)] + [("text", x) for x in over]
-                                        + [("like", x) for x in over], total)
-            rows += more
+        # The goals: 1 client and the top level alternating, on a server whose queue holds every client.
+        top = max(levels)
+        pairs = [(kind, level) for kind in ("text", "like") for _ in range(ROUNDS) for level in (1, top)]
+        more, _ = serve_and_measure(collection, model, args, max(256, top), pairs, total)
+        for n, row in enumerate(more):
+            row["round"] = n // 2 % ROUNDS
+        rows += more
         if args.image_memory:
             port = free_port(HOST)
             proc = start_server(collection, model, port, args.torch_threads, args.max_queue, args.batch_wait_ms)
