@@ -195,6 +195,9 @@ def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: 
     metrics.gauge("f2b_model_text_turns", "Model turns that encoded texts.", lambda: state.worker.turns)
     metrics.gauge("f2b_model_text_turns_waited", "Text turns that waited for more texts (load seen).",
                   lambda: state.worker.waited_turns)
+    metrics.gauge("f2b_model_answer_calls", "answer_batch calls for JSON answers.", lambda: state.worker.answer_calls)
+    metrics.gauge("f2b_model_answers", "Questions those calls answered (answers per call = this / calls).",
+                  lambda: state.worker.answers)
     metrics.gauge("f2b_image_decodes", "Image decodes holding a slot.", lambda: state.decodes.active)
     metrics.gauge("f2b_requests_in_flight", "Search, embed, answer and upload requests in flight.",
                   lambda: state.in_flight.active)

@@ -1,7 +1,8 @@
 """Routes that need the model for more than one query vector: answers (JSON or SSE) and /v1/embed.
 
 Every model call goes through the app's bounded model queue (a full queue is a 503 at once) and is
-dropped if its client leaves before it starts. /v1/embed cuts its texts into model jobs of bounded
+dropped if its client leaves before it starts. Concurrent JSON answers are batched by the model
+thread (see ``worker``). /v1/embed cuts its texts into model jobs of bounded
 size (``CHUNK_CHARS``), so a long call shares the model thread with searches and stops when its
 client goes; its images are decoded and encoded in groups of bounded size (``CHUNK_PIXELS``) under
 the decode gate, so one call holds at most one group of decoded pictures.
@@ -140,7 +141,10 @@ def model_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:
         await run_in_threadpool(precheck, image_id)
         if body.stream:
             return _stream_answer(state, image_id, body.question, body.max_new_tokens)
-        job = state.worker.call(state.service.ask, image_id, body.question, max_new_tokens=body.max_new_tokens)
+        # The tokens are read here (collection reads run side by side); the model thread answers queued
+        # asks with the same max_new_tokens together in one answer_batch call.
+        tokens = await run_in_threadpool(state.collection.get_tokens, image_id)
+        job = state.worker.answer(tokens, body.question, body.max_new_tokens, state.service.strategy.tokens)
         answer = await result_or_drop(request, job)
         state.metrics.answers.inc("json")
         return AskResponse(id=image_id, question=body.question, answer=str(answer))

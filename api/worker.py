@@ -13,6 +13,10 @@ admitted request is left that could still send one (``expected``). A lone query 
 waits: its turn starts at once. On a small CPU model one call of 32 texts costs about as much as
 eight calls of one, so a short wait buys throughput when clients pile up.
 
+Non-streaming questions (``answer``) are batched too, without any wait: asks already queued one
+after another with the same ``max_new_tokens`` and token kind go to one ``model.answer_batch`` call
+(greedy decoding, so each answer is the one it would get alone).
+
 The queue is bounded (``max_queue`` jobs waiting or running): a job beyond it raises ``Overloaded``
 at once, which the app answers with 503 and ``Retry-After``. A job whose future was cancelled (its
 client left) frees its place at once and is skipped when its turn comes.
@@ -42,6 +46,16 @@ class _TextJob:
 
     def __init__(self, text: str) -> None:
         self.text = text
+        self.future: Future = Future()
+
+
+class _AskJob:
+    """A question about one image's stored tokens; asks with the same ``key`` can share one call."""
+
+    __slots__ = ("tokens", "question", "key", "future")
+
+    def __init__(self, tokens: Any, question: str, max_new_tokens: int, kind: str | None) -> None:
+        self.tokens, self.question, self.key = tokens, question, (max_new_tokens, kind)
         self.future: Future = Future()
 
 
@@ -75,6 +89,7 @@ class ModelWorker:
         # How many requests may still send a text (admitted, not yet queued here); None: unknown.
         self._expected = expected
         self.turns = self.waited_turns = 0  # text turns, and those that waited for more texts
+        self.answer_calls = self.answers = 0  # answer_batch calls, and the questions they answered
         self.last_waited = False  # whether the latest text turn waited (tests read the decision, not a time)
         self._last_batch = 0
         self.pending = 0  # jobs queued or running (not counting the model load)
@@ -132,6 +147,11 @@ class ModelWorker:
         """The embedding of one text, encoded together with whatever other texts are waiting."""
         return self._submit(_TextJob(text))
 
+    def answer(self, tokens: Any, question: str, max_new_tokens: int, kind: str | None) -> Future:
+        """The answer to ``question`` from one image's stored ``tokens``, decoded together with the asks
+        queued right behind it that share ``max_new_tokens`` and ``kind``."""
+        return self._submit(_AskJob(tokens, question, max_new_tokens, kind))
+
     def _submit(self, job: Any) -> Future:
         with self._count_lock:
             if self.pending >= self.max_queue:
@@ -168,6 +188,8 @@ class ModelWorker:
             started = time.perf_counter()
             if isinstance(job, _TextJob):
                 self._run_texts(self._gather(job))
+            elif isinstance(job, _AskJob):
+                self._run_asks(self._gather_asks(job))
             else:
                 self._run_call(job)
             if not (isinstance(job, _CallJob) and job.fn == self._preload):
@@ -223,22 +245,58 @@ class ModelWorker:
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
             job.future.set_exception(exc)
 
+    def _gather_asks(self, first: _AskJob) -> list[_AskJob]:
+        """``first`` and the asks queued right behind it with the same key (no waiting: answers are long)."""
+        batch = [first]
+        while len(batch) < self.max_batch:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if not (isinstance(job, _AskJob) and job.key == first.key):
+                self._held = job
+                break
+            batch.append(job)
+        return batch
+
     def _run_texts(self, batch: list[_TextJob]) -> None:
+        def encode(jobs: list[_TextJob]) -> list[np.ndarray]:
+            unique = list(dict.fromkeys(j.text for j in jobs))
+            vectors = np.asarray(self.service.encode_texts(unique), dtype=np.float32)
+            if self.on_batch is not None:
+                self.on_batch(len(unique))
+            row = {text: i for i, text in enumerate(unique)}
+            return [vectors[row[j.text]] for j in jobs]
+
+        self._run_batch(batch, encode)
+
+    def _run_asks(self, batch: list[_AskJob]) -> None:
+        max_new_tokens, kind = batch[0].key
+
+        def answer(jobs: list[_AskJob]) -> list[str]:
+            answers = self.service.model.answer_batch([j.tokens for j in jobs], [j.question for j in jobs],
+                                                      max_new_tokens, kind)
+            self.answer_calls += 1
+            self.answers += len(jobs)
+            return list(answers)
+
+        self._run_batch(batch, answer)
+
+    @staticmethod
+    def _run_batch(batch: list[Any], run: Callable[[list[Any]], list[Any]]) -> None:
+        """``run`` the jobs whose clients still wait in one call; if it fails, one by one, so that one bad
+        input fails alone."""
         live = [j for j in batch if j.future.set_running_or_notify_cancel()]
         if not live:
             return
-        unique = list(dict.fromkeys(j.text for j in live))
         try:
-            vectors = np.asarray(self.service.encode_texts(unique), dtype=np.float32)
-        except Exception:  # noqa: BLE001 - retry one by one so one bad text fails alone
+            results = run(live)
+        except Exception:  # noqa: BLE001 - retried one by one below
             for j in live:
                 try:
-                    j.future.set_result(np.asarray(self.service.encode_texts([j.text]), dtype=np.float32)[0])
-                except Exception as exc:  # noqa: BLE001
+                    j.future.set_result(run([j])[0])
+                except Exception as exc:  # noqa: BLE001 - handed to the waiting request
                     j.future.set_exception(exc)
             return
-        if self.on_batch is not None:
-            self.on_batch(len(unique))
-        row = {text: i for i, text in enumerate(unique)}
-        for j in live:
-            j.future.set_result(vectors[row[j.text]])
+        for j, result in zip(live, results):
+            j.future.set_result(result)

@@ -151,3 +151,56 @@ def test_searches_without_the_model_complete_while_the_model_thread_is_blocked(s
 def test_batch_wait_is_checked():
     with pytest.raises(ValueError, match="batch_wait must be between 0 and 1 second"):
         ModelWorker(object(), batch_wait=2.0)
+
+
+class CountingAnswers:
+    """The real service whose model records each ``answer_batch`` call (the questions answered together)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.calls: list[tuple[list[str], int]] = []
+        outer = self
+
+        class Model:
+            def answer_batch(self, tokens, questions, max_new_tokens=32, kind=None):
+                outer.calls.append((list(questions), max_new_tokens))
+                return inner.model.answer_batch(tokens, questions, max_new_tokens, kind)
+
+            def __getattr__(self, name):
+                return getattr(inner.model, name)
+
+        self.model = Model()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_concurrent_json_asks_share_a_call_per_length_and_answer_as_alone(service):
+    counting = CountingAnswers(service)
+    app = create_app(counting)
+    worker = app.state.f2b.worker
+    questions = ["What color is the circle?", "How many shapes are there?", "Is there a star?", "What is on the left?"]
+    with TestClient(app, base_url=LOCAL) as c, ThreadPoolExecutor(6) as pool:
+        c.get("/readyz")
+        ids = [h["id"] for h in c.post("/v1/search", json={"query": "shapes", "k": 4}).json()["results"]]
+        asks = [(i, q, 6) for i, q in zip(ids, questions)] + [(ids[0], questions[1], 3), (ids[1], questions[0], 3)]
+
+        def ask(image_id, question, n):
+            return c.post(f"/v1/images/{image_id}/ask", json={"question": question, "max_new_tokens": n})
+
+        alone = [ask(*a).json()["answer"] for a in asks]
+        assert len(set(alone)) > 1 and [len(q) for q, _ in counting.calls] == [1] * len(asks)
+        counting.calls.clear()
+        with HeldModel(app):
+            first = [pool.submit(ask, *a) for a in asks[:4]]  # the same max_new_tokens: one call
+            until(lambda: worker.pending == 5, "four asks queued behind the held job")
+            shorter = [pool.submit(ask, *a) for a in asks[4:]]  # another length: a call of their own
+            until(lambda: worker.pending == 7, "two more asks queued")
+        together = [f.result(DEADLINE) for f in first + shorter]
+        metrics = c.get("/metrics").text
+    assert all(r.status_code == 200 for r in together), [r.text for r in together]
+    assert [r.json()["answer"] for r in together] == alone
+    assert sorted((sorted(q), n) for q, n in counting.calls) == sorted(
+        [(sorted(questions), 6), (sorted([questions[1], questions[0]]), 3)])
+    assert _metric(metrics, "f2b_model_answer_calls") == len(asks) + 2
+    assert _metric(metrics, "f2b_model_answers") == 2 * len(asks)
