@@ -66,12 +66,10 @@ class Gate:
             await self._sem.acquire()
         finally:
             self.waiting -= 1
-        self.active += 1
-        self.peak = max(self.peak, self.active)
         try:
-            yield
+            with self._counted():
+                yield
         finally:
-            self.active -= 1
             self._sem.release()
 
     @contextmanager
@@ -80,6 +78,11 @@ class Gate:
         of the semaphore and an async context (the asyncio holders still count it, so the bound holds)."""
         if self.active >= self.slots:
             raise Overloaded(self.what, self.slots + self.max_waiting)
+        with self._counted():
+            yield
+
+    @contextmanager
+    def _counted(self) -> Iterator[None]:
         self.active += 1
         self.peak = max(self.peak, self.active)
         try:

@@ -91,6 +91,7 @@ class ModelWorker:
         self.turns = self.waited_turns = 0  # text turns, and those that waited for more texts
         self.answer_calls = self.answers = 0  # answer_batch calls, and the questions they answered
         self.last_waited = False  # whether the latest text turn waited (tests read the decision, not a time)
+        self.gathering = False  # a turn is waiting for more texts right now
         self._last_batch = 0
         self.pending = 0  # jobs queued or running (not counting the model load)
         self.refused = 0
@@ -201,11 +202,13 @@ class ModelWorker:
         waited = bool(self.batch_wait) and len(batch) < self.max_batch and self._held is None \
             and self._under_load(batch) and self._more_may_come(batch)
         if waited:
+            self.gathering = True
             deadline = time.perf_counter() + self.batch_wait
             while len(batch) < self.max_batch and self._held is None and self._more_may_come(batch):
                 left = deadline - time.perf_counter()
                 if left <= 0 or not self._take(batch, left):
                     break
+            self.gathering = False
         self.turns += 1
         self.waited_turns += waited
         self.last_waited = waited

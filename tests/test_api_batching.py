@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -87,27 +88,37 @@ def test_a_lone_query_never_waits_for_a_batch(service):
     assert _metric(metrics, "f2b_model_text_turns_waited") == 0
 
 
-def test_a_turn_under_load_waits_for_texts_that_arrive_within_its_window(service):
-    """Two texts queued behind a held job make the next turn one 'under load'; with more requests admitted
-    than queued (``expected``) it waits, and a third text sent while it waits joins the same call. The
-    window is long (the batch closes at ``max_batch`` = 3, not at a clock)."""
-    counting = CountingCalls(service)
-    worker = ModelWorker(counting, max_batch=3, batch_wait=1.0, expected=lambda: 3)
-    worker.batch_wait = 60.0  # not reachable through the constructor; only max_batch may end this wait
+@contextmanager
+def held_worker(service, **options):
+    """A started ``ModelWorker`` whose thread is held by a job until the yielded event is set. Its batch
+    window is a minute (not reachable through the constructor): only ``max_batch`` or ``expected`` may end
+    a wait, and a wait that should not happen would hang the test past its deadline."""
+    worker = ModelWorker(service, batch_wait=1.0, **options)
+    worker.batch_wait = 60.0
     worker.start(preload=False)
+    release = threading.Event()
     try:
-        release = threading.Event()
         held = worker.call(release.wait, DEADLINE)
         until(held.running, "the model thread to pick up the holding job")
+        yield worker, release
+    finally:
+        release.set()
+        worker.stop()
+
+
+def test_a_turn_under_load_waits_for_texts_that_arrive_within_its_window(service):
+    """Two texts queued behind a held job make the next turn one 'under load'; with more requests admitted
+    than queued (``expected``) it waits, and a third text sent while it waits joins the same call (the batch
+    closes at ``max_batch`` = 3, not at a clock)."""
+    counting = CountingCalls(service)
+    with held_worker(counting, max_batch=3, expected=lambda: 3) as (worker, release):
         first = [worker.encode_text(q) for q in QUERIES[:2]]
         release.set()
-        until(lambda: held.done() and worker.pending == 2, "the held job to end and the two texts to be taken")
-        late = worker.encode_text(QUERIES[2])  # the turn is waiting for it: it joins the batch
+        until(lambda: worker.gathering, "the next turn to wait for more texts")
+        late = worker.encode_text(QUERIES[2])
         vectors = [f.result(DEADLINE) for f in [*first, late]]
-    finally:
-        worker.stop()
     assert counting.calls == [QUERIES[:3]]
-    assert worker.turns == 1 and worker.waited_turns == 1 and worker.last_waited
+    assert worker.turns == 1 and worker.waited_turns == 1 and worker.last_waited and not worker.gathering
     for q, v in zip(QUERIES, vectors):
         np.testing.assert_allclose(v, service.encode_texts([q])[0], atol=1e-5)
 
@@ -115,19 +126,11 @@ def test_a_turn_under_load_waits_for_texts_that_arrive_within_its_window(service
 def test_no_wait_when_every_admitted_request_is_already_queued(service):
     """Under load but with nothing more to come (``expected`` == jobs queued), the turn starts at once."""
     counting = CountingCalls(service)
-    worker = ModelWorker(counting, batch_wait=1.0, expected=lambda: 2)
-    worker.batch_wait = 60.0  # a wait would hang this test past its deadline
-    worker.start(preload=False)
-    try:
-        release = threading.Event()
-        held = worker.call(release.wait, DEADLINE)
-        until(held.running, "the model thread to pick up the holding job")
+    with held_worker(counting, expected=lambda: 2) as (worker, release):
         futures = [worker.encode_text(q) for q in QUERIES[:2]]
         release.set()
         for f in futures:
             f.result(DEADLINE)
-    finally:
-        worker.stop()
     assert counting.calls == [QUERIES[:2]] and worker.waited_turns == 0
 
 
