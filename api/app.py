@@ -392,6 +392,14 @@ def _run_search(state: AppState, **kwargs: Any) -> list[Any]:
         raise ApiProblem(400, str(exc) or "invalid search", "bad-request") from None
 
 
+async def _bad_request(search: Any) -> Any:
+    """Await a search; the collection's input errors become 400, as in ``_run_search``."""
+    try:
+        return await search
+    except (ValueError, OverflowError) as exc:
+        raise ApiProblem(400, str(exc) or "invalid search", "bad-request") from None
+
+
 def _direction(values: list[float]) -> list[float]:
     """The query vector scaled to unit length in float64 (first by its largest component, so neither
     1e300 nor 1e-300 over- or underflows): any finite vector that is not all zero is a direction."""
@@ -428,7 +436,8 @@ def _search_routes(app: FastAPI, state: AppState, read_deps: list[Any], auth_dep
     cost = {kind: SearchCost() for kind in ("text", "like", "embedding")}
 
     # The hot route: admission is checked inline (``hold_now``) instead of through the ``admit`` dependency,
-    # the search runs on the loop when it is cheap (``SearchCost``), and the JSON is written directly.
+    # text queries are searched in their model batch, other searches run on the loop when cheap
+    # (``SearchCost``), and the JSON is written directly.
     @app.post("/v1/search", response_model=SearchResponse, tags=["search"], dependencies=auth_deps,
               summary="Search by text, by a stored image (like) or by an embedding",
               responses=problem_responses(400, 401, 403, 404, 422, 503))
@@ -436,20 +445,26 @@ def _search_routes(app: FastAPI, state: AppState, read_deps: list[Any], auth_dep
         started = time.perf_counter()
         with state.in_flight.hold_now():
             common = {"k": body.k, "filter": body.filter, "offset": body.offset, "min_score": body.min_score}
-            if body.query is not None:
-                kind = "text"
+            if body.query is not None and body.filter is None:
+                kind = "text"  # encoded and searched in the model thread's batch (see ModelWorker.search_text)
                 state.require_model()
-                vector = await result_or_drop(request, state.worker.encode_text(body.query))
-                common["embedding"] = vector.tolist()
-            elif body.like is not None:
-                kind, common["like"] = "like", int(body.like)
+                job = state.worker.search_text(body.query, body.k, body.offset, body.min_score)
+                hits = await _bad_request(result_or_drop(request, job))
             else:
-                kind, common["embedding"] = "embedding", _direction(body.embedding)
-            runner = cost[kind]
-            if runner.inline and body.filter is None:
-                hits = runner.run(state, **common)
-            else:
-                hits = await run_in_threadpool(runner.run, state, **common)
+                if body.query is not None:
+                    kind = "text"
+                    state.require_model()
+                    vector = await result_or_drop(request, state.worker.encode_text(body.query))
+                    common["embedding"] = vector.tolist()
+                elif body.like is not None:
+                    kind, common["like"] = "like", int(body.like)
+                else:
+                    kind, common["embedding"] = "embedding", _direction(body.embedding)
+                runner = cost[kind]
+                if runner.inline and body.filter is None:
+                    hits = runner.run(state, **common)
+                else:
+                    hits = await run_in_threadpool(runner.run, state, **common)
         took = time.perf_counter() - started
         metrics.searches.inc(kind)
         metrics.search_latency.observe(took, kind)

@@ -13,6 +13,10 @@ admitted request is left that could still send one (``expected``). A lone query 
 waits: its turn starts at once. On a small CPU model one call of 32 texts costs about as much as
 eight calls of one, so a short wait buys throughput when clients pile up.
 
+A text search without a filter (``search_text``) is searched on this thread too, right after its
+batch is encoded: one ``search_batch`` call for the batch's queries with the same k, offset and
+min_score, which costs far less than one search per request on the event loop.
+
 Non-streaming questions (``answer``) are batched too, without any wait: asks already queued one
 after another with the same ``max_new_tokens`` and token kind go to one ``model.answer_batch`` call
 (greedy decoding, so each answer is the one it would get alone).
@@ -42,10 +46,12 @@ log = logging.getLogger("fwd2bot_index.api")
 
 
 class _TextJob:
-    __slots__ = ("text", "future")
+    """A text to encode; with ``search`` (k, offset, min_score) its hits are wanted, not its vector."""
 
-    def __init__(self, text: str) -> None:
-        self.text = text
+    __slots__ = ("text", "search", "future")
+
+    def __init__(self, text: str, search: tuple[int, int, float | None] | None = None) -> None:
+        self.text, self.search = text, search
         self.future: Future = Future()
 
 
@@ -147,6 +153,12 @@ class ModelWorker:
     def encode_text(self, text: str) -> Future:
         """The embedding of one text, encoded together with whatever other texts are waiting."""
         return self._submit(_TextJob(text))
+
+    def search_text(self, text: str, k: int, offset: int = 0, min_score: float | None = None) -> Future:
+        """The hits for a text query without a filter: encoded with the texts waiting, then searched in one
+        ``collection.search_batch`` call with the other queries of that batch that share ``k``, ``offset``
+        and ``min_score`` (one index call and one catalog read for all, instead of one each on the loop)."""
+        return self._submit(_TextJob(text, (k, offset, min_score)))
 
     def answer(self, tokens: Any, question: str, max_new_tokens: int, kind: str | None) -> Future:
         """The answer to ``question`` from one image's stored ``tokens``, decoded together with the asks
@@ -263,13 +275,23 @@ class ModelWorker:
         return batch
 
     def _run_texts(self, batch: list[_TextJob]) -> None:
-        def encode(jobs: list[_TextJob]) -> list[np.ndarray]:
+        def encode(jobs: list[_TextJob]) -> list[Any]:
             unique = list(dict.fromkeys(j.text for j in jobs))
             vectors = np.asarray(self.service.encode_texts(unique), dtype=np.float32)
             if self.on_batch is not None:
                 self.on_batch(len(unique))
             row = {text: i for i, text in enumerate(unique)}
-            return [vectors[row[j.text]] for j in jobs]
+            out: list[Any] = [vectors[row[j.text]] for j in jobs]
+            groups: dict[tuple, list[int]] = {}
+            for n, job in enumerate(jobs):
+                if job.search is not None:
+                    groups.setdefault(job.search, []).append(n)
+            for (k, offset, min_score), members in groups.items():
+                found = self.service.collection.search_batch(np.stack([out[n] for n in members]), k, None, offset,
+                                                             min_score)
+                for n, hits in zip(members, found):
+                    out[n] = hits
+            return out
 
         self._run_batch(batch, encode)
 

@@ -52,23 +52,26 @@ def _hits(response) -> list[tuple[int, float]]:
 
 
 def test_concurrent_text_queries_share_one_model_call_and_get_the_same_hits_as_alone(service):
+    """Queued together, six queries are encoded in one call and searched per (k, offset, min_score) group in
+    the same turn; each gets the hits it gets alone."""
     counting = CountingCalls(service)
+    k = {q: 3 + 2 * (n % 2) for n, q in enumerate(QUERIES)}  # two groups that search apart
     app = create_app(counting)
     worker = app.state.f2b.worker
     with TestClient(app, base_url=LOCAL) as c, ThreadPoolExecutor(len(QUERIES)) as pool:
         c.get("/readyz")
-        alone = {q: _hits(c.post("/v1/search", json={"query": q, "k": 5})) for q in QUERIES}
+        alone = {q: _hits(c.post("/v1/search", json={"query": q, "k": k[q]})) for q in QUERIES}
         assert counting.calls == [[q] for q in QUERIES]  # sent one after another: one text per call
         assert worker.waited_turns == 0
         counting.calls.clear()
         with HeldModel(app):
-            futures = [pool.submit(c.post, "/v1/search", json={"query": q, "k": 5}) for q in QUERIES]
+            futures = [pool.submit(c.post, "/v1/search", json={"query": q, "k": k[q]}) for q in QUERIES]
             until(lambda: worker.pending == 1 + len(QUERIES), "every query queued behind the held job")
         together = {q: _hits(f.result(DEADLINE)) for q, f in zip(QUERIES, futures)}
         metrics = c.get("/metrics").text
     assert len(counting.calls) == 1 and sorted(counting.calls[0]) == sorted(QUERIES)
     for q in QUERIES:
-        assert [i for i, _ in together[q]] == [i for i, _ in alone[q]], q
+        assert len(together[q]) == k[q] and [i for i, _ in together[q]] == [i for i, _ in alone[q]], q
         assert [s for _, s in together[q]] == pytest.approx([s for _, s in alone[q]], abs=1e-5), q
     calls, texts = _metric(metrics, "f2b_model_text_batch_size_count"), _metric(metrics, "f2b_model_text_batch_size_sum")
     assert (calls, texts) == (len(QUERIES) + 1, 2 * len(QUERIES))  # six calls of one, then one of six
