@@ -1,20 +1,24 @@
 """Load on the REST service over loopback: p50/p99 latency and QPS at a few concurrency levels.
 
 Starts ``f2b serve``'s own code path (``fwd2bot_index.api.serve``) in a subprocess on 127.0.0.1,
-waits for readiness, then sends bounded bursts of searches over keep-alive connections (``Connection``): text queries
-(model encode, batched by the server's model thread, then FAISS) and "more like this" queries (no
-model). Requests beyond the server's model queue are refused with 503 at once: the table counts them
-apart, with their own latency. Levels above the server's ``--max-queue`` are measured twice: with
-that queue (refusals counted) and on a second server whose queue holds every client (the goal uses
-the second: it measures what the server serves, not how fast it refuses). Per level it reports the
-texts the model encoded per call and the CPU time the server and the client spent per request (the
-client shares the machine's cores with the server). ``--image-memory`` also sends concurrent searches by a large example
-image and reports the server's peak RSS (the decode gate bounds it). Prints Markdown for BENCHMARKS.md.
+waits for readiness, then sends bounded bursts of searches over keep-alive connections
+(``Connection``): text queries (model encode, batched by the server's model thread, then FAISS) and
+"more like this" queries (no model). Requests beyond the server's ``--max-queue`` are refused with
+503 at once: the table counts them apart, with their own latency (the clients send again at once).
+Per level it reports the texts the model encoded per call and the CPU time the server and the
+client spent per request (the client shares the machine's cores with the server).
 
-    python bench/bench_service.py                  # 200-image demo collection, 200 requests per level
-    python bench/bench_service.py --quick          # fewer levels and requests
+The goals (issue 16) are measured on a second server whose queue holds every client (it measures
+what the server serves, not how fast it refuses): 1 client and the top level alternate in rounds,
+and the ratios are medians of the per-round ratios. ``--image-memory`` also sends concurrent
+searches by a large example image and reports the server's peak RSS (the decode gate bounds it).
+Prints Markdown for BENCHMARKS.md; ``--json`` also writes rows and goal checks (``bench/run_all.py``).
+
+    python bench/bench_service.py                  # 200-image demo collection, levels 1,8,32,200
+    python bench/bench_service.py --quick          # levels 1,32,200 and fewer requests
     python bench/bench_service.py --collection .f2b --model demo
     python bench/bench_service.py --quick --image-memory 8 --megapixels 36
+    python bench/bench_service.py --batch-wait-ms 0 # the server without the batching window
 
 Only loopback addresses are used; every run is bounded in requests and time.
 """
