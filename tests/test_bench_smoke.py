@@ -219,3 +219,20 @@ def test_search_case_variants_reuse_one_index(bench, tmp_path):
     by = {v["variant"]: v for v in row["variants"]}
     assert by["ef_search=256"]["recall_at_10"] >= by["ef_search=16"]["recall_at_10"]
     assert row["structure"] == "hnsw" and row["build_s"] > 0
+
+
+def test_service_tiny(bench, tmp_path, capsys):
+    """Two real servers on loopback, 20 images, levels 1 and 4: the table, texts per call per level, and
+    both goal checks (judged, with a 'why' wherever missed) in the JSON that run_all reads."""
+    out, data = run(bench("bench_service"), ["--images", "20", "--levels", "1,4", "--requests", "16",
+                                             "--torch-threads", "1", "--json", str(tmp_path / "svc.json")], capsys)
+    (table,) = tables(out)
+    assert table[0][:3] == ["query", "concurrency", "max queue"] and "texts per model call" in table[0]
+    rows = data["rows"]
+    assert all(r["errors"] == 0 and r["qps"] > 0 for r in rows)
+    text = [r for r in rows if r["kind"] == "text"]
+    assert all(r["texts_per_call"] >= 1 and r["model_calls"] >= 1 for r in text)
+    assert {r["concurrency"] for r in rows if r.get("round") is not None} == {1, 4}
+    goals = data["goals"]
+    assert [g["figure"] for g in goals] == ["5", "5"] and "4 clients >= 1.5x" in goals[0]["goal"]
+    assert all(isinstance(g["met"], bool) and (g["met"] or g["why"]) for g in goals)
