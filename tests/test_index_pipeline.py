@@ -5,6 +5,7 @@ before an error or a Ctrl-C, and never commit anything twice or out of order."""
 from __future__ import annotations
 
 import errno
+import sys
 import threading
 
 import numpy as np
@@ -87,10 +88,11 @@ def test_overlapped_pipeline_gives_what_batch_by_batch_commits_give(tmp_path, fo
 
 def test_disk_full_while_committing_a_batch_keeps_the_earlier_ones(tmp_path, folder, fresh):
     tokens = fresh.collection.tokens
-    real, calls = tokens.write_shard, []
+    real, calls, intervals = tokens.write_shard, [], []
 
     def third_fails(*args, **kwargs):
         calls.append(1)
+        intervals.append(sys.getswitchinterval())
         if len(calls) == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
@@ -101,6 +103,7 @@ def test_disk_full_while_committing_a_batch_keeps_the_earlier_ones(tmp_path, fol
     message = str(caught.value)
     assert "\n" not in message and "disk" in message.lower(), message
     assert len(calls) == 3  # the writer stopped at the failing batch: nothing after it was even tried
+    assert max(intervals) < sys.getswitchinterval()  # the model got the GIL back quickly while they ran
     coll = fresh.collection
     assert len(coll) == 2 * BATCH and coll.verify().ok
     tokens.write_shard = real
@@ -122,12 +125,14 @@ def test_ctrl_c_while_encoding_keeps_every_committed_batch(tmp_path, folder, fre
         return real(*args, **kwargs)
 
     model.encode_images = third_is_interrupted
+    before = sys.getswitchinterval()
     try:
         with pytest.raises(IndexInterrupted) as caught:
             fresh.index([folder], batch_size=BATCH)
     finally:
         del model.encode_images
     report = caught.value.report
+    assert sys.getswitchinterval() == before  # the quick GIL hand-off ends with the run, interrupted or not
     assert report.interrupted and report.indexed == 2 * BATCH  # the batch queued at the interrupt is committed too
     assert len(fresh.collection) == 2 * BATCH and fresh.collection.verify().ok
     again = fresh.index([folder], batch_size=BATCH)
