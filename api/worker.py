@@ -108,6 +108,7 @@ class ModelWorker:
         self.load_seconds: float | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._held: Any = None  # a job taken while gathering a text batch, run next
+        self.on_ready: Callable[[], None] | None = None  # called on this thread once the model has loaded
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -142,6 +143,8 @@ class ModelWorker:
             log.error("%s", self.detail)
             return
         self.load_seconds = time.perf_counter() - started
+        if self.on_ready is not None:
+            self.on_ready()
         self.state = "ready"
         log.info("model ready in %.1f s", self.load_seconds)
 

@@ -210,3 +210,25 @@ def test_concurrent_json_asks_share_a_call_per_length_and_answer_as_alone(servic
         [(sorted(questions), 6), (sorted([questions[1], questions[0]]), 3)])
     assert _metric(metrics, "f2b_model_answer_calls") == len(asks) + 2
     assert _metric(metrics, "f2b_model_answers") == 2 * len(asks)
+
+
+def test_the_server_freezes_the_heap_once_the_model_has_loaded(demo):
+    """``make_server`` (what ``f2b serve`` runs) moves the loaded model out of the garbage collector's view,
+    so a full collection no longer pauses every request for hundreds of milliseconds."""
+    import gc
+
+    from fwd2bot_index.api import make_server
+    from fwd2bot_index.api.server import freeze_heap
+    from fwd2bot_index.api.testing import LiveServer, free_port
+
+    gc.unfreeze()
+    server = make_server(demo.collection, model=str(demo.model_dir), port=free_port(), writable=False,
+                         log_level="warning")
+    assert server.config.app.state.f2b.worker.on_ready is freeze_heap
+    live = LiveServer(server=server)
+    try:
+        with live:
+            live.wait_ready()
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
