@@ -1,8 +1,11 @@
 """The FastAPI app factory: REST routes over the service facade, the search page, metrics.
 
-Concurrency model. Reads (search by id or vector, image records, files, thumbnails) run in the
-thread pool at the same time; the collection guards its own state. Every model call goes to one
-model thread (``ModelWorker``), which batches concurrent text queries. Writes (upload, delete) hold
+Concurrency model. Reads (image records, files, thumbnails, filtered or slow searches) run in the
+thread pool at the same time; the collection guards its own state. A search by id or vector that
+costs well under a millisecond runs on the event loop itself (``SearchCost``: the hop to a pool
+thread cost more). Every model call goes to one model thread (``ModelWorker``), which batches
+concurrent text queries (and searches them in the same turn) and concurrent JSON answers; no
+search by id or vector ever waits for it. Writes (upload, delete) hold
 one write lock, so the collection sees one writer at a time. The model loads in the background at
 startup: ``/healthz`` answers at once, ``/readyz`` says 503 until the model is ready, and routes
 that need the model answer 503 with ``Retry-After`` meanwhile (searches by id or vector work).
@@ -21,19 +24,16 @@ import asyncio
 import functools
 import hmac
 import inspect
-import json
 import logging
 import os
 import threading
-import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
-from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, Response, Security, UploadFile
+from fastapi import Depends, FastAPI, File, Header, Query, Response, Security, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
@@ -43,9 +43,8 @@ from starlette.concurrency import run_in_threadpool
 
 from .docs import install_docs
 from .files import ThumbnailCache, catalog_row, read_verified
-from .filters import FilterInvalid, check_filter
 from .guard import HostOriginMiddleware, default_hosts
-from .limits import Gate, result_or_drop
+from .limits import Gate
 from .metrics import Metrics
 from .middleware import AllowMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from .model_routes import IdParam, model_routes
@@ -56,11 +55,9 @@ from .schemas import (
     Health,
     ImageInfo,
     Readiness,
-    SearchRequest,
-    SearchResponse,
     UploadResponse,
-    check_text,
 )
+from .search_routes import search_routes
 from .uploads import CheckedImage, Uploader, check_image, safe_name
 from .worker import DEFAULT_BATCH_WAIT, ModelWorker
 
@@ -115,6 +112,11 @@ class AppState:
             self._decoder = ThreadPoolExecutor(self._decode_slots, thread_name_prefix="f2b-decode")
         call = functools.partial(check_image, data, name, declared, self.max_upload_bytes, self.max_pixels)
         return await asyncio.get_running_loop().run_in_executor(self._decoder, call)
+
+    async def read_upload(self, file: UploadFile) -> CheckedImage:
+        """An uploaded image read (at most ``max_upload_bytes`` + 1) and decoded (call inside ``decodes.hold()``)."""
+        data = await file.read(self.max_upload_bytes + 1)
+        return await self.decode(data, file.filename or "upload", file.content_type)
 
     async def admit(self) -> AsyncIterator[None]:
         """A route dependency: hold a place among the requests in flight (503 at once when none is free)."""
@@ -242,7 +244,7 @@ def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: 
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _page_routes(app)
     _health_routes(app, state, read_deps)
-    _search_routes(app, state, heavy_reads, read_deps)
+    search_routes(app, state, heavy_reads, read_deps)
     _image_routes(app, state, read_deps, write_deps, heavy_writes)
     model_routes(app, state, heavy_reads)
     install_openapi(app, state)
@@ -344,159 +346,6 @@ def _health_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:
         return JSONResponse(jsonable_encoder(info))
 
 
-# ---------------------------------------------------------------------------------------- search
-
-
-def _search_body(kind: str, k: int, offset: int, took: float, hits: Sequence[Any]) -> bytes:
-    """The ``SearchResponse`` JSON (hits as ``SearchHit``) written directly, without building and
-    re-validating pydantic models per hit (a measurable share of a search's CPU at hundreds per second)."""
-    results = [{"id": int(h.id), "path": str(h.path), "score": float(h.score), "metadata": dict(h.metadata or {}),
-                "thumbnail_url": f"/v1/images/{int(h.id)}/thumbnail", "url": f"/v1/images/{int(h.id)}"}
-               for h in hits]
-    body = {"kind": kind, "k": k, "offset": offset, "took_ms": round(took * 1000, 3), "results": results}
-    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-
-
-class SearchCost:
-    """A running average of how long ``service.search`` takes, to decide where the next one runs.
-
-    A search that takes well under a millisecond of CPU (FAISS over a small or HNSW index, no filter) costs
-    less on the event loop than the hop to a pool thread and back (measured about 0.1 ms of the loop's
-    CPU plus the thread's wake-up); a slow one (a large flat index, a filter that reads SQLite) goes to
-    the pool so the loop keeps answering. Starts "slow": the first searches measure.
-    """
-
-    INLINE_BELOW = 0.0005  # seconds
-
-    def __init__(self) -> None:
-        self.average = float("inf")
-
-    @property
-    def inline(self) -> bool:
-        return self.average < self.INLINE_BELOW
-
-    def run(self, state: AppState, **kwargs: Any) -> list[Any]:
-        started = time.thread_time()  # CPU, not wall time: waiting for the GIL under load is not the search's cost
-        try:
-            return _run_search(state, **kwargs)
-        finally:
-            took = time.thread_time() - started
-            self.average = took if self.average == float("inf") else 0.9 * self.average + 0.1 * took
-
-
-def _run_search(state: AppState, **kwargs: Any) -> list[Any]:
-    """``service.search`` with the collection's input errors (bad filter, huge number) as 400."""
-    try:
-        return state.service.search(**kwargs)
-    except (ValueError, OverflowError) as exc:
-        raise ApiProblem(400, str(exc) or "invalid search", "bad-request") from None
-
-
-async def _bad_request(search: Any) -> Any:
-    """Await a search; the collection's input errors become 400, as in ``_run_search``."""
-    try:
-        return await search
-    except (ValueError, OverflowError) as exc:
-        raise ApiProblem(400, str(exc) or "invalid search", "bad-request") from None
-
-
-def _direction(values: list[float]) -> list[float]:
-    """The query vector scaled to unit length in float64 (first by its largest component, so neither
-    1e300 nor 1e-300 over- or underflows): any finite vector that is not all zero is a direction."""
-    vector = np.asarray(values, dtype=np.float64)
-    largest = float(np.max(np.abs(vector))) if vector.size else 0.0
-    if not largest:
-        raise ApiProblem(400, "the embedding is all zeros; a query vector needs a direction", "bad-request")
-    vector = vector / largest
-    return (vector / np.linalg.norm(vector)).tolist()
-
-
-def _parse_filter(raw: str | None) -> dict[str, Any] | None:
-    """The multipart ``filter`` field: a JSON object following the same schema as in /v1/search (else 422)."""
-    if raw is None or not raw.strip():
-        return None
-    try:
-        value = json.loads(raw)
-        check_text(value, "filter")
-        return check_filter(value)
-    except FilterInvalid as exc:
-        raise ApiProblem(422, str(exc), "validation-error") from None
-    except ValueError as exc:
-        detail = str(exc) if "surrogate" in str(exc) else "'filter' must be a JSON object, e.g. {\"split\": \"test\"}"
-        raise ApiProblem(422, detail, "validation-error") from None
-
-
-async def _read_upload(state: AppState, file: UploadFile) -> CheckedImage:
-    data = await file.read(state.max_upload_bytes + 1)
-    return await state.decode(data, file.filename or "upload", file.content_type)
-
-
-def _search_routes(app: FastAPI, state: AppState, read_deps: list[Any], auth_deps: list[Any]) -> None:
-    metrics = state.metrics
-    cost = {kind: SearchCost() for kind in ("text", "like", "embedding")}
-
-    # The hot route: admission is checked inline (``hold_now``) instead of through the ``admit`` dependency,
-    # text queries are searched in their model batch, other searches run on the loop when cheap
-    # (``SearchCost``), and the JSON is written directly.
-    @app.post("/v1/search", response_model=SearchResponse, tags=["search"], dependencies=auth_deps,
-              summary="Search by text, by a stored image (like) or by an embedding",
-              responses=problem_responses(400, 401, 403, 404, 422, 503))
-    async def search(body: SearchRequest, request: Request) -> Response:
-        started = time.perf_counter()
-        with state.in_flight.hold_now():
-            common = {"k": body.k, "filter": body.filter, "offset": body.offset, "min_score": body.min_score}
-            if body.query is not None and body.filter is None:
-                kind = "text"  # encoded and searched in the model thread's batch (see ModelWorker.search_text)
-                state.require_model()
-                job = state.worker.search_text(body.query, body.k, body.offset, body.min_score)
-                hits = await _bad_request(result_or_drop(request, job))
-            else:
-                if body.query is not None:
-                    kind = "text"
-                    state.require_model()
-                    vector = await result_or_drop(request, state.worker.encode_text(body.query))
-                    common["embedding"] = vector.tolist()
-                elif body.like is not None:
-                    kind, common["like"] = "like", int(body.like)
-                else:
-                    kind, common["embedding"] = "embedding", _direction(body.embedding)
-                runner = cost[kind]
-                if runner.inline and body.filter is None:
-                    hits = runner.run(state, **common)
-                else:
-                    hits = await run_in_threadpool(runner.run, state, **common)
-        took = time.perf_counter() - started
-        metrics.searches.inc(kind)
-        metrics.search_latency.observe(took, kind)
-        return Response(_search_body(kind, body.k, body.offset, took, hits), media_type="application/json")
-
-    @app.post("/v1/search/image", response_model=SearchResponse, tags=["search"], dependencies=read_deps,
-              summary="Search by an uploaded example image (multipart)",
-              responses=problem_responses(400, 401, 403, 413, 415, 422, 503))
-    async def search_image(
-        request: Request,
-        file: Annotated[UploadFile, File(description="The example image.")],
-        k: Annotated[int, Form(ge=1, le=500)] = 10,
-        offset: Annotated[int, Form(ge=0, le=100_000)] = 0,
-        # Form fields cannot be null: left out means no limit / no filter (the defaults are not validated).
-        min_score: Annotated[float, Form(ge=-1.0, le=1.0)] = None,  # type: ignore[assignment]
-        filter: Annotated[str, Form(description="Metadata filter as a JSON object.")] = None,  # type: ignore[assignment]
-    ) -> Response:
-        started = time.perf_counter()
-        conditions = _parse_filter(filter)
-        async with state.decodes.hold():  # the decoded picture lives until the model has encoded it
-            image = await _read_upload(state, file)
-            state.require_model()
-            vectors = await result_or_drop(request, state.worker.call(state.service.encode_images, [image.picture]))
-            del image
-        hits = await run_in_threadpool(_run_search, state, embedding=[float(x) for x in vectors[0]], k=k,
-                                       filter=conditions, offset=offset, min_score=min_score)
-        took = time.perf_counter() - started
-        metrics.searches.inc("image")
-        metrics.search_latency.observe(took, "image")
-        return Response(_search_body("image", k, offset, took, hits), media_type="application/json")
-
-
 # ---------------------------------------------------------------------------------------- images
 
 
@@ -515,7 +364,7 @@ def _image_routes(app: FastAPI, state: AppState, read_deps: list[Any], write_dep
                      response: Response) -> UploadResponse:
         state.require_writable()
         async with state.decodes.hold():
-            image = await _read_upload(state, file)
+            image = await state.read_upload(file)
             state.require_model()
             image_id, created = await run_in_threadpool(state.uploader.add, image)
             del image
