@@ -74,6 +74,10 @@ class _CallJob:
 
 
 _STOP = object()
+# Queries per search_batch call from this thread. The collection holds its lock for a whole call, and a
+# cheap search by id may run on the event loop: chunks bound how long the loop can wait for that lock
+# (demo collection: 8 queries 0.16 ms, 32 queries 0.65 ms; per query the same from 8 on).
+SEARCH_CHUNK = 8
 DEFAULT_BATCH_WAIT = 0.002  # seconds a turn under load may wait for more texts (see the module docstring)
 
 
@@ -290,10 +294,12 @@ class ModelWorker:
                 if job.search is not None:
                     groups.setdefault(job.search, []).append(n)
             for (k, offset, min_score), members in groups.items():
-                found = self.service.collection.search_batch(np.stack([out[n] for n in members]), k, None, offset,
-                                                             min_score)
-                for n, hits in zip(members, found):
-                    out[n] = hits
+                for i in range(0, len(members), SEARCH_CHUNK):
+                    chunk = members[i:i + SEARCH_CHUNK]
+                    found = self.service.collection.search_batch(np.stack([out[n] for n in chunk]), k, None, offset,
+                                                                 min_score)
+                    for n, hits in zip(chunk, found):
+                        out[n] = hits
             return out
 
         self._run_batch(batch, encode)

@@ -51,9 +51,12 @@ def _hits(response) -> list[tuple[int, float]]:
     return [(h["id"], h["score"]) for h in response.json()["results"]]
 
 
-def test_concurrent_text_queries_share_one_model_call_and_get_the_same_hits_as_alone(service):
+def test_concurrent_text_queries_share_one_model_call_and_get_the_same_hits_as_alone(service, monkeypatch):
     """Queued together, six queries are encoded in one call and searched per (k, offset, min_score) group in
-    the same turn; each gets the hits it gets alone."""
+    the same turn, in chunks (of 2 here, so a group of 3 spans two); each gets the hits it gets alone."""
+    import fwd2bot_index.api.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "SEARCH_CHUNK", 2)
     counting = CountingCalls(service)
     k = {q: 3 + 2 * (n % 2) for n, q in enumerate(QUERIES)}  # two groups that search apart
     app = create_app(counting)
