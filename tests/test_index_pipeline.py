@@ -5,6 +5,7 @@ before an error or a Ctrl-C, and never commit anything twice or out of order."""
 from __future__ import annotations
 
 import errno
+import gc
 import sys
 import threading
 
@@ -88,11 +89,12 @@ def test_overlapped_pipeline_gives_what_batch_by_batch_commits_give(tmp_path, fo
 
 def test_disk_full_while_committing_a_batch_keeps_the_earlier_ones(tmp_path, folder, fresh):
     tokens = fresh.collection.tokens
-    real, calls, intervals = tokens.write_shard, [], []
+    real, calls, intervals, frozen = tokens.write_shard, [], [], []
 
     def third_fails(*args, **kwargs):
         calls.append(1)
         intervals.append(sys.getswitchinterval())
+        frozen.append(gc.get_freeze_count())
         if len(calls) == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
@@ -104,6 +106,7 @@ def test_disk_full_while_committing_a_batch_keeps_the_earlier_ones(tmp_path, fol
     assert "\n" not in message and "disk" in message.lower(), message
     assert len(calls) == 3  # the writer stopped at the failing batch: nothing after it was even tried
     assert max(intervals) < sys.getswitchinterval()  # the model got the GIL back quickly while they ran
+    assert min(frozen) > 0 and gc.get_freeze_count() == 0  # long-lived objects out of the GC's way, then back
     coll = fresh.collection
     assert len(coll) == 2 * BATCH and coll.verify().ok
     tokens.write_shard = real
