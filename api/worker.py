@@ -11,7 +11,8 @@ than there are jobs here: they are being parsed and may send a text) it then wai
 seconds for more, stopping early at ``max_batch`` texts, at a job that is not a text, or when no
 admitted request is left that could still send one (``expected``). A lone query at low load never
 waits: its turn starts at once. On a small CPU model one call of 32 texts costs about as much as
-eight calls of one, so a short wait buys throughput when clients pile up.
+eight calls of one; texts that pile up while the model runs already fill the batches under load, so
+the window is off unless asked for (``DEFAULT_BATCH_WAIT``).
 
 A text search without a filter (``search_text``) is searched on this thread too, right after its
 batch is encoded: one ``search_batch`` call for the batch's queries with the same k, offset and
@@ -78,7 +79,11 @@ _STOP = object()
 # cheap search by id may run on the event loop: chunks bound how long the loop can wait for that lock
 # (demo collection: 8 queries 0.16 ms, 32 queries 0.65 ms; per query the same from 8 on).
 SEARCH_CHUNK = 8
-DEFAULT_BATCH_WAIT = 0.002  # seconds a turn under load may wait for more texts (see the module docstring)
+# Seconds a turn under load may wait for more texts (see the module docstring). Off by default: on the
+# demo model (2 CPU cores, bench/bench_service.py, 3 alternating rounds) a 2 ms window gave the same texts
+# per call (about 6, 15 and 31 at 8, 32 and 200 clients: texts pile up while the model runs) and the same
+# server CPU per request as none. It may pay where a model call is cheap next to the gap between requests.
+DEFAULT_BATCH_WAIT = 0.0
 
 
 class ModelWorker:

@@ -441,9 +441,10 @@ def serve(
                                    "*.example.org); repeatable. Loopback names, --host and IP addresses are always allowed."),
     max_queue: int = typer.Option(64, "--max-queue", min=1,
                                   help="Model requests that may wait; more are answered 503 with Retry-After at once."),
-    batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", min=0, max=1000,
+    batch_wait_ms: float = typer.Option(0.0, "--batch-wait-ms", min=0, max=1000,
                                         help="Under load, how long the model may wait to encode more text queries "
-                                             "together (0: never wait; a lone query never waits)."),
+                                             "together (default 0: texts that queue while it runs are batched "
+                                             "anyway; a lone query never waits)."),
 ) -> None:
     """Serve the REST API (/v1/...) and the search page (/)."""
     check(model=model, device=device, dtype=dtype)
