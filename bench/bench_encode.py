@@ -67,11 +67,12 @@ def cli_index(model_name: str, images: Path, collection: Path, batch_size: int) 
 
 
 COLD_PASS = """
-import json, sys, time
+import gc, json, sys, time
 sys.path.insert(0, sys.argv[1])
 import bench_encode as B, _models as M
 model = M.load(sys.argv[2])
 images = B.decoded(B.Path(sys.argv[3]))
+gc.freeze()  # as `f2b index` does for its run: no full collection walking the just-loaded libraries
 start = time.perf_counter()
 model.encode_images(images, batch_size=int(sys.argv[4]))
 print(json.dumps(time.perf_counter() - start))
@@ -79,8 +80,9 @@ print(json.dumps(time.perf_counter() - start))
 
 
 def cold_model_only(model_name: str, world: Path, batch_size: int) -> float:
-    """Seconds of the first ``encode_images`` pass in a fresh process (no warm-up), as `f2b index` gets it:
-    what part of the gap is the encoder's own first pass rather than the pipeline."""
+    """Seconds of the first ``encode_images`` pass in a fresh process (no warm-up, the GC set as `f2b index`
+    sets it), alone on the machine's cores: what part of the gap is the encoder's own first pass rather
+    than the pipeline's threads beside it."""
     done = subprocess.run([sys.executable, "-c", COLD_PASS, str(Path(__file__).resolve().parent), model_name, str(world),
                            str(batch_size)], capture_output=True, text=True, cwd=str(C.ROOT), timeout=1800)
     if done.returncode != 0:
@@ -128,7 +130,7 @@ def breakdown_text(run: dict) -> str:
     if not t:
         return f"f2b index {run['seconds']:.2f} s vs model-only {run['model_only_s']:.2f} s"
     other = run["seconds"] - sum(t.get(k, 0.0) for k in ("check", "decode_wait", "encode", "commit_wait", "finish"))
-    cold = (f"; a fresh process's first model-only pass, as `f2b index` gets it, takes {run['cold_model_only_s']:.2f} s"
+    cold = (f"; a fresh process's first model-only pass, alone, takes {run['cold_model_only_s']:.2f} s"
             if run.get("cold_model_only_s") else "")
     return (f"f2b index {run['seconds']:.2f} s vs model-only {run['model_only_s']:.2f} s (warmed up{cold}): encoding "
             f"{t['encode']:.2f} s (the model, with decode and commit threads beside it), waiting for decoded images "
