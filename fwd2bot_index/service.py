@@ -177,6 +177,7 @@ def _not_from_world(image: Any) -> bool:
 _SETTINGS_LOCK = threading.Lock()
 _settings_runs = 0
 _saved_interval = 0.005
+_froze = False
 
 
 @contextlib.contextmanager
@@ -193,14 +194,17 @@ def _index_settings(interval: float = 0.0005) -> Iterator[None]:
     The objects alive at the start (torch, transformers, a loaded model: millions) are frozen out of
     the garbage collector's generations (``gc.freeze``), so the full collections that the run's own
     allocations trigger do not walk them all again: measured, one 0.22 s pause in every 256-image
-    demo-model run (~10% of it) right after the model loaded. They are unfrozen at the end.
+    demo-model run (~10% of it) right after the model loaded. They are unfrozen at the end, unless the
+    process had frozen its heap itself (a server does once its model loaded): that is left as it was.
     """
-    global _settings_runs, _saved_interval
+    global _settings_runs, _saved_interval, _froze
     with _SETTINGS_LOCK:
         if _settings_runs == 0:
             _saved_interval = sys.getswitchinterval()
             sys.setswitchinterval(min(interval, _saved_interval))
-            gc.freeze()
+            _froze = gc.get_freeze_count() == 0
+            if _froze:
+                gc.freeze()
         _settings_runs += 1
     try:
         yield
@@ -209,7 +213,8 @@ def _index_settings(interval: float = 0.0005) -> Iterator[None]:
             _settings_runs -= 1
             if _settings_runs == 0:
                 sys.setswitchinterval(_saved_interval)
-                gc.unfreeze()
+                if _froze:
+                    gc.unfreeze()
 
 
 class _Committer:

@@ -175,3 +175,14 @@ def test_demo_world_check_runs_beside_the_encoder(tmp_path, model_dir):
         demo = ImageService(svc.collection, "demo", model=svc.model)  # the check is for the `demo` model
         report = demo.index([tmp_path / "d" / "images"], batch_size=BATCH)
     assert report.indexed == 8 and report.world_checked == 8 and report.world_foreign == 3  # all 8 checked
+
+
+def test_a_heap_the_process_froze_itself_stays_frozen(tmp_path, folder, fresh):
+    """A server freezes its heap once its model loaded; an index run in it must not thaw that."""
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        fresh.index([folder], batch_size=BATCH)
+        assert gc.get_freeze_count() > 0.9 * before > 0  # not thawed (a few frozen objects died by refcount)
+    finally:
+        gc.unfreeze()
