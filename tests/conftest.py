@@ -85,3 +85,13 @@ def one_torch_thread():
     yield
     torch.set_num_threads(before)
 
+
+
+@pytest.fixture(autouse=True)
+def thawed_gc():
+    """`f2b serve` (``make_server``) freezes the heap once its model has loaded, for good in a server; in
+    this test process the next test must start with the garbage collector as it was."""
+    yield
+    import gc
+
+    gc.unfreeze()
