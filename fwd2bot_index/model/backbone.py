@@ -365,6 +365,10 @@ def load_backbone(
         processor = AutoProcessor.from_pretrained(ref, revision=revision)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if torch_device.type == "cpu":
+        from .allocator import tune_malloc
+
+        tune_malloc()  # activations freed and allocated every layer: keep them out of mmap/munmap
     model_cls = getattr(transformers, arch)
     hf = model_cls.from_pretrained(ref, revision=revision, dtype=torch_dtype).to(torch_device).eval()
     return adapter(hf, processor, reference=ref, revision=revision)
