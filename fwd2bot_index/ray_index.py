@@ -47,8 +47,8 @@ def check_ray_address(address: str) -> None:
 class EncodedBatch:
     """One chunk of the plan after a worker decoded and encoded it (images themselves stay remote)."""
 
-    items: list = field(default_factory=list)  # service._Prepared, image dropped, in plan order
-    failed: list = field(default_factory=list)  # service._Prepared with ``error`` set
+    items: list = field(default_factory=list)  # indexing._Prepared, image dropped, in plan order
+    failed: list = field(default_factory=list)  # indexing._Prepared with ``error`` set
     embeddings: np.ndarray | None = None
     tokens: np.ndarray | None = None
     world: list[bool] = field(default_factory=list)  # for the first images: True = not from the demo world
@@ -72,7 +72,7 @@ class Replica:
             self.error = exc
 
     def encode(self, chunk: Sequence[Any], sidecar: dict, max_pixels: int | None, world_check: int) -> EncodedBatch:
-        from .service import _prepare
+        from .indexing import _prepare
 
         if self.error is not None:
             raise self.error
