@@ -257,8 +257,12 @@ def _search_via_server(collection: Optional[Path], text: Optional[str], image: O
     except RemoteError as exc:
         raise fail(str(exc))
     if hits is not None:
-        err(f"(answered by the running f2b serve at {record['url']}; --local to load the model here)")
+        _answered_by(record)
     return hits
+
+
+def _answered_by(record: dict) -> None:
+    err(f"(answered by the running f2b serve at {record['url']}; --local to load the model here)")
 
 
 @app.command()
@@ -340,7 +344,7 @@ def _ask_via_server(collection: Optional[Path], ref: str, question: str, max_new
         raise fail(str(exc))
     if answer is None or (with_path and path is None):
         return None
-    err(f"(answered by the running f2b serve at {record['url']}; --local to load the model here)")
+    _answered_by(record)
     return image_id, path, answer
 
 

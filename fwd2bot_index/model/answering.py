@@ -6,7 +6,7 @@ preparation, stopping criteria, a streamer thread) and the LoRA side-branches we
 they do after 576 visual tokens. This loop keeps only what greedy decoding needs:
 
 - the chat text *before* the stored tokens is the same for every question, so its key/value cache is
-  computed once per (adapter, weights) and copied into each answer (``PrefixCache``);
+  computed once per (adapter, weights) and copied into each answer (``Answerer._prefix_kv``);
 - the pass-2 LoRA adapter can be merged into a second copy of the LLM's adapted linear layers
   (``merged_decoder``: embeddings, norms and every other weight stay shared), where memory allows;
 - the prefill and every decoding step call the decoder and the LM head directly on a ``DynamicCache``.
@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .config import PASS2
 
 #: generation-config fields that would change a greedy answer and that the lean loop does not apply
 _UNSUPPORTED = ("no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens", "forced_bos_token_id",
@@ -185,8 +187,6 @@ class Answerer:
     changes the adapter; the prefix cache also by the prefix's token ids (the chat template and prompt).
     """
 
-    PASS2 = "pass2"
-
     def __init__(self, model: Any) -> None:
         self.model = model  # a Fwd2Bot
         self._prefixes: dict[tuple, Any] = {}
@@ -197,7 +197,7 @@ class Answerer:
               kind: str) -> Iterator[torch.Tensor]:
         """The (B,) greedy token ids of each decoding step for (stored tokens, question) pairs."""
         model, backbone = self.model, self.model.backbone
-        adapter = self.PASS2 if kind == "fwd2bot" else None
+        adapter = PASS2 if kind == "fwd2bot" else None
         config = getattr(backbone.hf, "generation_config", None)
         with torch.inference_mode():
             embeds, mask, positions = model._pass2_batch(tokens, questions, kind)
@@ -209,20 +209,21 @@ class Answerer:
         eos = backbone.generation_eos()
         eos = [eos] if isinstance(eos, int) else list(eos)
         pad = eos[0] if backbone.tokenizer.pad_token_id is None else backbone.tokenizer.pad_token_id
-        decoder = self.merged() if adapter == self.PASS2 else self.base()
+        plain = self.merged() if adapter == PASS2 else self.base()  # None: switch the adapter on the peft model
+        decoder = plain if plain is not None else backbone.decoder
 
         @contextlib.contextmanager
         def scope() -> Iterator[None]:
             """Entered around each model call, not across yields: between two tokens the caller may use
             the model (another adapter, grad mode) without changing this answer."""
-            with torch.inference_mode(), contextlib.nullcontext() if decoder is not None else model.adapter(adapter):
+            with torch.inference_mode(), contextlib.nullcontext() if plain is not None else model.adapter(adapter):
                 yield
 
         prefix = self._shared_prefix(questions)
         embeds, mask, positions = prefix_first(embeds, mask, positions, len(prefix))
         with scope():
-            cache = self._prefix_kv(decoder or backbone.decoder, adapter, prefix, embeds, positions) if prefix else None
-        yield from greedy_steps(decoder or backbone.decoder, backbone.logits, backbone.hf.get_input_embeddings(),
+            cache = self._prefix_kv(decoder, adapter, prefix, embeds, positions) if prefix else None
+        yield from greedy_steps(decoder, backbone.logits, backbone.hf.get_input_embeddings(),
                                 embeds[:, len(prefix):], mask, positions, max_new_tokens, eos, pad, cache=cache,
                                 penalty=repetition_penalty(config), scope=scope)
 
@@ -269,12 +270,12 @@ class Answerer:
         rebuilt when the adapter's weights changed."""
         if self.model.peft is None:
             return None
-        version = weights_version(self._adapter_params(self.PASS2))
+        version = weights_version(self._adapter_params(PASS2))
         if self._merged is None or self._merged[0] != version:
             self._merged = None  # the old copy goes before the new one is built
             decoder = self.model.backbone.decoder
             merge = should_merge(decoder, self.model.backbone.device)
-            self._merged = (version, merged_decoder(decoder, self.PASS2) if merge else None)
+            self._merged = (version, merged_decoder(decoder, PASS2) if merge else None)
         return self._merged[1]
 
 

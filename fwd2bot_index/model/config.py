@@ -18,6 +18,8 @@ IMAGE_EMBED_PROMPT = "<image>\nSummary above image in one word:"
 TEXT_EMBED_PROMPT = "{text}\nSummary above sentence in one word:"
 COMPRESS_PROMPT = "<image>\nSummarize the image above in a few tokens:"
 ANSWER_PROMPT = "<image>\n{question}"
+#: the two LoRA adapters: pass 1 compresses, pass 2 answers from the stored tokens
+PASS1, PASS2 = "pass1", "pass2"
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 

@@ -27,10 +27,8 @@ from torch import nn
 
 from . import answering
 from .backbone import LlavaBackbone
-from .config import Fwd2BotConfig, Strategy, StrategyError
+from .config import PASS1, PASS2, Fwd2BotConfig, Strategy, StrategyError
 from .layer_pool import run_with_layer_pooling, supports_layer_pooling
-
-PASS1, PASS2 = "pass1", "pass2"
 
 
 class UntrainedCompressorError(StrategyError):
