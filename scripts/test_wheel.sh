@@ -11,6 +11,5 @@ trap 'rm -rf "$WORK"' EXIT
 cp -r "$ROOT/tests" "$WORK/tests"
 cp -r "$ROOT/bench" "$WORK/bench"   # benchmark scripts are not package code; the smoke test runs them against the wheel
 cp -r "$ROOT/recipes" "$ROOT/deploy" "$WORK/"   # the 7B recipes and the Qdrant cluster example are checked as files
-export F2B_SHARED_DATA=${F2B_SHARED_DATA:-$ROOT/../shared/data}
 cd "$WORK"
 PYTHONPATH="$WORK/site" "$PY" -m pytest -q -p no:cacheprovider --import-mode=importlib tests "$@"

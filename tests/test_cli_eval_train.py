@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from fwd2bot_index.model.tiny import TinySpec, save_tiny_llava
 from fwd2bot_index.synthetic import write_demo_data
 
 runner = CliRunner()
-SHARED = Path(os.environ.get("F2B_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SUGARCREPE = Path(__file__).resolve().parent / "data" / "sugarcrepe"  # vendored sample of the official files
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +99,14 @@ def test_eval_bad_options_fail_before_loading(setup):
 
 def test_eval_sugarcrepe_on_real_files_with_standin_images(setup, tmp_path):
     root, model = setup
-    if not (SHARED / "sugarcrepe").is_dir():
-        pytest.skip(f"the shared SugarCrepe files are not at {SHARED} (set F2B_SHARED_DATA)")
     from PIL import Image
 
     images = tmp_path / "val2017"
     images.mkdir()
-    for category in (SHARED / "sugarcrepe").glob("*.json"):
+    for category in SUGARCREPE.glob("*.json"):
         for record in list(json.loads(category.read_text()).values())[:3]:
             Image.new("RGB", (64, 64), (len(record["filename"]) * 7 % 255, 90, 160)).save(images / record["filename"])
-    result = _json(runner.invoke(app, ["eval", "sugarcrepe", "--data", str(SHARED / "sugarcrepe"), "--images",
+    result = _json(runner.invoke(app, ["eval", "sugarcrepe", "--data", str(SUGARCREPE), "--images",
                                        str(images), "--limit", "3", "--model", str(model), "--device", "cpu", "--json"]))
     accuracy = result["sugarcrepe"][0]["accuracy"]
     assert {"replace_obj", "swap_att", "add_att", "Replace", "Swap", "Add"} <= set(accuracy)
