@@ -1,10 +1,11 @@
 """Benchmark readers, metrics, runners and reports (Flickr30k / COCO retrieval, SugarCrepe, QA).
 
-Installed as ``fwd2bot_index.eval``. The readers and metrics need only numpy and Pillow (no torch);
-the runners reach a model only through its public ``encode_images`` / ``encode_texts`` / ``answer``.
+Installed as ``fwd2bot_index.eval``: the ``f2b eval`` shell. Readers, metrics and runners live in the
+library (``fwd2bot_index.evaluation``, which the demo recipe uses too) and are re-exported here; this
+package adds the reports, the published reference numbers and the evaluation targets.
 """
 
-from .datasets import (
+from ..evaluation.datasets import (
     QARecord,
     QASet,
     RetrievalSet,
@@ -14,8 +15,8 @@ from .datasets import (
     read_karpathy_json,
     read_qa_jsonl,
 )
-from .errors import EvalDataError, MissingImageError
-from .metrics import (
+from ..evaluation.errors import EvalDataError, MissingImageError
+from ..evaluation.metrics import (
     exact_match,
     normalize_answer,
     normalized_contains,
@@ -24,8 +25,8 @@ from .metrics import (
     sugarcrepe_accuracy,
 )
 from .report import write_report
-from .runners import model_answerer, run_qa, run_retrieval, run_sugarcrepe
-from .sugarcrepe import (
+from ..evaluation.runners import model_answerer, run_qa, run_retrieval, run_sugarcrepe
+from ..evaluation.sugarcrepe import (
     SUGARCREPE_CATEGORIES,
     SUGARCREPE_GROUPS,
     SugarCrepeCategory,

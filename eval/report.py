@@ -34,7 +34,7 @@ from .reference import (
     RETRIEVAL_PAPER,
     retrieval_reference_key,
 )
-from .sugarcrepe import SUGARCREPE_CATEGORIES, SUGARCREPE_GROUPS
+from ..evaluation.sugarcrepe import SUGARCREPE_CATEGORIES, SUGARCREPE_GROUPS
 
 __all__ = ["write_report", "RESULTS_FILE", "REPORT_FILE", "SUGARCREPE_PLOT", "SWEEP_PLOT"]
 

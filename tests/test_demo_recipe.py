@@ -1,8 +1,9 @@
-"""The demo recipe's parts: fresh-scene streams, the blind prior, multi-turn pass-2 sequences, and
-stages that continue exactly where a killed run stopped."""
+"""The demo recipe's parts: fresh-scene streams, the blind prior, branched pass-2 sequences, the base
+stage's plateau schedule and stop rule, and stages that continue exactly where a killed run stopped."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -17,7 +18,8 @@ from fwd2bot_index.training.demo import QUICK, blind_prior, question_template  #
 from fwd2bot_index.training.demo.base import train_base  # noqa: E402
 from fwd2bot_index.training.demo.recipe import build_base  # noqa: E402
 from fwd2bot_index.training.demo.scenes import train_scenes  # noqa: E402
-from fwd2bot_index.training.demo.turns import multi_turn_loss, scene_turns  # noqa: E402
+from fwd2bot_index.training.demo.turns import branch_mask, branched_turn_loss, scene_turns  # noqa: E402
+from fwd2bot_index.training.schedule import PerTypeStopRule, PlateauLR  # noqa: E402
 
 
 def test_fresh_training_scenes_are_seeded_and_never_evaluation_scenes():
@@ -46,45 +48,101 @@ def tiny_base(tmp_path_factory):
     return folder
 
 
-def test_multi_turn_loss_scores_only_answers_with_their_weights(tiny_base):
+def test_branch_mask_lets_a_turn_see_the_prefix_and_itself_only():
+    segments = torch.tensor([[0, 0, 1, 1, 2, 2, -1]])
+    allowed = branch_mask(segments)[0, 0]
+    assert allowed[3].tolist() == [True, True, True, True, False, False, False]
+    assert allowed[5].tolist() == [True, True, False, False, True, True, False]  # never branch 1
+    assert allowed[1].tolist() == [True, True, False, False, False, False, False]  # causal in the prefix
+    assert allowed[6].tolist() == [False] * 6 + [True]  # padding sees itself only (no empty softmax row)
+
+
+def test_branched_turns_score_each_answer_as_a_single_question_would(tiny_base):
     from fwd2bot_index.model import Fwd2Bot
 
     model = Fwd2Bot.from_pretrained(str(tiny_base), device="cpu", dtype="fp32")
     visual = torch.randn(2, model.backbone.num_image_tokens, model.backbone.hidden_size) * 0.02
     qa = [("what color is the circle?", "red"), ("how many objects are there?", "3")]
     rng = np.random.default_rng(0)
-    turns = scene_turns(["a red circle"], qa, rng, "Describe the image.", caption_share=1.0, caption_weight=0.5)
-    assert sorted(t[1] for t in turns) == ["3", "a red circle", "red"]
-    assert {t[2] for t in turns if t[1] == "a red circle"} == {0.5}
-    one = multi_turn_loss(model, visual[:1], [[("what color is the circle?", "red", 1.0)]], "full")
-    single = model.pass2_loss(visual[:1], ["what color is the circle?"], ["red"], kind="full")
-    assert torch.allclose(one, single, atol=1e-5)  # turn 1 is exactly the single-turn layout answering uses
-    # a weight-0 turn contributes nothing; later turns change the loss
-    zero = multi_turn_loss(model, visual[:1], [[("what color is the circle?", "red", 1.0), ("how many?", "3", 0.0)]],
-                           "full")
-    assert torch.allclose(zero, single, atol=1e-5)
-    two = multi_turn_loss(model, visual[:1], [[("what color is the circle?", "red", 1.0), ("how many?", "3", 1.0)]],
-                          "full")
-    assert not torch.allclose(two, single)
+    turns = scene_turns(["a red circle"], qa, rng, "Describe the image.", caption_share=1.0, caption_weight=0.5,
+                        weights=[2.0, 1.0])
+    assert [t[1] for t in turns] == ["red", "3", "a red circle"]
+    assert [t[2] for t in turns] == [2.0, 1.0, 0.5]
+    eos = model.backbone.tokenizer.eos_token_id
+    n_red = len(model.backbone.token_ids(" red")) + 1
+    n_three = len(model.backbone.token_ids(" 3")) + 1
+    red = model.pass2_loss(visual[:1], [qa[0][0]], ["red"], kind="full")
+    three = model.pass2_loss(visual[:1], [qa[1][0]], ["3"], kind="full")
+    both = branched_turn_loss(model, [visual[0]], [[(qa[0][0], "red", 2.0), (qa[1][0], "3", 1.0)]], "full")
+    expected = (2.0 * red * n_red + three * n_three) / (2.0 * n_red + n_three)
+    assert eos is not None and torch.allclose(both, expected, atol=1e-5)
+    # a later branch cannot see an earlier one: the first answer's loss does not change with a neighbour
+    alone = branched_turn_loss(model, [visual[0]], [[(qa[0][0], "red", 1.0)]], "full")
+    with_zero = branched_turn_loss(model, [visual[0]], [[(qa[1][0], "3", 0.0), (qa[0][0], "red", 1.0)]], "full")
+    assert torch.allclose(alone, with_zero, atol=1e-5) and torch.allclose(alone, red, atol=1e-5)
+    # items with different stored lengths share a batch (pooled forms) and keep their own losses
+    mixed = branched_turn_loss(model, [visual[0], visual[1, :16]], [[(qa[0][0], "red", 1.0)]] * 2, "full")
+    short = model.pass2_loss(visual[1:2, :16], [qa[0][0]], ["red"], kind="full")
+    assert torch.allclose(mixed, (red + short) / 2, atol=1e-5)
+
+
+def test_plateau_schedule_keeps_the_rate_while_the_score_rises_and_cuts_it_on_a_plateau():
+    schedule = PlateauLR(warmup=4, patience=2, factor=0.5, min_ratio=0.25)
+    assert [schedule.multiplier(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert not any(schedule.observe(x) for x in (0.5, 0.6, 0.7))  # rising: constant rate
+    assert schedule.multiplier(100) == 1.0
+    assert [schedule.observe(x) for x in (0.7, 0.702)] == [False, True]  # two checks without a rise: halve
+    assert schedule.multiplier(100) == 0.5 and schedule.cuts == 1
+    assert not schedule.observe(0.8)  # crossing the plateau resets the patience
+    assert [schedule.observe(0.8) for _ in range(2)] == [False, True] and schedule.multiplier(0) == 0.25 / 4
+    assert not schedule.exhausted
+    assert [schedule.observe(0.8) for _ in range(2)] == [False, False] and schedule.exhausted  # floor: no more cuts
+    again = PlateauLR(warmup=4, patience=2, factor=0.5, min_ratio=0.25)
+    again.load_state_dict(schedule.state_dict())
+    assert again == schedule
+
+
+def test_stop_rule_waits_for_every_type_not_the_mean():
+    rule = PerTypeStopRule(floor=0.9, types=("color", "relation"), max_steps=100, max_seconds=60)
+    assert rule.reason({"color": 1.0, "relation": 0.5, "qa": 0.95}, 10, 1.0) is None  # the mean is no excuse
+    assert rule.weakest({"color": 1.0, "relation": 0.5}) == ("relation", 0.5)
+    assert rule.reason({"color": 0.95, "relation": 0.9}, 10, 1.0) == "floor reached"
+    assert rule.reason(None, 100, 1.0) == "step budget"
+    assert rule.reason(None, 10, 61.0) == "time budget"
+    tired = PlateauLR(patience=1, min_ratio=1.0)
+    tired.observe(0.5), tired.observe(0.5)
+    assert rule.reason({"color": 0.5, "relation": 0.5}, 10, 1.0, tired) == "plateau"
+    with pytest.raises(ValueError, match="none of the tracked types"):
+        rule.weakest({"qa": 0.5})
 
 
 def test_base_stage_resumes_bit_exactly_after_an_interruption(tiny_base, tmp_path):
-    args = dict(seed=0, steps=4, batch=3, lr=1e-3, check_every=2, caption_share=0.5, caption_weight=0.5, n_monitor=2)
-    whole = train_base(tiny_base, tmp_path / "whole", say=lambda m: None, **args)
+    from fwd2bot_index.synthetic.qa import QA_TYPES
+
+    def args():  # the schedule is stateful: each run gets its own, as the recipe builds one per stage
+        return dict(seed=0, batch=3, lr=1e-3, check_every=2, caption_share=0.5, caption_weight=0.5, n_monitor=2,
+                    schedule=PlateauLR(warmup=2, patience=1), stop=PerTypeStopRule(types=QA_TYPES, max_steps=6),
+                    type_weights={"relation": 2.0}, llm_init_std=0.088)
+
+    whole = train_base(tiny_base, tmp_path / "whole", say=lambda m: None, **args())
 
     class Killed(Exception):
         pass
 
     def die_after_first_checkpoint(message: str) -> None:
-        if message.startswith("base step 2/"):
+        if message.startswith("base step 4:"):
             raise Killed
 
     with pytest.raises(Killed):
-        train_base(tiny_base, tmp_path / "cut", say=die_after_first_checkpoint, **args)
+        train_base(tiny_base, tmp_path / "cut", say=die_after_first_checkpoint, **args())
     said = []
-    resumed = train_base(tiny_base, tmp_path / "cut", say=said.append, **args)
-    assert any("resuming at step 2" in m for m in said)
-    assert resumed["steps"] == whole["steps"] == 4
+    resumed = train_base(tiny_base, tmp_path / "cut", say=said.append, **args())
+    assert any("resuming at step 4" in m for m in said)
+    assert resumed["steps"] == whole["steps"] == 6 and whole["stopped_by"] == "step budget"
+    assert [r["step"] for r in whole["history"]] == [2, 4, 6]
+    assert all({"qa", "relation", "existence", "lr"} <= set(r) for r in whole["history"])  # per-type curves
+    curves = [json.loads(line) for line in (tmp_path / "cut" / "curves.jsonl").read_text().splitlines()]
+    assert curves == resumed["history"]  # the curve file holds each check once, also across the kill
     assert resumed["history"] == whole["history"]  # the logged loss and the monitor too, not only the weights
     from safetensors.torch import load_file
 

@@ -303,9 +303,15 @@ def test_settings_from_cli_and_validation(tmp_path):
 
 def test_llavolta_pools_inside_the_llm_at_the_reference_layers():
     """LLaVolta's reference schedule: stride 8 before layer 2, stride 2 before layer 2, stride 2 before
-    layer 16 (capped at a shallow LLM's last layer), then none; the layer-0 variant keeps the strides."""
+    layer 16 of a 32-layer LLM, then none; on another depth the same fractions of it (rounded half up,
+    not clamped); the layer-0 variant keeps the strides."""
     schedule = PoolSchedule.parse("llavolta")
     assert [(schedule.stage_at(s, 8), schedule.layer_at(s, 8)) for s in range(0, 8, 2)] == [(8, 2), (2, 2), (2, 16), (1, 0)]
+    assert schedule.layers_for(32) == [2, 2, 16, 0] and schedule.layers_for(None) == [2, 2, 16, 0]
+    assert schedule.layers_for(4) == [0, 0, 2, 0]  # the demo LLM: 6.25% of 4 layers is none, 50% is 2
+    assert schedule.layers_for(40) == [3, 3, 20, 0] and schedule.layers_for(28) == [2, 2, 14, 0]
+    assert [schedule.layer_at(s, 8, depth=4) for s in range(0, 8, 2)] == [0, 0, 2, 0]
+    assert PoolSchedule.parse("0.5:4@3,0.5:1").layers_for(4) == [3, 0]  # explicit layers stay as written
     layer0 = PoolSchedule.parse("llavolta-layer0")
     assert [layer0.layer_at(s, 8) for s in range(8)] == [0] * 8
     assert PoolSchedule.parse("0.5:4@3,0.5:1").to_list() == [[0.5, 4, 3], [0.5, 1, 0]]
@@ -340,7 +346,10 @@ def test_layer_pooling_matches_the_plain_decoder_and_averages_positions():
 
 
 def test_staged_compressor_training_pools_inside_the_llm(tiny_llava_dir, pairs, tmp_path):
-    config = _config(tiny_llava_dir, pairs, tmp_path / "l", pool_schedule="llavolta")
+    scaled = Trainer(_config(tiny_llava_dir, pairs, tmp_path / "s", pool_schedule="llavolta"), progress=False)
+    # the tiny LLM has 2 layers: LLaVolta's fractions of depth put the first stages before the LLM
+    assert [(scaled.stride_at(s), scaled.layer_at(s)) for s in (0, 2, 4, 7)] == [(8, 0), (2, 0), (2, 1), (1, 0)]
+    config = _config(tiny_llava_dir, pairs, tmp_path / "l", pool_schedule="0.25:8@2,0.25:2@2,0.25:2@16,0.25:1")
     trainer = Trainer(config, progress=False)
     assert [(trainer.stride_at(s), trainer.layer_at(s)) for s in (0, 2, 4, 7)] == [(8, 2), (2, 2), (2, 16), (1, 0)]
     trainer.train()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fwd2bot_index.imaging import ImageDecodeError, load_image
+from ..imaging import ImageDecodeError, load_image
 
 __all__ = ["load_rgb", "ImageDecodeError"]
 

@@ -329,6 +329,18 @@ class Fwd2Bot:
             hidden = self.backbone.run_image_prompt(before, visual, after)
         return _normalize(hidden[:, -1])
 
+    def pass2_parts(self, stored: torch.Tensor, question: str,
+                    kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass-2 row in its three embedded pieces: chat text before the stored tokens, the stored
+        tokens as the LLM reads them (projected for ``fwd2bot``), and the question's text after them."""
+        stored = stored.to(self.backbone.device, self.backbone.dtype)
+        if kind == "fwd2bot":
+            stored = self.compressor.pass2_projection(stored)
+        parts = self.backbone.chat(self.config.answer_prompt.format(question=question))
+        before = self.backbone.embed_ids(self.backbone.token_ids(parts.before, bos=True))
+        after = self.backbone.embed_ids(self.backbone.token_ids(parts.after))
+        return before, stored, after
+
     def pass2_inputs(self, tokens: Sequence[torch.Tensor], questions: Sequence[str],
                      kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded input embeddings: [prefix] + stored tokens + [question], per item."""
@@ -340,12 +352,7 @@ class Fwd2Bot:
         consecutive positions; Qwen2-VL places pooled tokens on their pooled grid)."""
         seqs, blocks = [], []
         for stored, question in zip(tokens, questions):
-            stored = stored.to(self.backbone.device, self.backbone.dtype)
-            if kind == "fwd2bot":
-                stored = self.compressor.pass2_projection(stored)
-            parts = self.backbone.chat(self.config.answer_prompt.format(question=question))
-            before = self.backbone.embed_ids(self.backbone.token_ids(parts.before, bos=True))
-            after = self.backbone.embed_ids(self.backbone.token_ids(parts.after))
+            before, stored, after = self.pass2_parts(stored, question, kind)
             seqs.append(torch.cat([before, stored, after]))
             blocks.append((before.shape[0], stored.shape[0]))
         embeds, mask = _left_pad(seqs)

@@ -36,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", default="",
                         help=f"other compressors to train and compare, comma-separated: {', '.join(v for v in VARIANTS if v != 'k16')}")
     parser.add_argument("--stop-after", choices=("warmup", "base"), default=None, help="end the run after this stage")
+    parser.add_argument("--base-from", default=None,
+                        help="continue this stock LLaVA folder (e.g. an earlier demo model's base/) instead of "
+                             "a vision warm-up and a fresh LLM")
     parser.add_argument("--measure-only", action="store_true", help="measure an existing model, do not train")
     parser.add_argument("--no-measure", action="store_true", help="train only")
     parser.add_argument("--eval-dir", default=None, help="held-out data folder (written when empty)")
@@ -51,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.measure_only:
         report = train_demo_model(out, quick=args.quick, seed=args.seed, device=args.device, progress=True,
                                   work_dir=args.work_dir, threads=args.threads, variants=variants,
-                                  stop_after=args.stop_after)
+                                  stop_after=args.stop_after, base_from=args.base_from)
         if args.stop_after:
             return 0
         print(json.dumps({"trained": str(out), "seconds": round(report["seconds"], 1),

@@ -7,8 +7,10 @@ at LLM layer 2, stride 2 at layer 2, stride 2 at layer 16, none. Stride s keeps 
 (1-D ``avgpool1d`` along the sequence): on LLaVA-1.5's 576 tokens, 72 / 288 / 288 / 576.
 
 Here a stride keeps the same N/s tokens (pooled 2-D on a square grid, see ``pool_by_stride``) and
-``llavolta`` pools at the reference layers (2, 2, 16; a shallower LLM pools before its last layer),
-with averaged position ids (``model.layer_pool``). ``llavolta-layer0`` is the same schedule pooled
+``llavolta`` pools at the same *fractions of the LLM's depth* as the reference (layers 2, 2, 16 of
+LLaVA-1.5-7B's 32: 6.25%, 6.25%, 50%; rounded half up to a whole layer, so 2, 2, 16 on 32 layers and
+0, 0, 2 on the demo model's 4), with averaged position ids (``model.layer_pool``). Clamping the
+reference layers to a shallow LLM (2 and 3 of 4) pooled at 50% and 75% of its depth instead. ``llavolta-layer0`` is the same schedule pooled
 before the LLM, which also saves the first layers' compute; a family whose decoder the layer loop
 cannot run (Qwen2-VL's M-RoPE) pools before the LLM whatever the stage's layer says.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 LLAVOLTA = ((0.25, 8, 2), (0.25, 2, 2), (0.25, 2, 16), (0.25, 1, 0))
+LLAVOLTA_DEPTH = 32  # the depth of LLaVA-1.5-7B's LLM, which LLAVOLTA's layers refer to
 LLAVOLTA_LAYER0 = tuple((f, s, 0) for f, s, _ in LLAVOLTA)
 PRESETS = {"llavolta": LLAVOLTA, "llavolta-layer0": LLAVOLTA_LAYER0, "none": ((1.0, 1, 0),), "off": ((1.0, 1, 0),)}
 
@@ -34,6 +37,7 @@ class PoolSchedule:
     the last stage must be stride 1. Stages given as (fraction, stride) pool at layer 0."""
 
     stages: tuple[tuple[float, int, int], ...] = ((1.0, 1, 0),)
+    reference_depth: int | None = None  # layers are for an LLM this deep; scaled to the real one (None: as given)
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -65,7 +69,7 @@ class PoolSchedule:
         if isinstance(spec, str):
             text = spec.strip().lower()
             if text in PRESETS:
-                return cls(PRESETS[text])
+                return cls(PRESETS[text], reference_depth=LLAVOLTA_DEPTH if text == "llavolta" else None)
             stages = []
             for part in text.split(","):
                 fraction, sep, rest = part.partition(":")
@@ -102,9 +106,20 @@ class PoolSchedule:
         """The pooling stride at optimizer step ``step`` (0-based) of ``total``."""
         return self.stages[self.stage_index(step, total)][1]
 
-    def layer_at(self, step: int, total: int) -> int:
-        """The LLM layer before which stage pooling happens at optimizer step ``step`` of ``total``."""
-        return self.stages[self.stage_index(step, total)][2]
+    def layer_at(self, step: int, total: int, depth: int | None = None) -> int:
+        """The LLM layer before which stage pooling happens at optimizer step ``step`` of ``total``;
+        with ``depth`` (the LLM's layers) a depth-relative schedule is scaled to it."""
+        return self.scaled_layer(self.stages[self.stage_index(step, total)][2], depth)
+
+    def scaled_layer(self, layer: int, depth: int | None) -> int:
+        """``layer`` at the same fraction of a ``depth``-layer LLM as of ``reference_depth`` (half up)."""
+        if self.reference_depth is None or depth is None:
+            return layer
+        return int(math.floor(layer * depth / self.reference_depth + 0.5))
+
+    def layers_for(self, depth: int | None) -> list[int]:
+        """Each stage's pooling layer on a ``depth``-layer LLM (what a card or a report should state)."""
+        return [self.scaled_layer(layer, depth) for _, _, layer in self.stages]
 
     def to_list(self) -> list[list[float]]:
         return [[f, s, l] for f, s, l in self.stages]
@@ -133,3 +148,87 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.0) ->
     span = max(1, total - warmup)
     progress = min(1.0, (step - warmup) / span)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class PlateauLR:
+    """Learning-rate multiplier that keeps learning through plateaus: linear warm-up, then constant,
+    cut by ``factor`` only once the held-out score has not risen by ``min_delta`` for ``patience``
+    checks in a row (never below ``min_ratio``).
+
+    A fixed "N steps, cosine to 5%" schedule ended the demo base on a plateau with its learning rate
+    already decayed; here the rate stays up as long as held-out accuracy still climbs. The state is
+    plain numbers (``state_dict``), so a resumed run continues with exactly the same multipliers.
+    """
+
+    warmup: int = 100
+    patience: int = 4
+    factor: float = 0.5
+    min_ratio: float = 0.05
+    min_delta: float = 0.005
+    scale: float = 1.0
+    best: float = float("-inf")
+    since_best: int = 0
+    cuts: int = 0
+
+    def multiplier(self, step: int) -> float:
+        """The multiplier for optimizer step ``step`` (0-based)."""
+        ramp = (step + 1) / self.warmup if self.warmup > 0 and step < self.warmup else 1.0
+        return ramp * self.scale
+
+    def observe(self, score: float) -> bool:
+        """Record a held-out score; True when this check cut the rate."""
+        if score > self.best + self.min_delta:
+            self.best, self.since_best = score, 0
+            return False
+        self.best = max(self.best, score)
+        self.since_best += 1
+        if self.since_best < self.patience or self.scale <= self.min_ratio:
+            return False
+        self.scale = max(self.min_ratio, self.scale * self.factor)
+        self.since_best, self.cuts = 0, self.cuts + 1
+        return True
+
+    @property
+    def exhausted(self) -> bool:
+        """At the floor and out of patience there: more steps are not expected to help."""
+        return self.scale <= self.min_ratio and self.since_best >= self.patience
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "best": self.best, "since_best": float(self.since_best), "cuts": float(self.cuts)}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.scale, self.best = float(state["scale"]), float(state["best"])
+        self.since_best, self.cuts = int(state["since_best"]), int(state["cuts"])
+
+
+@dataclass(frozen=True)
+class PerTypeStopRule:
+    """Stop when *every* tracked held-out type reaches ``floor`` (as the vision warm-up's probe rule),
+    or at a step or CPU-time budget. A mean over types hides a type stuck at chance; this does not."""
+
+    floor: float = 0.9
+    types: tuple[str, ...] = ()
+    max_steps: int = 10_000
+    max_seconds: float = float("inf")
+
+    def weakest(self, row: dict[str, float]) -> tuple[str, float]:
+        """The tracked type with the lowest score in a monitor row."""
+        scores = {t: row[t] for t in self.types if t in row}
+        if not scores:
+            raise ValueError(f"monitor row has none of the tracked types {self.types}: {sorted(row)}")
+        name = min(scores, key=scores.get)
+        return name, scores[name]
+
+    def reason(self, row: dict[str, float] | None, step: int, seconds: float,
+               schedule: PlateauLR | None = None) -> str | None:
+        """Why training stops now ('floor reached', 'step budget', 'time budget', 'plateau'), or None."""
+        if row is not None and self.types and self.weakest(row)[1] >= self.floor:
+            return "floor reached"
+        if step >= self.max_steps:
+            return "step budget"
+        if seconds >= self.max_seconds:
+            return "time budget"
+        if schedule is not None and schedule.exhausted:
+            return "plateau"
+        return None

@@ -137,7 +137,7 @@ class StepMixin:
 
     def layer_at(self, step: int) -> int:
         """The LLM layer before which the stage's pooling happens at ``step`` (0: before the LLM)."""
-        return self.schedule.layer_at(step, self.total_steps)
+        return self.schedule.layer_at(step, self.total_steps, self.model.backbone.num_layers)
 
     def batch_losses(self, batch: Batch, stride: int = 1) -> dict[str, torch.Tensor]:
         """The loss parts of one batch (differentiable). Under several processes the contrastive part

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..losses import MAX_LOGIT_SCALE
 from ..trainer import Batch, TrainConfig, Trainer
-from .turns import multi_turn_loss, scene_turns
+from .turns import branched_turn_loss, scene_turns
 
 VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0},
             "k8": {"k": 8, "ar": 1.0}, "k32": {"k": 32, "ar": 1.0}}
@@ -107,7 +107,7 @@ class HardNegativeTrainer(Trainer):
                                                            model.compressor.logit_scale, batch.captions, negatives)
             loss = cfg.contrastive_weight * parts["contrastive"]
             if cfg.autoregressive_weight > 0:
-                parts["autoregressive"] = multi_turn_loss(model, summary, self._turns, "fwd2bot")
+                parts["autoregressive"] = branched_turn_loss(model, summary, self._turns, "fwd2bot")
                 loss = loss + cfg.autoregressive_weight * parts["autoregressive"]
         parts["loss"] = loss
         return parts

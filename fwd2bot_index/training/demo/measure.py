@@ -82,7 +82,7 @@ def _answer_all(model: Fwd2Bot, tokens: Sequence[np.ndarray], questions: Sequenc
 
 
 def qa_scores(predictions: Sequence[str], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    from ...eval import exact_match
+    from ...evaluation import exact_match
 
     hits = [exact_match(p, r["answer"]) for p, r in zip(predictions, records)]
     by_type: dict[str, list[bool]] = {}
@@ -96,7 +96,7 @@ def qa_scores(predictions: Sequence[str], records: Sequence[dict[str, Any]]) -> 
 
 def _measure_split(models: dict[str, Fwd2Bot], data_dir: Path, split: str, n_gallery: int, n_qa_images: int,
                    budgets: Sequence[int], batch_size: int, prior: dict[str, str], progress: bool) -> dict[str, Any]:
-    from ...eval import read_captions_jsonl, retrieval_recall
+    from ...evaluation import read_captions_jsonl, retrieval_recall
     from ...imaging import load_image
 
     base = models["fwd2bot"]
@@ -143,7 +143,7 @@ def measure_demo_claims(model_dir: str | os.PathLike[str] = "demo", data_dir: st
     folder) when empty. QA uses every question of the first ``n_qa_images`` images of each split;
     SugarCrepe the first ``n_sugarcrepe`` pairs of each category. ``quick`` shrinks all of it.
     """
-    from ...eval import run_sugarcrepe
+    from ...evaluation import run_sugarcrepe
 
     recipe = recipe_for(quick)
     if quick:

@@ -38,7 +38,7 @@ class QAMonitor:
 
     @torch.no_grad()
     def measure(self) -> float:
-        from ...eval import exact_match
+        from ...evaluation import exact_match
         from ...imaging import load_image
 
         model = self.trainer.model

@@ -46,13 +46,20 @@ class DemoRecipe:
     vision_check_every: int = 250
     vision_floor: float = 0.99
     vision_heldout: int = 512
-    # stage 1: base (multi-turn captions + every question of a scene, all visual tokens, tower frozen)
-    base_steps: int = 2500
+    # stage 1: base (captions + every question of a scene as branches, all visual tokens, tower frozen),
+    # trained until every question type answers (PlateauLR + PerTypeStopRule)
     base_batch: int = 16
     base_lr: float = 1e-3
+    base_warmup: int = 100
+    base_patience: int = 4  # checks without a held-out rise before the learning rate is halved
+    base_floor: float = 0.9  # stop when every question type reaches this on held-out scenes
+    base_max_steps: int = 8000
+    base_max_minutes: float = 60.0  # time budget of the stage (wall clock of the training loop)
     base_caption_share: float = 0.5  # share of sequences that also hold a caption turn
     base_caption_weight: float = 0.5  # caption tokens' weight against answer tokens
-    base_check_every: int = 250
+    base_type_weights: tuple[tuple[str, float], ...] = (("existence", 2.0), ("relation", 2.0))
+    base_llm_init_std: float | None = 0.088  # ~1/sqrt(hidden); None keeps the warm-up's LLM init
+    base_check_every: int = 200
     base_layers: int | None = None  # the LLM's depth for the base stage (None: the spec's)
     # stage 2: the compressor
     num_summary_tokens: int = 16
@@ -79,8 +86,8 @@ QUICK = DemoRecipe(
     name="demo-quick",
     spec=TinySpec(image_size=64, patch_size=8, vision_hidden=32, vision_layers=2, hidden=64, layers=2, heads=4,
                   kv_heads=2, intermediate=128, max_positions=512),
-    n_train=160, vocab_size=400, vision_max_steps=6, vision_batch=8, vision_check_every=3, vision_heldout=16, base_steps=6,
-    base_batch=4, base_check_every=3, compressor_steps=6, compressor_batch=8, monitor_images=8, n_gallery=24,
+    n_train=160, vocab_size=400, vision_max_steps=6, vision_batch=8, vision_check_every=3, vision_heldout=16, base_max_steps=6,
+    base_batch=4, base_check_every=3, base_warmup=2, compressor_steps=6, compressor_batch=8, monitor_images=8, n_gallery=24,
     n_qa_images=6, n_sugarcrepe=12,
 )
 
@@ -167,18 +174,31 @@ def warmup_stage(recipe: DemoRecipe, work: Path, seed: int, device: torch.device
     return finish_stage(folder, summary)
 
 
-def base_stage(recipe: DemoRecipe, work: Path, seed: int, progress: bool) -> dict[str, Any]:
-    """Stage 1 into ``work / 'base-run'`` (the pretrained stock LLaVA in ``base-run/model``)."""
+def base_stage(recipe: DemoRecipe, work: Path, seed: int, progress: bool,
+               base_from: Path | None = None) -> dict[str, Any]:
+    """Stage 1 into ``work / 'base-run'`` (the pretrained stock LLaVA in ``base-run/model``); ``base_from``:
+    a stock LLaVA folder whose tower, projector and LLM the stage continues instead of the warm-up's."""
+    from ...synthetic.qa import QA_TYPES
+    from ..schedule import PerTypeStopRule, PlateauLR
     from .base import train_base
 
     folder = work / "base-run"
     done = stage_done(folder)
     if done is not None:
         return done
-    summary = train_base(work / "base-init", folder, seed=seed, steps=recipe.base_steps, batch=recipe.base_batch,
-                         lr=recipe.base_lr, check_every=recipe.base_check_every,
-                         caption_share=recipe.base_caption_share, caption_weight=recipe.base_caption_weight,
-                         n_monitor=recipe.monitor_images, say=lambda m: say(progress, m), layers=recipe.base_layers)
+    stop = PerTypeStopRule(floor=recipe.base_floor, types=QA_TYPES, max_steps=recipe.base_max_steps,
+                           max_seconds=recipe.base_max_minutes * 60)
+    schedule = PlateauLR(warmup=recipe.base_warmup, patience=recipe.base_patience)
+    init, std = work / "base-init", recipe.base_llm_init_std
+    if base_from is not None:  # continue an existing base instead of a fresh LLM
+        init, std = Path(base_from), None
+    summary = train_base(init, folder, seed=seed, batch=recipe.base_batch, lr=recipe.base_lr,
+                         check_every=recipe.base_check_every, caption_share=recipe.base_caption_share,
+                         caption_weight=recipe.base_caption_weight, n_monitor=recipe.monitor_images,
+                         say=lambda m: say(progress, m), schedule=schedule, stop=stop,
+                         type_weights=dict(recipe.base_type_weights), layers=recipe.base_layers, llm_init_std=std)
+    if base_from is not None:
+        summary["started_from"] = str(base_from)
     return finish_stage(folder, summary)
 
 
@@ -233,14 +253,17 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
 def train_demo_model(out_dir: str | os.PathLike[str], quick: bool = False, seed: int = 0, device: str = "auto",
                      progress: bool = True, work_dir: str | os.PathLike[str] | None = None,
                      threads: int | None = None, variants: tuple[str, ...] = ("k16",),
-                     stop_after: str | None = None) -> dict[str, Any]:
+                     stop_after: str | None = None,
+                     base_from: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Run the recipe and write the self-contained demo checkpoint (variant ``k16``) to ``out_dir``.
 
     Stages and intermediate models live in ``work_dir`` (a temporary folder when not given); a stage
     that finished there is kept and an interrupted one continues from its last checkpoint, so the
     same command after a kill goes on where it stopped. ``variants`` adds the other compressors the
     claims table compares (``k8``, ``k32``, ``k16-contrastive``); ``stop_after`` ('warmup', 'base')
-    ends the run early. Returns what was done and measured during training.
+    ends the run early. ``base_from`` (a stock LLaVA folder, e.g. an earlier demo model's ``base/``)
+    replaces stages 0 and the LLM's fresh start: the base stage continues that model, and the card
+    says so. Returns what was done and measured during training.
     """
     import shutil
     import tempfile
@@ -253,7 +276,9 @@ def train_demo_model(out_dir: str | os.PathLike[str], quick: bool = False, seed:
     own_work = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="f2b-demo-")) if own_work else Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    identity = json.dumps({"recipe": recipe.to_dict(), "seed": seed}, sort_keys=True)
+    base_from = Path(base_from).resolve() if base_from is not None else None
+    identity = json.dumps({"recipe": recipe.to_dict(), "seed": seed,
+                           **({"base_from": str(base_from)} if base_from else {})}, sort_keys=True)
     marker = work / "recipe.json"
     if marker.is_file() and marker.read_text(encoding="utf-8") != identity:
         raise ValueError(f"{work} holds stages of another recipe or seed: use a fresh --work-dir")
@@ -261,10 +286,13 @@ def train_demo_model(out_dir: str | os.PathLike[str], quick: bool = False, seed:
     started = time.perf_counter()
     report: dict[str, Any] = {"recipe": recipe.to_dict(), "seed": seed, "threads": threads, "stages": {}}
     try:
-        report["stages"]["warmup"] = warmup_stage(recipe, work, seed, resolve_device(device), progress)
+        if base_from is None:
+            report["stages"]["warmup"] = warmup_stage(recipe, work, seed, resolve_device(device), progress)
+        else:
+            report["stages"]["warmup"] = {"from": str(base_from)}
         if stop_after == "warmup":
             return report
-        report["stages"]["base"] = base_stage(recipe, work, seed, progress)
+        report["stages"]["base"] = base_stage(recipe, work, seed, progress, base_from)
         if stop_after == "base":
             return report
         for variant in dict.fromkeys(("k16", *variants)):

@@ -26,5 +26,6 @@ def load_stage_state(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     state = torch.load(path, weights_only=True)
-    state["history"] = [dict(zip(state.pop("history_keys"), row)) for row in state["history"].tolist()]
+    keys = state.pop("history_keys")  # once: a comprehension would pop it again for every row
+    state["history"] = [dict(zip(keys, row)) for row in state["history"].tolist()]
     return state
