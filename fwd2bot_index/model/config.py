@@ -18,6 +18,9 @@ IMAGE_EMBED_PROMPT = "<image>\nSummary above image in one word:"
 TEXT_EMBED_PROMPT = "{text}\nSummary above sentence in one word:"
 COMPRESS_PROMPT = "<image>\nSummarize the image above in a few tokens:"
 ANSWER_PROMPT = "<image>\n{question}"
+# Verified search asks pass 2 this about each hit (``model.relevance``). The existence wording ("is there
+# X?") is the one the demo world's QA trains and POPE-style probes ask of stock LVLMs.
+VERIFY_PROMPT = "is there {query}?"
 #: the two LoRA adapters: pass 1 compresses, pass 2 answers from the stored tokens
 PASS1, PASS2 = "pass1", "pass2"
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
@@ -111,6 +114,10 @@ class Fwd2BotConfig:
     image_embed_prompt: str = IMAGE_EMBED_PROMPT
     text_embed_prompt: str = TEXT_EMBED_PROMPT
     answer_prompt: str = ANSWER_PROMPT
+    verify_prompt: str = VERIFY_PROMPT
+    # Verified search's calibration of P(yes): {"temperature": T, "bias": b} gives sigmoid(margin / T + b)
+    # where margin = logit(yes) - logit(no); empty (stock checkpoints): the raw probability (T=1, b=0).
+    relevance_calibration: dict = field(default_factory=dict)
     # Pass 2 receives the last decoder layer's states (after the final norm) at the K summary
     # positions, mapped back into the input-embedding space by a learned linear projection.
     summary_states: str = "last_layer_normed"

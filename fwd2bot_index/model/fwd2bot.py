@@ -445,6 +445,15 @@ class Fwd2Bot:
         ids = torch.stack(steps, dim=1) if steps else torch.zeros(len(questions), 0, dtype=torch.long)
         return [s.strip() for s in self.backbone.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
+    def relevance(self, tokens: Sequence[Any], queries: Sequence[str], kind: str | None = None,
+                  batch_size: int = 16, calibrated: bool = True) -> np.ndarray:
+        """P(yes) that each stored image shows its query, from one pass-2 prefill per chunk of pairs
+        (no decoding loop): verified search re-ranks and cuts hits by it (see ``model.relevance``)."""
+        from .relevance import relevance
+
+        return relevance(self, [self._as_tensor(t) for t in tokens], list(queries),
+                         kind or self.default_strategy.tokens, batch_size=batch_size, calibrated=calibrated)
+
     def answer(self, tokens: Any, question: str, max_new_tokens: int = 32, stream: bool = False,
                kind: str | None = None) -> str | Iterator[str]:
         """Answer ``question`` from one image's stored tokens. ``stream=True`` yields text pieces."""
