@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
+from fwd2bot_index.verification import MAX_VERIFY
+
 from .filters import FILTER_SCHEMA, check_filter
 
 MAX_ID = 2**53 - 1  # ids a JSON client (JavaScript too) holds exactly; the collection counts up from 1
@@ -137,6 +139,14 @@ class SearchRequest(Input):
     offset: Integer = Field(0, ge=0, le=100_000, description="Skip this many results first (pagination).")
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="Drop results whose cosine is lower.")
     filter: Filter | None = None
+    verify: Integer | None = Field(
+        None, ge=1, le=MAX_VERIFY,
+        description=f"Text queries: verify the top N hits (at most {MAX_VERIFY}): the model checks each from its "
+                    "stored tokens, results are re-ranked by its P(yes) and carry it as 'relevance'.")
+    min_relevance: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="With 'verify': drop hits whose relevance is lower (0.5: the model says yes more than no); "
+                    "no result left means no good match.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> "SearchRequest":
@@ -144,6 +154,10 @@ class SearchRequest(Input):
         if len(given) != 1:
             raise ValueError("give exactly one of 'query', 'embedding' or 'like'"
                              + (f" (got {', '.join(given)})" if given else ""))
+        if self.verify is not None and self.query is None:
+            raise ValueError("'verify' needs a text 'query': the model checks whether each hit shows that text")
+        if self.min_relevance is not None and self.verify is None:
+            raise ValueError("'min_relevance' needs 'verify' (the relevance comes from verifying the top N hits)")
         return self
 
 
@@ -155,6 +169,9 @@ class SearchHit(BaseModel):
     id: int
     path: str = Field(description="Absolute path of the indexed file.")
     score: float = Field(description="Cosine similarity with the query (higher is better).")
+    relevance: float | None = Field(
+        None, description="With 'verify': the model's P(yes) that the image shows the query, from its stored tokens "
+                          "(null: beyond the verified top N).")
     metadata: dict[str, Any]
     thumbnail_url: str
     url: str
@@ -171,6 +188,8 @@ class SearchResponse(BaseModel):
     offset: int
     took_ms: float
     results: list[SearchHit]
+    verified: int | None = Field(None, description="With 'verify': how many top hits the model checked.")
+    dropped: int | None = Field(None, description="With 'min_relevance': how many verified hits it cut.")
 
 
 class ImageInfo(BaseModel):

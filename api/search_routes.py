@@ -4,7 +4,8 @@ The hot path of the server. Admission to the requests in flight is checked inlin
 rather than through a dependency; a text query without a filter is encoded and searched in its model
 batch (``ModelWorker.search_text``); other searches run on the event loop when they cost well under a
 millisecond (``SearchCost``), else in the thread pool; the JSON is written directly. Each of these was
-measured with bench/bench_service.py (server CPU per request).
+measured with bench/bench_service.py (server CPU per request). A verified search (``verify``) re-ranks
+its candidates by the model's relevance, scored on the model thread (``_verified``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 from fastapi import FastAPI, File, Form, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from fwd2bot_index.verification import VerifiedHits, candidate_count, refusal, rerank
+
 from .filters import FilterInvalid, check_filter
 from .limits import result_or_drop
 from .problems import ApiProblem, problem_responses
@@ -30,12 +33,31 @@ if TYPE_CHECKING:
 
 def _search_body(kind: str, k: int, offset: int, took: float, hits: Sequence[Any]) -> bytes:
     """The ``SearchResponse`` JSON (hits as ``SearchHit``) written directly, without building and
-    re-validating pydantic models per hit (a measurable share of a search's CPU at hundreds per second)."""
+    re-validating pydantic models per hit (a measurable share of a search's CPU at hundreds per second).
+    Hits of a verified search (``VerifiedHits``) carry ``relevance``, the body ``verified`` and ``dropped``."""
+    verified = isinstance(hits, VerifiedHits)
     results = [{"id": int(h.id), "path": str(h.path), "score": float(h.score), "metadata": dict(h.metadata or {}),
                 "thumbnail_url": f"/v1/images/{int(h.id)}/thumbnail", "url": f"/v1/images/{int(h.id)}"}
+               | ({"relevance": h.relevance} if verified else {})
                for h in hits]
     body = {"kind": kind, "k": k, "offset": offset, "took_ms": round(took * 1000, 3), "results": results}
+    if verified:
+        body.update(verified=hits.verified, dropped=hits.dropped)
     return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+async def _verified(state: AppState, request: Request, body: SearchRequest, hits: Sequence[Any]) -> VerifiedHits:
+    """Re-rank a text search's candidates by the model's relevance (``fwd2bot_index.verification``): the
+    top ``verify`` hits' stored tokens are read off the loop, then scored on the model thread together
+    with the verifications queued beside them (``ModelWorker.relevance``)."""
+    reason = refusal(state.service)
+    if reason:
+        raise ApiProblem(400, reason, "bad-request")
+    head = list(hits[:body.verify])
+    tokens = await run_in_threadpool(state.service.collection.get_tokens_batch, [h.id for h in head]) if head else []
+    job = state.worker.relevance(list(tokens), body.query, state.service.strategy.tokens)
+    relevance = await _bad_request(result_or_drop(request, job))
+    return rerank(hits, relevance, body.k, body.offset, body.min_relevance)
 
 
 class SearchCost:
@@ -121,11 +143,13 @@ def search_routes(app: FastAPI, state: AppState, read_deps: list[Any], auth_deps
     async def search(body: SearchRequest, request: Request) -> Response:
         started = time.perf_counter()
         with state.in_flight.hold_now():
-            common = {"k": body.k, "filter": body.filter, "offset": body.offset, "min_score": body.min_score}
+            # a verified search takes the candidates it re-ranks from the top (see verification.rerank)
+            k, offset = (candidate_count(body.verify, body.k, body.offset), 0) if body.verify else (body.k, body.offset)
+            common = {"k": k, "filter": body.filter, "offset": offset, "min_score": body.min_score}
             if body.query is not None and body.filter is None:
                 kind = "text"  # encoded and searched in the model thread's batch (see ModelWorker.search_text)
                 state.require_model()
-                job = state.worker.search_text(body.query, body.k, body.offset, body.min_score)
+                job = state.worker.search_text(body.query, k, offset, body.min_score)
                 hits = await _bad_request(result_or_drop(request, job))
             else:
                 if body.query is not None:
@@ -142,6 +166,8 @@ def search_routes(app: FastAPI, state: AppState, read_deps: list[Any], auth_deps
                     hits = runner.run(state, **common)
                 else:
                     hits = await run_in_threadpool(runner.run, state, **common)
+            if body.verify:
+                hits = await _verified(state, request, body, hits)
         took = time.perf_counter() - started
         metrics.searches.inc(kind)
         metrics.search_latency.observe(took, kind)

@@ -20,7 +20,9 @@ min_score, which costs far less than one search per request on the event loop.
 
 Non-streaming questions (``answer``) are batched too, without any wait: asks already queued one
 after another with the same ``max_new_tokens`` and token kind go to one ``model.answer_batch`` call
-(greedy decoding, so each answer is the one it would get alone).
+(greedy decoding, so each answer is the one it would get alone). Verified searches (``relevance``) are
+batched the same way: the top hits of the searches queued one after another go to one
+``model.relevance`` call (one prefill per chunk of hits, each scored as it would be alone).
 
 The queue is bounded (``max_queue`` jobs waiting or running): a job beyond it raises ``Overloaded``
 at once, which the app answers with 503 and ``Retry-After``. A job whose future was cancelled (its
@@ -66,6 +68,17 @@ class _AskJob:
         self.future: Future = Future()
 
 
+class _VerifyJob:
+    """A verified search's top hits: their stored tokens and the query, to be scored by ``model.relevance``;
+    jobs with the same token ``kind`` queued one after another share one call."""
+
+    __slots__ = ("tokens", "query", "kind", "future")
+
+    def __init__(self, tokens: list[Any], query: str, kind: str | None) -> None:
+        self.tokens, self.query, self.kind = tokens, query, kind
+        self.future: Future = Future()
+
+
 class _CallJob:
     __slots__ = ("fn", "args", "kwargs", "future")
 
@@ -84,6 +97,9 @@ SEARCH_CHUNK = 8
 # per call (about 6, 15 and 31 at 8, 32 and 200 clients: texts pile up while the model runs) and the same
 # server CPU per request as none. It may pay where a model call is cheap next to the gap between requests.
 DEFAULT_BATCH_WAIT = 0.0
+# Hits scored per model.relevance call across queued verified searches (each asks for at most MAX_VERIFY,
+# 100): the model itself prefills them in chunks, so this bounds one turn's length, not its memory.
+MAX_VERIFY_PAIRS = 128
 
 
 class ModelWorker:
@@ -105,6 +121,7 @@ class ModelWorker:
         self._expected = expected
         self.turns = self.waited_turns = 0  # text turns, and those that waited for more texts
         self.answer_calls = self.answers = 0  # answer_batch calls, and the questions they answered
+        self.verify_calls = self.verified = 0  # model.relevance calls, and the hits they scored
         self.last_waited = False  # whether the latest text turn waited (tests read the decision, not a time)
         self.gathering = False  # a turn is waiting for more texts right now
         self._last_batch = 0
@@ -177,6 +194,11 @@ class ModelWorker:
         queued right behind it that share ``max_new_tokens`` and ``kind``."""
         return self._submit(_AskJob(tokens, question, max_new_tokens, kind))
 
+    def relevance(self, tokens: list[Any], query: str, kind: str | None) -> Future:
+        """P(yes) per stored-token set that its image shows ``query`` (an array), scored in one
+        ``model.relevance`` call with the verifications queued right behind it (same ``kind``)."""
+        return self._submit(_VerifyJob(tokens, query, kind))
+
     def _submit(self, job: Any) -> Future:
         with self._count_lock:
             if self.pending >= self.max_queue:
@@ -215,6 +237,8 @@ class ModelWorker:
                 self._run_texts(self._gather(job))
             elif isinstance(job, _AskJob):
                 self._run_asks(self._gather_asks(job))
+            elif isinstance(job, _VerifyJob):
+                self._run_verifies(self._gather_verifies(job))
             else:
                 self._run_call(job)
             if not (isinstance(job, _CallJob) and job.fn == self._preload):
@@ -320,6 +344,37 @@ class ModelWorker:
             return list(answers)
 
         self._run_batch(batch, answer)
+
+    def _gather_verifies(self, first: _VerifyJob) -> list[_VerifyJob]:
+        """``first`` and the verifications queued right behind it with the same kind, up to
+        ``MAX_VERIFY_PAIRS`` (token sets) in all; no waiting, as for asks."""
+        batch, pairs = [first], len(first.tokens)
+        while len(batch) < self.max_batch:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if not (isinstance(job, _VerifyJob) and job.kind == first.kind
+                    and pairs + len(job.tokens) <= MAX_VERIFY_PAIRS):
+                self._held = job
+                break
+            batch.append(job)
+            pairs += len(job.tokens)
+        return batch
+
+    def _run_verifies(self, batch: list[_VerifyJob]) -> None:
+        kind = batch[0].kind
+
+        def score(jobs: list[_VerifyJob]) -> list[np.ndarray]:
+            tokens = [t for j in jobs for t in j.tokens]
+            queries = [j.query for j in jobs for _ in j.tokens]
+            relevance = np.asarray(self.service.model.relevance(tokens, queries, kind)) if tokens else np.zeros(0)
+            self.verify_calls += 1
+            self.verified += len(tokens)
+            bounds = np.cumsum([0] + [len(j.tokens) for j in jobs])
+            return [relevance[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+        self._run_batch(batch, score)
 
     @staticmethod
     def _run_batch(batch: list[Any], run: Callable[[list[Any]], list[Any]]) -> None:

@@ -1,4 +1,4 @@
-"""Collection commands: index, search, ask, info, verify, remove, serve. Thin over the service."""
+"""Collection commands: index, ask, info, verify, remove, serve (search: search.py). Thin over the service."""
 
 from __future__ import annotations
 
@@ -189,76 +189,6 @@ def _index_details(report, prune: bool) -> None:
             f"shapes world that the `{DEFAULT_MODEL}` model was trained on ({DEFAULT_MODEL} knows only the coloured "
             "shapes of `f2b demo-data`), so search and answers on them will be noise. For real photos use a real "
             f"model in a new collection: f2b index DIR --model {REAL_MODEL} --collection photos.f2b")
-
-
-@app.command()
-def search(
-    text: Optional[str] = typer.Argument(None, help="Text query."),
-    image: Optional[Path] = typer.Option(None, "--image", help="Search by example image."),
-    like: Optional[str] = typer.Option(None, "--like", help="More like this indexed image (id or path)."),
-    collection: Optional[Path] = CollectionOpt,
-    model: Optional[str] = ModelOpt,
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
-    k: int = typer.Option(10, "--limit", "-k", min=1, help="Number of results."),
-    offset: int = typer.Option(0, "--offset", min=0, help="Skip this many results (pagination)."),
-    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop results below this cosine score."),
-    filters: Optional[List[str]] = typer.Option(None, "--filter", help="key=value metadata filter (repeatable; key>=v, key<=v)."),
-    local: bool = typer.Option(False, "--local",
-                               help="Load the model in this process even when `f2b serve` of this collection runs."),
-    as_json: bool = JsonOpt,
-) -> None:
-    """Search the collection by text, by image, or by a stored image.
-
-    While `f2b serve` of the same collection runs, text and --like ID searches are answered by it
-    (no model load here: well under a second instead of several).
-    """
-    check(model=model, device=device, dtype=dtype)
-    hits = None if local or model else _search_via_server(collection, text, image, like, k, offset, min_score,
-                                                                         filters)
-    if hits is None:
-        with user_errors():
-            with _service(collection, model, device, dtype) as service:
-                hits = service.search(text=text, image=str(image) if image else None, like=like, k=k,
-                                      filter=_parse_filters(filters), offset=offset, min_score=min_score)
-    if as_json:
-        print_json([{"id": int(h.id), "path": str(h.path), "score": float(h.score)} for h in hits])
-        return
-    if not hits:
-        typer.echo("no results")
-    for rank, h in enumerate(hits, offset + 1):
-        typer.echo(f"{rank:>3}. {h.score:+.4f}  [{h.id}]  {h.path}")
-
-
-def _search_via_server(collection: Optional[Path], text: Optional[str], image: Optional[Path], like: Optional[str],
-                       k: int, offset: int, min_score: Optional[float], filters: Optional[List[str]]):
-    """Hits from a running `f2b serve` of this collection, or None (then the search runs here, and
-    says what is wrong with an empty query, an example image, a path for --like or two queries)."""
-    if image is not None or (text is not None and like is not None):
-        return None
-    if text is not None and text.strip():
-        body: dict = {"query": text}
-    elif text is None and like is not None and like.isdigit():
-        body = {"like": int(like)}
-    else:
-        return None
-    from .remote import RemoteError, find_server, remote_search
-
-    record = find_server(collection_path(collection))
-    if record is None:
-        return None
-    body.update(k=k, offset=offset)
-    if min_score is not None:
-        body["min_score"] = min_score
-    if filters:
-        body["filter"] = _parse_filters(filters)
-    try:
-        hits = remote_search(record, body)
-    except RemoteError as exc:
-        raise fail(str(exc))
-    if hits is not None:
-        _answered_by(record)
-    return hits
 
 
 def _answered_by(record: dict) -> None:

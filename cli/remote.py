@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
-__all__ = ["RemoteError", "RemoteHit", "announce", "find_server", "remote_ask", "remote_image", "remote_search", "runtime_dir"]
+__all__ = ["RemoteError", "RemoteHit", "RemoteHits", "announce", "find_server", "remote_ask", "remote_image", "remote_search", "runtime_dir"]
 
 TIMEOUT_S = 5.0
 ANSWER_TIMEOUT_S = 300.0  # an answer waits for the model queue and generates up to max_new_tokens
@@ -35,6 +35,13 @@ class RemoteHit(NamedTuple):
     id: int
     path: str
     score: float
+    relevance: float | None = None
+
+
+class RemoteHits(list):
+    """The server's hits, with how many a verified search cut (``dropped``, from the response body)."""
+
+    dropped: int = 0
 
 
 def runtime_dir() -> Path:
@@ -122,13 +129,17 @@ def remote_search(record: dict[str, Any], body: dict[str, Any]) -> list[RemoteHi
     try:
         if not _same_collection(record):
             return None
-        results = _call(f"{record['url']}/v1/search", body)["results"]
+        found = _call(f"{record['url']}/v1/search", body)
+        hits = RemoteHits(RemoteHit(int(h["id"]), str(h["path"]), float(h["score"]),
+                                    None if h.get("relevance") is None else float(h["relevance"]))
+                          for h in found["results"])
+        hits.dropped = int(found.get("dropped") or 0)
     except urllib.error.HTTPError as exc:
         _refused(exc, "search")
         return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return [RemoteHit(int(h["id"]), str(h["path"]), float(h["score"])) for h in results]
+    return hits
 
 
 def remote_ask(record: dict[str, Any], image_id: int, question: str, max_new_tokens: int,

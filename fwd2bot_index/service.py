@@ -262,13 +262,22 @@ class ImageService:
     # -- queries -------------------------------------------------------------------------------
     def search(self, text: str | None = None, image: str | os.PathLike | Any = None, like: int | str | None = None,
                embedding: Sequence[float] | None = None, k: int = 10, filter: dict | None = None, offset: int = 0,
-               min_score: float | None = None) -> list[Hit]:
-        """Search by text, by example image (path or PIL image), by a stored image, or by a vector."""
+               min_score: float | None = None, verify: int | None = None,
+               min_relevance: float | None = None) -> list[Hit]:
+        """Search by text, by example image (path or PIL image), by a stored image, or by a vector.
+
+        ``verify=N`` (text only) re-ranks the top N hits by the model's own check of each from its stored
+        tokens, and ``min_relevance`` cuts them (``verification``): hits gain ``relevance``."""
         given = [x is not None for x in (text, image, like, embedding)]
         if sum(given) != 1:
             raise ServiceError("give exactly one of: a text query, --image PATH, --like ID, or an embedding")
         if k < 1:
             raise ServiceError(f"k must be at least 1, got {k}")
+        if verify is not None or min_relevance is not None:
+            from .verification import check_verify, verified_search
+
+            check_verify(verify, min_relevance, text=text is not None)
+            return verified_search(self, text, k, filter, offset, min_score, verify, min_relevance)
         query = self.query_vector(text=text, image=image, like=like, embedding=embedding)
         exclude = {self.resolve(like)} if like is not None else None
         return self.collection.search(query, k=k, filter=filter, offset=offset, min_score=min_score,
