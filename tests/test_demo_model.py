@@ -109,7 +109,8 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
                                           variants=("k8", "k16-contrastive"))
     assert report["size_bytes"] < MAX_BYTES
     assert set(report["stages"]) == {"warmup", "base", "compressor-k16", "compressor-k8", "compressor-k16-contrastive"}
-    assert report["stages"]["base"]["steps"] == demo_recipe.QUICK.base_steps
+    assert report["stages"]["base"]["steps"] == demo_recipe.QUICK.base_max_steps
+    assert report["stages"]["base"]["stopped_by"] in {"step budget", "floor reached"}
     assert report["stages"]["compressor-k8"]["num_summary_tokens"] == 8
     assert report["stages"]["compressor-k16-contrastive"]["last"].get("autoregressive") is None
     model = Fwd2Bot.from_pretrained(str(out), device="cpu")

@@ -64,7 +64,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_accum: int = 1
     clip_norm: float | None = 1.0
-    bf16: bool | None = None  # autocast; None = on when training on CUDA. CPU runs stay in fp32.
+    bf16: bool | None = None  # autocast; None = on when training on CUDA; True on a CPU too
     seed: int = 0
     max_steps: int | None = None
     epochs: float = 1.0

@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base-from", default=None,
                         help="continue this stock LLaVA folder (e.g. an earlier demo model's base/) instead of "
                              "a vision warm-up and a fresh LLM")
+    parser.add_argument("--compressors-only", action="store_true",
+                        help="train exactly --variants (k16 not implied; the base must be done) and stop: run one "
+                             "such process per core, then the plain command exports and measures")
     parser.add_argument("--measure-only", action="store_true", help="measure an existing model, do not train")
     parser.add_argument("--no-measure", action="store_true", help="train only")
     parser.add_argument("--eval-dir", default=None, help="held-out data folder (written when empty)")
@@ -47,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the measured results as JSON here")
     args = parser.parse_args(argv)
     variants = tuple(v for v in args.variants.split(",") if v)
+    if args.compressors_only and not variants:
+        parser.error("--compressors-only needs --variants (which compressors this process trains)")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
@@ -54,8 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.measure_only:
         report = train_demo_model(out, quick=args.quick, seed=args.seed, device=args.device, progress=True,
                                   work_dir=args.work_dir, threads=args.threads, variants=variants,
-                                  stop_after=args.stop_after, base_from=args.base_from)
-        if args.stop_after:
+                                  stop_after=args.stop_after, base_from=args.base_from,
+                                  compressors_only=args.compressors_only)
+        if args.stop_after or args.compressors_only:
             return 0
         print(json.dumps({"trained": str(out), "seconds": round(report["seconds"], 1),
                           "size_bytes": report["size_bytes"]}))

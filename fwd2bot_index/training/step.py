@@ -128,7 +128,7 @@ class StepMixin:
     # -- the step -------------------------------------------------------------------------
     def _autocast(self):
         if self.autocast:
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def stride_at(self, step: int) -> int:

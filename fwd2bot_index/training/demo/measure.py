@@ -6,7 +6,7 @@ style hard negatives):
 - *blind*: each question template's most common training answer, without the image: chance;
 - Fwd2Bot summary tokens at K = 16 (the shipped model), and K = 8 / 32 where those compressors
   were trained (variants);
-- average pooling (LLaVolta) to 8 and 16 tokens, 2-D on the grid, and all 64 visual tokens:
+- 2-D average pooling (on the grid, before the LLM, at test time) to 8 and 16 tokens, and all 64 visual tokens:
   answered by the base with adapters off (the base was trained on these pooled forms too);
 - the compositionality ablation: the same compressor trained contrastive-only (retrieval and hard
   negatives only: its pass-2 adapter never trained, so it answers nothing).

@@ -67,30 +67,32 @@ def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) ->
         f"- Fwd2Bot: K = {r['num_summary_tokens']} summary tokens, embedding dimension {r['embed_dim']}, LoRA "
         f"r = {r['lora_r']} (alpha {r['lora_alpha']}) adapters for pass 1 and pass 2; the base stays frozen", "",
         "## Recipe (seed " + str(report["seed"]) + ")", "",
-        f"0. Vision warm-up: fresh scenes every batch ({r['vision_batch']} per step), lr {r['vision_lr']}, shape "
-        "terms weighted x5; the vision tower and projector learn each grid cell's and each token's colour, shape "
-        "and size, each token's cell and the background from the scene ground truth (linear probes, discarded). "
-        f"Stopped by {warm.get('stopped_by', '?')} at step {warm.get('steps', '?')} (rule: every cell probe >= "
-        f"{r['vision_floor']} on {r['vision_heldout']} held-out scenes). Held-out probe accuracy: "
-        f"`{_json(warm.get('heldout_accuracy'))}`.",
-        f"1. Base: {base.get('steps', '?')} steps x {r['base_batch']} fresh scenes, lr {r['base_lr']}, vision tower "
-        "frozen, projector output rescaled to the word embeddings' RMS (factor "
-        f"{base.get('projector_scale', float('nan')):.3g}). Each image is followed by all eight of its questions "
-        f"(shuffled) in one multi-turn sequence, with a caption turn in {int(r['base_caption_share'] * 100)}% of "
-        f"them (caption tokens weighted {r['base_caption_weight']}); {base.get('pooled_share')} (share, tokens) of "
-        "the sequences see the visual tokens 2-D average-pooled, so the pooled baselines are answered by a base "
-        f"trained on them. Held-out monitor at the end: `{_json(base.get('heldout'))}`.",
+        _warmup_line(r, warm),
+        f"1. Base: {base.get('steps', '?')} steps x {r['base_batch']} fresh scenes (stopped by "
+        f"{base.get('stopped_by', '?')}; rule: every question type >= {r['base_floor']} on held-out scenes, or "
+        f"{r['base_max_steps']} steps / {r['base_max_minutes']:.0f} min), lr {r['base_lr']} constant after a "
+        f"{r['base_warmup']}-step warm-up and halved only after {r['base_patience']} checks without a held-out rise "
+        f"({base.get('lr_cuts', 0)} cuts), vision tower frozen, bf16 autocast "
+        f"{'on' if r.get('bf16_autocast') else 'off'}. {_llm_init(base)} Every question of an image (and, in "
+        f"{int(r['base_caption_share'] * 100)}% of sequences, a caption weighted {r['base_caption_weight']}) is a "
+        "branch of one sequence that sees the image and its own question only, in the layout answering uses; "
+        f"answer tokens weighted by type {_json(dict(r['base_type_weights']))}; {base.get('pooled_share')} "
+        "(share, tokens) of the sequences see the visual tokens 2-D average-pooled, so the pooled baselines are "
+        "answered by a base trained on them. Visual tokens' RMS over the word embeddings' at the end: "
+        f"{base.get('visual_rms_vs_words', '?')}. Held-out monitor at the end: `{_json(base.get('heldout'))}`; "
+        "the per-type curve is below.",
         f"2. Compressor: {r['compressor_steps']} steps x {r['compressor_batch']}, lr {r['compressor_lr']}; summary "
         "tokens, both adapters and the heads. Symmetric InfoNCE (the scene-unique caption, or for "
         f"{int(r['hard_negative_share'] * 100)}% of items a hard-negative pair's caption whose negative joins the "
-        "text side) + the multi-turn autoregressive loss after pass 2; LLaVolta staged pooling "
-        f"`{r['compressor_pool_schedule']}` in pass 1 (stride s keeps N/s tokens). Variants trained the same way: "
-        f"{', '.join(sorted(comp))}.",
+        "text side) + the branched autoregressive loss after pass 2; LLaVolta staged pooling "
+        f"`{r['compressor_pool_schedule']}` in pass 1 (stride s keeps N/s tokens; {_llavolta_layers(r)}). "
+        f"Variants trained the same way: {', '.join(sorted(comp))}.",
         "3. Export: base, adapters and compressor cast to fp16 into one self-contained folder.", "",
         f"Stage summaries: `{_json({k: {kk: vv for kk, vv in v.items() if kk not in ('history', 'monitor')} for k, v in stages.items()})}`",
         "",
         f"Training time: {report.get('stage_seconds', 0) / 60:.0f} min over all stages on {report['threads']} CPU "
         "thread(s) of a shared 2-core machine.", "",
+        *_curve_table(base.get("history") or []),
         "## Reproduce", "",
         "```bash", f"{MODULE_COMMAND}   # train (resumable), measure, write the tables",
         f"{TRAIN_COMMAND}   # the shipped model's training alone, into ./f2b-demo", "```", "",
@@ -102,6 +104,54 @@ def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) ->
     path = Path(out_dir) / "README.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _warmup_line(r: dict[str, Any], warm: dict[str, Any]) -> str:
+    if "from" in warm:
+        return (f"0. Vision warm-up: not rerun; the vision tower, projector and LLM start from `{warm['from']}` "
+                "(the previous demo model's base, made by this recipe's earlier stages with the same seed).")
+    return (f"0. Vision warm-up: fresh scenes every batch ({r['vision_batch']} per step), lr {r['vision_lr']}, shape "
+            "terms weighted x5; the vision tower and projector learn each grid cell's and each token's colour, "
+            "shape and size, each token's cell and the background from the scene ground truth (linear probes, "
+            f"discarded). Stopped by {warm.get('stopped_by', '?')} at step {warm.get('steps', '?')} (rule: every "
+            f"cell probe >= {r['vision_floor']} on {r['vision_heldout']} held-out scenes). Held-out probe accuracy: "
+            f"`{_json(warm.get('heldout_accuracy'))}`.")
+
+
+def _llm_init(base: dict[str, Any]) -> str:
+    if base.get("started_from"):
+        return f"The LLM continues the base in `{base['started_from']}`."
+    if base.get("llm_init_std"):
+        return (f"The LLM is initialised at std {base['llm_init_std']} (~1/sqrt(hidden)) and the projector output "
+                f"rescaled to the word embeddings' RMS at step 0 (factor {base.get('projector_scale', 1.0):.3g}); "
+                "training moves both afterwards.")
+    return "The LLM starts from the warm-up's initialisation."
+
+
+def _llavolta_layers(r: dict[str, Any]) -> str:
+    from ..schedule import PoolSchedule
+
+    schedule = PoolSchedule.parse(r["compressor_pool_schedule"])
+    layers = schedule.layers_for(r["spec"]["layers"])
+    stages = ", ".join(f"stride {s} before layer {l}" if s > 1 else "none"
+                       for (_, s, _), l in zip(schedule.stages, layers))
+    return f"on this {r['spec']['layers']}-layer LLM: {stages}"
+
+
+def _curve_table(history: list[dict[str, Any]], rows: int = 12) -> list[str]:
+    """The base stage's held-out curve (per question type), thinned to about ``rows`` checks."""
+    if not history:
+        return []
+    types = [k for k in history[-1] if k not in ("step", "loss", "lr", "qa")]
+    keep = history[:: max(1, math.ceil(len(history) / rows))]
+    if keep[-1] is not history[-1]:
+        keep.append(history[-1])
+    lines = ["### Base stage: held-out exact match by question type", "",
+             "| step | lr | loss | " + " | ".join(types) + " | all |", "|---" * (len(types) + 4) + "|"]
+    for row in keep:
+        lines.append(f"| {int(row['step'])} | {row.get('lr', float('nan')):.2g} | {row.get('loss', float('nan')):.3f} | "
+                     + " | ".join(_pct(row.get(t)) for t in types) + f" | {_pct(row.get('qa'))} |")
+    return lines + [""]
 
 
 def _pct(x: float | None) -> str:
@@ -119,7 +169,7 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, int, str]]:
     """(label, stored-form name, tokens, search embedding) in order of stored tokens."""
     k = results["num_summary_tokens"]
     rows = [("blind: the template's most common answer, no image", "blind", 0, "")]
-    rows += [(f"average pooling (LLaVolta, 2-D) to {b}", f"pool@{b}", b, "prompt (E5-V), training-free")
+    rows += [(f"2-D average pooling to {b} before the LLM (test time)", f"pool@{b}", b, "prompt (E5-V), training-free")
              for b in results["budgets"]]
     rows.append((f"Fwd2Bot summary tokens, K={k} (shipped)", "fwd2bot", k, "Fwd2Bot heads"))
     for name, v in results.get("variants", {}).items():
