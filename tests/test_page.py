@@ -86,17 +86,20 @@ def test_search_ask_and_example_search_in_chromium(server, browser, tmp_path):
     page.wait_for_selector("#model-status.ready", timeout=15000)
     assert "40 images" in page.inner_text("#collection-info")
 
-    # Type a query and press Enter: a grid of thumbnails with scores, best first.
+    # Type a query and press Enter: a grid of thumbnails with scores, verified by default (issue 21): the
+    # model's relevance beside each score, best first.
     page.get_by_label("Search images by description").fill("a red circle")
     page.keyboard.press("Enter")
     page.wait_for_selector("#results .hit")
     _thumbnails_loaded(page)
     hits = page.locator("#results .hit")
     assert hits.count() == 24
-    scores = [float(s) for s in page.locator("#results .hit .score").all_inner_texts()]
-    assert scores == sorted(scores, reverse=True)
-    expected = httpx.post(url + "/v1/search", json={"query": "a red circle", "k": 24}).json()["results"]
+    relevance = [float(s.split()[-1]) for s in page.locator("#results .hit .relevance").all_inner_texts()]
+    assert len(relevance) == 24 and relevance == sorted(relevance, reverse=True)
+    expected = httpx.post(url + "/v1/search", json={"query": "a red circle", "k": 24, "verify": 24}).json()["results"]
     assert [int(h.get_attribute("data-id")) for h in hits.all()] == [h["id"] for h in expected]
+    shown = [float(s) for s in page.locator("#results .hit .score").all_inner_texts()]
+    assert shown == [round(h["score"], 3) for h in expected]  # the cosine stays what the score says
     assert "24 results" in page.inner_text("#status")
     _shot(page, tmp_path, "search-results.png")
 
@@ -205,6 +208,33 @@ def test_no_good_match_state_and_panorama_keeps_its_shape(panorama_server, brows
     assert shape["fit"] == "contain" and abs(shape["box"] - 1) < 0.02, shape
     assert shape["natural"] > 10, shape  # the server kept the 12:1 shape; `contain` shows all of it
     _shot(page, tmp_path, "panorama.png")
+    page.close()
+
+
+def test_verified_search_says_no_good_match_by_relevance(server, browser, tmp_path):
+    """Issue 21: the page verifies text searches; when no hit reaches the relevance cutoff it says "no good
+    match" with the nearest hits dimmed; hits above it are not dimmed; ?verify=0 falls back to the cosine."""
+    url, _ = server
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(url + "/?q=a+red+circle&min_relevance=1")  # no probability reaches 1: nothing is a good match
+    page.wait_for_selector("#results .hit")
+    status = page.inner_text("#status")
+    assert "no good match" in status and "relevance" in status and "24 results" in status, status
+    assert page.locator("#results .hit.weak").count() == 24
+    _shot(page, tmp_path, "verified-no-good-match.png")
+    page.goto(url + "/?q=a+red+circle&min_relevance=0")  # every verified hit passes
+    page.wait_for_selector("#results .hit")
+    assert page.locator("#results .hit.weak").count() == 0 and "no good match" not in page.inner_text("#status")
+    found = httpx.post(url + "/v1/search", json={"query": "a red circle", "k": 24, "verify": 24}).json()["results"]
+    cut = (found[3]["relevance"] + found[4]["relevance"]) / 2
+    if found[3]["relevance"] > found[4]["relevance"]:  # a cutoff between the 4th and 5th hit
+        page.goto(url + f"/?q=a+red+circle&min_relevance={cut}")
+        page.wait_for_selector("#results .hit")
+        assert page.locator("#results .hit:not(.weak)").count() == 4
+        assert "4 above relevance" in page.inner_text("#status")
+    page.goto(url + "/?q=a+red+circle&verify=0")
+    page.wait_for_selector("#results .hit")
+    assert page.locator("#results .hit .relevance").count() == 0
     page.close()
 
 

@@ -167,3 +167,33 @@ def test_queued_verifications_share_one_model_call(service):
     assert worker.verify_calls == 1 and worker.verified == 5
     for a, b in zip(got, alone):
         np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_cli_verifies_through_a_running_server(demo, service, tmp_path, monkeypatch):
+    """`f2b search --verify` while `f2b serve` of the collection runs: the server verifies, the CLI prints
+    the same hits and relevances as a local run and the same count of dropped hits."""
+    from fwd2bot_index.api import make_server
+    from fwd2bot_index.api.testing import LiveServer, free_port
+    from fwd2bot_index.cli.remote import announce
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    runner = CliRunner()
+    args = ["search", QUERY, "--collection", str(demo.collection), "-k", "4", "--verify", "8", "--json"]
+    local = runner.invoke(cli, args + ["--local", "--model", str(demo.model_dir)])
+    assert local.exit_code == 0, local.output
+    expected = json.loads(local.stdout)
+    cut = sorted(h["relevance"] for h in expected)[2]
+    port = free_port()
+    live = LiveServer(server=make_server(demo.collection, model=str(demo.model_dir), port=port, writable=False,
+                                         log_level="warning"))
+    with live, announce(demo.collection, "127.0.0.1", port):
+        live.wait_ready()
+        served = runner.invoke(cli, args)
+        dropped = runner.invoke(cli, args + ["--min-relevance", str(cut)])
+    assert served.exit_code == 0 and "answered by the running f2b serve" in served.stderr, served.output
+    remote = json.loads(served.stdout)
+    assert [h["id"] for h in remote] == [h["id"] for h in expected]
+    assert [h["relevance"] for h in remote] == pytest.approx([h["relevance"] for h in expected], abs=2e-5)
+    kept = json.loads(dropped.stdout)
+    assert all(h["relevance"] >= cut for h in kept) and "hits dropped below relevance" in dropped.stderr
+    assert f"{8 - len(kept)} of the top 8 hits dropped" in dropped.stderr

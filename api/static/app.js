@@ -51,26 +51,52 @@ function setImage(img, url) {
     .catch(() => { img.alt += " (thumbnail unavailable)"; });
 }
 
-// Cosine score below which a result is not called a match: the page dims those and says when nothing
-// passes. A rough default for the shipped models; `?floor=0.3` in the page URL sets another.
+// What the page calls a match. Text searches are verified by default: the server asks the model whether
+// each of the top hits shows the query, from its stored tokens, and a hit counts when that probability
+// ("relevance") reaches DEFAULT_MIN_RELEVANCE (0.5: the model says yes more than no); `?min_relevance=0.7`
+// sets another cutoff, `?verify=0` turns verification off. Without relevance (example-image searches, a
+// collection that cannot answer, or `?floor=0.3` given) the cosine score is judged against a floor: a rough
+// default for the shipped models.
 const DEFAULT_FLOOR = 0.2;
+const DEFAULT_MIN_RELEVANCE = 0.5;
+const MAX_VERIFY = 100;
 
-function scoreFloor() {
-  const given = new URLSearchParams(location.search).get("floor");
+function pageNumber(name, fallback) {
+  const given = new URLSearchParams(location.search).get(name);
   const value = given === null || given.trim() === "" ? NaN : Number(given);
-  return Number.isFinite(value) ? value : DEFAULT_FLOOR;
+  return Number.isFinite(value) ? value : fallback;
 }
 
-function summary(results, label, floor) {
+function scoreFloor() { return pageNumber("floor", DEFAULT_FLOOR); }
+
+// How many hits a text search verifies: the page's k (at most MAX_VERIFY), none with ?verify=0 or ?floor=.
+function verifyCount(k) {
+  if (new URLSearchParams(location.search).has("floor")) return 0;
+  return Math.max(0, Math.min(MAX_VERIFY, Math.round(pageNumber("verify", k))));
+}
+
+// The rule results are judged by: relevance when the server verified them, else the cosine floor.
+function matchRule(results) {
+  if (results.length && results[0].relevance !== undefined) {
+    const cut = pageNumber("min_relevance", DEFAULT_MIN_RELEVANCE);
+    return { what: "relevance", cut, value: (h) => h.relevance, weak: (h) => h.relevance === null || h.relevance < cut };
+  }
+  const cut = scoreFloor();
+  return { what: "score", cut, value: (h) => h.score, weak: (h) => h.score < cut };
+}
+
+function summary(results, label, rule) {
   const n = results.length;
   if (!n) return `No results ${label}.`;
   const plural = `${n} result${n === 1 ? "" : "s"} ${label}`;
-  const good = results.filter((h) => h.score >= floor).length;
+  const good = results.filter((h) => !rule.weak(h)).length;
   if (!good) {
-    return `${plural}, but no good match: the best score, ${results[0].score.toFixed(3)}, is below ` +
-      `${floor.toFixed(2)}. The nearest images are shown dimmed.`;
+    const best = Math.max(...results.map((h) => rule.value(h) ?? 0));
+    const why = rule.what === "relevance" ? "the model says none of them shows it (best relevance" : "the best score";
+    return `${plural}, but no good match: ${why}, ${best.toFixed(3)}, is below ` +
+      `${rule.cut.toFixed(2)}${rule.what === "relevance" ? ")" : ""}. The nearest images are shown dimmed.`;
   }
-  return good === n ? `${plural}.` : `${plural}: ${good} above score ${floor.toFixed(2)}, the rest dimmed.`;
+  return good === n ? `${plural}.` : `${plural}: ${good} above ${rule.what} ${rule.cut.toFixed(2)}, the rest dimmed.`;
 }
 
 function render(results, label) {
@@ -78,14 +104,14 @@ function render(results, label) {
   state.objectUrls = [];
   const list = $("results");
   list.replaceChildren();
-  const floor = scoreFloor();
+  const rule = matchRule(results);
   let dividerShown = false;
   for (const hit of results) {
-    const weak = hit.score < floor;
+    const weak = rule.weak(hit);
     if (weak && !dividerShown && hit !== results[0]) {
       const divider = document.createElement("li");
       divider.className = "divider";
-      divider.textContent = `Weaker matches (score below ${floor.toFixed(2)})`;
+      divider.textContent = `Weaker matches (${rule.what} below ${rule.cut.toFixed(2)})`;
       list.append(divider);
     }
     dividerShown = dividerShown || weak;
@@ -96,8 +122,10 @@ function render(results, label) {
     button.dataset.id = hit.id;
     const name = basename(hit.path);
     const score = hit.score.toFixed(3);
+    const checked = typeof hit.relevance === "number" ? ` · p ${hit.relevance.toFixed(2)}` : "";
     const note = weak ? ", below the match floor" : "";
-    button.setAttribute("aria-label", `${name}, score ${score}${note}. Open to ask a question`);
+    const said = checked ? `, relevance ${hit.relevance.toFixed(2)}` : "";
+    button.setAttribute("aria-label", `${name}, score ${score}${said}${note}. Open to ask a question`);
     const img = document.createElement("img");
     img.loading = "lazy";
     img.alt = name;
@@ -113,12 +141,19 @@ function render(results, label) {
     scoreEl.className = "score";
     scoreEl.textContent = score;
     caption.append(nameEl, scoreEl);
+    if (checked) {
+      const relevanceEl = document.createElement("span");
+      relevanceEl.className = "relevance";
+      relevanceEl.title = "the model's probability that this image shows the query";
+      relevanceEl.textContent = checked;
+      caption.append(relevanceEl);
+    }
     button.append(img, caption);
     button.addEventListener("click", () => openDetail(hit));
     li.append(button);
     list.append(li);
   }
-  say(summary(results, label, floor));
+  say(summary(results, label, rule));
 }
 
 async function runSearch(body, label) {
@@ -126,9 +161,17 @@ async function runSearch(body, label) {
   button.disabled = true;
   say("Searching…");
   try {
-    const data = await api("/v1/search", {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    const post = (b) => api("/v1/search", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(b),
     });
+    let data;
+    try {
+      data = await post(body);
+    } catch (error) {  // a collection that cannot answer refuses verification: search without it
+      if (!body.verify || error.status !== 400) throw error;
+      const { verify, ...plain } = body;
+      data = await post(plain);
+    }
     render(data.results, label);
   } catch (error) {
     say(error.message, true);
@@ -139,6 +182,11 @@ async function runSearch(body, label) {
 
 function k() { return Number($("k").value) || 24; }
 
+function textSearch(query) {
+  const verify = verifyCount(k());
+  runSearch(verify ? { query, k: k(), verify } : { query, k: k() }, `for “${query}”`);
+}
+
 $("search-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const query = $("query").value.trim();
@@ -146,7 +194,7 @@ $("search-form").addEventListener("submit", (event) => {
   const url = new URL(location.href);
   url.searchParams.set("q", query);
   history.replaceState(null, "", url);
-  runSearch({ query, k: k() }, `for “${query}”`);
+  textSearch(query);
 });
 
 $("example-file").addEventListener("change", async (event) => {
@@ -302,5 +350,5 @@ watchModel();
 const initial = new URLSearchParams(location.search).get("q");
 if (initial) {
   $("query").value = initial;
-  runSearch({ query: initial, k: k() }, `for “${initial}”`);
+  textSearch(initial);
 }
