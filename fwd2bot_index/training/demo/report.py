@@ -203,6 +203,15 @@ def render_claims(results: dict[str, Any], command: str = MODULE_COMMAND + " --m
                      f"{_pct(qa_s['exact_match']) if qa_s else '-'} | {_pct(qa_u['exact_match']) if qa_u else '-'} | "
                      f"{embed} | {_recall(seen['retrieval'].get(emb), 't2i')} | {_recall(seen['retrieval'].get(emb), 'i2t')} | "
                      f"{_recall(unseen['retrieval'].get(emb), 't2i')} | {_recall(unseen['retrieval'].get(emb), 'i2t')} |")
+    small = seen.get("n_small_gallery")
+    if small:
+        lines += ["", f"Text->image recall with a {small}-image gallery (the first {small} images of each split and "
+                      "their captions):", "", "| search embedding | seen t2i R@1/5/10 | unseen t2i R@1/5/10 |",
+                  "|---|---|---|"]
+        for name, table in seen.get("retrieval_small", {}).items():
+            label = "prompt (E5-V), base model" if name == "prompt" else name
+            lines.append(f"| {label} | {_recall(table, 't2i')} | "
+                         f"{_recall(unseen.get('retrieval_small', {}).get(name), 't2i')} |")
     names = [n for _, n, _, _ in _rows(results) if n in seen["qa"]]
     types = sorted(seen["qa"]["fwd2bot"]["by_type"])
     lines += ["", "QA exact match by question type (both splits):", "",
@@ -220,7 +229,7 @@ def render_claims(results: dict[str, Any], command: str = MODULE_COMMAND + " --m
         label = "prompt (E5-V), base model" if name == "prompt" else name
         lines.append(f"| {label} | " + " | ".join(_pct(acc[c]) for c in cats) +
                      f" | {_pct(float(np.mean([acc[c] for c in cats])))} |")
-    lines += ["", "Targets (issue 11; reported, not asserted):", ""]
+    lines += ["", "Goals (issue 20; reported, not asserted):", ""]
     for t in results["targets"]:
         if t["met"] is None:
             lines.append(f"- {t['target']}: {_pct(t['measured'])}")

@@ -1,4 +1,5 @@
-"""Issue 11's targets for the demo model, each with the measured values and whether it holds.
+"""The demo model's goals (issue 20, which replaced issue 11's), each with the measured value and whether
+it holds.
 
 Reported in the model card and README, never asserted in tests: the measurement is the point.
 """
@@ -11,7 +12,6 @@ from typing import Any
 import numpy as np
 
 EVAL_SPLITS = ("test", "test_unseen")
-CLEAR_MARGIN = 0.05  # "clearly above chance": at least 5 points over the blind row on every question type
 
 
 def qa_overall(results: dict[str, Any], name: str) -> float:
@@ -39,34 +39,35 @@ def _target(name: str, measured: float, goal: float | str, met: bool) -> dict[st
     return {"target": name, "measured": measured, "goal": goal, "met": bool(met) and not math.isnan(measured)}
 
 
+def _r1(results: dict[str, Any], split: str, key: str = "retrieval") -> float:
+    table = results["splits"][split].get(key, {}).get("fwd2bot")
+    return float(table["t2i"][1]) if table else float("nan")
+
+
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     k = results["num_summary_tokens"]
-    seen, unseen = results["splits"]["test"]["retrieval"], results["splits"]["test_unseen"]["retrieval"]
     full, blind, fw = qa_overall(results, "full"), qa_overall(results, "blind"), qa_overall(results, "fwd2bot")
-    full_types, blind_types = qa_by_type(results, "full"), qa_by_type(results, "blind")
-    worst = min(full_types.values()) if full_types else float("nan")
-    margin = min((full_types[t] - blind_types.get(t, 0.0) for t in full_types), default=float("nan"))
-    hn = _categories(results["sugarcrepe"]["fwd2bot"]["accuracy"])
-    hn_mean, hn_min = float(np.mean(list(hn.values()))), min(hn.values())
+    full_types = qa_by_type(results, "full")
+    worst_type = min(full_types, key=full_types.get) if full_types else "?"
+    worst = full_types.get(worst_type, float("nan"))
     rows = [
-        _target("base, all visual tokens: QA exact match >= 0.95 overall", full, 0.95, full >= 0.95),
-        _target("base, all visual tokens: every question type >= 0.9", worst, 0.9, worst >= 0.9),
-        _target("base, all visual tokens: every question type clearly above the blind row (smallest margin, "
-                "points)", margin, CLEAR_MARGIN, margin >= CLEAR_MARGIN),
+        _target("all visual tokens: QA exact match >= 0.9 overall", full, 0.9, full >= 0.9),
+        _target(f"all visual tokens: every question type >= 0.8 (lowest: {worst_type})", worst, 0.8, worst >= 0.8),
         _target(f"Fwd2Bot K={k}: QA within 2 points of all visual tokens", fw, full - 0.02, fw >= full - 0.02),
     ]
     for budget in results["budgets"]:
-        pool = qa_overall(results, f"pool@{budget}")
-        rows.append(_target(f"Fwd2Bot K={k}: QA above pool@{budget} (goal: pool@{budget}'s score)", fw, pool,
-                            fw > pool))
-    rows += [
-        _target("text->image R@1 >= 0.8, seen compositions", seen["fwd2bot"]["t2i"][1], 0.8,
-                seen["fwd2bot"]["t2i"][1] >= 0.8),
-        _target("text->image R@1 >= 0.7, unseen compositions", unseen["fwd2bot"]["t2i"][1], 0.7,
-                unseen["fwd2bot"]["t2i"][1] >= 0.7),
-        _target("hard negatives: mean accuracy >= 0.9 (7 categories)", hn_mean, 0.9, hn_mean >= 0.9),
-        _target("hard negatives: no category below 0.8 (lowest)", hn_min, 0.8, hn_min >= 0.8),
-    ]
+        if budget == k:
+            pool = qa_overall(results, f"pool@{budget}")
+            rows.append(_target(f"Fwd2Bot K={k}: QA not below pool@{budget} (goal: pool@{budget}'s score)", fw, pool,
+                                fw >= pool))
+    for split, label in (("test", "seen"), ("test_unseen", "unseen")):
+        n_small = results["splits"][split].get("n_small_gallery", 0)
+        small, large = _r1(results, split, "retrieval_small"), _r1(results, split)
+        rows.append(_target(f"text->image R@1 >= 0.8, {n_small}-image gallery, {label} compositions", small, 0.8,
+                            small >= 0.8))
+        rows.append(_target(f"text->image R@1 >= 0.8, {results['n_gallery']}-image gallery, {label} compositions "
+                            "(the card's figure)", large, 0.8, large >= 0.8))
+    hn = _categories(results["sugarcrepe"]["fwd2bot"]["accuracy"])
     ablation = results["sugarcrepe"].get("fwd2bot-k16-contrastive")
     if ablation is not None:
         base = _categories(ablation["accuracy"])
