@@ -5,60 +5,8 @@ library (``fwd2bot_index.evaluation``, which the demo recipe uses too) and are r
 package adds the reports, the published reference numbers and the evaluation targets.
 """
 
-from ..evaluation.datasets import (
-    QARecord,
-    QASet,
-    RetrievalSet,
-    load_retrieval_set,
-    read_captions_csv,
-    read_captions_jsonl,
-    read_karpathy_json,
-    read_qa_jsonl,
-)
-from ..evaluation.errors import EvalDataError, MissingImageError
-from ..evaluation.metrics import (
-    exact_match,
-    normalize_answer,
-    normalized_contains,
-    pairwise_accuracy,
-    retrieval_recall,
-    sugarcrepe_accuracy,
-)
+from ..evaluation import *  # noqa: F401,F403 - the readers, metrics and runners, re-exported for the shell
+from ..evaluation import __all__ as _library_names
 from .report import write_report
-from ..evaluation.runners import model_answerer, run_qa, run_retrieval, run_sugarcrepe
-from ..evaluation.sugarcrepe import (
-    SUGARCREPE_CATEGORIES,
-    SUGARCREPE_GROUPS,
-    SugarCrepeCategory,
-    SugarCrepePair,
-    read_sugarcrepe,
-)
 
-__all__ = [
-    "EvalDataError",
-    "MissingImageError",
-    "QARecord",
-    "QASet",
-    "RetrievalSet",
-    "SUGARCREPE_CATEGORIES",
-    "SUGARCREPE_GROUPS",
-    "SugarCrepeCategory",
-    "SugarCrepePair",
-    "exact_match",
-    "load_retrieval_set",
-    "model_answerer",
-    "normalize_answer",
-    "normalized_contains",
-    "pairwise_accuracy",
-    "read_captions_csv",
-    "read_captions_jsonl",
-    "read_karpathy_json",
-    "read_qa_jsonl",
-    "read_sugarcrepe",
-    "retrieval_recall",
-    "run_qa",
-    "run_retrieval",
-    "run_sugarcrepe",
-    "sugarcrepe_accuracy",
-    "write_report",
-]
+__all__ = [*_library_names, "write_report"]

@@ -1,10 +1,4 @@
 """The metrics live in the library (``fwd2bot_index.evaluation.metrics``); re-exported for ``f2b eval``."""
 
-from ..evaluation.metrics import (  # noqa: F401
-    exact_match,
-    normalize_answer,
-    normalized_contains,
-    pairwise_accuracy,
-    retrieval_recall,
-    sugarcrepe_accuracy,
-)
+from ..evaluation.metrics import *  # noqa: F401,F403
+from ..evaluation.metrics import __all__  # noqa: F401
