@@ -21,6 +21,9 @@ def train(
     quick: bool = typer.Option(False, "--quick", help="With --recipe demo: a minutes-long run of the same recipe."),
     objective: Optional[str] = typer.Option(None, "--objective", help="fwd2bot (compressor) or pretrain (base)."),
     num_summary_tokens: Optional[int] = typer.Option(None, "--summary-tokens", "-K", help="K summary tokens per image (default 32)."),
+    nested: Optional[str] = typer.Option(None, "--nested",
+                                         help="Nested budgets, e.g. 4,8,16,32 (K = the largest): the first k summary "
+                                              "tokens are trained as a stored form for each k."),
     embed_dim: Optional[int] = typer.Option(None, "--embed-dim", help="Size of the retrieval embedding (default 256)."),
     lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank of both adapters (default 16)."),
     lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 32)."),

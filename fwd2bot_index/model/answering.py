@@ -321,3 +321,23 @@ def greedy_steps(decoder: nn.Module, lm_head: Callable[[torch.Tensor], torch.Ten
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         step_pos = positions[..., -1:] + 1
         positions = step_pos
+
+
+def stream_answer(model: Any, tokens: torch.Tensor, question: str, max_new_tokens: int, kind: str) -> Iterator[str]:
+    """Text pieces of one answer as the tokens come, cut where transformers' ``TextStreamer`` cuts (whole
+    words); runs in the caller's thread, so a consumer that stops iterating stops the decoding."""
+    from transformers import TextStreamer
+
+    pieces: list[str] = []
+
+    class Collect(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            pieces.append(text)
+
+    streamer = Collect(model.backbone.tokenizer, skip_special_tokens=True)
+    for token in model.answerer.steps([tokens], [question], max_new_tokens, kind):
+        streamer.put(token)
+        yield from (p for p in pieces if p)
+        pieces.clear()
+    streamer.end()
+    yield from (p for p in pieces if p)

@@ -105,6 +105,9 @@ class Fwd2BotConfig:
     base_family: str = "llava"  # the backbone family (config model_type): llava, qwen2_vl, qwen2_5_vl
     base_signature: dict = field(default_factory=dict)
     num_summary_tokens: int = 32
+    # nested budgets (``f2b train --nested``): the first k summary tokens are a trained stored form for each
+    # k listed (the largest is K); empty: trained at K only. A collection may store any of them.
+    nested_budgets: list = field(default_factory=list)
     hidden_size: int = 0
     embed_dim: int = 256
     pool_budget: int = 16

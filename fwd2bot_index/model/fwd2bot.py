@@ -190,9 +190,17 @@ class Fwd2Bot:
     def embed_dim_for(self, strategy: Strategy) -> int:
         return self.config.embed_dim if strategy.embed == "fwd2bot" else self.backbone.hidden_size
 
+    @property
+    def budgets(self) -> list[int]:
+        """The numbers of summary tokens a collection may store: the nested set this compressor was
+        trained for (``f2b train --nested``), else K alone; [] for a stock model."""
+        from .budgets import trained_budgets
+
+        return trained_budgets(self.config) if self.compressor is not None else []
+
     def token_shape(self, strategy: Strategy) -> tuple[int, int]:
         """(T, H) of the stored tokens under ``strategy``."""
-        n = {"fwd2bot": self.config.num_summary_tokens, "full": self.backbone.num_image_tokens,
+        n = {"fwd2bot": strategy.budget, "full": self.backbone.num_image_tokens,
              "pool": self.backbone.pooled_tokens(strategy.budget)}[strategy.tokens]
         return n, self.backbone.hidden_size
 
@@ -210,7 +218,9 @@ class Fwd2Bot:
         if strategy is None:
             return self.default_strategy
         if isinstance(strategy, str):
-            strategy = Strategy.parse(strategy, default_budget=self.config.pool_budget)
+            text, strategy = strategy, Strategy.parse(strategy, default_budget=self.config.pool_budget)
+            if strategy.tokens == "fwd2bot" and "@" not in text and self.config.num_summary_tokens:
+                strategy = Strategy(strategy.embed, "fwd2bot", self.config.num_summary_tokens)  # all K
         uses_compressor = "fwd2bot" in (strategy.embed, strategy.tokens)
         if uses_compressor and self.compressor is None:
             raise StrategyError(
@@ -223,7 +233,9 @@ class Fwd2Bot:
                 "trained (its summary tokens and heads are random); train it with `f2b train`, or use 'pool'"
             )
         if strategy.tokens == "fwd2bot":
-            strategy = Strategy(strategy.embed, "fwd2bot", self.config.num_summary_tokens)
+            from .budgets import check_budget
+
+            check_budget(self.config, strategy.budget, self.source)
         elif strategy.tokens == "full" and self.backbone.variable_image_tokens:
             raise StrategyError(
                 f"strategy {strategy.name!r} is not available for {self.backbone.family} models: their images "
@@ -301,8 +313,17 @@ class Fwd2Bot:
         return hidden[:, -summary.shape[0]:]
 
     def embed_summary(self, summary: torch.Tensor) -> torch.Tensor:
-        """(B, K, H) summary tokens -> (B, D) normalized image embeddings (contrastive head)."""
+        """(B, k, H) summary tokens -> (B, D) normalized image embeddings (contrastive head: the mean of
+        the tokens given, then a linear layer). Given the first k of K tokens it is the embedding at
+        budget k, which is what nested training trains and what ``embed_stored`` recomputes."""
         return _normalize(self.compressor.image_head(summary.mean(dim=1)))
+
+    def embed_stored(self, tokens: Any, budget: int | None = None, batch_size: int = 1024) -> np.ndarray:
+        """Stored summary tokens (n, T, H) -> (n, D) float32 embeddings from their first ``budget``
+        tokens (default all T): no image, no vision tower, no LLM, only the head (``model.budgets``)."""
+        from .budgets import embed_stored
+
+        return embed_stored(self, tokens, budget, batch_size)
 
     def _text_last_states(self, texts: Sequence[str], template: str, adapter: str | None) -> torch.Tensor:
         seqs = []
@@ -385,8 +406,10 @@ class Fwd2Bot:
     def _encode_batch(self, images: Sequence[Any], strategy: Strategy) -> tuple[torch.Tensor, torch.Tensor]:
         visual = self.visual_tokens(self.backbone.pixel_values(images))
         summary = None
-        if "fwd2bot" in (strategy.embed, strategy.tokens):
+        if "fwd2bot" in (strategy.embed, strategy.tokens):  # budget k < K: the first k of the K (causal pass 1)
             summary = self.compress(visual)
+            if strategy.tokens == "fwd2bot":
+                summary = summary[:, :strategy.budget]
         embedding = self.embed_summary(summary) if strategy.embed == "fwd2bot" else self.prompt_embed_images(visual)
         if strategy.tokens == "fwd2bot":
             tokens = summary
@@ -462,23 +485,7 @@ class Fwd2Bot:
         return self._answer_stream(tokens, question, max_new_tokens, kind or self.default_strategy.tokens)
 
     def _answer_stream(self, tokens: Any, question: str, max_new_tokens: int, kind: str) -> Iterator[str]:
-        """Text pieces as the tokens come, cut where transformers' ``TextStreamer`` cuts (whole words);
-        runs in the caller's thread, so a consumer that stops iterating stops the decoding."""
-        from transformers import TextStreamer
-
-        pieces: list[str] = []
-
-        class Collect(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                pieces.append(text)
-
-        streamer = Collect(self.backbone.tokenizer, skip_special_tokens=True)
-        for token in self.answerer.steps([self._as_tensor(tokens)], [question], max_new_tokens, kind):
-            streamer.put(token)
-            yield from (p for p in pieces if p)
-            pieces.clear()
-        streamer.end()
-        yield from (p for p in pieces if p)
+        return answering.stream_answer(self, self._as_tensor(tokens), question, max_new_tokens, kind)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = [p for p in self.compressor.parameters() if p.requires_grad] if self.compressor else []

@@ -19,7 +19,7 @@ OBJECTIVES = ("fwd2bot", "pretrain")
 RESUME_FIXED = ("objective", "data", "batch_size", "grad_accum", "seed", "num_summary_tokens", "embed_dim",
                  "lora_r", "lora_alpha", "lora_targets", "lr", "max_steps", "epochs", "pool_schedule",
                  "train_summary_tokens", "train_adapters", "train_heads", "train_projector", "train_llm",
-                 "train_vision_tower", "min_pixels", "max_pixels")
+                 "train_vision_tower", "min_pixels", "max_pixels", "nested")
 
 
 class TrainingError(RuntimeError):
@@ -37,6 +37,9 @@ class TrainConfig:
     image_root: str | None = None
     # the compressor (ignored when continuing from a compressor checkpoint, which has its own)
     num_summary_tokens: int = 32
+    # nested budgets (``training.nested``): the first k summary tokens are trained as a stored form for
+    # every k in the list, whose largest is K; None or []: plain training at K only
+    nested: list[int] | None = None
     embed_dim: int = 256
     lora_r: int = 16
     lora_alpha: int = 32
@@ -88,6 +91,12 @@ class TrainConfig:
         if isinstance(self.data, (str, Path)):
             self.data = [str(self.data)]
         self.data = [str(d) for d in self.data]
+        if isinstance(self.nested, str):
+            from .nested import parse_budgets
+
+            self.nested = parse_budgets(self.nested) or None
+        elif self.nested is not None:
+            self.nested = [int(b) for b in self.nested] if isinstance(self.nested, (list, tuple)) else self.nested
         if isinstance(self.pool_schedule, PoolSchedule):
             self.pool_schedule = self.pool_schedule.to_list()
         elif isinstance(self.pool_schedule, (list, tuple)):
@@ -138,6 +147,15 @@ class TrainConfig:
             self.schedule()
         except ValueError as exc:
             problems.append(f"pool_schedule: {exc}")
+        if self.nested and self.objective != "fwd2bot":
+            problems.append("nested budgets train a compressor's summary tokens: use objective 'fwd2bot'")
+        if self.nested:
+            from .nested import parse_budgets
+
+            try:
+                parse_budgets(self.nested, self.num_summary_tokens)
+            except TrainingError as exc:
+                problems.append(f"nested: {str(exc).removeprefix('--nested ')}")
         if problems:
             raise TrainingError("invalid training settings:\n  " + "\n  ".join(problems))
 
@@ -151,6 +169,9 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise TrainingError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        nested = data.get("nested")
+        if nested and not isinstance(nested, str) and "num_summary_tokens" not in data:  # K is the largest budget
+            data = {**data, "num_summary_tokens": max(int(b) for b in nested)}
         return cls(**data)
 
     @classmethod
@@ -166,6 +187,13 @@ class TrainConfig:
     def from_cli_args(cls, config_file: str | Path | None = None, **options: Any) -> "TrainConfig":
         """Settings from a JSON file (optional) overridden by CLI options; ``None`` means 'not given'."""
         base = cls.load(config_file).to_dict() if config_file else {}
+        nested = options.get("nested")
+        if isinstance(nested, str):  # --nested 4,8,16,32: K is its largest; an explicit -K must agree
+            from .nested import parse_budgets
+
+            options["nested"] = parse_budgets(nested, options.get("num_summary_tokens")) or None
+            if options["nested"] and options.get("num_summary_tokens") is None:
+                options["num_summary_tokens"] = options["nested"][-1]
         base.update({k: v for k, v in options.items() if v is not None})
         if isinstance(base.get("data"), str):
             base["data"] = [base["data"]]

@@ -64,6 +64,9 @@ class RecordsMixin:
                  f"- objective: {cfg.objective}; started from: {cfg.model}", f"- data: {', '.join(cfg.data)}",
                  f"- optimizer steps: {self.step}; samples seen: {self.samples_seen}; batch {cfg.batch_size} x "
                  f"accumulation {cfg.grad_accum}; lr {cfg.lr}", f"- pooling schedule: {self.schedule.to_list()}",
+                 "- stored summary tokens per image: "
+                 + (f"nested budgets {', '.join(map(str, self.budgets))} (any of them: f2b index --tokens k)"
+                    if getattr(self, "budgets", None) else f"{self.model.config.num_summary_tokens or 'none'}"),
                  f"- trained parts: {', '.join(k for k, v in self.parts.items() if v)}"
                  + (", vision tower" if cfg.train_vision_tower else ""),
                  f"- held-out evaluation at the end: {json.dumps({k: v for k, v in last_eval.items() if k != 'kind'})}",

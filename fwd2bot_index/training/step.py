@@ -19,6 +19,7 @@ from .config import TrainingError
 from .data import Sample
 from .distributed import global_info_nce
 from .losses import MAX_LOGIT_SCALE, recall_at_1
+from .nested import nested_losses
 from .schedule import effective_stride, pooled_token_count, warmup_cosine
 
 
@@ -141,7 +142,8 @@ class StepMixin:
 
     def batch_losses(self, batch: Batch, stride: int = 1) -> dict[str, torch.Tensor]:
         """The loss parts of one batch (differentiable). Under several processes the contrastive part
-        is the global batch's (``global_info_nce``), computed by every rank."""
+        is the global batch's (``global_info_nce``), computed by every rank. With nested budgets
+        (``self.budgets``) both losses read truncated summaries (``training.nested``)."""
         model, cfg = self.model, self.config
         pixels = model.backbone.pixel_values(batch.images)
         with self._autocast():
@@ -151,20 +153,31 @@ class StepMixin:
                 ar = model.pass2_loss(tokens, batch.prompts, batch.targets, kind="full")
                 return {"loss": ar, "autoregressive": ar}
             summary = model.compress(visual, pool_stride=stride, pool_layer=self.layer_at(self.step))
-            parts: dict[str, torch.Tensor] = {}
-            loss = summary.new_zeros((), dtype=torch.float32)
             with_caption = [i for i, c in enumerate(batch.captions) if c is not None]
+            contrastive = autoregressive = None
             if cfg.contrastive_weight > 0 and (self.distributed.enabled or len(with_caption) >= 2):
                 texts = [batch.captions[i] for i in with_caption]
-                image_emb = model.embed_summary(summary[with_caption])
-                text_emb = model.embed_text_batch(texts, self._text_strategy) if texts else image_emb[:0]
-                contrastive = global_info_nce(image_emb, text_emb, model.compressor.logit_scale, texts,
-                                              self.distributed)
-                if contrastive is not None:
-                    parts["contrastive"] = contrastive
-                    loss = loss + cfg.contrastive_weight * contrastive
+                text_emb = model.embed_text_batch(texts, self._text_strategy) if texts else None
+
+                def contrastive(s: torch.Tensor) -> torch.Tensor | None:
+                    image_emb = model.embed_summary(s[with_caption])
+                    return global_info_nce(image_emb, image_emb[:0] if text_emb is None else text_emb,
+                                           model.compressor.logit_scale, texts, self.distributed)
             if cfg.autoregressive_weight > 0:
-                parts["autoregressive"] = model.pass2_loss(summary, batch.prompts, batch.targets, kind="fwd2bot")
+                def autoregressive(s: torch.Tensor) -> torch.Tensor:
+                    return model.pass2_loss(s, batch.prompts, batch.targets, kind="fwd2bot")
+            if self.budgets:
+                parts = nested_losses(summary, self.budgets, self.step, cfg.seed, contrastive, autoregressive)
+            else:
+                parts = {}
+                if contrastive is not None and (value := contrastive(summary)) is not None:
+                    parts["contrastive"] = value
+                if autoregressive is not None:
+                    parts["autoregressive"] = autoregressive(summary)
+            loss = summary.new_zeros((), dtype=torch.float32)
+            if "contrastive" in parts:
+                loss = loss + cfg.contrastive_weight * parts["contrastive"]
+            if "autoregressive" in parts:
                 loss = loss + cfg.autoregressive_weight * parts["autoregressive"]
         parts["loss"] = loss
         return parts
@@ -233,6 +246,7 @@ class StepMixin:
         model, cfg = self.model, self.config
         self._set_train_mode(False)
         img_embs, txt_embs, loss_sum, count = [], [], 0.0, 0
+        budget_embs: dict[int, list[torch.Tensor]] = {}
         size = max(cfg.batch_size, 2)
         for start in range(0, len(samples), size):
             chunk = samples[start:start + size]
@@ -249,6 +263,8 @@ class StepMixin:
                 else:
                     summary = model.compress(visual)
                     img_embs.append(model.embed_summary(summary))
+                    for k in self.budgets[:-1]:  # retrieval at each smaller nested budget (the head is cheap)
+                        budget_embs.setdefault(k, []).append(model.embed_summary(summary[:, :k]))
                     txt_embs.append(model.embed_text_batch(captions, self._text_strategy))
                     loss = model.pass2_loss(summary, prompts, captions, kind="fwd2bot")
             loss_sum += float(loss) * len(images)
@@ -259,4 +275,7 @@ class StepMixin:
         if img_embs:
             t2i, i2t = recall_at_1(torch.cat(img_embs), torch.cat(txt_embs))
             result.update({"r1_t2i": t2i, "r1_i2t": i2t})
+            for k, embs in budget_embs.items():
+                t2i, i2t = recall_at_1(torch.cat(embs), torch.cat(txt_embs))
+                result.update({f"r1_t2i@{k}": t2i, f"r1_i2t@{k}": i2t})
         return result

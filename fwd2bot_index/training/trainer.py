@@ -86,6 +86,7 @@ class Trainer(StepMixin, RecordsMixin):
             torch.manual_seed(config.seed + self.distributed.rank)
         k = self.model.config.num_summary_tokens or 1
         self._text_strategy = Strategy("fwd2bot", "fwd2bot", k)
+        self.budgets = self._nested_budgets()
         self.autocast = self._autocast_setting()
         self.named_params = self._select_parameters()
         trainable = {id(p) for _, p in self.named_params}
@@ -144,6 +145,22 @@ class Trainer(StepMixin, RecordsMixin):
         return Fwd2Bot.create(backbone, num_summary_tokens=cfg.num_summary_tokens, embed_dim=cfg.embed_dim,
                               lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                               lora_targets=cfg.lora_targets, seed=cfg.seed)
+
+    def _nested_budgets(self) -> list[int]:
+        """The nested budgets this run trains (``training.nested``), recorded in the model's config so the
+        checkpoint says them: ``--nested``, else those of the compressor being continued, else none.
+        A continued nested compressor stays nested (plain steps at K would untrain the shorter prefixes
+        its checkpoint still claims)."""
+        model = self.model
+        if self.config.objective != "fwd2bot" or model.compressor is None:
+            return []
+        k = model.config.num_summary_tokens
+        budgets = list(self.config.nested or model.config.nested_budgets or [])
+        if budgets and budgets[-1] != k:
+            raise TrainingError(f"--nested {','.join(map(str, budgets))}: the largest budget must be the compressor's "
+                                f"K = {k} (continuing {self.config.model})")
+        model.config.nested_budgets = budgets
+        return budgets
 
     def _autocast_setting(self) -> bool:
         """bf16 autocast: on by default on CUDA; on the CPU only when asked (``bf16=True``), since it
