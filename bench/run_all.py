@@ -55,6 +55,8 @@ SECTIONS = [
             own_json_flag=False),
     Section("cold", "Cold start: one `f2b search` or `f2b ask` process, alone and beside a running `f2b serve`",
             "bench_cold_start.py", "cold_start.json"),
+    Section("verify", "Verified search: verify@20 through the server vs the embedding search alone",
+            "bench_verify.py", "verify.json"),
 ]
 KEYS = [s.key for s in SECTIONS]
 

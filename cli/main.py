@@ -114,7 +114,7 @@ def demo_data(
         typer.echo(f"wrote {n} scenes to {out_dir}")
 
 
-from . import commands, evaluate, search, train  # noqa: E402,F401  (register the collection, search, eval and train commands)
+from . import commands, evaluate, evaluate_verify, search, train  # noqa: E402,F401  (register the commands)
 from .helptext import tidy_help  # noqa: E402
 
 tidy_help(app)

@@ -469,7 +469,7 @@ class Fwd2Bot:
         return [s.strip() for s in self.backbone.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def relevance(self, tokens: Sequence[Any], queries: Sequence[str], kind: str | None = None,
-                  batch_size: int = 16, calibrated: bool = True) -> np.ndarray:
+                  batch_size: int = 32, calibrated: bool = True) -> np.ndarray:
         """P(yes) that each stored image shows its query, from one pass-2 prefill per chunk of pairs
         (no decoding loop): verified search re-ranks and cuts hits by it (see ``model.relevance``)."""
         from .relevance import relevance
