@@ -83,14 +83,18 @@ class Input(BaseModel):
         return data
 
 
-def _exactly_one(names: tuple[str, ...], examples: list[dict[str, Any]]) -> Any:
-    """Schema extra: ``oneOf`` on which field is given, and no ``default: null`` on those fields (null is refused)."""
+def _exactly_one(names: tuple[str, ...], examples: list[dict[str, Any]],
+                 needs: dict[str, list[str]] | None = None) -> Any:
+    """Schema extra: ``oneOf`` on which field is given, and no ``default: null`` on those fields (null is refused);
+    ``needs``: fields that may only come with others (``dependentRequired``), also not nullable."""
 
     def extra(schema: dict[str, Any]) -> None:
         schema["examples"] = examples
         schema["oneOf"] = [{"required": [n]} for n in names]
-        for n in names:
+        for n in [*names, *(needs or {})]:
             schema["properties"][n].pop("default", None)
+        if needs:
+            schema["dependentRequired"] = needs
 
     return extra
 
@@ -126,7 +130,8 @@ class SearchRequest(Input):
             {"query": "a green triangle", "k": 5, "filter": {"split": "test", "width>=": 64}, "min_score": 0.1},
             {"like": 42, "k": 8},
             {"embedding": [0.12, -0.03, 0.5], "k": 3, "offset": 3},
-        ]),
+            {"query": "a red circle at the top left", "k": 10, "verify": 20, "min_relevance": 0.5},
+        ], needs={"verify": ["query"], "min_relevance": ["verify"]}),
     )
     # Optional but not nullable: left out means None (the default is not validated); null is refused.
     query: Text = Field(None, description="Text to search for (not blank).")  # type: ignore[assignment]
@@ -139,12 +144,13 @@ class SearchRequest(Input):
     offset: Integer = Field(0, ge=0, le=100_000, description="Skip this many results first (pagination).")
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="Drop results whose cosine is lower.")
     filter: Filter | None = None
-    verify: Integer | None = Field(
+    # Optional but not nullable, like ``query``: left out means no verification.
+    verify: Integer = Field(  # type: ignore[assignment]
         None, ge=1, le=MAX_VERIFY,
         description=f"Text queries: verify the top N hits (at most {MAX_VERIFY}): the model checks each from its "
                     "stored tokens, results are re-ranked by its P(yes) and carry it as 'relevance'.")
-    min_relevance: float | None = Field(
-        None, ge=0.0, le=1.0,
+    min_relevance: float = Field(  # type: ignore[assignment]
+        None, ge=0.0, le=1.0, allow_inf_nan=False,
         description="With 'verify': drop hits whose relevance is lower (0.5: the model says yes more than no); "
                     "no result left means no good match.")
 
