@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import queue
 import sys
 import threading
@@ -175,6 +176,12 @@ def _index_settings(interval: float = 0.0005) -> Iterator[None]:
                     gc.unfreeze()
 
 
+#: test hook: a file path; the first ``submit`` after the run's first commit writes it and then waits
+#: until the process is interrupted (see ``_Committer._hold_after_first_commit``)
+HOLD_ENV = "F2B_TEST_HOLD_AFTER_FIRST_COMMIT"
+_held = False
+
+
 class _Committer:
     """The one writer of an ``index`` run: a background thread that commits batches in the order they
     were submitted while the caller encodes the next one.
@@ -191,6 +198,8 @@ class _Committer:
         self._report = report
         self._jobs: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self._submitted = 0
+        self._done = 0  # jobs the writer finished (the test hook waits for them)
         self._thread = threading.Thread(target=self._run, name="f2b-commit", daemon=True)
         self._thread.start()
 
@@ -204,6 +213,7 @@ class _Committer:
             except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
                 self._error = exc
             self._report.commit_seconds += time.perf_counter() - t0
+            self._done += 1
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -212,9 +222,34 @@ class _Committer:
     def submit(self, fn: Callable, *args: Any) -> None:
         """Queue ``fn(*args)``; waits while ``depth`` commits are already waiting."""
         self._raise()
+        if self._submitted and os.environ.get(HOLD_ENV):
+            self._hold_after_first_commit(os.environ[HOLD_ENV])
         t0 = time.perf_counter()
         self._jobs.put((fn, *args))
+        self._submitted += 1
         self._report.commit_wait_seconds += time.perf_counter() - t0
+
+    def _hold_after_first_commit(self, marker: str) -> None:
+        """The test hook behind ``HOLD_ENV``: at a later submit, once a batch of images is committed,
+        write ``marker`` (the count committed) and wait in the caller's (main) thread until a signal
+        (Ctrl-C) ends the wait.
+
+        Why: a test of Ctrl-C mid-run must interrupt *after* a commit and *before* the end, whatever
+        the machine's speed; timing it from outside raced with the run's end on a busy machine. The wait
+        is in the submitting thread (where SIGINT lands) and the writer is idle, so ``close`` returns.
+        """
+        global _held
+        if _held:
+            return
+        while self._done < self._submitted and self._error is None and self._thread.is_alive():
+            time.sleep(0.01)  # what was submitted is still being written
+        if self._report.indexed == 0:
+            return  # only failures recorded so far: hold after a batch of images
+        _held = True
+        with open(marker, "w", encoding="utf-8") as fh:
+            fh.write(str(self._report.indexed))
+        while True:
+            time.sleep(0.1)  # until SIGINT raises KeyboardInterrupt here
 
     def close(self) -> None:
         """Wait until every submitted commit is done (also on Ctrl-C: the report then counts exactly

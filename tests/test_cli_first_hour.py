@@ -191,23 +191,34 @@ def test_index_with_demo_warns_once_on_photos_only(tmp_path):
 
 
 def test_ctrl_c_during_index_says_what_was_kept(tmp_path, model_dir):
-    write_demo_data(tmp_path / "d", n=160, seed=4)  # enough work that SIGINT lands mid-run on a busy machine
-    coll = tmp_path / "c"
+    """SIGINT lands after the first commit and before the end on any machine: the run holds after its
+    first commit (test hook) and says so through a marker file, so nothing races with the run's end."""
+    from fwd2bot_index.indexing import HOLD_ENV
+
+    write_demo_data(tmp_path / "d", n=12, seed=4)
+    coll, marker = tmp_path / "c", tmp_path / "held"
     cmd = [sys.executable, "-m", "fwd2bot_index.cli", "index", str(tmp_path / "d" / "images"), "-c", str(coll),
            "-m", str(model_dir), "--batch-size", "2", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((coll / "tokens").glob("*.arrow"))) < 1:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", HOLD_ENV: str(marker)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300  # a generous bound for a loaded machine, not a timing assertion
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    committed = int(marker.read_text())
     assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr and "interrupted:" in stderr and "run the same command again" in stderr
+    assert "Traceback" not in stderr and "run the same command again" in stderr
+    assert f"interrupted: {committed} new image(s) were committed and are kept" in stderr, stderr
     rerun = subprocess.run(cmd + ["--json"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
                            text=True, timeout=300)
     report = json.loads(rerun.stdout)
-    assert report["indexed"] + report["unchanged"] == 160
+    assert report["unchanged"] == committed and report["indexed"] == 12 - committed
 
 
 def test_search_goes_through_a_running_server_and_falls_back(tmp_path, model_dir, monkeypatch):
