@@ -133,3 +133,8 @@ def test_pairs_must_match(families):
     with pytest.raises(ValueError, match="one query per set"):
         model.relevance(stored(model, "pool", 2), ["one query"], kind="pool")
     assert model.relevance([], [], kind="pool").shape == (0,)
+
+
+def test_stock_model_refuses_summary_tokens(tiny_model):
+    with pytest.raises(StrategyError, match="stock model"):
+        tiny_model.relevance([np.zeros((4, tiny_model.backbone.hidden_size), np.float32)], ["a circle"], kind="fwd2bot")

@@ -102,6 +102,9 @@ def relevance(model: Any, tokens: Sequence[torch.Tensor], queries: Sequence[str]
     """
     if len(tokens) != len(queries):
         raise ValueError(f"{len(tokens)} stored-token sets but {len(queries)} queries: give one query per set")
+    if kind == "fwd2bot" and model.compressor is None:
+        raise StrategyError(f"stored tokens of kind 'fwd2bot' need a Fwd2Bot compressor, but {model.source} is a stock "
+                            "model; verify pool or full tokens")
     if not len(tokens):
         return np.zeros(0, dtype=np.float64)
     yes, no = answer_word_ids(model.backbone.tokenizer)
