@@ -94,6 +94,8 @@ def index(
     include_hidden: bool = typer.Option(False, "--hidden", help="Also index hidden files and folders."),
     follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help="Follow symbolic links."),
     prune: bool = typer.Option(False, "--prune", help="Drop catalog entries whose files vanished under DIRS."),
+    include_removed: bool = typer.Option(False, "--include-removed",
+                                         help="Also index files removed with `f2b remove` that have not changed."),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="Sidecar JSON/CSV with a 'path' column of per-image metadata."),
     reindex: bool = typer.Option(False, "--reindex", help="Rebuild the collection from scratch with --model/--strategy."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Decode and encode on Ray: local (a cluster in this "
@@ -141,7 +143,7 @@ def index(
             try:
                 report = service.index([str(d) for d in dirs], exclude=exclude or [], include_hidden=include_hidden,
                                        follow_symlinks=follow_symlinks, batch_size=batch_size, prune=prune,
-                                       metadata=metadata, progress=True, ray=ray)
+                                       metadata=metadata, progress=True, ray=ray, include_removed=include_removed)
             except IndexInterrupted as stop:
                 err(f"interrupted: {stop.report.indexed} new image(s) were committed and are kept; "
                     "run the same command again to continue")
@@ -159,6 +161,8 @@ def index_summary(report) -> str:
     if report.moved:
         parts.append(f"{len(report.moved)} moved")
     parts.append(f"{report.unchanged} unchanged")
+    if report.skipped_removed:
+        parts.append(f"{report.skipped_removed} skipped as removed (--include-removed to index them again)")
     failed = f"{len(report.failed)} failed"
     if report.still_failing:
         failed += f" (+{len(report.still_failing)} still failing from earlier runs)"

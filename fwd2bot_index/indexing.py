@@ -43,6 +43,8 @@ class IndexReport:
     #: images checked against the demo model's world, and how many of them are not from it
     world_checked: int = 0
     world_foreign: int = 0
+    #: paths skipped because a user removed them and they have not changed since
+    skipped_removed: int = 0
     interrupted: bool = False
     #: where the time went (seconds): hashing new files, the main thread waiting for decoded images,
     #: the writer committing batches (overlapped with encoding), the writer holding up the encoder
@@ -66,6 +68,7 @@ class IndexReport:
             "still_failing": [{"path": p, "reason": r} for p, r in self.still_failing],
             "moved": [{"from": a, "to": b} for a, b in self.moved], "pruned_paths": self.pruned_paths,
             "demo_world_check": {"checked": self.world_checked, "not_from_world": self.world_foreign},
+            "skipped_removed": self.skipped_removed,
             "interrupted": self.interrupted,
             "timings": {k: round(v, 3) for k, v in (
                 ("check", self.check_seconds), ("decode_wait", self.decode_wait_seconds),
@@ -99,6 +102,16 @@ class _Prepared:
     image: Any = None
     metadata: dict | None = None
     error: str | None = None
+    #: the demo-world check of this image, when it is one of those checked: a Future or a bool
+    #: (True = not from the demo world), recorded with the image's commit
+    world: Any = None
+
+
+def world_flags(batch: list[_Prepared]) -> dict[int, bool]:
+    """``position in batch -> not from the demo world`` for the checked images of a batch (waits for
+    checks still running in the decode pool: ~2 ms each, on the writer thread)."""
+    return {i: bool(item.world.result() if isinstance(item.world, Future) else item.world)
+            for i, item in enumerate(batch) if item.world is not None}
 
 
 def _prepare(stat: FileStat, sidecar: dict[str, dict], max_pixels: int | None) -> _Prepared:

@@ -25,7 +25,7 @@ from .collection.catalog import FilterError, parse_filter  # noqa: F401  (re-exp
 from .imaging import ImageDecodeError, ScanError, load_image, scan_images
 from .indexing import (  # noqa: F401  (IndexReport, IndexInterrupted re-exported: the shells import them here)
     WORLD_CHECK_IMAGES, IndexInterrupted, IndexReport, _Committer, _index_settings, _not_from_world, _prefetch,
-    _Prepared, _prepare,
+    _Prepared, _prepare, world_flags,
 )
 from .options import OptionError, check_model_reference, check_options  # noqa: F401  (re-exported for the shells)
 
@@ -98,8 +98,9 @@ class ImageService:
     def index(self, roots: Sequence[str | os.PathLike], exclude: Sequence[str] = (), include_hidden: bool = False,
               follow_symlinks: bool = False, batch_size: int = 16, prune: bool = False,
               metadata: str | os.PathLike | None = None, workers: int | None = None, max_pixels: int | None = None,
-              progress: bool = False, ray: str | None = None) -> IndexReport:
-        """Scan ``roots`` and add new or changed images; failures are recorded, never fatal.
+              progress: bool = False, ray: str | None = None, include_removed: bool = False) -> IndexReport:
+        """Scan ``roots`` and add new or changed images; failures are recorded, never fatal. Paths
+        removed with ``remove`` stay out while unchanged, unless ``include_removed``.
 
         ``ray`` (an address, or ``"local"``) decodes and encodes on a Ray cluster; this process stays the
         one writer and commits each returned batch exactly as a local run does (see ``ray_index``).
@@ -123,8 +124,9 @@ class ImageService:
             with tqdm(total=len(stats), desc="checking", unit="file", disable=not progress or not stats,
                       dynamic_ncols=True) as bar:
                 checking = time.perf_counter()
-                plan = self.collection.plan(stats, on_checked=bar.update)
+                plan = self.collection.plan(stats, on_checked=bar.update, include_removed=include_removed)
                 report.check_seconds = time.perf_counter() - checking
+            report.skipped_removed = len(plan.removed)
             report.unchanged = len(plan.already_indexed)
             report.still_failing = [(stat.path, reason) for stat, reason in plan.failed_unchanged]
             for stat, reason in plan.unreadable:
@@ -179,6 +181,8 @@ class ImageService:
                     batches = encoder(todo, sidecar, batch_size, max_pixels, WORLD_CHECK_IMAGES if watch_world else 0)
                     with contextlib.closing(batches):  # on Ctrl-C too: the cluster goes now, not at exit
                         for done in batches:
+                            for item, foreign in zip(done.items, done.world):
+                                item.world = foreign  # recorded with the batch's commit
                             for item in done.failed:
                                 committer.submit(self._record_failed, item, report)
                             for foreign in done.world[:max(0, WORLD_CHECK_IMAGES - report.world_checked)]:
@@ -201,7 +205,8 @@ class ImageService:
                         bar.update(1)
                     else:
                         if watch_world and len(world) < WORLD_CHECK_IMAGES:
-                            world.append(pool.submit(_not_from_world, item.image))
+                            item.world = pool.submit(_not_from_world, item.image)  # recorded at its commit
+                            world.append(item.world)
                         batch.append(item)
                         if len(batch) >= batch_size:
                             self._commit(batch, report, batch_size, committer)
@@ -252,7 +257,7 @@ class ImageService:
         """Commit one encoded batch (one shard, one catalog transaction): a killed run keeps it."""
         new = [NewImage(path=i.path, hash=i.hash, size=i.size, mtime=i.mtime, metadata=i.metadata or {})
                for i in batch]
-        self.collection.add_batch(new, embeddings, tokens)
+        self.collection.add_batch(new, embeddings, tokens, outside_world=world_flags(batch))
         report.indexed += len(batch)
 
     def _record_failed(self, item: _Prepared, report: IndexReport) -> None:
@@ -336,18 +341,18 @@ class ImageService:
             try:
                 row = self.get(ref)  # NotFoundError before anything is removed
             except NotFoundError:
-                if not (isinstance(ref, int) or str(ref).isdigit()):
+                if not (isinstance(ref, int) or str(ref).isdigit()) or not self.collection.catalog.ever_assigned(int(ref)):
                     raise
                 # Already gone (e.g. a retry after a crash): removing is idempotent for ids.
                 out.append({"ref": str(ref), "id": int(ref), "path": None, "image_removed": False, "paths_left": 0,
                             "already_removed": True})
                 continue
             if isinstance(ref, int) or str(ref).isdigit():
-                gone = self.collection.remove([row.id])
+                gone = self.collection.remove([row.id], remember=True)  # the next index skips its paths
                 out.append({"ref": str(ref), "id": row.id, "path": None, "image_removed": bool(gone), "paths_left": 0})
                 continue
             path = os.path.abspath(os.fspath(ref))  # as the catalog stores it
-            gone = self.collection.remove_paths([path])
+            gone = self.collection.remove_paths([path], remember=True)
             left = self.collection.get(row.id)
             out.append({"ref": str(ref), "id": row.id, "path": path, "image_removed": bool(gone),
                         "paths_left": len(left.paths) if left else 0})

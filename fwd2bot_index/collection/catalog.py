@@ -30,6 +30,8 @@ import numpy as np
 from .errors import CollectionFormatError
 from .filters import FilterError, _compile_filter, parse_filter
 from .manifest import utc_now
+from .remembered import SCHEMA as _REMEMBERED_SCHEMA
+from .remembered import Remembered
 
 __all__ = ["CATALOG_NAME", "Catalog", "FilterError", "ImageRow", "parse_filter"]
 
@@ -80,7 +82,7 @@ CREATE TABLE IF NOT EXISTS failures (
 INDEXED_KEYS = ("camera_make", "camera_model", "date_taken", "width", "height", "format", "gps_lat", "gps_lon")
 _SCHEMA = _SCHEMA.replace("{metadata_indexes}", "\n".join(
     f"CREATE INDEX IF NOT EXISTS meta_{k} ON images(json_extract(metadata, '$.\"{k}\"'));" for k in INDEXED_KEYS
-))
+)) + _REMEMBERED_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ class ImageRow:
                 "size": self.size, "metadata": self.metadata, "added": self.added, "status": "indexed"}
 
 
-class Catalog:
+class Catalog(Remembered):
     """Thin typed layer over the SQLite file; the ``Collection`` orchestrates transactions."""
 
     def __init__(self, path: str | Path, readonly: bool = False) -> None:
@@ -278,6 +280,7 @@ class Catalog:
             (path, int(image_id), int(size), float(mtime), utc_now()),
         )
         self._db.execute("DELETE FROM failures WHERE path=?", (path,))
+        self.forget_removed(path)
         return int(old[0]) if old and int(old[0]) != int(image_id) else None
 
     def record_failure(self, path: str, size: int, mtime: float, reason: str) -> int | None:

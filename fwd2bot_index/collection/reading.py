@@ -20,12 +20,14 @@ class Reading:
     """The read half of ``Collection`` (state lives there)."""
 
     def plan(self, files: Iterable[FileStat | tuple[Any, ...] | str | os.PathLike[str]],
-             on_checked: Callable[[int], None] | None = None) -> IndexPlan:
+             on_checked: Callable[[int], None] | None = None, include_removed: bool = False) -> IndexPlan:
         """Sort scanned files into what needs encoding, what is done, and what is a duplicate.
 
         Files are ``FileStat``s, ``(path, size, mtime[, hash])`` tuples or plain paths (stat'ed
         here). Only new or changed files are hashed. Nothing is written. ``on_checked(1)`` is called
-        per file (hashing a large new folder takes a while: it drives a progress bar).
+        per file (hashing a large new folder takes a while: it drives a progress bar). A path the
+        user removed goes to ``plan.removed`` while its content is the one removed (same hash; a
+        touched file is still the same file), unless ``include_removed``.
         """
         from ..imaging import file_sha256
 
@@ -33,6 +35,7 @@ class Reading:
         plan = IndexPlan()
         with self._mutex:
             states = self.catalog.path_states([f.path for f in stats])
+            removed = {} if include_removed else self.catalog.removed_states([f.path for f in stats])
         to_hash: list[FileStat] = []
         for f in stats:  # hashing reads files: done outside the mutex so searches are not blocked
             if on_checked is not None:
@@ -44,12 +47,18 @@ class Reading:
                 else:
                     plan.failed_unchanged.append((f, str(state[3])))
                 continue
+            if f.path in removed and removed[f.path][1:] == (f.size, f.mtime):
+                plan.removed.append(f)  # untouched since its removal: no need to read it
+                continue
             if f.hash is None:
                 try:
                     f = FileStat(f.path, f.size, f.mtime, file_sha256(f.path))
                 except OSError as exc:
                     plan.unreadable.append((f, f"cannot read the file ({exc.strerror or exc})"))
                     continue
+            if f.path in removed and removed[f.path][0] == f.hash:
+                plan.removed.append(f)
+                continue
             to_hash.append(f)
         with self._mutex:
             known = self.catalog.ids_by_hashes({f.hash for f in to_hash})

@@ -75,6 +75,8 @@ class IndexPlan:
     failed_unchanged: list[tuple[FileStat, str]] = field(default_factory=list)
     #: Files that could not even be read for hashing (record them with ``record_failure``).
     unreadable: list[tuple[FileStat, str]] = field(default_factory=list)
+    #: Paths a user removed (``remove(..., remember=True)``) whose content has not changed: skipped.
+    removed: list[FileStat] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.to_encode, self.already_indexed, self.duplicates))

@@ -345,11 +345,13 @@ class Collection(Reading, IndexSync, Health, Maintenance):
 
     # ------------------------------------------------------------------ planning and adding
 
-    def add_batch(self, items: Sequence[NewImage], embeddings: np.ndarray, tokens: np.ndarray) -> list[int]:
+    def add_batch(self, items: Sequence[NewImage], embeddings: np.ndarray, tokens: np.ndarray,
+                  outside_world: dict[int, bool] | None = None) -> list[int]:
         """Commit one encoded batch; returns the image id of each item (in order).
 
         ``embeddings`` float32 (n, D), ``tokens`` float32 (n, T, H). Items whose content (hash) is
         already in the collection, or repeated within the batch, become extra paths of that image.
+        ``outside_world`` (item position -> not from the demo world) is recorded in the same commit.
         """
         self._require_writable()
         n = len(items)
@@ -394,6 +396,8 @@ class Collection(Reading, IndexSync, Health, Maintenance):
                             raise
                         raise full from None
                     self.catalog.shard_live(shard, len(new_rows), self.tokens.checksum(shard))
+                if outside_world:
+                    self.catalog.record_world_checks({ids_by_hash[items[i].hash]: o for i, o in outside_world.items()})
             self._apply_to_index(np.asarray(new_ids, np.int64), emb[new_rows] if new_rows else None, orphans)
             return [ids_by_hash[it.hash] for it in items] if n else []
 
@@ -425,21 +429,29 @@ class Collection(Reading, IndexSync, Health, Maintenance):
 
     # ------------------------------------------------------------------ removing
 
-    def remove(self, ids: Iterable[int]) -> list[int]:
-        """Delete images (all their paths); returns the ids that existed."""
+    def remove(self, ids: Iterable[int], remember: bool = False) -> list[int]:
+        """Delete images (all their paths); returns the ids that existed. ``remember``: record their
+        paths as removed by the user, so the next ``index`` of their folder skips them (see ``plan``)."""
         with self._writing():
             with self._transaction():
+                ids = list(ids)
+                if remember:
+                    self.catalog.remember_removed_images(ids)
                 gone = self.catalog.delete_images(ids)
                 if gone:
                     self.catalog.bump_version()
             self._apply_to_index(None, None, gone)
             return gone
 
-    def remove_paths(self, paths: Iterable[str | os.PathLike[str]]) -> list[int]:
-        """Forget paths; images left without any path are deleted (their ids are returned)."""
+    def remove_paths(self, paths: Iterable[str | os.PathLike[str]], remember: bool = False) -> list[int]:
+        """Forget paths; images left without any path are deleted (their ids are returned).
+        ``remember``: as for ``remove`` (a user's removal; pruning and re-linking do not remember)."""
         with self._writing():
             with self._transaction():
-                touched = self.catalog.delete_paths([abs_path(p) for p in paths])
+                paths = [abs_path(p) for p in paths]
+                if remember:
+                    self.catalog.remember_removed_paths(paths)
+                touched = self.catalog.delete_paths(paths)
                 gone = self.catalog.delete_images(self.catalog.pathless(touched))
                 if gone:
                     self.catalog.bump_version()
