@@ -149,3 +149,13 @@ def test_base_stage_resumes_bit_exactly_after_an_interruption(tiny_base, tmp_pat
     a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_verify_turns_ask_verified_searchs_own_question():
+    from fwd2bot_index.model.config import VERIFY_PROMPT
+    from fwd2bot_index.model.relevance import verify_question
+    from fwd2bot_index.training.demo.compressor import verify_turns
+
+    turns = verify_turns(VERIFY_PROMPT, "a red circle above a blue star.", "a blue circle above a red star")
+    assert turns == [(verify_question(VERIFY_PROMPT, "a red circle above a blue star."), "yes", 1.0),
+                     ("is there a blue circle above a red star?", "no", 1.0)]

@@ -7,7 +7,9 @@ The house trainer (``training.Trainer``) runs it, with two changes for this worl
   (the pilot on this world found a contrastive model learns a bag of attributes; the negatives ask
   which attribute belongs to which object and where);
 - autoregressive: pass 2 answers every question of the image (and sometimes captions it) from the
-  K summary tokens in one multi-turn sequence (``turns.py``), as the base was trained.
+  K summary tokens, each question a branch of one sequence (``turns.py``), as the base was trained;
+  for a share of the images also verified search's question, "is there <caption>?", for the true
+  caption ("yes") and its hard negative ("no"), so relevance from stored tokens means something.
 
 Variants share everything but what they vary: ``k16`` (the shipped model), ``k8`` and ``k32``
 (other budgets) and ``k16-contrastive`` (no autoregressive loss: the paper's compositionality
@@ -51,14 +53,24 @@ def info_nce_with_negatives(image_emb: torch.Tensor, text_emb: torch.Tensor, neg
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(t2i, target))
 
 
+def verify_turns(template: str, caption: str, negative: str, weight: float = 1.0) -> list[tuple[str, str, float]]:
+    """Two pass-2 turns in verified search's own wording: the image's true caption -> "yes", its hard
+    negative -> "no". Verified search reads P(yes) for a query in exactly this question; a model never
+    trained on it answered ~0.45 for everything (no signal)."""
+    from ...model.relevance import verify_question
+
+    return [(verify_question(template, caption), "yes", weight), (verify_question(template, negative), "no", weight)]
+
+
 class HardNegativeTrainer(Trainer):
     """The house trainer with hard-negative captions (contrastive) and multi-turn answers (pass 2)."""
 
     def __init__(self, config: TrainConfig, pairs: dict[str, list[tuple[str, str]]], share: float,
-                 caption_share: float = 0.5, caption_weight: float = 0.5, **kwargs: Any):
+                 caption_share: float = 0.5, caption_weight: float = 0.5, verify_share: float = 0.0, **kwargs: Any):
         super().__init__(config, **kwargs)
         self.pairs = pairs
         self.share = share
+        self.verify_share = verify_share
         self.caption_share, self.caption_weight = caption_share, caption_weight
         self._negatives: list[str | None] = []
         self._turns: list[list[tuple[str, str, float]]] = []
@@ -84,8 +96,11 @@ class HardNegativeTrainer(Trainer):
                 batch.prompts.append(prompt)
                 batch.targets.append(target)
                 negatives.append(negative)
-                turns.append(scene_turns(sample.captions, sample.qa, rng, self.config.caption_prompt,
-                                         self.caption_share, self.caption_weight))
+                item_turns = scene_turns(sample.captions, sample.qa, rng, self.config.caption_prompt,
+                                         self.caption_share, self.caption_weight)
+                if self.verify_share and options and rng.random() < self.verify_share:
+                    item_turns += verify_turns(self.model.config.verify_prompt, *options[int(rng.integers(len(options)))])
+                turns.append(item_turns)
             if batch.images:
                 self._negatives, self._turns = negatives, turns
                 return batch

@@ -71,6 +71,7 @@ class DemoRecipe:
     compressor_lr: float = 1e-3
     compressor_pool_schedule: str = "llavolta"
     hard_negative_share: float = 0.5
+    verify_share: float = 0.5  # images whose pass-2 turns also hold verified search's yes/no question (true / negative)
     bf16_autocast: bool = True  # base and compressors (~1.5x on a CPU with bf16 matrix units; losses in fp32)
     # monitoring and measurement
     monitor_images: int = 128
@@ -244,7 +245,7 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
         resume=latest_checkpoint(folder / "checkpoints") is not None)
     trainer = HardNegativeTrainer(config, hard_negative_pairs(data), recipe.hard_negative_share,
                                   caption_share=recipe.base_caption_share, caption_weight=recipe.base_caption_weight,
-                                  progress=progress)
+                                  verify_share=recipe.verify_share if spec["ar"] > 0 else 0.0, progress=progress)
     monitor = QAMonitor(trainer, data, recipe.monitor_images // 4, "fwd2bot", lambda m: say(progress, m))
     trainer.callbacks.append(monitor)
     summary = stage_summary(trainer.train())
