@@ -17,12 +17,15 @@ import typer
 
 from fwd2bot_index import __version__
 
+from .errors import OneLineGroup
+
 # Deprecation notices from transformers / peft internals are for library authors, not for someone
 # running `f2b search`; they printed two lines on every command that loaded a model.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
 
 app = typer.Typer(
     name="f2b",
+    cls=OneLineGroup,  # click's usage errors (range, type, unknown option) as one line, like our own
     help="Index image collections with Fwd2Bot summary tokens; search them and ask about what you find.",
     no_args_is_help=True,
     add_completion=False,
