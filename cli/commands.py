@@ -86,6 +86,9 @@ def index(
                                                       help="Qdrant: int8 or binary copies in RAM, rescored with full vectors."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="fwd2bot, pool[@N], prompt, full (new collections)."),
     token_dtype: str = typer.Option("fp16", "--token-dtype", help="Stored token precision: fp16 or int8 (new collections)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", min=1,
+                                         help="Summary tokens stored per image: a budget the nested compressor was "
+                                              "trained for (new collections; default K)."),
     min_pixels: Optional[int] = typer.Option(None, "--min-pixels", min=1,
                                              help="Qwen2-VL family: smallest resized image area in pixels (new collections; recorded)."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1,
@@ -135,7 +138,7 @@ def index(
                                       ("quantization", qdrant_quantization)) if v is not None}
         # the server's API key comes from $QDRANT_API_KEY and is never written to the manifest
         service = _service(collection, model_name(model, None), device, dtype, create=True, writable=True,
-                           strategy=strategy, backend=backend, token_dtype=token_dtype, reindex=reindex,
+                           strategy=strategy, backend=backend, token_dtype=token_dtype, reindex=reindex, tokens=tokens,
                            backend_options=options, image_options={"min_pixels": min_pixels, "max_pixels": max_pixels})
         with service:
             if model is None and not service.collection.manifest.model_name:
@@ -303,6 +306,7 @@ def info(
     typer.echo(f"failed       {data['failed']} files")
     typer.echo(f"model        {data['model']}  (fingerprint {str(data.get('model_fingerprint', ''))[:12]})")
     typer.echo(f"strategy     {data['strategy']}")
+    typer.echo(f"tokens/image {data.get('tokens_per_image', data.get('token_count'))}")
     typer.echo(f"backend      {data.get('backend', '')}")
     per_image = data.get("bytes_per_image")
     typer.echo(f"bytes/image  {per_image:.0f}" if per_image is not None else "bytes/image  - (no images yet)")
@@ -435,15 +439,27 @@ def export(
 
 @app.command()
 def migrate(
-    backend: str = typer.Option(..., "--backend", help="faiss, qdrant-edge, qdrant-local or qdrant-server."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="faiss, qdrant-edge, qdrant-local or qdrant-server."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", min=1,
+                                         help="Keep the first k stored summary tokens of each image (a budget of "
+                                              "the nested compressor); embeddings recomputed, no re-encoding."),
     faiss_index: Optional[str] = typer.Option(None, "--faiss-index", help="auto, flat, hnsw or ivfpq."),
     qdrant_url: Optional[str] = typer.Option(None, "--qdrant-url", help="Qdrant server/cluster URL (backend qdrant-server)."),
     qdrant_collection: Optional[str] = typer.Option(None, "--qdrant-collection",
                                                     help="Collection name on the Qdrant server (default f2b)."),
     collection: Optional[Path] = CollectionOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
-    """Move the vector index to another backend, rebuilt from the stored embeddings (no re-encoding)."""
-    check(backend=backend, faiss_index=faiss_index)
+    """Move the vector index to another backend, or shrink the stored tokens (--tokens): no re-encoding."""
+    if backend is None and tokens is None:
+        raise fail("give --backend (move the index) or --tokens (shrink the stored summary tokens)", 2)
+    if backend is not None:
+        check(backend=backend, faiss_index=faiss_index)
+    if tokens is not None:
+        _migrate_tokens(collection, tokens, device, as_json)
+        if backend is None:
+            return
     options = {k: v for k, v in (("kind", faiss_index), ("url", qdrant_url),
                                   ("collection_name", qdrant_collection)) if v is not None}
     with user_errors():
@@ -452,4 +468,24 @@ def migrate(
             report = service.verify()
     typer.echo(f"index moved to {backend}; " + ("verified" if report.ok else "problems: " + "; ".join(report.problems)))
     if not report.ok:
+        raise typer.Exit(1)
+
+
+def _migrate_tokens(collection: Optional[Path], tokens: int, device: str, as_json: bool) -> None:
+    """``migrate --tokens k``: the model's head recomputes each embedding from the first k stored tokens."""
+    check(device=device)
+    with user_errors():
+        with _service(collection, None, device, "auto", writable=True) as service:
+            report = service.migrate_tokens(tokens)
+            checked = service.verify()
+    report["verified"] = checked.ok
+    if as_json:
+        print_json(report)
+    elif not report["changed"]:
+        typer.echo(f"the collection already stores {tokens} tokens per image; nothing to do")
+    else:
+        typer.echo(f"shrank {report['images']} images from {report['from_token_count']} to {tokens} tokens each in "
+                   f"{report['seconds']:.1f} s (no re-encoding); {report.get('bytes_per_image') or 0:.0f} bytes/image; "
+                   + ("verified" if checked.ok else "problems: " + "; ".join(checked.problems)))
+    if not checked.ok:
         raise typer.Exit(1)

@@ -28,6 +28,7 @@ from .indexing import (  # noqa: F401  (IndexReport, IndexInterrupted re-exporte
     _Prepared, _prepare, world_flags,
 )
 from .options import OptionError, check_model_reference, check_options  # noqa: F401  (re-exported for the shells)
+from .shrinking import check_index_tokens, migrate_tokens, with_tokens
 
 log = logging.getLogger("fwd2bot_index")
 
@@ -362,7 +363,8 @@ class ImageService:
         data = self.collection.info()
         manifest = self.collection.manifest
         data.update({"model": manifest.model_name, "model_fingerprint": manifest.model_fingerprint,
-                     "strategy": self.strategy.name, "collection": str(self.collection.path)})
+                     "strategy": self.strategy.name, "collection": str(self.collection.path),
+                     "tokens_per_image": manifest.token_count})
         return data
 
     def export(self, path: str | os.PathLike) -> int:
@@ -447,7 +449,7 @@ def open_service(collection: str | os.PathLike | None = None, model: str | None 
                  dtype: str = "auto", create: bool = False, writable: bool = False, strategy: str | None = None,
                  backend: str = "faiss", token_dtype: str = "fp16", reindex: bool = False,
                  backend_options: dict | None = None, image_options: dict | None = None,
-                 repair: bool = False) -> ImageService:
+                 repair: bool = False, tokens: int | None = None) -> ImageService:
     """Open (or with ``create``, make) a collection and pair it with its model.
 
     A new collection records the model's fingerprint, strategy and image options (``min_pixels`` /
@@ -473,10 +475,11 @@ def open_service(collection: str | os.PathLike | None = None, model: str | None 
                 "index into a new --collection, or re-index with --reindex")
         if model is not None or strategy is not None:
             service._check_request(model, strategy)
+        check_index_tokens(service, tokens)
         return service
     name = model or os.environ.get("F2B_MODEL") or DEFAULT_MODEL
     loaded = load_checked_model(name, None, device, dtype, image_options)
-    chosen = loaded.resolve_strategy(strategy)
+    chosen = with_tokens(loaded, loaded.resolve_strategy(strategy), tokens)  # --tokens k of a nested compressor
     t, h = loaded.token_shape(chosen)
     manifest = Manifest(
         model_name=name if name == DEFAULT_MODEL or not Path(name).exists() else str(Path(name).resolve()),
@@ -513,3 +516,4 @@ def _check_request(self: ImageService, model: str | None, strategy: str | None) 
 
 
 ImageService._check_request = _check_request
+ImageService.migrate_tokens = migrate_tokens  # shrink the stored summary tokens in place (``shrinking``)

@@ -47,6 +47,7 @@ from .index import ExactIndex, VectorIndex, open_index
 from .lock import WriterLock
 from .maintenance import Maintenance
 from .reading import Reading
+from .shrink import current_manifest, finish_shrink
 from .manifest import MANIFEST_NAME, Manifest, utc_now
 from .records import FileStat, Hit, IndexPlan, NewImage, VerifyReport, abs_path, check_batch, metadata_json
 from .sync import (
@@ -233,6 +234,7 @@ class Collection(Reading, IndexSync, Health, Maintenance):
             if not (folder / CATALOG_NAME).exists():
                 raise refuse(folder, f"collection {folder} has no {CATALOG_NAME}")
             catalog = Catalog(folder / CATALOG_NAME, readonly=not writable)
+            manifest = current_manifest(folder, manifest, catalog)  # an interrupted shrink past its switch
             tokens = token_store(folder, manifest, catalog)
             problem = trust_problem(folder, manifest, catalog, tokens, deep=False)
             if problem is not None:
@@ -248,6 +250,7 @@ class Collection(Reading, IndexSync, Health, Maintenance):
             col._index_damage = damage
             if writable:
                 col._delete_leftovers(check=True)
+                finish_shrink(col)
                 col._reconcile()
                 if not col._hold:
                     lock.release()

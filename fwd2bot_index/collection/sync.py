@@ -274,6 +274,7 @@ class IndexSync:
                 self.index = open_index_for_writer(fresh, self.path, self._options())
                 self._state_seen = None
             self.manifest = fresh
+        self._follow_tokens()
         if self.manifest.backend == "faiss" and _mtime(self.path / STATE_NAME) != self._state_seen \
                 and not self._unsaved:
             self._state_seen = _mtime(self.path / STATE_NAME)
@@ -284,6 +285,24 @@ class IndexSync:
         except FileNotFoundError:  # a shard compacted away between our lookup and the read
             self.tokens.close()
             self._reconcile(save=False)
+
+    def _follow_tokens(self) -> None:
+        """Another process shrank the stored tokens (``shrink``): read the shards at the new token count
+        from now on (the manifest on disk, or an interrupted shrink's journal once its switch committed)."""
+        from .shrink import current_manifest
+
+        on_disk = self.manifest
+        if _mtime(self.path / MANIFEST_NAME) != self._manifest_seen:
+            try:
+                on_disk = Manifest.load(self.path)
+            except CollectionError:
+                return  # being replaced: the next refresh looks again
+        fresh = current_manifest(self.path, on_disk, self.catalog)
+        if (fresh.token_count, fresh.strategy) != (self.manifest.token_count, self.manifest.strategy):
+            self.manifest = Manifest.model_validate({**self.manifest.model_dump(), "token_count": fresh.token_count,
+                                                     "strategy": fresh.strategy})
+            self.tokens.close()
+            self.tokens = token_store(self.path, self.manifest, self.catalog)
 
     def _rebuild_index(self, without: set[int] | None = None) -> None:
         """Refill the index from the stored embeddings (all, or all but ``without``: images whose
@@ -325,6 +344,7 @@ class IndexSync:
             return
         if self.catalog.version() == self._synced_version:
             return
+        self._follow_tokens()
         if self.manifest.backend == "faiss":
             seen = _mtime(self.path / STATE_NAME)
             if seen != self._state_seen:
