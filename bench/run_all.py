@@ -57,6 +57,8 @@ SECTIONS = [
             "bench_cold_start.py", "cold_start.json"),
     Section("verify", "Verified search: verify@20 through the server vs the embedding search alone",
             "bench_verify.py", "verify.json"),
+    Section("nested", "Nested budgets: bytes per image per budget, and `f2b migrate --tokens k` vs re-encoding",
+            "bench_nested.py", "nested.json"),
 ]
 KEYS = [s.key for s in SECTIONS]
 

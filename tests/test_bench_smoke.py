@@ -236,3 +236,14 @@ def test_service_tiny(bench, tmp_path, capsys):
     goals = data["goals"]
     assert [g["figure"] for g in goals] == ["5", "5"] and "4 clients >= 1.5x" in goals[0]["goal"]
     assert all(isinstance(g["met"], bool) and (g["met"] or g["why"]) for g in goals)
+
+
+def test_nested_quick_tiny(bench, tmp_path, capsys):
+    out, data = run(bench("bench_nested"), ["--quick", "--smoke", "--images", "12", "--threads", "1",
+                                            "--json", str(tmp_path / "nested.json")], capsys)
+    (table,) = tables(out)
+    assert [int(r[0]) for r in table[1:]] == [8, 4]  # K first, then each smaller budget of the set
+    rows = {r["tokens"]: r for r in data["rows"]}
+    assert rows[4]["tokens_bytes_per_image"] < rows[8]["tokens_bytes_per_image"]
+    assert rows[4]["speedup"] == pytest.approx(rows[4]["reencode_s"] / rows[4]["migrate_s"])
+    assert data["goals"][0]["met"] in (True, False)
