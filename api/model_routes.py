@@ -147,7 +147,8 @@ def model_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:
         job = state.worker.answer(tokens, body.question, body.max_new_tokens, state.service.strategy.tokens)
         answer = await result_or_drop(request, job)
         state.metrics.answers.inc("json")
-        return AskResponse(id=image_id, question=body.question, answer=str(answer))
+        return AskResponse(id=image_id, question=body.question, answer=str(answer),
+                           warning=state.service.demo_world()["warning"])
 
     @app.get("/v1/images/{image_id}/ask", tags=["answers"], dependencies=read_deps,
              summary="The same answer as server-sent events, for EventSource (GET)",

@@ -196,6 +196,8 @@ class SearchResponse(BaseModel):
     results: list[SearchHit]
     verified: int | None = Field(None, description="With 'verify': how many top hits the model checked.")
     dropped: int | None = Field(None, description="With 'min_relevance': how many verified hits it cut.")
+    warning: str | None = Field(None, description="Present when the results are not to be trusted: the collection is "
+                                "on the `demo` model and holds images from outside its shapes world.")
 
 
 class ImageInfo(BaseModel):
@@ -237,6 +239,8 @@ class AskResponse(BaseModel):
     id: int
     question: str
     answer: str
+    warning: str | None = Field(None, description="Present when the answer is not to be trusted: the collection is "
+                                "on the `demo` model and holds images from outside its shapes world.")
 
 
 class EmbedRequest(Input):

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 
-def _search_body(kind: str, k: int, offset: int, took: float, hits: Sequence[Any]) -> bytes:
+def _search_body(kind: str, k: int, offset: int, took: float, hits: Sequence[Any], warning: str | None = None) -> bytes:
     """The ``SearchResponse`` JSON (hits as ``SearchHit``) written directly, without building and
     re-validating pydantic models per hit (a measurable share of a search's CPU at hundreds per second).
     Hits of a verified search (``VerifiedHits``) carry ``relevance``, the body ``verified`` and ``dropped``."""
@@ -43,6 +43,8 @@ def _search_body(kind: str, k: int, offset: int, took: float, hits: Sequence[Any
     body = {"kind": kind, "k": k, "offset": offset, "took_ms": round(took * 1000, 3), "results": results}
     if verified:
         body.update(verified=hits.verified, dropped=hits.dropped)
+    if warning:
+        body["warning"] = warning  # the demo model on images outside its world (see demo_notice)
     return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
@@ -171,7 +173,8 @@ def search_routes(app: FastAPI, state: AppState, read_deps: list[Any], auth_deps
         took = time.perf_counter() - started
         metrics.searches.inc(kind)
         metrics.search_latency.observe(took, kind)
-        return Response(_search_body(kind, body.k, body.offset, took, hits), media_type="application/json")
+        return Response(_search_body(kind, body.k, body.offset, took, hits, state.service.demo_world()["warning"]),
+                        media_type="application/json")
 
     @app.post("/v1/search/image", response_model=SearchResponse, tags=["search"], dependencies=read_deps,
               summary="Search by an uploaded example image (multipart)",
@@ -197,4 +200,5 @@ def search_routes(app: FastAPI, state: AppState, read_deps: list[Any], auth_deps
         took = time.perf_counter() - started
         metrics.searches.inc("image")
         metrics.search_latency.observe(took, "image")
-        return Response(_search_body("image", k, offset, took, hits), media_type="application/json")
+        return Response(_search_body("image", k, offset, took, hits, state.service.demo_world()["warning"]),
+                        media_type="application/json")

@@ -150,6 +150,7 @@ def index(
             except IndexInterrupted as stop:
                 err(f"interrupted: {stop.report.indexed} new image(s) were committed and are kept; "
                     "run the same command again to continue")
+                world_warning(None, service.demo_world())  # what the committed batches recorded
                 raise typer.Exit(130)
     if as_json:
         print_json(report.to_dict())
@@ -230,18 +231,21 @@ def ask(
         if served is not None:
             image_id, path, answer = served
             if streaming:
-                return _print_stream(answer)
+                _print_stream(answer)
+                return world_warning(collection)
         else:
             with _service(collection, model, device, dtype) as service:
                 image_id = service.resolve(int(ref) if ref.isdigit() else ref)
                 answer = service.ask(image_id, question, max_new_tokens=max_new_tokens, stream=streaming)
                 if streaming:
-                    return _print_stream(answer)
+                    _print_stream(answer)
+                    return world_warning(collection, service.demo_world())
                 path = service.get(image_id).path
     if as_json:
         print_json({"id": image_id, "path": str(path), "question": question, "answer": answer})
     else:
         typer.echo(answer)
+    world_warning(collection)
 
 
 def _print_stream(pieces: Iterator[str]) -> None:
@@ -312,6 +316,18 @@ def info(
     typer.echo(f"bytes/image  {per_image:.0f}" if per_image is not None else "bytes/image  - (no images yet)")
     for row in failures:
         typer.echo(f"  failed: {row.get('path')}: {row.get('error') or row.get('reason')}")
+    if data.get("warning"):
+        err(f"warning: {data['warning']}")
+
+
+def world_warning(collection: Optional[Path], status: Optional[dict] = None) -> None:
+    """The demo model's blind spot, on stderr, whenever the collection holds images outside its world
+    (``status`` from a service already open, else read from the collection folder: no model, no index)."""
+    from fwd2bot_index.service import collection_world_status
+
+    warning = (status or collection_world_status(collection_path(collection))).get("warning")
+    if warning:
+        err(f"warning: {warning}")
 
 
 @app.command()

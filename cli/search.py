@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .commands import _answered_by, _parse_filters, _service, user_errors
+from .commands import _answered_by, _parse_filters, _service, user_errors, world_warning
 from .main import CollectionOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, app, check, collection_path, err, fail, print_json
 
 
@@ -50,6 +50,7 @@ def search(
                 hits = service.search(text=text, image=str(image) if image else None, like=like, k=k,
                                       filter=_parse_filters(filters), offset=offset, min_score=min_score,
                                       verify=verify, min_relevance=min_relevance)
+    world_warning(collection)  # the demo model's blind spot, when the collection holds photos
     if min_relevance is not None:
         err(f"{getattr(hits, 'dropped', 0)} of the top {verify} hits dropped below relevance {min_relevance:g}"
             + ("" if hits else ": no good match"))

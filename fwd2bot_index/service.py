@@ -28,6 +28,7 @@ from .indexing import (  # noqa: F401  (IndexReport, IndexInterrupted re-exporte
     _Prepared, _prepare, world_flags,
 )
 from .options import OptionError, check_model_reference, check_options  # noqa: F401  (re-exported for the shells)
+from .demo_notice import collection_world_status, demo_world_status  # noqa: F401  (the shells import them here)
 from .shrinking import check_index_tokens, migrate_tokens, with_tokens
 
 log = logging.getLogger("fwd2bot_index")
@@ -365,7 +366,17 @@ class ImageService:
         data.update({"model": manifest.model_name, "model_fingerprint": manifest.model_fingerprint,
                      "strategy": self.strategy.name, "collection": str(self.collection.path),
                      "tokens_per_image": manifest.token_count})
+        world = self.demo_world()
+        data.update({"demo_world": {"checked": world["checked"], "outside": world["outside"]},
+                     "warning": world["warning"]})
         return data
+
+    def demo_world(self) -> dict:
+        """``{"checked", "outside", "warning"}``: whether this collection, on the ``demo`` model, holds
+        images from outside the demo world (``demo_notice``); one small catalog read, none for other models."""
+        name = self.collection.manifest.model_name
+        return demo_world_status(name, *self.collection.world_counts()) if name == DEFAULT_MODEL else \
+            demo_world_status(name, 0, 0)
 
     def export(self, path: str | os.PathLike) -> int:
         """Write ids, paths, metadata, embeddings and stored tokens to one Parquet file; returns rows."""

@@ -173,11 +173,19 @@ async function runSearch(body, label) {
       data = await post(plain);
     }
     render(data.results, label);
+    showWarning(data.warning);
   } catch (error) {
     say(error.message, true);
   } finally {
     button.disabled = false;
   }
+}
+
+// The server's warning that the results cannot be trusted (the demo model on images outside its world).
+function showWarning(text) {
+  const banner = $("demo-warning");
+  banner.textContent = text ? `Warning: ${text}` : "";
+  banner.hidden = !text;
 }
 
 function k() { return Number($("k").value) || 24; }
@@ -207,6 +215,7 @@ $("example-file").addEventListener("change", async (event) => {
   try {
     const data = await api("/v1/search/image", { method: "POST", body: form });
     render(data.results, `like ${file.name}`);
+    showWarning(data.warning);
   } catch (error) {
     say(error.message, true);
   }
@@ -325,6 +334,7 @@ async function loadInfo() {
     el.textContent =
       `${Number(info.indexed).toLocaleString()} images · model ${basename(info.model)} · ${info.strategy}${perImage}`;
     el.title = `collection ${info.collection || info.path} · model ${info.model}`;
+    showWarning(info.warning);
   } catch (error) {
     $("collection-info").textContent = `Collection: ${error.message}`;
   }

@@ -71,6 +71,12 @@ class Reading:
                 plan.to_encode.append(f)
         return plan
 
+    def world_counts(self) -> tuple[int, int]:
+        """``(checked, outside)``: of the images held now, how many were checked against the demo
+        model's world when they were committed, and how many of those are outside it."""
+        with self._mutex:
+            return self.catalog.world_counts()
+
     # ------------------------------------------------------------------ searching
 
     def search(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from .manifest import utc_now
@@ -120,3 +121,27 @@ class Remembered:
         except sqlite3.OperationalError:
             return 0, 0
         return int(row[0]), int(row[1])
+
+
+def peek_world_counts(folder: str | Path) -> tuple[str | None, int, int] | None:
+    """``(model name, checked, outside)`` of the collection at ``folder``, read from its manifest and
+    catalog only (no index, no token store: cheap enough for every CLI command); None when there is no
+    readable collection there."""
+    from .catalog import CATALOG_NAME, Catalog
+    from .errors import CollectionError
+    from .manifest import Manifest
+
+    folder = Path(folder)
+    if not (folder / CATALOG_NAME).is_file():
+        return None
+    try:
+        manifest = Manifest.load(folder)
+        catalog = Catalog(folder / CATALOG_NAME, readonly=True)
+    except (CollectionError, OSError, ValueError):
+        return None
+    try:
+        return (manifest.model_name, *catalog.world_counts())
+    except (CollectionError, sqlite3.Error):
+        return None
+    finally:
+        catalog.close()
