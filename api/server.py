@@ -91,16 +91,17 @@ def make_server(collection: str | os.PathLike[str] | None = None, model: str | N
     from fwd2bot_index.service import DEFAULT_COLLECTION
 
     path = collection or os.environ.get("F2B_COLLECTION") or DEFAULT_COLLECTION
+    # the collection is opened first: a missing one is the only line, not the last of three
+    app = create_app(path, api_key=api_key, protect_reads=protect_reads, cors_origins=cors_origins,
+                     max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, preload=True, model=model,
+                     writable=writable, device=device, dtype=dtype, host=host, allowed_hosts=allowed_hosts,
+                     max_queue=max_queue, batch_wait_ms=batch_wait_ms)
     if host in ("0.0.0.0", "::") and not allowed_hosts:
         log.warning("serving on all addresses (%s): clients may use this machine's IP addresses; host names they "
                     "use (e.g. photos.lan) must be given with --allowed-host", host)
     if not is_loopback(host) and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach port %d can add and remove images "
                     "(set --api-key)", host, port)
-    app = create_app(path, api_key=api_key, protect_reads=protect_reads, cors_origins=cors_origins,
-                     max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, preload=True, model=model,
-                     writable=writable, device=device, dtype=dtype, host=host, allowed_hosts=allowed_hosts,
-                     max_queue=max_queue, batch_wait_ms=batch_wait_ms)
     app.state.f2b.worker.on_ready = freeze_heap
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", **uvicorn_options)
     return uvicorn.Server(config)

@@ -29,6 +29,7 @@ from .indexing import (  # noqa: F401  (IndexReport, IndexInterrupted re-exporte
 )
 from .options import OptionError, check_model_reference, check_options  # noqa: F401  (re-exported for the shells)
 from .demo_notice import collection_world_status, demo_world_status  # noqa: F401  (the shells import them here)
+from .hints import no_collection_message
 from .shrinking import check_index_tokens, migrate_tokens, with_tokens
 
 log = logging.getLogger("fwd2bot_index")
@@ -473,7 +474,7 @@ def open_service(collection: str | os.PathLike | None = None, model: str | None 
     recovered = Collection.recover(path) if repair and path.is_dir() else []
     exists = Collection.exists(path)
     if not exists and not create:
-        raise CollectionNotFoundError(f"no collection at {path}; create one with `f2b index DIR --collection {path}`")
+        raise CollectionNotFoundError(no_collection_message(path))
     if exists and not reindex:
         coll = Collection.open(path, writable=writable or create)
         name = model or coll.manifest.model_name

@@ -60,6 +60,7 @@ from .sync import (
     open_index_for_reader,
     open_index_for_writer,
     token_store,
+    undo_create,
     wipe,
 )
 from .tokens import TOKENS_DIR
@@ -165,8 +166,10 @@ class Collection(Reading, IndexSync, Health, Maintenance):
         which deletes its catalog, tokens and index first.
         """
         folder = Path(path).absolute()
+        made_folder = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         lock = WriterLock(folder).acquire(timeout=lock_timeout)
+        catalog, started = None, False
         try:
             if (folder / MANIFEST_NAME).exists() and not overwrite:
                 raise CollectionExistsError(
@@ -179,6 +182,7 @@ class Collection(Reading, IndexSync, Health, Maintenance):
                     f"--repair --collection {folder} to rebuild it, or pass --reindex to replace everything"
                 )
             wipe(folder)
+            started = True  # from here on, a failure before the manifest undoes what was written
             updates: dict[str, Any] = {"created": utc_now(), "updated": utc_now()}
             if backend is not None:
                 updates["backend"] = backend
@@ -206,6 +210,8 @@ class Collection(Reading, IndexSync, Health, Maintenance):
                 lock.release()
             return col
         except BaseException:
+            if started and not (folder / MANIFEST_NAME).exists():
+                undo_create(folder, catalog, made_folder)
             lock.release()
             raise
 

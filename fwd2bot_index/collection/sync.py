@@ -172,6 +172,26 @@ def wipe(folder: Path) -> None:
     (folder / STATE_NAME).unlink(missing_ok=True)  # the lock file stays: we hold it
 
 
+def undo_create(folder: Path, catalog: Catalog | None, made_folder: bool) -> None:
+    """A ``create`` stopped before its manifest was written (Ctrl-C while the index was set up): delete
+    what it wrote, and the folder (lock file included) when it made it, so that no half-made collection
+    is left that ``info`` calls "no collection" and the next ``index`` refuses as a lost manifest."""
+    from .lock import LOCK_NAME
+
+    if catalog is not None:
+        try:
+            catalog.close()
+        except Exception:  # noqa: BLE001  (the interruption is the error to report)
+            pass
+    wipe(folder)
+    if made_folder:
+        (folder / LOCK_NAME).unlink(missing_ok=True)  # released right after; nobody else waits on a new folder
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # something else was put there meanwhile: left alone
+
+
 def clean_litter(folder: Path, backend: str) -> list[str]:
     """Writer, under the lock: delete what interrupted runs leave behind: ``.tmp-*`` files (a write
     that never got renamed into place) and the index files of a backend other than the manifest's
