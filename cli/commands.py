@@ -390,10 +390,12 @@ def serve(
     dtype: str = DtypeOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (127.0.0.1 unless you mean it)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port to listen on."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="F2B_API_KEY", help="Require this key for writes."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="F2B_API_KEY", show_envvar=False,
+                                           help="Require this key for writes (env F2B_API_KEY)."),
     protect_reads: bool = typer.Option(False, "--protect-reads", help="Require the API key for reads too."),
-    threads: Optional[int] = typer.Option(None, "--threads", envvar="F2B_THREADS", min=1,
-                                          help="Torch threads for model calls (1 gives steadier latency on a busy CPU)."),
+    threads: Optional[int] = typer.Option(None, "--threads", envvar="F2B_THREADS", show_envvar=False, min=1,
+                                          help="Torch threads for model calls (1 gives steadier latency on a busy "
+                                               "CPU; env F2B_THREADS)."),
     allowed_hosts: List[str] = typer.Option(
         [], "--allowed-host", help="Another host name clients reach the server by (a reverse proxy's, a LAN name, "
                                    "*.example.org); repeatable. Loopback names, --host and IP addresses are always allowed."),

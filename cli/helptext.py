@@ -22,7 +22,11 @@ _ARGUMENT_NAMES = {"dirs": "DIR", "text": "QUERY", "ref": "ID|PATH", "refs": "ID
 _OPTION_NAMES = {"model": "MODEL", "device": "DEVICE", "dtype": "DTYPE", "backend": "BACKEND", "strategy": "STRATEGY",
                  "collection": "DIR", "images": "DIR", "out": "DIR", "output_dir": "DIR", "data": "PATH",
                  "filters": "KEY=VALUE", "exclude": "GLOB", "like": "ID|PATH", "host": "ADDRESS",
-                 "qdrant_url": "URL", "api_key": "KEY", "split": "SPLIT", "dataset": "NAME"}
+                 "qdrant_url": "URL", "api_key": "KEY", "split": "SPLIT", "dataset": "NAME",
+                 "index_kind": "KIND", "faiss_index": "KIND", "qdrant_collection": "NAME",
+                 "qdrant_quantization": "KIND", "token_dtype": "DTYPE", "ray": "ADDRESS", "allowed_hosts": "HOST",
+                 "recipe": "NAME", "objective": "NAME", "nested": "K,K,...", "lora_targets": "REGEX",
+                 "pool_schedule": "SCHEDULE"}
 
 
 def _metavar(name: str, annotation: typing.Any, argument: bool) -> str:

@@ -54,3 +54,29 @@ def test_no_arguments_still_show_the_help_and_version_still_works():
     assert version.exit_code == 0 and version.output.startswith("f2b (fwd2bot-index)")
     fine = runner.invoke(app, ["search", "--help"])
     assert fine.exit_code == 0 and "--limit" in fine.output
+
+
+def _commands(group=None, prefix=()):
+    import typer
+
+    group = group or typer.main.get_command(app)
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from _commands(command, prefix + (name,))
+        else:
+            yield list(prefix + (name,))
+
+
+def test_help_names_env_vars_one_way_and_values_by_what_they_are():
+    """Environment variables as '(env F2B_...)' in the text (typer's '[env var: ...]' was a second way),
+    and every option's value named by what it is, not a bare TEXT."""
+    seen = 0
+    for path in _commands():
+        shown = runner.invoke(app, path + ["--help"], terminal_width=200, env={"COLUMNS": "200"})
+        assert shown.exit_code == 0, shown.output
+        assert "[env var" not in shown.stdout, f"f2b {' '.join(path)}"
+        assert " TEXT " not in shown.stdout, f"f2b {' '.join(path)} --help shows a bare TEXT"
+        seen += 1
+    assert seen >= 12
+    serve = runner.invoke(app, ["serve", "--help"], terminal_width=200, env={"COLUMNS": "200"}).stdout
+    assert "env F2B_API_KEY" in serve and "env F2B_THREADS" in serve
