@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from .backbone import ModelLoadError, load_backbone
 from .config import Fwd2BotConfig
 from .fwd2bot import PASS1, PASS2, Compressor, Fwd2Bot
+from .quiet import quiet_loading
 
 CONFIG_FILE = "fwd2bot_config.json"
 COMPRESSOR_FILE = "compressor.safetensors"
@@ -214,6 +215,14 @@ def load_model(name_or_path: str, device: str | None = "auto", dtype: str | None
     ``min_pixels`` / ``max_pixels``: resize bounds of a dynamic-resolution family (Qwen2-VL).
     """
     resolved = resolve_model_name(str(name_or_path))
+    if Path(resolved).is_dir():  # the demo model or a folder here: no bars, no library deprecation notices
+        with quiet_loading():
+            return _load_resolved(resolved, device, dtype, base, revision, min_pixels, max_pixels)
+    return _load_resolved(resolved, device, dtype, base, revision, min_pixels, max_pixels)
+
+
+def _load_resolved(resolved: str, device: str | None, dtype: str | None, base: str | None, revision: str | None,
+                   min_pixels: int | None, max_pixels: int | None) -> Fwd2Bot:
     image_options = {"min_pixels": min_pixels, "max_pixels": max_pixels}
     if is_checkpoint(resolved):
         return load_checkpoint(resolved, device=device, dtype=dtype, base=base, revision=revision, **image_options)
