@@ -106,9 +106,10 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     out = tmp_path / "demo-quick"
     work = tmp_path / "work"
     report = demo_recipe.train_demo_model(out, quick=True, seed=0, device="cpu", progress=False, work_dir=work,
-                                          variants=("k8", "k16-contrastive"))
+                                          variants=("k8", "k16-contrastive", "nested"))
     assert report["size_bytes"] < MAX_BYTES
-    assert set(report["stages"]) == {"warmup", "base", "compressor-k16", "compressor-k8", "compressor-k16-contrastive"}
+    assert set(report["stages"]) == {"warmup", "base", "compressor-k16", "compressor-k8", "compressor-k16-contrastive",
+                                     "compressor-nested"}
     assert report["stages"]["base"]["steps"] == demo_recipe.QUICK.base_max_steps
     assert report["stages"]["base"]["stopped_by"] in {"step budget", "floor reached"}
     assert report["stages"]["compressor-k8"]["num_summary_tokens"] == 8
@@ -121,28 +122,33 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     # the same command on the same work folder keeps every finished stage: the same checkpoint, no retraining;
     # another seed is refused
     again = demo_recipe.train_demo_model(tmp_path / "again", quick=True, seed=0, device="cpu", progress=False,
-                                         work_dir=work, variants=("k8", "k16-contrastive"))
+                                         work_dir=work, variants=("k8", "k16-contrastive", "nested"))
     assert again["stages"] == report["stages"]
     assert folder_fingerprint(tmp_path / "again") == folder_fingerprint(out)
     with pytest.raises(ValueError, match="another recipe or seed"):
         demo_recipe.train_demo_model(tmp_path / "other", quick=True, seed=1, device="cpu", progress=False,
                                      work_dir=work)
 
-    variants = {v: str(work / f"compressor-{v}" / "model") for v in ("k8", "k16-contrastive")}
+    variants = {v: str(work / f"compressor-{v}" / "model") for v in ("k8", "k16-contrastive", "nested")}
     results = demo_recipe.measure_demo_claims(out, data_dir=tmp_path / "eval", quick=True, device="cpu",
                                               variants=variants)
     for split in demo_recipe.EVAL_SPLITS:
         measured = results["splits"][split]
         # the contrastive-only compressor never trained pass 2: it is measured on retrieval only
-        assert set(measured["qa"]) == {"blind", "fwd2bot", "fwd2bot-k8", "pool@8", "pool@16", "full"}
+        nested = {f"fwd2bot-nested@{k}" for k in (4, 8, 16)}
+        assert set(measured["qa"]) == {"blind", "fwd2bot", "fwd2bot-k8", "pool@8", "pool@16", "full",
+                                       "fwd2bot-nested"} | nested
         assert measured["stored_tokens"] == {"fwd2bot": 16, "fwd2bot-k8": 8, "fwd2bot-k16-contrastive": 16,
-                                             "pool@8": 8, "pool@16": 16, "full": 64}
-        assert set(measured["retrieval"]) == {"prompt", "fwd2bot", "fwd2bot-k8", "fwd2bot-k16-contrastive"}
+                                             "pool@8": 8, "pool@16": 16, "full": 64, "fwd2bot-nested": 32,
+                                             "fwd2bot-nested@4": 4, "fwd2bot-nested@8": 8, "fwd2bot-nested@16": 16}
+        assert set(measured["retrieval"]) == {"prompt", "fwd2bot", "fwd2bot-k8", "fwd2bot-k16-contrastive",
+                                              "fwd2bot-nested"} | nested
         for recall in measured["retrieval"].values():
             assert 0.0 <= recall["t2i"][1] <= recall["t2i"][5] <= recall["t2i"][10] <= 1.0
     names = [t["target"] for t in results["targets"]]
     assert any("blind" in n for n in names) and any("swap_att" in n for n in names)
-    assert set(results["sugarcrepe"]) == {"fwd2bot", "fwd2bot-k8", "fwd2bot-k16-contrastive", "prompt"}
+    assert set(results["sugarcrepe"]) == {"fwd2bot", "fwd2bot-k8", "fwd2bot-k16-contrastive", "prompt",
+                                          "fwd2bot-nested"} | {f"fwd2bot-nested@{k}" for k in (4, 8, 16)}
     assert set(results["sugarcrepe"]["fwd2bot"]["accuracy"]) >= {"swap_att", "replace_rel", "Swap"}
 
     readme = tmp_path / "README.md"
@@ -154,6 +160,7 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     assert "old table" not in text and text.startswith("# project\n\nintro\n") and text.endswith("\n\nmore\n")
     assert "| Fwd2Bot summary tokens, K=16 (shipped) | 16 |" in text and "| blind: " in text
     assert "contrastive loss only (ablation)" in text and "pool@16" in text
+    assert "| Fwd2Bot nested (one compressor), first 4 tokens | 4 |" in text
     appended = plain.read_text()
     assert appended.startswith("# no markers here\n") and demo_recipe.CLAIMS_END in appended
     demo_recipe.write_claims_table(results, readme, plain)  # idempotent: markers found, replaced again

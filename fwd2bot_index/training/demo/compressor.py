@@ -12,8 +12,10 @@ The house trainer (``training.Trainer``) runs it, with two changes for this worl
   caption ("yes") and its hard negative ("no"), so relevance from stored tokens means something.
 
 Variants share everything but what they vary: ``k16`` (the shipped model), ``k8`` and ``k32``
-(other budgets) and ``k16-contrastive`` (no autoregressive loss: the paper's compositionality
-ablation, contrastive-only against contrastive + autoregressive).
+(other budgets), ``k16-contrastive`` (no autoregressive loss: the paper's compositionality
+ablation, contrastive-only against contrastive + autoregressive) and ``nested`` (one K = 32
+compressor trained so that its first 4, 8, 16 or 32 tokens each are a complete stored form,
+``training/nested.py``).
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import MAX_LOGIT_SCALE
+from ..nested import nested_losses
 from ..trainer import Batch, TrainConfig, Trainer
 from .turns import branched_turn_loss, scene_turns
 
 VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0},
-            "k8": {"k": 8, "ar": 1.0}, "k32": {"k": 32, "ar": 1.0}}
+            "k8": {"k": 8, "ar": 1.0}, "k32": {"k": 32, "ar": 1.0},
+            "nested": {"k": 32, "ar": 1.0, "nested": (4, 8, 16, 32)}}
 
 
 def info_nce_with_negatives(image_emb: torch.Tensor, text_emb: torch.Tensor, negative_emb: torch.Tensor | None,
@@ -116,13 +120,24 @@ class HardNegativeTrainer(Trainer):
             negatives = [n for n in self._negatives if n is not None]
             texts = list(batch.captions) + negatives
             embedded = model.embed_text_batch(texts, self._text_strategy)
-            image_emb = model.embed_summary(summary)
             n = len(batch.captions)
-            parts["contrastive"] = info_nce_with_negatives(image_emb, embedded[:n], embedded[n:] if negatives else None,
-                                                           model.compressor.logit_scale, batch.captions, negatives)
+
+            def contrastive(s: torch.Tensor) -> torch.Tensor:
+                return info_nce_with_negatives(model.embed_summary(s), embedded[:n], embedded[n:] if negatives else None,
+                                               model.compressor.logit_scale, batch.captions, negatives)
+
+            def autoregressive(s: torch.Tensor) -> torch.Tensor:
+                return branched_turn_loss(model, s, self._turns, "fwd2bot")
+
+            ar = autoregressive if cfg.autoregressive_weight > 0 else None
+            if self.budgets:  # nested: every budget's contrastive loss, pass 2 at one budget per step
+                parts.update(nested_losses(summary, self.budgets, self.step, cfg.seed, contrastive, ar))
+            else:
+                parts["contrastive"] = contrastive(summary)
+                if ar is not None:
+                    parts["autoregressive"] = ar(summary)
             loss = cfg.contrastive_weight * parts["contrastive"]
-            if cfg.autoregressive_weight > 0:
-                parts["autoregressive"] = branched_turn_loss(model, summary, self._turns, "fwd2bot")
+            if "autoregressive" in parts:
                 loss = loss + cfg.autoregressive_weight * parts["autoregressive"]
         parts["loss"] = loss
         return parts

@@ -97,6 +97,11 @@ def qa_scores(predictions: Sequence[str], records: Sequence[dict[str, Any]]) -> 
 SMALL_GALLERY = 300  # issue 20's retrieval goal is stated for a 300-image gallery (the first 300 of the split)
 
 
+def nested_budgets(model: Fwd2Bot) -> list[int]:
+    """The budgets below K of a nested compressor ([] for a plain one)."""
+    return [k for k in model.budgets if k < model.config.num_summary_tokens]
+
+
 def _measure_split(models: dict[str, Fwd2Bot], data_dir: Path, split: str, n_gallery: int, n_qa_images: int,
                    budgets: Sequence[int], batch_size: int, prior: dict[str, str], progress: bool) -> dict[str, Any]:
     from ...evaluation import read_captions_jsonl, retrieval_recall
@@ -118,11 +123,16 @@ def _measure_split(models: dict[str, Fwd2Bot], data_dir: Path, split: str, n_gal
     retrieval, retrieval_small = {}, {}
     retrieval["prompt"], retrieval_small["prompt"] = recalls(text_prompt @ full.embeddings.T)
     stored: dict[str, np.ndarray] = {"full": full.tokens}
+    answerer: dict[str, Fwd2Bot] = {}  # stored form -> the compressor whose pass 2 answers it
     for name, model in models.items():
         enc = model.encode_images(images, batch_size=batch_size, strategy="fwd2bot")
         texts = model.encode_texts(gallery.captions, batch_size=batch_size, strategy="fwd2bot")
         retrieval[name], retrieval_small[name] = recalls(texts @ enc.embeddings.T)
-        stored[name] = enc.tokens
+        stored[name], answerer[name] = enc.tokens, model
+        for k in nested_budgets(model):  # one nested compressor: its first k tokens, embedded by the head alone
+            sub = f"{name}@{k}"
+            stored[sub], answerer[sub] = enc.tokens[:, :k], model
+            retrieval[sub], retrieval_small[sub] = recalls(texts @ model.embed_stored(stored[sub], budget=k).T)
     for budget in budgets:
         stored[f"pool@{budget}"] = pool_visual_tokens(torch.from_numpy(full.tokens), budget).numpy()
     index = {str(p.resolve()): i for i, p in enumerate(gallery.image_paths[:n_qa_images])}
@@ -131,11 +141,11 @@ def _measure_split(models: dict[str, Fwd2Bot], data_dir: Path, split: str, n_gal
     questions = [r["question"] for r in records]
     qa = {"blind": qa_scores([prior.get(question_template(q), "yes") for q in questions], records)}
     for name, tokens in stored.items():
-        if name in models and name.endswith("-contrastive"):
+        if name.endswith("-contrastive"):
             continue  # its pass-2 adapter never trained
         say(progress, f"{split}: answering {len(records)} questions from {name} tokens")
-        model = models.get(name, base)
-        kind = "fwd2bot" if name in models else ("full" if name == "full" else "pool")
+        model = answerer.get(name, base)
+        kind = "fwd2bot" if name in answerer else ("full" if name == "full" else "pool")
         qa[name] = qa_scores(_answer_all(model, [tokens[i] for i in owners], questions, kind, batch_size), records)
     return {"n_images": gallery.n_images, "n_qa_images": min(n_qa_images, gallery.n_images), "retrieval": retrieval,
             "retrieval_small": retrieval_small, "n_small_gallery": min(SMALL_GALLERY, gallery.n_images),
@@ -181,6 +191,8 @@ def measure_demo_claims(model_dir: str | os.PathLike[str] = "demo", data_dir: st
                   for s in EVAL_SPLITS}
         say(progress, "SugarCrepe-style hard negatives")
         embedders = {name: Embedder(m, "fwd2bot") for name, m in models.items()}
+        embedders.update({f"{name}@{k}": Embedder(m, f"fwd2bot@{k}") for name, m in models.items()
+                          for k in nested_budgets(m)})
         embedders["prompt"] = Embedder(main, "prompt+full")
         sugarcrepe = {name: run_sugarcrepe(e, folder / "sugarcrepe", folder / "images", limit=n_sugarcrepe,
                                            batch_size=batch_size, show_progress=False)
@@ -190,7 +202,8 @@ def measure_demo_claims(model_dir: str | os.PathLike[str] = "demo", data_dir: st
             shutil.rmtree(tmp, ignore_errors=True)
     results = {
         "model": str(model_dir), "fingerprint": main.fingerprint, "num_summary_tokens": main.config.num_summary_tokens,
-        "variants": {name: {"path": str(p), "num_summary_tokens": models[f"fwd2bot-{name}"].config.num_summary_tokens}
+        "variants": {name: {"path": str(p), "num_summary_tokens": models[f"fwd2bot-{name}"].config.num_summary_tokens,
+                            "nested_budgets": nested_budgets(models[f"fwd2bot-{name}"])}
                      for name, p in (variants or {}).items()},
         "hidden_size": main.backbone.hidden_size, "visual_tokens": main.backbone.num_image_tokens,
         "image_size": image_size, "budgets": list(budgets), "eval_seed": EVAL_SEED, "n_gallery": n_gallery,

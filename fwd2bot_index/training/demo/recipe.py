@@ -235,7 +235,7 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
     steps = recipe.compressor_steps
     config = TrainConfig(
         model=str(work / "base-run" / "model"), data=[str(data)], output_dir=str(folder), objective="fwd2bot",
-        num_summary_tokens=spec["k"], embed_dim=recipe.embed_dim, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+        num_summary_tokens=spec["k"], nested=list(spec.get("nested", ())) or None, embed_dim=recipe.embed_dim, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
         lr=recipe.compressor_lr, batch_size=recipe.compressor_batch, pool_schedule=recipe.compressor_pool_schedule,
         bf16=recipe.bf16_autocast,
         autoregressive_weight=spec["ar"], seed=seed, device=device, max_steps=steps, eval_at_start=False,

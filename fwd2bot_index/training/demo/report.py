@@ -173,9 +173,13 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, int, str]]:
              for b in results["budgets"]]
     rows.append((f"Fwd2Bot summary tokens, K={k} (shipped)", "fwd2bot", k, "Fwd2Bot heads"))
     for name, v in results.get("variants", {}).items():
+        nested = v.get("nested_budgets")
         label = (f"Fwd2Bot K={v['num_summary_tokens']}, contrastive loss only (ablation)" if name.endswith("contrastive")
+                 else f"Fwd2Bot nested (one compressor), all {v['num_summary_tokens']} tokens" if nested
                  else f"Fwd2Bot summary tokens, K={v['num_summary_tokens']}")
         rows.append((label, f"fwd2bot-{name}", v["num_summary_tokens"], "its heads"))
+        rows += [(f"Fwd2Bot nested (one compressor), first {k} tokens", f"fwd2bot-{name}@{k}", k, "its head")
+                 for k in nested or ()]
     rows.append(("all visual tokens", "full", results["visual_tokens"], "prompt (E5-V), training-free"))
     return sorted(rows, key=lambda r: (r[2], r[1].startswith("fwd2bot")))
 

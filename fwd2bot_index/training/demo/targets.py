@@ -44,6 +44,28 @@ def _r1(results: dict[str, Any], split: str, key: str = "retrieval") -> float:
     return float(table["t2i"][1]) if table else float("nan")
 
 
+def _nested_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 24: at each budget the nested compressor is within 1 point of QA and 2 points of seen t2i R@1
+    of the separately trained compressor of that K (where one was trained)."""
+    separate = {results["num_summary_tokens"]: "fwd2bot"}
+    separate.update({v["num_summary_tokens"]: f"fwd2bot-{n}" for n, v in results.get("variants", {}).items()
+                     if not v.get("nested_budgets") and not n.endswith("contrastive")})
+    rows = []
+    for name, v in results.get("variants", {}).items():
+        for k in [*v.get("nested_budgets", [])] + ([v["num_summary_tokens"]] if v.get("nested_budgets") else []):
+            form = f"fwd2bot-{name}" if k == v["num_summary_tokens"] else f"fwd2bot-{name}@{k}"
+            if k not in separate:
+                continue
+            qa, ref = qa_overall(results, form), qa_overall(results, separate[k])
+            rows.append(_target(f"nested, first {k} tokens: QA within 1 point of the separate K={k}", qa, ref - 0.01,
+                                qa >= ref - 0.01))
+            r1 = float(results["splits"]["test"]["retrieval"][form]["t2i"][1])
+            r1_ref = float(results["splits"]["test"]["retrieval"][separate[k]]["t2i"][1])
+            rows.append(_target(f"nested, first {k} tokens: seen t2i R@1 within 2 points of the separate K={k}", r1,
+                                r1_ref - 0.02, r1 >= r1_ref - 0.02))
+    return rows
+
+
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     k = results["num_summary_tokens"]
     full, blind, fw = qa_overall(results, "full"), qa_overall(results, "blind"), qa_overall(results, "fwd2bot")
@@ -76,6 +98,7 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 gain = hn[cat] - base[cat]
                 rows.append(_target(f"autoregressive loss adds >= 10 points on {cat} (vs contrastive-only)", gain,
                                     0.10, gain >= 0.10))
+    rows += _nested_targets(results)
     rows.append({"target": "blind row (answers without the image), for reference", "measured": blind, "goal": "",
                  "met": None})
     return rows
