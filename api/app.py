@@ -48,6 +48,7 @@ from .limits import Gate
 from .metrics import Metrics
 from .middleware import AllowMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from .model_routes import IdParam, model_routes
+from .openai_routes import openai_routes
 from .openapi import install_openapi
 from .problems import ApiProblem, install_handlers, problem_responses
 from .schemas import (
@@ -190,17 +191,19 @@ def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: 
                      max_embed_chars=max_embed_chars, batch_wait_ms=batch_wait_ms)
     metrics.gauge("f2b_model_ready", "1 once the model has loaded.", lambda: state.worker.ready)
     metrics.gauge("f2b_collection_images", "Images in the collection.", lambda: len(state.collection))
-    metrics.gauge("f2b_model_queue", "Model jobs waiting or running.", lambda: state.worker.pending)
-    metrics.gauge("f2b_model_queue_refused", "Model jobs refused with 503 (queue full).", lambda: state.worker.refused)
+    metrics.gauge("f2b_model_queue_jobs", "Model jobs waiting or running.", lambda: state.worker.pending)
+    metrics.counter("f2b_model_queue_refused_total", "Model jobs refused with 503 (queue full).",
+                    lambda: state.worker.refused)
     metrics.gauge("f2b_model_batch_wait_seconds", "How long a model turn under load may wait for more texts.",
                   lambda: state.worker.batch_wait)
-    metrics.gauge("f2b_model_text_turns", "Model turns that encoded texts.", lambda: state.worker.turns)
-    metrics.gauge("f2b_model_text_turns_waited", "Text turns that waited for more texts (load seen).",
-                  lambda: state.worker.waited_turns)
-    metrics.gauge("f2b_model_answer_calls", "answer_batch calls for JSON answers.", lambda: state.worker.answer_calls)
-    metrics.gauge("f2b_model_answers", "Questions those calls answered (answers per call = this / calls).",
-                  lambda: state.worker.answers)
-    metrics.gauge("f2b_image_decodes", "Image decodes holding a slot.", lambda: state.decodes.active)
+    metrics.counter("f2b_model_text_turns_total", "Model turns that encoded texts.", lambda: state.worker.turns)
+    metrics.counter("f2b_model_text_turns_waited_total", "Text turns that waited for more texts (load seen).",
+                    lambda: state.worker.waited_turns)
+    metrics.counter("f2b_model_answer_calls_total", "answer_batch calls for JSON answers.",
+                    lambda: state.worker.answer_calls)
+    metrics.counter("f2b_model_answers_total", "Questions those calls answered (answers per call = this / calls).",
+                    lambda: state.worker.answers)
+    metrics.gauge("f2b_image_decodes_in_progress", "Image decodes holding a slot.", lambda: state.decodes.active)
     metrics.gauge("f2b_requests_in_flight", "Search, embed, answer and upload requests in flight.",
                   lambda: state.in_flight.active)
 
@@ -247,6 +250,7 @@ def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: 
     search_routes(app, state, heavy_reads, read_deps)
     _image_routes(app, state, read_deps, write_deps, heavy_writes)
     model_routes(app, state, heavy_reads)
+    openai_routes(app, state, heavy_reads)
     install_openapi(app, state)
     return app
 

@@ -73,6 +73,20 @@ class Gauge:
         yield f"{self.name} {_num(value) if not math.isnan(value) else 'NaN'}"
 
 
+class CounterFunc(Gauge):
+    """A count kept elsewhere (a worker's own tally), read when scraped and exposed as a counter: it only
+    grows, so Prometheus must see ``counter`` (``rate()`` works) and the name must end in ``_total``."""
+
+    def __init__(self, name: str, doc: str, read) -> None:
+        if not name.endswith("_total"):
+            raise ValueError(f"a counter's name ends in _total (Prometheus naming): {name}")
+        super().__init__(name, doc, read)
+
+    def render(self) -> Iterable[str]:
+        for line in super().render():
+            yield line.replace(" gauge", " counter") if line.startswith("# TYPE ") else line
+
+
 class Histogram:
     """Cumulative buckets, sum and count per label set."""
 
@@ -130,6 +144,10 @@ class Metrics:
 
     def gauge(self, name: str, doc: str, read) -> None:
         self.extra.append(Gauge(name, doc, read))
+
+    def counter(self, name: str, doc: str, read) -> None:
+        """A monotonically growing count read when scraped (``CounterFunc``: name ending in ``_total``)."""
+        self.extra.append(CounterFunc(name, doc, read))
 
     def render(self) -> str:
         parts: list[str] = []

@@ -91,7 +91,7 @@ def test_a_lone_query_never_waits_for_a_batch(service):
         metrics = c.get("/metrics").text
     assert worker.turns == 3 and worker.waited_turns == 0
     assert _metric(metrics, "f2b_model_batch_wait_seconds") == 1.0
-    assert _metric(metrics, "f2b_model_text_turns_waited") == 0
+    assert _metric(metrics, "f2b_model_text_turns_waited_total") == 0
 
 
 @contextmanager
@@ -211,8 +211,8 @@ def test_concurrent_json_asks_share_a_call_per_length_and_answer_as_alone(servic
     assert [r.json()["answer"] for r in together] == alone
     assert sorted((sorted(q), n) for q, n in counting.calls) == sorted(
         [(sorted(questions), 6), (sorted([questions[1], questions[0]]), 3)])
-    assert _metric(metrics, "f2b_model_answer_calls") == len(asks) + 2
-    assert _metric(metrics, "f2b_model_answers") == 2 * len(asks)
+    assert _metric(metrics, "f2b_model_answer_calls_total") == len(asks) + 2
+    assert _metric(metrics, "f2b_model_answers_total") == 2 * len(asks)
 
 
 def test_the_server_freezes_the_heap_once_the_model_has_loaded(demo):
