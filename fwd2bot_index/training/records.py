@@ -71,7 +71,11 @@ class RecordsMixin:
                  + (", vision tower" if cfg.train_vision_tower else ""),
                  f"- held-out evaluation at the end: {json.dumps({k: v for k, v in last_eval.items() if k != 'kind'})}",
                  f"- images skipped as unreadable: {len(self.loader.skipped)}", ""]
-        return "\n".join(lines)
+        from ..model_card import train_eval_results, with_front_matter
+
+        data = ", ".join(Path(d).name for d in cfg.data)
+        return with_front_matter("\n".join(lines), Path(self.out).name, base_model=cfg.model, datasets=cfg.data,
+                                 eval_results=train_eval_results(last_eval, data))
 
     def _all_skipped(self) -> dict[str, str]:
         """Unreadable images met by any rank (collective)."""
