@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -415,12 +416,19 @@ def serve(
         torch.set_num_threads(threads)
     from .remote import announce
 
-    with user_errors(), announce(collection_path(collection), host, port):
-        from fwd2bot_index.api import serve as run_server
+    # uvicorn stops gracefully on SIGTERM and then re-raises it; with the default handler the process
+    # died there and left its announcement behind (a record of a dead server). Exiting through
+    # SystemExit runs the cleanup below (the previous handler is back afterwards).
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        with user_errors(), announce(collection_path(collection), host, port):
+            from fwd2bot_index.api import serve as run_server
 
-        run_server(collection_path(collection), model=model, device=device, dtype=dtype, host=host, port=port,
-                   api_key=api_key, protect_reads=protect_reads, allowed_hosts=allowed_hosts, max_queue=max_queue,
-                   batch_wait_ms=batch_wait_ms, threads=threads)
+            run_server(collection_path(collection), model=model, device=device, dtype=dtype, host=host, port=port,
+                       api_key=api_key, protect_reads=protect_reads, allowed_hosts=allowed_hosts,
+                       max_queue=max_queue, batch_wait_ms=batch_wait_ms, threads=threads)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_port_free(host: str, port: int) -> None:

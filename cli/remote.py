@@ -63,6 +63,7 @@ def announce(collection: Path, host: str, port: int) -> Iterator[Path]:
     connect = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     netloc = f"[{connect}]:{port}" if ":" in connect else f"{connect}:{port}"
     record = _record_path(collection)
+    sweep_dead_records()
     payload = {"pid": os.getpid(), "url": f"http://{netloc}", "collection": str(collection.resolve())}
     tmp = record.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload))
@@ -73,6 +74,22 @@ def announce(collection: Path, host: str, port: int) -> Iterator[Path]:
         with contextlib.suppress(OSError, ValueError):
             if json.loads(record.read_text()).get("pid") == os.getpid():
                 record.unlink()
+
+
+def sweep_dead_records() -> int:
+    """Remove the records of servers that died without removing their own (``kill -9``, a crash), for
+    every collection: returns how many went. Run when a server starts, so the folder does not fill up."""
+    gone = 0
+    for path in runtime_dir().glob("server-*.json"):
+        try:
+            os.kill(int(json.loads(path.read_text())["pid"]), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                gone += 1
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable or not ours to judge: left alone
+    return gone
 
 
 def find_server(collection: Path) -> dict[str, Any] | None:

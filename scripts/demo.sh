@@ -14,6 +14,30 @@ export HF_HUB_OFFLINE=1
 $F2B demo-data "$DIR" --n "$N" --seed 7
 $F2B index "$DIR/images" --collection "$COLLECTION"
 
+# One `f2b serve` of the collection loads the model once; every search and ask below goes through it
+# (the CLI finds a running server of its collection by itself) instead of loading the model ten times.
+PORT=$($PY -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+$F2B serve --collection "$COLLECTION" --port "$PORT" > "$DIR/serve.log" 2>&1 &
+SERVER=$!
+trap 'kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null || true' EXIT
+$PY - "$PORT" "$SERVER" <<'PY'
+import json, os, sys, time, urllib.request
+url, pid, deadline = f"http://127.0.0.1:{sys.argv[1]}/readyz", int(sys.argv[2]), time.time() + 300
+while time.time() < deadline:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            if json.loads(r.read()).get("status") == "ready":
+                sys.exit(0)
+    except OSError:  # not listening yet, or 503 while the model loads
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit("f2b serve stopped; see serve.log")
+    time.sleep(0.2)
+sys.exit("f2b serve did not become ready; see serve.log")
+PY
+
 # A held-out scene (never trained on) and its scene-unique caption.
 read -r TARGET QUERY < <($PY - "$DIR" <<'PY'
 import json, sys
