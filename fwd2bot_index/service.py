@@ -97,6 +97,20 @@ class ImageService:
     def preload(self) -> None:
         _ = self.model
 
+    def _lean_text_encoder(self) -> Any:
+        """``model.lean.LeanTextEncoder`` for this collection's model while the real model is not loaded:
+        the same query embeddings for a small self-contained checkpoint (the demo model) without importing
+        torch, transformers and peft (~5 s of a cold `f2b search`). None when it does not apply."""
+        if self._model is not None or self.strategy.embed != "fwd2bot":
+            return None
+        if getattr(self, "_lean", False) is False:
+            from .model.lean import LeanTextEncoder
+
+            lean = LeanTextEncoder.load(self.model_name)
+            fingerprint = self.collection.manifest.model_fingerprint
+            self._lean = lean if lean is not None and (not fingerprint or lean.fingerprint == fingerprint) else None
+        return self._lean
+
     # -- indexing ------------------------------------------------------------------------------
     def index(self, roots: Sequence[str | os.PathLike], exclude: Sequence[str] = (), include_hidden: bool = False,
               follow_symlinks: bool = False, batch_size: int = 16, prune: bool = False,
@@ -295,6 +309,9 @@ class ImageService:
         if text is not None:
             if not text.strip():
                 raise ServiceError("the text query is empty")
+            lean = self._lean_text_encoder()
+            if lean is not None:  # a small checkpoint, model not loaded: numpy, no torch import (CLI cold start)
+                return lean.encode([text])[0]
             return self.model.encode_texts([text], strategy=self.strategy)[0]
         if image is not None:
             picture = load_image(image) if isinstance(image, (str, os.PathLike)) else image

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import tempfile
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -26,27 +25,14 @@ from safetensors.torch import load_file, save_file
 from .backbone import ModelLoadError, load_backbone
 from .config import Fwd2BotConfig
 from .fwd2bot import PASS1, PASS2, Compressor, Fwd2Bot
+from .files import (  # noqa: F401  (re-exported: these names were defined here)
+    _CARD_FILES, COMPRESSOR_FILE, CONFIG_FILE, DEMO_NAME, demo_model_path, folder_fingerprint, is_checkpoint,
+)
 from .quiet import quiet_loading
-
-CONFIG_FILE = "fwd2bot_config.json"
-COMPRESSOR_FILE = "compressor.safetensors"
-DEMO_NAME = "demo"
-_HASH_FULL_LIMIT = 256 * 2**20  # larger weight files are hashed by size, header and both ends
-_HASH_ENDS = 4 * 2**20
-_CARD_FILES = {"README.md", "MODEL_CARD.md"}
 
 
 class CheckpointMismatchError(ValueError):
     """A compressor checkpoint was loaded onto a base model it was not trained on."""
-
-
-def demo_model_path() -> Path:
-    """The shipped demo model folder (package data)."""
-    return Path(str(resources.files("fwd2bot_index"))) / "demo_model"
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
 
 
 def resolve_model_name(name: str) -> str:
@@ -63,32 +49,6 @@ def resolve_model_name(name: str) -> str:
 
 
 # -- fingerprint -----------------------------------------------------------------------------
-def _hash_file(digest: "hashlib._Hash", path: Path) -> None:
-    size = path.stat().st_size
-    digest.update(f"{size}\0".encode())
-    with path.open("rb") as fh:
-        if size <= _HASH_FULL_LIMIT:
-            for block in iter(lambda: fh.read(2**20), b""):
-                digest.update(block)
-        else:
-            digest.update(fh.read(_HASH_ENDS))
-            fh.seek(size - _HASH_ENDS)
-            digest.update(fh.read(_HASH_ENDS))
-
-
-def folder_fingerprint(folder: str | Path) -> str:
-    """sha256 over the relative names and contents of a folder's model files (cards excluded)."""
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        if path.name in _CARD_FILES or "/." in f"/{rel}" or rel.endswith(".lock"):
-            continue
-        digest.update(rel.encode() + b"\0")
-        _hash_file(digest, path)
-    return digest.hexdigest()[:32]
-
-
 def model_fingerprint(model: Fwd2Bot) -> str:
     """The checkpoint folder's content hash, or for a stock model its signature plus folder hash."""
     source = Path(model.source) if model.source else None

@@ -1,0 +1,54 @@
+"""Where a model's files are and what they hash to, without torch.
+
+Why a module of its own: the CLI's lean query path (``lean``) and ``f2b info`` need the demo model's
+folder and a checkpoint's fingerprint, and importing ``checkpoint`` costs seconds of torch,
+transformers and peft. ``checkpoint`` re-exports these names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from pathlib import Path
+
+CONFIG_FILE = "fwd2bot_config.json"
+COMPRESSOR_FILE = "compressor.safetensors"
+DEMO_NAME = "demo"
+_HASH_FULL_LIMIT = 256 * 2**20  # larger weight files are hashed by size, header and both ends
+_HASH_ENDS = 4 * 2**20
+_CARD_FILES = {"README.md", "MODEL_CARD.md"}
+
+
+def demo_model_path() -> Path:
+    """The shipped demo model folder (package data)."""
+    return Path(str(resources.files("fwd2bot_index"))) / "demo_model"
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def _hash_file(digest: "hashlib._Hash", path: Path) -> None:
+    size = path.stat().st_size
+    digest.update(f"{size}\0".encode())
+    with path.open("rb") as fh:
+        if size <= _HASH_FULL_LIMIT:
+            for block in iter(lambda: fh.read(2**20), b""):
+                digest.update(block)
+        else:
+            digest.update(fh.read(_HASH_ENDS))
+            fh.seek(size - _HASH_ENDS)
+            digest.update(fh.read(_HASH_ENDS))
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """sha256 over the relative names and contents of a folder's model files (cards excluded)."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if path.name in _CARD_FILES or "/." in f"/{rel}" or rel.endswith(".lock"):
+            continue
+        digest.update(rel.encode() + b"\0")
+        _hash_file(digest, path)
+    return digest.hexdigest()[:32]

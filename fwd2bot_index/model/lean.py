@@ -1,0 +1,195 @@
+"""A lean text encoder for small self-contained checkpoints (the demo model): numpy, no torch.
+
+Why: a cold ``f2b search`` spent ~5 s importing torch, transformers and peft to embed one query with a
+4 MB model whose forward pass takes 10 ms (measured on the 2-core machine: imports 3.4 s, load 0.3 s,
+query 0.01 s). For a checkpoint whose base is stored with it (``base/``), small enough for numpy, and of
+the one architecture written out here (a LLaVA whose language model is Llama with default rotary
+positions, no chat template, LoRA adapters without DoRA), the query embedding is computed here from the
+same files, in float32, exactly as ``Fwd2Bot.encode_texts`` computes it (tests compare the two). Anything
+else returns None from ``LeanTextEncoder.load`` and the caller loads the real model.
+
+The steps mirror ``Fwd2Bot._text_last_states`` and ``embed_text_batch``: the text inside the checkpoint's
+text prompt, in the LLaVA-1.5 chat convention the backbone uses without a template; BOS, then the
+tokenizer's ids without its own specials; the language model with the pass-1 LoRA adapter; the
+final-norm state of the last token; the text head; L2 normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .files import COMPRESSOR_FILE, CONFIG_FILE, DEMO_NAME, demo_model_path, folder_fingerprint
+
+#: above this many language-model parameters the real model (torch, threads, maybe a GPU) is the better
+#: choice even for one query
+MAX_PARAMETERS = 50_000_000
+_LAYER = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.")
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+class LeanTextEncoder:
+    """Query embeddings of a small LLaVA-Llama Fwd2Bot checkpoint, computed with numpy."""
+
+    def __init__(self, folder: Path, config: dict[str, Any], text: dict[str, Any], weights: dict[str, np.ndarray],
+                 lora: dict[str, tuple[np.ndarray, np.ndarray]], scale: float, head: tuple[np.ndarray, np.ndarray],
+                 tokenizer: Any, bos_id: int | None):
+        self.folder, self.config, self.text = folder, config, text
+        self.w, self.lora, self.scale, self.head = weights, lora, scale, head
+        self.tokenizer, self.bos_id = tokenizer, bos_id
+        self.heads = int(text["num_attention_heads"])
+        self.kv_heads = int(text.get("num_key_value_heads") or self.heads)
+        self.head_dim = int(text.get("head_dim") or text["hidden_size"] // self.heads)
+        self.eps = float(text.get("rms_norm_eps", 1e-6))
+        self.theta = float((text.get("rope_parameters") or {}).get("rope_theta", text.get("rope_theta", 10000.0)))
+        self.layers = int(text["num_hidden_layers"])
+        self._fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, name: str) -> "LeanTextEncoder | None":
+        """The encoder for ``name`` (``demo`` or a checkpoint folder), or None when this path does not
+        cover it (then load the real model). ``F2B_LEAN=0`` turns it off."""
+        if os.environ.get("F2B_LEAN", "1") == "0":
+            return None
+        folder = demo_model_path() if name == DEMO_NAME else Path(name)
+        try:
+            return cls._load(folder)
+        except (OSError, ValueError, KeyError, TypeError, ImportError):
+            return None  # unreadable or unexpected: the real loader will say what is wrong
+
+    @classmethod
+    def _load(cls, folder: Path) -> "LeanTextEncoder | None":
+        if not (folder / CONFIG_FILE).is_file() or not (folder / "base" / "config.json").is_file():
+            return None
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        base_config = json.loads((folder / "base" / "config.json").read_text())
+        text = base_config.get("text_config") or {}
+        lora_cfg = json.loads((folder / "adapters" / "pass1" / "adapter_config.json").read_text())
+        tok_cfg = json.loads((folder / "base" / "tokenizer_config.json").read_text())
+        rope = text.get("rope_parameters") or {"rope_type": "default"}
+        supported = (
+            config.get("base_family") == "llava" and config.get("base_model") == "base"
+            and base_config.get("model_type") == "llava" and text.get("model_type") == "llama"
+            and rope.get("rope_type", "default") == "default" and not text.get("attention_bias")
+            and not text.get("mlp_bias") and text.get("hidden_act", "silu") == "silu"
+            and int(text.get("pretraining_tp", 1)) == 1
+            and not tok_cfg.get("chat_template") and not (folder / "base" / "chat_template.jinja").exists()
+            and not (folder / "base" / "chat_template.json").exists()
+            and lora_cfg.get("peft_type") == "LORA" and not lora_cfg.get("use_dora")
+            and not lora_cfg.get("use_rslora") and lora_cfg.get("bias", "none") == "none"
+            and not lora_cfg.get("rank_pattern") and not lora_cfg.get("alpha_pattern")
+            and not lora_cfg.get("fan_in_fan_out") and (folder / "base" / "tokenizer.json").is_file()
+        )
+        if not supported:
+            return None
+        from safetensors.numpy import load_file
+        from tokenizers import Tokenizer
+
+        raw = load_file(str(folder / "base" / "model.safetensors"))
+        prefix = next((p for p in ("language_model.model.", "model.language_model.") if f"{p}norm.weight" in raw), None)
+        if prefix is None:
+            return None
+        weights = {k[len(prefix):]: v.astype(np.float32) for k, v in raw.items() if k.startswith(prefix)}
+        if sum(v.size for v in weights.values()) > MAX_PARAMETERS:
+            return None
+        lora: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        pattern = re.compile(lora_cfg["target_modules"]) if isinstance(lora_cfg.get("target_modules"), str) else None
+        adapter = load_file(str(folder / "adapters" / "pass1" / "adapter_model.safetensors"))
+        for key, value in adapter.items():
+            found = _LAYER.search(key)
+            if found is None or ".lora_A." not in key:
+                continue
+            module = key[: key.index(".lora_A.")]
+            if pattern is not None and not pattern.fullmatch(module.removeprefix("base_model.model.")):
+                continue
+            b_key = key.replace(".lora_A.", ".lora_B.")
+            lora[f"layers.{found.group(1)}.{found.group(2)}.{found.group(3)}"] = (
+                value.astype(np.float32), adapter[b_key].astype(np.float32))
+        if not lora:
+            return None
+        head = load_file(str(folder / COMPRESSOR_FILE))
+        tokenizer = Tokenizer.from_file(str(folder / "base" / "tokenizer.json"))
+        bos = tok_cfg.get("bos_token")
+        bos_id = tokenizer.token_to_id(bos) if isinstance(bos, str) else None
+        scale = float(lora_cfg["lora_alpha"]) / float(lora_cfg["r"])
+        return cls(folder, config, text, weights, lora, scale,
+                   (head["text_head.weight"].astype(np.float32), head["text_head.bias"].astype(np.float32)),
+                   tokenizer, bos_id)
+
+    @property
+    def fingerprint(self) -> str:
+        """The checkpoint folder's content hash (the one a collection records)."""
+        if self._fingerprint is None:
+            self._fingerprint = folder_fingerprint(self.folder)
+        return self._fingerprint
+
+    # ------------------------------------------------------------------ encoding
+    def token_ids(self, text: str) -> list[int]:
+        """As ``Fwd2Bot._text_last_states``: the prompt in the no-template chat convention, BOS + ids."""
+        prompt = self.config["text_embed_prompt"].format(text=text)
+        before, _, after = f"USER: {prompt} ASSISTANT:".partition("<image>")  # as LlavaBackbone.chat splits it
+        ids = self.tokenizer.encode(before + after, add_special_tokens=False).ids
+        return ([self.bos_id] if self.bos_id is not None else []) + list(ids)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, D) float32 L2-normalized embeddings, one text at a time (no padding)."""
+        out = []
+        for text in texts:
+            state = self._last_state(self.token_ids(text))
+            weight, bias = self.head
+            vec = state @ weight.T + bias
+            out.append(vec / max(float(np.linalg.norm(vec)), 1e-12))
+        return np.stack(out).astype(np.float32) if out else np.zeros((0, self.head[0].shape[0]), np.float32)
+
+    def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        y = x @ self.w[f"{name}.weight"].T
+        adapter = self.lora.get(name)
+        if adapter is not None:
+            a, b = adapter
+            y = y + ((x @ a.T) @ b.T) * self.scale
+        return y
+
+    def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        variance = np.mean(x * x, axis=-1, keepdims=True)
+        return self.w[name] * (x / np.sqrt(variance + self.eps))
+
+    def _last_state(self, ids: list[int]) -> np.ndarray:
+        h = self.w["embed_tokens.weight"][np.asarray(ids)]
+        n, hd = len(ids), self.head_dim
+        inv_freq = 1.0 / (self.theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
+        freqs = np.outer(np.arange(n, dtype=np.float32), inv_freq)
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        cos, sin = np.cos(emb)[None], np.sin(emb)[None]
+
+        def rotate(x: np.ndarray) -> np.ndarray:
+            half = x.shape[-1] // 2
+            return x * cos + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+
+        causal = np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1)
+        for i in range(self.layers):
+            p = f"layers.{i}"
+            x = self._norm(h, f"{p}.input_layernorm.weight")
+            q = self._linear(x, f"{p}.self_attn.q_proj").reshape(n, self.heads, hd).transpose(1, 0, 2)
+            k = self._linear(x, f"{p}.self_attn.k_proj").reshape(n, self.kv_heads, hd).transpose(1, 0, 2)
+            v = self._linear(x, f"{p}.self_attn.v_proj").reshape(n, self.kv_heads, hd).transpose(1, 0, 2)
+            q, k = rotate(q), rotate(k)
+            if self.kv_heads != self.heads:
+                k = np.repeat(k, self.heads // self.kv_heads, axis=0)
+                v = np.repeat(v, self.heads // self.kv_heads, axis=0)
+            scores = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + causal
+            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            attn = (scores / scores.sum(axis=-1, keepdims=True)) @ v
+            h = h + self._linear(attn.transpose(1, 0, 2).reshape(n, self.heads * hd), f"{p}.self_attn.o_proj")
+            x = self._norm(h, f"{p}.post_attention_layernorm.weight")
+            gated = _silu(self._linear(x, f"{p}.mlp.gate_proj")) * self._linear(x, f"{p}.mlp.up_proj")
+            h = h + self._linear(gated, f"{p}.mlp.down_proj")
+        return self._norm(h, "norm.weight")[-1]
