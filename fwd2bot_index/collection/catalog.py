@@ -148,8 +148,8 @@ class Catalog(Remembered):
         except CollectionFormatError as exc:
             return str(exc)
         first = rows[0][0] if rows else "no answer"
-        if first != "ok":
-            return "; ".join(str(r[0]) for r in rows)
+        if first != "ok":  # SQLite's complaints span lines; a user's message is one line
+            return "; ".join(" ".join(str(r[0]).split()) for r in rows)
         try:  # quick_check proves the structure; reading every row proves the text decodes too
             for table in ("images", "paths", "failures", "meta"):
                 self._db.execute(f"SELECT * FROM {table}")
