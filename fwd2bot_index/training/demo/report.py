@@ -17,7 +17,7 @@ CLAIMS_START = "<!-- demo-claims:start -->"
 CLAIMS_END = "<!-- demo-claims:end -->"
 TRAIN_COMMAND = "f2b train --recipe demo"
 MODULE_COMMAND = ("python -m fwd2bot_index.training.demo_recipe --out fwd2bot_index/demo_model --readme README.md "
-                  "--work-dir runs/demo --variants k8,k32,k16-contrastive")
+                  "--work-dir runs/demo --variants k8,k32,k16-contrastive,nested")
 
 
 def folder_bytes(folder: Path) -> int:
@@ -96,6 +96,8 @@ def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) ->
         "## Reproduce", "",
         "```bash", f"{MODULE_COMMAND}   # train (resumable), measure, write the tables",
         f"{TRAIN_COMMAND}   # the shipped model's training alone, into ./f2b-demo", "```", "",
+        *([f"This model's run continued an earlier base: the same command with `--base-from {warm['from']}` (that "
+           "folder is the previous demo model's `base/`, in this repository's history).", ""] if "from" in warm else []),
         "Seeded: the same command gives the same scenes and the same step sequence; weights can differ in the "
         "last bits with the number of CPU threads.", "",
         "## Measured results", "",
