@@ -442,6 +442,7 @@ class Collection(Reading, IndexSync, Health, Maintenance):
         """Delete images (all their paths); returns the ids that existed. ``remember``: record their
         paths as removed by the user, so the next ``index`` of their folder skips them (see ``plan``)."""
         with self._writing():
+            self._check_before_deleting()
             with self._transaction():
                 ids = list(ids)
                 if remember:
@@ -456,6 +457,7 @@ class Collection(Reading, IndexSync, Health, Maintenance):
         """Forget paths; images left without any path are deleted (their ids are returned).
         ``remember``: as for ``remove`` (a user's removal; pruning and re-linking do not remember)."""
         with self._writing():
+            self._check_before_deleting()
             with self._transaction():
                 paths = [abs_path(p) for p in paths]
                 if remember:
@@ -466,6 +468,18 @@ class Collection(Reading, IndexSync, Health, Maintenance):
                     self.catalog.bump_version()
             self._apply_to_index(None, None, gone)
             return gone
+
+    def _check_before_deleting(self) -> None:
+        """A damaged catalog never drives a deletion: before this session's first remove, the catalog
+        must pass SQLite's ``quick_check`` (O(catalog), once per open collection). Why: a remove on a
+        catalog with a damaged page commits, and the repair that must then rebuild the catalog from the
+        shards brings the image back; refused, the user repairs first and removes after."""
+        if getattr(self, "_checked_for_deletions", False):
+            return
+        bad = self.catalog.quick_check()
+        if bad is not None:
+            raise refuse(self.path, f"{self.path / CATALOG_NAME} fails SQLite's quick_check ({bad})")
+        self._checked_for_deletions = True
 
     def prune(
         self,
