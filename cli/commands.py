@@ -374,7 +374,8 @@ def remove(
         return
     for r in done:
         if r.get("already_removed"):
-            typer.echo(f"image {r['id']} is not in the collection (already removed); nothing to do")
+            what = f"image {r['id']}" if r["id"] is not None else r["path"]
+            typer.echo(f"{what} is not in the collection (already removed); nothing to do")
         elif r["path"] is None:
             typer.echo(f"removed image {r['id']} (all its paths)")
         elif r["image_removed"]:

@@ -355,16 +355,21 @@ class ImageService:
 
     def remove_refs(self, refs: Iterable[int | str]) -> list[dict]:
         """An id removes the image (all its paths); a path removes that path only, and the image goes
-        with its last path. One record per ref: ``{"ref", "id", "path", "image_removed", "paths_left"}``."""
-        out = []
+        with its last path. One record per ref: ``{"ref", "id", "path", "image_removed", "paths_left"}``.
+        An unknown ref (a path not indexed, an id never given) fails before anything is removed."""
+        refs, out = list(refs), []
+        for ref in refs:
+            is_id = isinstance(ref, int) or str(ref).isdigit()
+            if not (is_id and self.collection.catalog.ever_assigned(int(ref))):
+                self.get(ref)  # NotFoundError now, with nothing removed yet
         for ref in refs:
             try:
-                row = self.get(ref)  # NotFoundError before anything is removed
+                row = self.get(ref)
             except NotFoundError:
-                if not (isinstance(ref, int) or str(ref).isdigit()) or not self.collection.catalog.ever_assigned(int(ref)):
-                    raise
-                # Already gone (e.g. a retry after a crash): removing is idempotent for ids.
-                out.append({"ref": str(ref), "id": int(ref), "path": None, "image_removed": False, "paths_left": 0,
+                # Already gone (a retry after a crash, or an earlier ref of this call took it): a no-op.
+                is_id = isinstance(ref, int) or str(ref).isdigit()
+                out.append({"ref": str(ref), "id": int(ref) if is_id else None, "image_removed": False,
+                            "path": None if is_id else os.path.abspath(os.fspath(ref)), "paths_left": 0,
                             "already_removed": True})
                 continue
             if isinstance(ref, int) or str(ref).isdigit():

@@ -74,12 +74,17 @@ def test_remove_unknown_id_is_an_error_already_removed_is_not(tmp_path, model_di
     assert runner.invoke(app, ["remove", str(image_id), "-c", coll]).exit_code == 0
     again = runner.invoke(app, ["remove", str(image_id), "-c", coll])
     assert again.exit_code == 0 and "already removed" in again.stdout, again.output
+    first = _id_of(coll, images / "000001.png")
+    mixed = runner.invoke(app, ["remove", str(first), "9999", "-c", coll])
+    assert mixed.exit_code == 1 and "9999" in mixed.output  # refused before anything was removed
+    both = runner.invoke(app, ["remove", str(first), str(images / "000001.png"), "-c", coll])
+    assert both.exit_code == 0 and "already removed" in both.stdout, both.output  # the id took the path too
     never = runner.invoke(app, ["remove", "9999", "-c", coll])
     assert never.exit_code == 1, never.output
     lines = [line for line in never.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "9999" in lines[0], never.output
     with Collection.open(coll) as col:
-        assert len(col) == 2
+        assert len(col) == 1
 
 
 def test_a_removal_is_recorded_in_the_same_commit(tmp_path, model_dir):
