@@ -11,5 +11,6 @@ trap 'rm -rf "$WORK"' EXIT
 cp -r "$ROOT/tests" "$WORK/tests"
 cp -r "$ROOT/bench" "$WORK/bench"   # benchmark scripts are not package code; the smoke test runs them against the wheel
 cp -r "$ROOT/recipes" "$ROOT/deploy" "$WORK/"   # the 7B recipes and the Qdrant cluster example are checked as files
+cp -r "$ROOT/scripts" "$WORK/"   # tests/test_demo_script.py runs the make demo script
 cd "$WORK"
 PYTHONPATH="$WORK/site" "$PY" -m pytest -q -p no:cacheprovider --import-mode=importlib tests "$@"
