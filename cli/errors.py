@@ -101,4 +101,4 @@ class OneLineGroup(TyperGroup):
         except _exceptions.Abort:
             click.echo("interrupted", err=True)
             sys.exit(130)
-        sys.exit(rv if isinstance(rv, int) else 0)
+        sys.exit(rv if type(rv) is int else 0)  # an int is a typer.Exit code; what a command returns is not
