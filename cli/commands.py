@@ -158,6 +158,8 @@ def index(
     else:
         typer.echo(index_summary(report))
     _index_details(report, prune)
+    if not report.world_foreign:  # this run's images were fine, but the collection may hold others
+        world_warning(collection)
 
 
 def index_summary(report) -> str:

@@ -80,6 +80,15 @@ def test_info_search_and_ask_warn_on_a_mixed_collection(mixed):
     assert ask.exit_code == 0 and len(_warnings(ask.stderr)) == 1, ask.output
 
 
+def test_indexing_more_shapes_into_a_mixed_collection_still_warns(mixed, tmp_path):
+    coll = tmp_path / "c"
+    shutil.copytree(mixed, coll)
+    write_demo_data(tmp_path / "more", n=3, seed=9)
+    more = runner.invoke(app, ["index", str(tmp_path / "more" / "images"), "-c", str(coll), "--device", "cpu"])
+    assert more.exit_code == 0 and "indexed 3 new" in more.stdout, more.output
+    assert len(_warnings(more.stderr)) == 1 and "3 of the 10 images" in more.stderr, more.stderr
+
+
 def test_a_shapes_collection_is_quiet(shapes):
     data = json.loads(runner.invoke(app, ["info", "-c", str(shapes), "--json"]).stdout)
     assert data["demo_world"] == {"checked": 5, "outside": 0} and data["warning"] is None
