@@ -54,7 +54,7 @@ class DemoRecipe:
     base_patience: int = 4  # checks without a held-out rise before the learning rate is halved
     base_floor: float = 0.9  # stop when every question type reaches this on held-out scenes
     base_max_steps: int = 8000
-    base_max_minutes: float = 60.0  # time budget of the stage (wall clock of the training loop)
+    base_max_minutes: float = 85.0  # time budget of the stage (wall clock of the training loop)
     base_caption_share: float = 0.5  # share of sequences that also hold a caption turn
     base_caption_weight: float = 0.5  # caption tokens' weight against answer tokens
     base_type_weights: tuple[tuple[str, float], ...] = (("existence", 2.0), ("relation", 2.0))
