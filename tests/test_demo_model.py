@@ -161,8 +161,9 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     assert "| Fwd2Bot summary tokens, K=16 (shipped) | 16 |" in text and "| blind: " in text
     assert "contrastive loss only (ablation)" in text and "pool@16" in text
     assert "| Fwd2Bot nested (one compressor), first 4 tokens | 4 |" in text
-    appended = plain.read_text()
-    assert appended.startswith("# no markers here\n") and demo_recipe.CLAIMS_END in appended
+    appended = plain.read_text()  # the card: hub metadata in front, its own text kept, the block appended
+    assert appended.startswith("---\nlicense: mit\n") and "\n---\n\n# no markers here\n" in appended
+    assert demo_recipe.CLAIMS_END in appended
     demo_recipe.write_claims_table(results, readme, plain)  # idempotent: markers found, replaced again
     assert readme.read_text() == text and plain.read_text() == appended
 
@@ -195,3 +196,16 @@ def test_cell_weights_cover_the_grid():
     assert w.shape == (9, 64)
     assert np.allclose(w.sum(dim=1).numpy(), 1.0)
     assert w[0, 0] == w[0].max() and w[8, 63] == w[8].max()  # corners belong to the corner cells
+
+
+def test_demo_card_carries_parseable_hub_metadata():
+    """The shipped card starts with Hugging Face model-card YAML whose eval results are the measured claims."""
+    import yaml
+
+    card = (demo_model_path() / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card[4:card.index("\n---\n", 4)])
+    assert meta["license"] == "mit" and meta["library_name"] == "fwd2bot-index" and "demo" in meta["tags"]
+    results = meta["model-index"][0]["results"]
+    assert {r["task"]["type"] for r in results} == {"visual-question-answering", "text-to-image-retrieval"}
+    assert all(0 <= r["metrics"][0]["value"] <= 100 for r in results)

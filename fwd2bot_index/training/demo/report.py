@@ -253,10 +253,36 @@ def _replace_between_markers(text: str, block: str, heading: str) -> str:
     return (text.rstrip("\n") + "\n\n" + section) if text.strip() else section
 
 
+DEMO_TAGS = ("demo", "synthetic-data", "shapes-world", "llava")
+
+
+def card_eval_results(results: dict[str, Any]) -> list[Any]:
+    """The headline measurements as model-index entries: QA exact match of the shipped summary tokens and of
+    all visual tokens, and text->image R@1 of the shipped heads, per held-out split."""
+    from ...model_card import EvalResult
+
+    out = []
+    for split, label in (("test", "seen compositions"), ("test_unseen", "unseen compositions")):
+        measured = results["splits"][split]
+        data = f"shapes world (f2b demo-data, seed {results['eval_seed']}), {label}"
+        for form, what in (("fwd2bot", f"QA exact match, {results['num_summary_tokens']} summary tokens"),
+                           ("full", "QA exact match, all visual tokens")):
+            if form in measured["qa"]:
+                out.append(EvalResult("visual-question-answering", data, "fwd2bot-demo-world", "exact_match",
+                                      round(100 * measured["qa"][form]["exact_match"], 1), metric_name=what,
+                                      dataset_split=split))
+        t2i = {int(k): v for k, v in measured["retrieval"]["fwd2bot"]["t2i"].items()}
+        out.append(EvalResult("text-to-image-retrieval", data, "fwd2bot-demo-world", "recall@1", round(100 * t2i[1], 1),
+                              metric_name=f"text->image R@1, {measured['n_images']}-image gallery", dataset_split=split))
+    return out
+
+
 def write_claims_table(results: dict[str, Any], readme_path: str | os.PathLike[str] | None,
                        card_path: str | os.PathLike[str] | None, command: str | None = None) -> str:
     """Put the claims block between the markers of README.md and of the model card (appending a
     section where a file has no markers); returns the block. Other text is left as it was."""
+    from ...model_card import with_front_matter
+
     block = render_claims(results, command or MODULE_COMMAND + " --measure-only")
     for path in (readme_path, card_path):
         if path is None:
@@ -264,6 +290,9 @@ def write_claims_table(results: dict[str, Any], readme_path: str | os.PathLike[s
         path = Path(path)
         text = path.read_text(encoding="utf-8") if path.is_file() else ""
         updated = _replace_between_markers(text, block, "## The demo model: Fwd2Bot's claim, measured")
+        if path == (Path(card_path) if card_path is not None else None):  # the card carries the hub's metadata
+            updated = with_front_matter(updated, "fwd2bot-index demo", license="mit", tags=DEMO_TAGS,
+                                        eval_results=card_eval_results(results))
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(updated, encoding="utf-8")
         os.replace(tmp, path)
