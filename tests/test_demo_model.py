@@ -161,6 +161,9 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     assert "| Fwd2Bot summary tokens, K=16 (shipped) | 16 |" in text and "| blind: " in text
     assert "contrastive loss only (ablation)" in text and "pool@16" in text
     assert "| Fwd2Bot nested (one compressor), first 4 tokens | 4 |" in text
+    assert set(results["verification"]["splits"]) == set(demo_recipe.EVAL_SPLITS) and "| verify@20 t2i R@1/5/10 |" in \
+        text.replace("| embedding t2i R@1/5/10 ", "")
+    assert any("verify@20 adds" in n for n in names) and any("nonsense rejection" in n for n in names)
     appended = plain.read_text()  # the card: hub metadata in front, its own text kept, the block appended
     assert appended.startswith("---\nlicense: mit\n") and "\n---\n\n# no markers here\n" in appended
     assert demo_recipe.CLAIMS_END in appended

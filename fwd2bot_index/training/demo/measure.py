@@ -166,6 +166,7 @@ def measure_demo_claims(model_dir: str | os.PathLike[str] = "demo", data_dir: st
     SugarCrepe the first ``n_sugarcrepe`` pairs of each category. ``quick`` shrinks all of it.
     """
     from ...evaluation import run_sugarcrepe
+    from ...evaluation.verified import measure_verification
 
     recipe = recipe_for(quick)
     if quick:
@@ -197,6 +198,9 @@ def measure_demo_claims(model_dir: str | os.PathLike[str] = "demo", data_dir: st
         sugarcrepe = {name: run_sugarcrepe(e, folder / "sugarcrepe", folder / "images", limit=n_sugarcrepe,
                                            batch_size=batch_size, show_progress=False)
                       for name, e in embedders.items()}
+        say(progress, "verified search: relevance from the shipped model's stored tokens")
+        verification = measure_verification(main, folder, n_gallery=n_gallery, n_sugarcrepe=n_sugarcrepe,
+                                            batch_size=batch_size, progress=lambda m: say(progress, m))
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -210,6 +214,7 @@ def measure_demo_claims(model_dir: str | os.PathLike[str] = "demo", data_dir: st
         "n_qa_images": n_qa_images, "n_sugarcrepe": n_sugarcrepe, "quick": quick, "threads": threads,
         "splits": splits,
         "sugarcrepe": {k: {"accuracy": v["accuracy"], "n_pairs": v["n_pairs"]} for k, v in sugarcrepe.items()},
+        "verification": verification,
         "measured_on": time.strftime("%Y-%m-%d"),
     }
     from .targets import check_targets

@@ -235,7 +235,8 @@ def render_claims(results: dict[str, Any], command: str = MODULE_COMMAND + " --m
         label = "prompt (E5-V), base model" if name == "prompt" else name
         lines.append(f"| {label} | " + " | ".join(_pct(acc[c]) for c in cats) +
                      f" | {_pct(float(np.mean([acc[c] for c in cats])))} |")
-    lines += ["", "Goals (issue 20; reported, not asserted):", ""]
+    lines += _verification_lines(results.get("verification"))
+    lines += ["", "Goals (issues 20, 21, 24; reported, not asserted):", ""]
     for t in results["targets"]:
         if t["met"] is None:
             lines.append(f"- {t['target']}: {_pct(t['measured'])}")
@@ -243,6 +244,34 @@ def render_claims(results: dict[str, Any], command: str = MODULE_COMMAND + " --m
         goal = _pct(t["goal"]) if isinstance(t["goal"], float) else t["goal"]
         lines.append(f"- {t['target']}: {_pct(t['measured'])} (goal {goal}): **{'met' if t['met'] else 'NOT met'}**")
     return "\n".join(lines)
+
+
+def _verification_lines(v: dict[str, Any] | None) -> list[str]:
+    """Verified search (``f2b search --verify``) on the same held-out scenes, from the shipped model's tokens."""
+    if not v:
+        return []
+    cfg = v["settings"]
+    lines = ["", f"Verified search (the shipped model checks its top hits from their stored tokens: P(yes) to "
+                 f"\"{cfg['verify_prompt']}\", cutoff {cfg['min_relevance']:g}); the same held-out scenes and captions:",
+             "", "| split | embedding t2i R@1/5/10 | " + " | ".join(f"{n} t2i R@1/5/10" for n in
+                                                         (f"verify@{d}" for d in cfg["verify"])) +
+             " | nonsense queries rejected | true queries cut |", "|" + "|".join(["---"] * (4 + len(cfg["verify"]))) + "|"]
+    for split, r in v["splits"].items():
+        ret = r["retrieval_t2i"]
+        cells = [" / ".join(_pct(ret[name][k]) for k in (1, 5, 10))
+                 for name in ["embedding", *(f"verify@{d}" for d in cfg["verify"])]]
+        rej = r["nonsense_rejected"]
+        lines.append(f"| {split} | " + " | ".join(cells) +
+                     f" | {_pct(rej.get('all')) if rej else 'n/a'} | {_pct(r['true_queries']['cut'])} |")
+    hard = v.get("hard_negatives") or {}
+    if hard:
+        cats = [c for c in hard if c[0].islower()]
+        lines += ["", "Hard negatives decided by relevance (P(yes) of the true caption strictly above the "
+                      "negative's) beside the embedding's cosine:", "",
+                  "| decided by | " + " | ".join(cats) + " |", "|" + "|".join(["---"] * (len(cats) + 1)) + "|",
+                  "| relevance | " + " | ".join(_pct(hard[c]["relevance"]) for c in cats) + " |",
+                  "| embedding | " + " | ".join(_pct(hard[c]["embedding"]) for c in cats) + " |"]
+    return lines
 
 
 def _replace_between_markers(text: str, block: str, heading: str) -> str:

@@ -66,6 +66,25 @@ def _nested_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _verification_targets(v: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Issue 21's goals for verified search (latency is bench/bench_verify.py's)."""
+    if not v:
+        return []
+    rows = []
+    for split, r in v["splits"].items():
+        ret = r["retrieval_t2i"]
+        gain = ret["verify@20"][1] - ret["embedding"][1] if "verify@20" in ret else float("nan")
+        rows.append(_target(f"verify@20 adds >= 15 points of t2i R@1 ({split})", gain, 0.15, gain >= 0.15))
+        rej, cut = r["nonsense_rejected"].get("all", float("nan")), r["true_queries"]["cut"]
+        rows.append(_target(f"nonsense rejection >= 0.9 ({split})", rej, 0.9, rej >= 0.9))
+        rows.append(_target(f"true queries cut <= 5% ({split}; lower is better)", cut, 0.05, cut <= 0.05))
+    for cat in ("swap_att", "swap_obj"):
+        if cat in (v.get("hard_negatives") or {}):
+            acc = v["hard_negatives"][cat]["relevance"]
+            rows.append(_target(f"{cat} decided by relevance >= 0.8", acc, 0.8, acc >= 0.8))
+    return rows
+
+
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     k = results["num_summary_tokens"]
     full, blind, fw = qa_overall(results, "full"), qa_overall(results, "blind"), qa_overall(results, "fwd2bot")
@@ -99,6 +118,7 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 rows.append(_target(f"autoregressive loss adds >= 10 points on {cat} (vs contrastive-only)", gain,
                                     0.10, gain >= 0.10))
     rows += _nested_targets(results)
+    rows += _verification_targets(results.get("verification"))
     rows.append({"target": "blind row (answers without the image), for reference", "measured": blind, "goal": "",
                  "met": None})
     return rows
