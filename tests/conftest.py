@@ -95,3 +95,28 @@ def thawed_gc():
     import gc
 
     gc.unfreeze()
+
+
+@pytest.fixture(scope="session")
+def write_shape_pairs():
+    """A writer of tiny training sets: one 32 px image per (colour, circle/square) with one distinct caption
+    each, as a JSONL pairs file under ``root``; returns the file's path."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    def write(root, colors: dict) -> "os.PathLike":
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        rows = []
+        for color, rgb in colors.items():
+            for shape in ("circle", "square"):
+                image = Image.new("RGB", (32, 32), (128, 128, 128))
+                draw = ImageDraw.Draw(image)
+                (draw.ellipse if shape == "circle" else draw.rectangle)([6, 6, 26, 26], fill=rgb)
+                name = f"images/{color}_{shape}.png"
+                image.save(root / name)
+                rows.append({"image": name, "captions": [f"a {color} {shape}"]})
+        (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return root / "pairs.jsonl"
+
+    return write

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from fwd2bot_index.model import Fwd2Bot, Strategy, StrategyError
@@ -23,20 +22,8 @@ COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("nested-pairs")
-    (root / "images").mkdir()
-    rows = []
-    for color, rgb in COLORS.items():
-        for shape in ("circle", "square"):
-            image = Image.new("RGB", (32, 32), (128, 128, 128))
-            draw = ImageDraw.Draw(image)
-            (draw.ellipse if shape == "circle" else draw.rectangle)([6, 6, 26, 26], fill=rgb)
-            name = f"images/{color}_{shape}.png"
-            image.save(root / name)
-            rows.append({"image": name, "captions": [f"a {color} {shape}"]})
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root / "pairs.jsonl"
+def pairs(tmp_path_factory, write_shape_pairs) -> Path:
+    return write_shape_pairs(tmp_path_factory.mktemp("nested-pairs"), COLORS)
 
 
 def _config(base, pairs, out, **overrides) -> TrainConfig:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file
 
 from fwd2bot_index.model import Fwd2Bot, pool_by_stride
@@ -39,21 +39,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
+def pairs(tmp_path_factory, write_shape_pairs) -> Path:
     """16 images (8 colours x circle/square) with one distinct caption each, as a JSONL pairs file."""
-    root = tmp_path_factory.mktemp("pairs")
-    (root / "images").mkdir()
-    rows = []
-    for color, rgb in COLORS.items():
-        for shape in ("circle", "square"):
-            image = Image.new("RGB", (32, 32), (128, 128, 128))
-            draw = ImageDraw.Draw(image)
-            (draw.ellipse if shape == "circle" else draw.rectangle)([6, 6, 26, 26], fill=rgb)
-            name = f"images/{color}_{shape}.png"
-            image.save(root / name)
-            rows.append({"image": name, "captions": [f"a {color} {shape}"]})
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root / "pairs.jsonl"
+    return write_shape_pairs(tmp_path_factory.mktemp("pairs"), COLORS)
 
 
 def _config(tiny_llava_dir, pairs, out, **overrides) -> TrainConfig:
