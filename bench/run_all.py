@@ -123,7 +123,9 @@ def run_section(section: Section, quick: bool, threads: int | None, results: Pat
 
 
 def section_body(record: dict) -> str:
-    """The Markdown of one section from its record."""
+    """The Markdown of one section from its record (a kept section's text as it was)."""
+    if "kept" in record:
+        return record["kept"]
     head = [f"## {record['title']}", "",
             f"- Command: `{record['command']}`",
             f"- Date: {record['date']}; took {record['seconds']:.0f} s",
@@ -167,7 +169,7 @@ def document(records: list[dict], quick: bool) -> str:
     """The whole BENCHMARKS.md."""
     by_key = {r["key"]: r for r in records}
     ordered = [by_key[k] for k in KEYS if k in by_key]
-    machines = {C.machine_line(r["machine"], load=False) for r in ordered}
+    machines = {r.get("machine_line") or C.machine_line(r["machine"], load=False) for r in ordered}
     missed = [g for r in ordered for g in r["goals"] if g.get("met") is False]
     lines = [
         "# Benchmarks",
@@ -209,12 +211,48 @@ def _sentence(text: str) -> str:
     return text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
-def load_records(results: Path) -> list[dict]:
+#: the goal rows' "figure" labels each section's script writes (to keep a section's rows with its text)
+FIGURES = {"answer": ("1",), "storage": ("2",), "encode": ("3",), "search": ("4",), "service": ("5",), "gpu": ("6",),
+           "training": ("training",), "cold": ("cold start", "cold start, no server"), "verify": ("verify latency",),
+           "nested": ("nested",)}
+
+
+def kept_records(document_text: str) -> dict[str, dict]:
+    """Sections of an existing BENCHMARKS.md as records, for sections with no record in the results folder
+    (a fresh checkout has none: ``--only KEY`` must not drop what the document already says). A kept record
+    holds its section's Markdown verbatim and its rows of the Goals table."""
+    rows = [line.split(" | ") for line in document_text.splitlines()
+            if line.startswith("| ") and not line.startswith(("| figure |", "|---"))]
+    verdicts = {"met": True, "**MISSED**": False, "not measured": None}
+    machines = next((line[len("Machine(s): "):] for line in document_text.splitlines()
+                     if line.startswith("Machine(s): ")), "")
+    out = {}
+    for section in SECTIONS:
+        head = f"## {section.title}\n"
+        start = document_text.find(head)
+        if start == -1:
+            continue
+        end = min([i for i in (document_text.find("\n## ", start + len(head)),) if i != -1] or [len(document_text)])
+        goals = [{"figure": r[0][2:], "goal": r[1], "measured": r[2], "met": verdicts.get(r[3]),
+                  "why": r[4].rstrip(" |") if len(r) > 4 else ""}
+                 for r in rows if len(r) >= 4 and r[0][2:] in FIGURES[section.key] and r[3] in verdicts]
+        text = document_text[start:end].rstrip() + "\n"
+        rc = NOT_MEASURABLE if section.key == "gpu" and "**Not measured" in text else 0
+        out[section.key] = {"key": section.key, "title": section.title, "kept": text, "command": "",
+                            "machine_line": machines, "goals": goals, "rc": rc}
+    return out
+
+
+def load_records(results: Path, previous: Path | None = None) -> list[dict]:
+    """Each section's newest record; a section never run into ``results`` keeps its text from ``previous``."""
+    kept = kept_records(previous.read_text()) if previous is not None and previous.is_file() else {}
     out = []
     for key in KEYS:
         path = results / f"section-{key}.json"
         if path.exists():
             out.append(json.loads(path.read_text()))
+        elif key in kept:
+            out.append(kept[key])
     return out
 
 
@@ -245,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             record = run_section(section, args.quick, args.threads, args.results, timeout)
             if record["rc"] not in (0, NOT_MEASURABLE if section.key == "gpu" else 0):
                 failed.append(section.key)
-    records = load_records(args.results)
+    records = load_records(args.results, args.output)
     args.output.write_text(document(records, args.quick))
     C.log(f"wrote {args.output}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -187,6 +187,31 @@ def test_run_all_assembles_document(bench, tmp_path):
         assert table
 
 
+def test_run_all_keeps_sections_it_has_no_record_of(bench, tmp_path):
+    """A fresh checkout has no bench/results: re-measuring one section keeps every other section's text and
+    goal rows from the existing BENCHMARKS.md (it used to drop them)."""
+    run_all, common = bench("run_all"), bench("_common")
+    machine = common.machine()
+    record = {"key": "answer", "title": run_all.SECTIONS[0].title, "command": "python bench/bench_answer.py",
+              "date": machine["date"], "machine": machine, "seconds": 1.0, "rc": 0, "stdout": "old answer table\n",
+              "stderr_tail": "", "goals": [common.goal("1", "ttft >= 10x", "9.5x", False, "prefill bound")]}
+    cold = {**record, "key": "cold", "title": run_all.SECTIONS[7].title, "stdout": "first cold table\n",
+            "goals": [common.goal("cold start", "search <= 1.5 s", "0.2 s", True)]}
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text(run_all.document([record, cold], quick=False))
+    before = out.read_text()
+    assert run_all.main(["--assemble-only", "--results", str(tmp_path / "none"), "--output", str(out)]) == 0
+    assert out.read_text() == before  # nothing recorded: the document is reproduced as it was
+    results = tmp_path / "r"
+    results.mkdir()
+    common.write_json(results / "section-cold.json", {**cold, "stdout": "second cold table\n",
+                                                       "goals": [common.goal("cold start", "search <= 1.5 s", "0.3 s", True)]})
+    assert run_all.main(["--assemble-only", "--results", str(results), "--output", str(out)]) == 0
+    after = out.read_text()
+    assert "old answer table" in after and "second cold table" in after and "first cold table" not in after
+    assert "| 1 | ttft >= 10x | 9.5x | **MISSED** | prefill bound |" in after and "| 0.3 s |" in after
+
+
 def test_run_all_gpu_section_end_to_end(bench, tmp_path):
     import torch
 
