@@ -74,8 +74,12 @@ class Reading:
     def world_counts(self) -> tuple[int, int]:
         """``(checked, outside)``: of the images held now, how many were checked against the demo
         model's world when they were committed, and how many of those are outside it."""
-        with self._mutex:
-            return self.catalog.world_counts()
+        with self._mutex:  # every search response carries the demo-world warning: count once per catalog version
+            version = self.catalog.version()
+            cached = getattr(self, "_world_counts_cache", None)
+            if cached is None or cached[0] != version:
+                cached = self._world_counts_cache = (version, self.catalog.world_counts())
+            return cached[1]
 
     # ------------------------------------------------------------------ searching
 
