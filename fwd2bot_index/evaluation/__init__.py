@@ -1,7 +1,7 @@
 """Benchmark readers, metrics and runners (Flickr30k / COCO retrieval, SugarCrepe, QA), in the library.
 
-The demo recipe measures its claims with these, and the ``f2b eval`` shell (``fwd2bot_index.eval``)
-re-exports them beside its reports: the library never imports a shell. The readers and metrics need
+The demo recipe measures its claims with these, and the ``f2b eval`` shell (the top-level ``eval/``
+folder) re-exports them beside its reports: the library never imports a shell. The readers and metrics need
 only numpy and Pillow (no torch); the runners reach a model only through its public ``encode_images``
 / ``encode_texts`` / ``answer``.
 """
