@@ -120,3 +120,49 @@ def write_shape_pairs():
         return root / "pairs.jsonl"
 
     return write
+
+
+@pytest.fixture(scope="session")
+def write_photo():
+    """A writer of photo-like pictures (smooth colour fields plus sensor noise, not square): images from
+    outside the demo model's shapes world."""
+    import numpy as np
+    from PIL import Image
+
+    def write(path, size=(96, 64), seed=0):
+        rng = np.random.default_rng(seed)
+        y, x = np.mgrid[0 : size[1], 0 : size[0]]
+        base = np.stack([x * 2 + 40, y * 3 + 20, (x + y) + 60], -1) + rng.normal(0, 6, (size[1], size[0], 3))
+        Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(path)
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def interrupt_after_first_commit():
+    """Run an `f2b index` command line that holds after its first commit (the indexing test hook), send it
+    SIGINT once it says so through its marker file, and return (exit code, stderr, images committed).
+    Nothing races the run's end: the run cannot finish before the signal."""
+    import signal
+    import subprocess
+    import time
+
+    from fwd2bot_index.indexing import HOLD_ENV
+
+    def run(cmd, marker, env=None):
+        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {}), HOLD_ENV: str(marker)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.time() + 300  # a generous bound for a loaded machine, not a timing assertion
+            while not marker.exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            assert marker.exists(), proc.communicate(timeout=60)
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        return proc.returncode, stderr, int(marker.read_text())
+
+    return run

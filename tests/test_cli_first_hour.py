@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,15 +28,6 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny_llava(tmp_path_factory.mktemp("m") / "tiny64", TinySpec(image_size=64), seed=0)
-
-
-def _photo(path: Path, size=(96, 64), seed=0) -> Path:
-    """A photo-like picture: smooth colour fields plus sensor noise, not square."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0 : size[1], 0 : size[0]]
-    base = np.stack([x * 2 + 40, y * 3 + 20, (x + y) + 60], -1) + rng.normal(0, 6, (size[1], size[0], 3))
-    Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(path)
-    return path
 
 
 def _one_line_error(result, code: int, *needles: str) -> None:
@@ -166,53 +156,39 @@ def test_rerun_summary_counts_still_failing_moved_and_pruned(tmp_path, model_dir
     assert rewritten["duplicates"] == 0 and rewritten["indexed"] == 0 and rewritten["unchanged"] == 4
 
 
-def test_demo_world_detector_on_generated_scenes_and_photos(tmp_path):
+def test_demo_world_detector_on_generated_scenes_and_photos(tmp_path, write_photo):
     write_demo_data(tmp_path / "a", n=40, seed=11)
     write_demo_data(tmp_path / "b", n=10, seed=12, image_size=160)
     scenes = sorted((tmp_path / "a" / "images").glob("*.png")) + sorted((tmp_path / "b" / "images").glob("*.png"))
     assert all(looks_like_demo_world(Image.open(p)) for p in scenes)  # no false alarm, any --image-size
-    photos = [_photo(tmp_path / f"p{i}.png", size=(64, 64), seed=i) for i in range(5)]
+    photos = [write_photo(tmp_path / f"p{i}.png", size=(64, 64), seed=i) for i in range(5)]
     assert not any(looks_like_demo_world(Image.open(p)) for p in photos)
     assert not looks_like_demo_world(Image.new("RGB", (64, 64), (128, 128, 128)))  # a blank page
 
 
-def test_index_with_demo_warns_once_on_photos_only(tmp_path):
+def test_index_with_demo_warns_once_on_photos_only(tmp_path, write_photo):
     write_demo_data(tmp_path / "world", n=6, seed=1)
     quiet = runner.invoke(app, ["index", str(tmp_path / "world" / "images"), "-c", str(tmp_path / "c1"),
                                 "--device", "cpu"])
     assert quiet.exit_code == 0 and "warning" not in quiet.output, quiet.output
     (tmp_path / "photos").mkdir()
     for i in range(3):
-        _photo(tmp_path / "photos" / f"IMG_{i}.jpg", seed=i)
+        write_photo(tmp_path / "photos" / f"IMG_{i}.jpg", seed=i)
     loud = runner.invoke(app, ["index", str(tmp_path / "photos"), "-c", str(tmp_path / "c2"), "--device", "cpu"])
     assert loud.exit_code == 0, loud.output
     warnings = [line for line in loud.stderr.splitlines() if line.startswith("warning")]
     assert len(warnings) == 1 and "3 of the 3" in warnings[0] and "--model" in warnings[0], loud.stderr
 
 
-def test_ctrl_c_during_index_says_what_was_kept(tmp_path, model_dir):
+def test_ctrl_c_during_index_says_what_was_kept(tmp_path, model_dir, interrupt_after_first_commit):
     """SIGINT lands after the first commit and before the end on any machine: the run holds after its
     first commit (test hook) and says so through a marker file, so nothing races with the run's end."""
-    from fwd2bot_index.indexing import HOLD_ENV
-
     write_demo_data(tmp_path / "d", n=12, seed=4)
     coll, marker = tmp_path / "c", tmp_path / "held"
     cmd = [sys.executable, "-m", "fwd2bot_index.cli", "index", str(tmp_path / "d" / "images"), "-c", str(coll),
            "-m", str(model_dir), "--batch-size", "2", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", HOLD_ENV: str(marker)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 300  # a generous bound for a loaded machine, not a timing assertion
-        while not marker.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), proc.communicate(timeout=60)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    committed = int(marker.read_text())
-    assert proc.returncode == 130, stderr
+    returncode, stderr, committed = interrupt_after_first_commit(cmd, marker, {"HF_HUB_OFFLINE": "1"})
+    assert returncode == 130, stderr
     assert "Traceback" not in stderr and "run the same command again" in stderr
     assert f"interrupted: {committed} new image(s) were committed and are kept" in stderr, stderr
     rerun = subprocess.run(cmd + ["--json"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,

@@ -8,15 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from fwd2bot_index.api import create_app
@@ -28,23 +23,14 @@ LOCAL = "http://127.0.0.1:8000"
 CHROMIUM = os.environ.get("F2B_CHROMIUM", "/usr/bin/chromium")
 
 
-def _photo(path: Path, size=(96, 64), seed=0) -> Path:
-    """A photo-like picture: smooth colour fields plus sensor noise, not square."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0 : size[1], 0 : size[0]]
-    base = np.stack([x * 2 + 40, y * 3 + 20, (x + y) + 60], -1) + rng.normal(0, 6, (size[1], size[0], 3))
-    Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(path)
-    return path
-
-
-def _indexed(root: Path, photos: int, scenes: int) -> Path:
+def _indexed(root: Path, photos: int, scenes: int, write_photo=None) -> Path:
     images = root / "images"
     if scenes:
         write_demo_data(root / "d", n=scenes, seed=1)
         shutil.copytree(root / "d" / "images", images)
     images.mkdir(exist_ok=True)
     for i in range(photos):
-        _photo(images / f"IMG_{i}.jpg", seed=i)
+        write_photo(images / f"IMG_{i}.jpg", seed=i)
     coll = root / "c"
     done = runner.invoke(app, ["index", str(images), "-c", str(coll), "--device", "cpu"])  # the demo model
     assert done.exit_code == 0, done.output
@@ -52,8 +38,8 @@ def _indexed(root: Path, photos: int, scenes: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mixed(tmp_path_factory) -> Path:
-    return _indexed(tmp_path_factory.mktemp("mixed"), photos=3, scenes=4)
+def mixed(tmp_path_factory, write_photo) -> Path:
+    return _indexed(tmp_path_factory.mktemp("mixed"), photos=3, scenes=4, write_photo=write_photo)
 
 
 @pytest.fixture(scope="module")
@@ -127,31 +113,17 @@ def test_rest_responses_carry_the_warning(mixed, shapes):
                 assert ask["warning"] is None and info["warning"] is None
 
 
-def test_an_interrupted_index_already_knows(tmp_path):
+def test_an_interrupted_index_already_knows(tmp_path, write_photo, interrupt_after_first_commit):
     """The check is recorded with each commit: Ctrl-C after the first batch of photos, and both the
     interrupted run and `info` warn (the hold hook makes the interruption land after that commit)."""
-    from fwd2bot_index.indexing import HOLD_ENV
-
     (tmp_path / "photos").mkdir()
     for i in range(6):
-        _photo(tmp_path / "photos" / f"IMG_{i}.jpg", seed=10 + i)
+        write_photo(tmp_path / "photos" / f"IMG_{i}.jpg", seed=10 + i)
     coll, marker = tmp_path / "c", tmp_path / "held"
     cmd = [sys.executable, "-m", "fwd2bot_index.cli", "index", str(tmp_path / "photos"), "-c", str(coll),
            "--batch-size", "2", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env={**os.environ, HOLD_ENV: str(marker)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 300  # a bound for a loaded machine, not a timing assertion
-        while not marker.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), proc.communicate(timeout=60)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stderr
-    committed = int(marker.read_text())
+    returncode, stderr, committed = interrupt_after_first_commit(cmd, marker)
+    assert returncode == 130, stderr
     assert len(_warnings(stderr)) == 1 and f"{committed} of the {committed} images" in stderr, stderr
     data = json.loads(runner.invoke(app, ["info", "-c", str(coll), "--json"]).stdout)
     assert data["indexed"] == committed and data["demo_world"]["outside"] == committed
