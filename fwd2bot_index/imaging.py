@@ -7,6 +7,7 @@ record the reason per file and carry on instead of crashing or silently storing 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import io
@@ -21,16 +22,22 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .image_shape import DEFAULT_MAX_DECODE_BYTES, MAX_ASPECT_RATIO, shape_problem
+
 __all__ = [
+    "DEFAULT_MAX_DECODE_BYTES",
     "DEFAULT_MAX_PIXELS",
     "HEIF_SUPPORTED",
     "IMAGE_EXTENSIONS",
     "ImageDecodeError",
+    "ImageTooLargeError",
+    "MAX_ASPECT_RATIO",
     "ScanError",
     "file_sha256",
     "image_metadata",
     "load_image",
     "load_image_bytes",
+    "load_thumbnail",
     "scan_images",
 ]
 
@@ -71,6 +78,12 @@ class ImageDecodeError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """An image refused from its header (pixels, shape or decode memory over the limits), never decoded.
+
+    Its own type so a server can answer 413 (too large) rather than 422 (damaged)."""
+
+
 class ScanError(FileNotFoundError):
     """A folder given to ``scan_images`` that does not exist or cannot be listed."""
 
@@ -80,12 +93,15 @@ class ScanError(FileNotFoundError):
 # --------------------------------------------------------------------------------------------
 
 
-def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_aspect: float = MAX_ASPECT_RATIO, max_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> Image.Image:
     """Decode ``path`` completely into an 8-bit RGB image, or raise ``ImageDecodeError``.
 
     EXIF orientation is applied, 16-bit greyscale is rescaled (not clipped), CMYK / palette / alpha
     images become plain RGB (alpha composited on white), animations give their first frame.
     Truncated data is an error: a half-grey picture must never be indexed as if it were whole.
+    The header is checked before decoding (``image_shape``): more than ``max_pixels``, a long side over
+    ``max_aspect`` times the short one, or a decode estimated over ``max_bytes`` raise ``ImageTooLargeError``.
     """
     p = Path(path)
     try:
@@ -93,7 +109,7 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
         if p.is_dir():
             raise ImageDecodeError(path, "is a folder, not an image file")
         with open(p, "rb") as fh:
-            return _decode(fh, str(path), size, max_pixels)
+            return _decode(fh, str(path), size, _Limits(max_pixels, max_aspect, max_bytes))
     except ImageDecodeError:
         raise
     except FileNotFoundError:
@@ -107,7 +123,8 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
 
 
 def load_image_bytes(
-    data: bytes | bytearray | memoryview | BinaryIO, name: str = "upload", max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes | bytearray | memoryview | BinaryIO, name: str = "upload", max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect: float = MAX_ASPECT_RATIO, max_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> Image.Image:
     """Like ``load_image`` for an upload held in memory (bytes or a binary file-like object).
 
@@ -116,11 +133,56 @@ def load_image_bytes(
     if not isinstance(data, (bytes, bytearray, memoryview)):
         data = data.read()
     raw = bytes(data)
-    return _decode(io.BytesIO(raw), name, len(raw), max_pixels)
+    return _decode(io.BytesIO(raw), name, len(raw), _Limits(max_pixels, max_aspect, max_bytes))
 
 
-def _decode(fh: BinaryIO, name: str, size: int, max_pixels: int) -> Image.Image:
-    """Open, bound-check, fully load and normalise one image from an open binary stream."""
+def load_thumbnail(data: bytes, size: int, name: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS,
+                   max_aspect: float = MAX_ASPECT_RATIO, max_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> Image.Image:
+    """An RGB picture whose longest side is at most ``size``, decoded as small as the format allows.
+
+    Why not ``load_image`` then shrink: a JPEG can be decoded at 1/2, 1/4 or 1/8 scale (``draft``), so a
+    256-px thumbnail of a 40 M-pixel photo never holds the 40 M pixels; other formats decode whole. The
+    same header checks apply (on the size that will actually be decoded).
+    """
+    limits = _Limits(max_pixels, max_aspect, max_bytes, draft=(int(size), int(size)))
+    picture = _decode(io.BytesIO(bytes(data)), name, len(data), limits)
+    picture.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return picture
+
+
+class _Limits:
+    """The header checks of one decode (see ``image_shape``); ``draft``: a JPEG may decode reduced to this."""
+
+    def __init__(self, max_pixels: int, max_aspect: float, max_bytes: int, draft: tuple[int, int] | None = None):
+        self.max_pixels, self.max_aspect, self.max_bytes, self.draft = max_pixels, max_aspect, max_bytes, draft
+
+    def check(self, im: Image.Image, name: str) -> None:
+        """Raise ``ImageTooLargeError`` if the image the header describes must not be decoded."""
+        if self.draft is not None and im.format == "JPEG":
+            with contextlib.suppress(Exception):  # a draft the decoder cannot make: decode at full size
+                im.draft("RGB", self.draft)
+        width, height = im.size
+        oriented = _orientation(im) not in (None, 1)
+        transparent = im.mode in ("P", "L", "RGB", "I;16", "I") and "transparency" in im.info
+        problem = shape_problem(width, height, im.mode, max_pixels=self.max_pixels, max_aspect=self.max_aspect,
+                                max_bytes=self.max_bytes, transparent=transparent, oriented=oriented)
+        if problem:
+            raise ImageTooLargeError(name, problem)
+
+
+def _orientation(im: Image.Image) -> int | None:
+    """The EXIF orientation from the header, without decoding: Pillow's PNG ``getexif`` decodes the whole
+    image to look for an ``eXIf`` chunk after the pixels, so a PNG counts only one found before them."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return None
+    try:
+        return im.getexif().get(_TAG_ORIENTATION)
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block is ignored when decoding, too
+        return None
+
+
+def _decode(fh: BinaryIO, name: str, size: int, limits: _Limits) -> Image.Image:
+    """Open, bound-check (header only), fully load and normalise one image from an open binary stream."""
     if size == 0:
         raise ImageDecodeError(name, "empty file (0 bytes)")
     _check_riff_length(fh, name, size)
@@ -129,24 +191,18 @@ def _decode(fh: BinaryIO, name: str, size: int, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageDecodeError(name, _unidentified_reason(name)) from None
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(name, f"image too large ({exc}); possible decompression bomb") from None
+        raise ImageTooLargeError(name, f"image too large ({exc}); possible decompression bomb") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(name, _reason_from_exception(exc)) from None
     with im:
-        width, height = im.size
-        if width * height > max_pixels:
-            raise ImageDecodeError(
-                name,
-                f"image too large: {width}x{height} = {width * height:,} pixels exceeds the limit of "
-                f"{max_pixels:,} (possible decompression bomb; raise max_pixels if the file is trusted)",
-            )
+        limits.check(im, name)  # from the header: nothing is decoded yet
         source_format = im.format
         try:
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)
             im.load()
         except Image.DecompressionBombError as exc:
-            raise ImageDecodeError(name, f"image too large ({exc}); possible decompression bomb") from None
+            raise ImageTooLargeError(name, f"image too large ({exc}); possible decompression bomb") from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
             raise ImageDecodeError(name, _reason_from_exception(exc)) from None
         if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -199,11 +255,10 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB without clipping high bit depths."""
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        return _rescale_to_l(np.asarray(im), 65535.0).convert("RGB")
+        return _rescale_to_l(im, 65535.0).convert("RGB")
     if mode == "F":
-        arr = np.asarray(im, dtype=np.float32)
-        top = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 255.0
-        return _rescale_to_l(arr, top).convert("RGB")
+        top = 1.0 if max((float(np.nanmax(s, initial=0.0)) for _, s in _strips(im)), default=0.0) <= 1.0 else 255.0
+        return _rescale_to_l(im, top).convert("RGB")
     if mode == "P":
         im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
         mode = im.mode
@@ -214,10 +269,22 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _rescale_to_l(arr: np.ndarray, top: float) -> Image.Image:
-    """Map 0..top linearly to 0..255 (16-bit data is scaled, never clipped at 255)."""
-    scaled = np.clip(np.nan_to_num(arr.astype(np.float64)), 0.0, top) * (255.0 / top)
-    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+def _strips(im: Image.Image, pixels: int = 1 << 20) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, rows as an array)`` about ``pixels`` at a time: the float math of a rescale then
+    needs memory for one strip, not 8+ bytes for every pixel of a 16-bit image."""
+    width, height = im.size
+    rows = max(1, pixels // max(1, width))
+    for top in range(0, height, rows):
+        yield top, np.asarray(im.crop((0, top, width, min(height, top + rows))))
+
+
+def _rescale_to_l(im: Image.Image, top: float) -> Image.Image:
+    """Map 0..top linearly to 0..255 (16-bit data is scaled, never clipped at 255), strip by strip."""
+    out = np.empty((im.size[1], im.size[0]), dtype=np.uint8)
+    for first, strip in _strips(im):
+        scaled = np.clip(np.nan_to_num(strip.astype(np.float64)), 0.0, top) * (255.0 / top)
+        out[first:first + strip.shape[0]] = np.rint(scaled).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +444,9 @@ def image_metadata(img_or_path: Image.Image | str | os.PathLike[str]) -> dict[st
 
 def _metadata_of(im: Image.Image, fmt: str | None) -> dict[str, Any]:
     try:
-        exif = im.getexif()
+        # a PNG without EXIF before its pixels: none (Pillow would decode every pixel again to look after them)
+        unloaded_png = fmt == "PNG" and "exif" not in im.info and getattr(im, "_im", None) is None
+        exif = Image.Exif() if unloaded_png else im.getexif()
     except Exception:  # noqa: BLE001 - a broken EXIF block means no EXIF facts, not a broken image
         exif = Image.Exif()
     width, height = im.size

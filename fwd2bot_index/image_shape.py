@@ -1,0 +1,75 @@
+"""How much memory an image will cost, decided from its header before a single pixel is decoded.
+
+Why: a pixel cap (width x height) alone does not bound memory. A 114 KB PNG of 4,000,000 x 10 pixels
+is only 40 M pixels, but a model's preprocessing scales the *short* side up to its input size (336 px
+for LLaVA-1.5, 64 for the demo model), so the long side grows by the same factor: that one upload took
+a server to 17.5 GB; a 40,000,000 x 1 PNG overflowed Pillow's resize and killed `f2b index`. And a
+decode costs more than its pixel count: Pillow stores RGB in 4 bytes per pixel, 16-bit data is rescaled,
+alpha is composited, EXIF rotation makes a copy. So two rules, both checked on the header:
+
+- **Aspect ratio.** The long side may be at most ``MAX_ASPECT_RATIO`` (50) times the short side. Then a
+  resize of the short side to ``S`` holds at most ``S * 50 S`` pixels: 5.6 M at ``S = 336`` (~110 MB with
+  the float copies of a preprocessor), 0.2 M for the demo model. Panoramas (4:1 to 12:1), banners (10:1)
+  and long screenshots (~20:1) pass.
+- **Decode memory.** ``decode_bytes`` estimates the peak of decoding and converting to 8-bit RGB from
+  the size, the stored mode and the EXIF rotation; an image whose estimate passes ``max_bytes``
+  (``DEFAULT_MAX_DECODE_BYTES``, 1 GiB) is refused. bench/bench_shapes.py measures the real peak of the
+  worst shapes against this estimate.
+"""
+
+from __future__ import annotations
+
+#: longest side / shortest side; beyond it an image is refused before decoding (see the module text)
+MAX_ASPECT_RATIO = 50
+#: the decode-memory bound of one image (the estimate of ``decode_bytes``), for a library caller or `f2b index`
+DEFAULT_MAX_DECODE_BYTES = 1 << 30
+
+# Bytes per pixel of the peak while an image of each stored mode is decoded and converted to RGB (Pillow
+# keeps RGB, RGBA, CMYK and YCbCr in 4 bytes a pixel): the decoded image, plus the RGB copy it becomes,
+# plus (alpha) the RGBA copy, the white background and the composite. 16-bit and float data is rescaled in
+# strips, so only the decoded image, one byte a pixel of grey and the RGB copy are whole-image sized.
+_PEAK_BYTES_PER_PIXEL = {
+    "1": 5, "L": 5, "P": 5, "RGB": 8, "YCbCr": 8, "CMYK": 8, "LAB": 8, "HSV": 8,
+    "LA": 14, "La": 14, "PA": 14, "RGBA": 16, "RGBa": 16,
+    "I;16": 7, "I;16L": 7, "I;16B": 7, "I;16N": 7, "I": 9, "F": 9,
+}
+_UNKNOWN_MODE_BYTES = 16  # a mode not listed: assume the most expensive path
+_ROTATIONS = (5, 6, 7, 8)  # EXIF orientations that transpose; 2-8 all copy the image once
+
+
+def decode_bytes(width: int, height: int, mode: str, transparent: bool = False, oriented: bool = False) -> int:
+    """Estimated peak bytes of decoding a ``width`` x ``height`` image stored in ``mode`` into 8-bit RGB.
+
+    ``transparent``: a palette or grey image with a transparency key (composited like alpha);
+    ``oriented``: an EXIF orientation other than 1 (the picture is copied once more, rotated)."""
+    per_pixel = _PEAK_BYTES_PER_PIXEL.get(mode, _UNKNOWN_MODE_BYTES)
+    if transparent and per_pixel < 14:
+        per_pixel = 14
+    if oriented:
+        per_pixel += 4
+    return int(width) * int(height) * per_pixel
+
+
+def shape_problem(width: int, height: int, mode: str, *, max_pixels: int, max_aspect: float = MAX_ASPECT_RATIO,
+                  max_bytes: int = DEFAULT_MAX_DECODE_BYTES, transparent: bool = False,
+                  oriented: bool = False) -> str | None:
+    """Why an image of this header must not be decoded, in words for its owner; None when it may be.
+
+    The order matters for the message: the pixel count first (the familiar limit), then the shape, then
+    the memory that this mode would need."""
+    pixels = int(width) * int(height)
+    if width < 1 or height < 1:
+        return f"image has no pixels ({width}x{height}); the file is damaged"
+    if pixels > max_pixels:
+        return (f"image too large: {width}x{height} = {pixels:,} pixels exceeds the limit of {max_pixels:,} "
+                "(possible decompression bomb; raise max_pixels if the file is trusted)")
+    long_side, short_side = max(width, height), min(width, height)
+    if long_side > max_aspect * short_side:
+        return (f"image too elongated: {width}x{height} is {long_side / short_side:,.0f}:1; the limit is "
+                f"{max_aspect:g}:1 (a model scales the short side up, so such a picture needs gigabytes); "
+                "crop or split it to index it")
+    need = decode_bytes(width, height, mode, transparent, oriented)
+    if need > max_bytes:
+        return (f"image needs too much memory to decode: {width}x{height} in mode {mode} takes about "
+                f"{need / 2**20:,.0f} MiB, over the limit of {max_bytes / 2**20:,.0f} MiB; scale it down to index it")
+    return None
