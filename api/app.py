@@ -15,7 +15,9 @@ or upload requests in flight; beyond either, 503 with ``Retry-After`` at once. A
 left is dropped. Images are decoded ``decode_slots`` at a time on their own threads. ``/healthz``
 and ``/readyz`` are coroutines that touch neither the model nor the pool. Abuse (see ``guard``):
 Host allow-list and Origin check; request bodies are strict, valid Unicode, and described exactly
-by the OpenAPI document (see ``openapi``).
+by the OpenAPI document (see ``openapi``); JSON bodies with too many keys or too deep are refused before
+they are parsed, and parsed off the loop (``bodies``); images are refused from their header when their
+decode would pass the memory bound (``fwd2bot_index.image_shape``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from .bodies import JsonBodyMiddleware, PreparsedJsonRoute
 from .docs import install_docs
 from .files import ThumbnailCache, catalog_row, read_verified
 from .guard import HostOriginMiddleware, default_hosts
@@ -231,12 +234,14 @@ def create_app(service_or_path: Any, api_key: str | None = None, protect_reads: 
         docs_url=None, redoc_url=None,  # the CDN pages; api/docs.py serves them from the package
         **_telemetry_options(),
     )
+    app.router.route_class = PreparsedJsonRoute  # JSON bodies come parsed by JsonBodyMiddleware (``bodies``)
     install_docs(app)
     app.state.f2b = state
     install_handlers(app)
     read_deps, write_deps = _auth(api_key, protect_reads)
     heavy_reads, heavy_writes = [*read_deps, Depends(state.admit)], [*write_deps, Depends(state.admit)]
     # Added innermost first: metrics see every answer; Host and Origin are checked before anything else runs.
+    app.add_middleware(JsonBodyMiddleware)  # keys and nesting checked, parsed off the loop (inside the size limit)
     app.add_middleware(BodyLimitMiddleware, limit=max_upload_bytes * 4 // 3 + 256 * 1024)
     app.add_middleware(AllowMiddleware, router=app.router)
     if cors_origins:

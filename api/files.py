@@ -122,13 +122,17 @@ class ThumbnailCache:
 
 
 def make_thumbnail(data: bytes, size: int, name: str) -> bytes:
-    """Decode fully (EXIF orientation applied, like indexing does) and shrink to fit ``size``."""
-    from PIL import Image
+    """Decode (EXIF orientation applied, like indexing does; a JPEG at the smallest scale that still fills
+    ``size``) and shrink to fit ``size``. An image the header checks refuse (too many pixels, too elongated,
+    too much decode memory: ``fwd2bot_index.image_shape``) is a 422, decoded not at all."""
+    from fwd2bot_index.imaging import ImageTooLargeError, load_thumbnail
 
-    from fwd2bot_index.imaging import load_image_bytes
+    from .uploads import DEFAULT_MAX_DECODE_BYTES
 
-    picture = load_image_bytes(data, name=name)
-    picture.thumbnail((size, size), Image.Resampling.LANCZOS)
+    try:
+        picture = load_thumbnail(data, size, name=name, max_bytes=DEFAULT_MAX_DECODE_BYTES)
+    except ImageTooLargeError as exc:
+        raise ApiProblem(422, f"no thumbnail: {exc}", "image-too-large") from None
     out = io.BytesIO()
     picture.save(out, format="JPEG", quality=85, optimize=True)
     return out.getvalue()

@@ -9,7 +9,8 @@ A page on ``https://evil.example`` can make the victim's browser send requests t
   (a reverse proxy's public name, or ``*.example.org``; ``*`` turns the check off). A Host that is
   an IP address is always answered: a browser sends one only to a page loaded from that very
   address, which no other site can rebind (so a server bound to 0.0.0.0 works by IP on a LAN).
-  ``/healthz`` and ``/readyz`` answer any Host (they reveal nothing).
+  ``/healthz`` and ``/readyz`` answer any Host (they reveal nothing). A request with more than one
+  Host header is refused everywhere (400): the allow-list and a proxy might read different ones.
 - **Origin check** on every state-changing request (any method but GET, HEAD, OPTIONS): a browser
   names the page's origin in ``Origin``; it must be this server itself (same host and port as the
   ``Host`` header), a name given with ``--allowed-host``, or a configured CORS origin. Requests
@@ -71,10 +72,20 @@ class HostOriginMiddleware:
         self.origins = {o.rstrip("/").lower() for o in cors_origins}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        raw = scope.get("headers", [])
+        if sum(1 for k, _ in raw if k.lower() == b"host") > 1:
+            # RFC 9112 (3.2): 400 for more than one Host. Which one counts is ambiguous (a proxy may route by
+            # the first while the allow-list saw the last): a foreign name first passed as 127.0.0.1.
+            await send_problem(send, scope, 400, "the request has more than one Host header; send exactly one",
+                               "duplicate-host")
+            return
+        if scope.get("path") in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
         host_header = headers.get("host", "")
         if host_header and not self.any_host:
             host, _ = split_host(host_header)

@@ -24,6 +24,9 @@ from .problems import ApiProblem
 UPLOAD_DIR = "uploads"
 ALLOWED_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 DECLARED_OK = ("image/", "application/octet-stream")
+#: the decode-memory bound of one uploaded image (``image_shape.decode_bytes``): the server decodes
+#: ``decode_slots`` (2) at a time, so images being decoded hold at most twice this
+DEFAULT_MAX_DECODE_BYTES = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -38,11 +41,14 @@ class CheckedImage:
     name: str
 
 
-def check_image(data: bytes, name: str, declared: str | None, max_bytes: int, max_pixels: int) -> CheckedImage:
-    """Check an uploaded file: 413 too big (bytes or pixels), 415 not an image we accept, 422 damaged."""
+def check_image(data: bytes, name: str, declared: str | None, max_bytes: int, max_pixels: int,
+                max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> CheckedImage:
+    """Check an uploaded file: 413 too big (bytes, pixels, an elongated shape, or the memory its decode
+    would take, all from the header: see ``fwd2bot_index.image_shape``), 415 not an image we accept,
+    422 damaged."""
     from PIL import Image, UnidentifiedImageError
 
-    from fwd2bot_index.imaging import ImageDecodeError, load_image_bytes
+    from fwd2bot_index.imaging import ImageDecodeError, ImageTooLargeError, load_image_bytes
 
     label = safe_name(name) or "upload"
     if len(data) > max_bytes:
@@ -66,7 +72,9 @@ def check_image(data: bytes, name: str, declared: str | None, max_bytes: int, ma
         raise ApiProblem(413, f"{label} is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
                          "too-many-pixels")
     try:
-        picture = load_image_bytes(data, name=label, max_pixels=max_pixels)
+        picture = load_image_bytes(data, name=label, max_pixels=max_pixels, max_bytes=max_decode_bytes)
+    except ImageTooLargeError as exc:
+        raise ApiProblem(413, f"{label}: {exc.reason}", "image-too-large") from None
     except ImageDecodeError as exc:
         raise ApiProblem(422, f"{label}: {exc.reason}", "undecodable-image") from None
     return CheckedImage(data, fmt, width, height, picture, label)
