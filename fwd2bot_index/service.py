@@ -29,42 +29,15 @@ from .indexing import (  # noqa: F401  (IndexReport, IndexInterrupted re-exporte
 )
 from .options import OptionError, check_model_reference, check_options  # noqa: F401  (re-exported for the shells)
 from .demo_notice import collection_world_status, demo_world_status  # noqa: F401  (the shells import them here)
+from .errors import NotFoundError, ServiceError, user_error_types  # noqa: F401  (re-exported: the shells and users import them here)
 from .hints import no_collection_message
+from .loader import load_checked_model  # noqa: F401  (re-exported)
 from .shrinking import check_index_tokens, migrate_tokens, with_tokens
 
 log = logging.getLogger("fwd2bot_index")
 
 DEFAULT_COLLECTION = ".f2b"
 DEFAULT_MODEL = "demo"
-
-
-class ServiceError(Exception):
-    """A request the service cannot serve; the message says what to do."""
-
-
-class NotFoundError(ServiceError, LookupError):
-    """An id or path that is not in the collection."""
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """The exceptions whose message is the whole story for a user: shells print it, with no traceback.
-
-    Model errors join only once the model's torch half was imported (before that none of them can
-    have been raised), so an early mistake does not pay seconds for importing torch.
-    """
-    errors: list[type[BaseException]] = [ServiceError, CollectionError, ImageDecodeError, ScanError, OptionError,
-                                         FilterError, FileNotFoundError]
-    if "fwd2bot_index.model.config" in sys.modules:
-        from .model.config import StrategyError
-
-        errors.append(StrategyError)
-    if "fwd2bot_index.model.backbone" in sys.modules:
-        from .model import (CheckpointMismatchError, ModelLoadError, StrategyError, UnsupportedModelError,
-                            UntrainedCompressorError)
-
-        errors += [ModelLoadError, StrategyError, UnsupportedModelError, CheckpointMismatchError,
-                   UntrainedCompressorError]
-    return tuple(errors)
 
 
 class ImageService:
@@ -356,32 +329,13 @@ class ImageService:
     def remove_refs(self, refs: Iterable[int | str]) -> list[dict]:
         """An id removes the image (all its paths); a path removes that path only, and the image goes
         with its last path. One record per ref: ``{"ref", "id", "path", "image_removed", "paths_left"}``.
+        All refs go in one catalog transaction (``Collection.remove_refs``): a kill removes all or none.
         An unknown ref (a path not indexed, an id never given) fails before anything is removed."""
-        refs, out = list(refs), []
-        for ref in refs:
-            is_id = isinstance(ref, int) or str(ref).isdigit()
-            if not (is_id and self.collection.catalog.ever_assigned(int(ref))):
-                self.get(ref)  # NotFoundError now, with nothing removed yet
-        for ref in refs:
-            try:
-                row = self.get(ref)
-            except NotFoundError:
-                # Already gone (a retry after a crash, or an earlier ref of this call took it): a no-op.
-                is_id = isinstance(ref, int) or str(ref).isdigit()
-                out.append({"ref": str(ref), "id": int(ref) if is_id else None, "image_removed": False,
-                            "path": None if is_id else os.path.abspath(os.fspath(ref)), "paths_left": 0,
-                            "already_removed": True})
-                continue
-            if isinstance(ref, int) or str(ref).isdigit():
-                gone = self.collection.remove([row.id], remember=True)  # the next index skips its paths
-                out.append({"ref": str(ref), "id": row.id, "path": None, "image_removed": bool(gone), "paths_left": 0})
-                continue
-            path = os.path.abspath(os.fspath(ref))  # as the catalog stores it
-            gone = self.collection.remove_paths([path], remember=True)
-            left = self.collection.get(row.id)
-            out.append({"ref": str(ref), "id": row.id, "path": path, "image_removed": bool(gone),
-                        "paths_left": len(left.paths) if left else 0})
-        return out
+        try:
+            return self.collection.remove_refs(refs)
+        except KeyError as exc:
+            raise NotFoundError(f"{exc.args[0]} is not in the collection {self.collection.path} "
+                                "(give an id from `f2b search`, or the path of an indexed file)") from None
 
     def info(self) -> dict:
         data = self.collection.info()
@@ -454,29 +408,6 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, dict]:
         meta = {k: v for k, v in row.items() if k != "path"}
         out[str((base / row["path"]).resolve())] = meta
     return out
-
-
-def load_checked_model(name: str, manifest: Manifest | None, device: str, dtype: str,
-                       image_options: dict | None = None) -> Any:
-    """Load a model; with a manifest, refuse one whose fingerprint differs from the collection's.
-
-    The image preprocessing options are the manifest's (what the collection was built with), else
-    ``image_options`` (a new collection), else the model folder's own.
-    """
-    from .model import load_model
-    from .model.backbone import quiet_transformers
-
-    check_model_reference(name)  # a hub id: fail fast offline, or read the cache without retries
-    quiet_transformers()
-    options = manifest.image_options if manifest is not None else (image_options or {})
-    model = load_model(name, device=device, dtype=dtype, **options)
-    if manifest is not None and manifest.model_fingerprint and model.fingerprint != manifest.model_fingerprint:
-        raise CollectionMismatchError(
-            f"the collection was built with model {manifest.model_name!r} (fingerprint "
-            f"{manifest.model_fingerprint[:12]}), but {name!r} is a different model ({model.fingerprint[:12]}). "
-            "Use the collection's own model, index into a new --collection, or re-index with --reindex."
-        )
-    return model
 
 
 def open_service(collection: str | os.PathLike | None = None, model: str | None = None, device: str = "auto",

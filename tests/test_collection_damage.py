@@ -496,7 +496,8 @@ def test_a_shard_the_catalog_never_knew_is_imported_or_kept_aside(sources, tmp_p
     with Collection.open(folder, writable=True) as col:
         assert len(col) == 12 and len(list((folder / "tokens").glob("*.arrow"))) == 5  # nothing deleted on open
         report = col.verify()
-        assert not report.ok and sum("not referenced by the catalog" in p for p in report.problems) == 3
+        assert not report.ok and sum("not referenced by the catalog" in p for p in report.problems) == 2
+        assert sum("belongs to another collection" in p for p in report.problems) == 1  # never imported
         fixed = col.repair()
         assert fixed.ok, fixed.problems
         assert len(col) == 18 and sorted(r.metadata["i"] for r in col.list_images(0, 100)) == list(range(18))

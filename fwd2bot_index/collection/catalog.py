@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ._sqlite import _Checked, _damaged
 from .errors import CollectionFormatError
 from .filters import FilterError, _compile_filter, parse_filter
 from .manifest import utc_now
@@ -262,6 +263,16 @@ class Catalog(Remembered):
             self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='version'")
             return self.version()
 
+    def collection_id(self) -> str | None:
+        """The id of the collection this catalog belongs to (None: written before ids, see ``identity``)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='collection_id'").fetchone()
+        return row[0] if row and row[0] else None
+
+    def set_collection_id(self, cid: str) -> None:
+        """Record the collection id (at creation, a rebuild from the shards, or the first writable open)."""
+        with self.transaction():
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('collection_id', ?)", (cid,))
+
     # ------------------------------------------------------------------ writes
 
     def insert_image(self, hash: str, size: int, metadata_json: str, shard: str, row: int) -> int:
@@ -478,64 +489,6 @@ class Catalog(Remembered):
         where, params = _compile_filter(filters)
         sql = "SELECT id FROM images" + (f" WHERE {where}" if where else "")
         return {int(r[0]) for r in self._db.execute(sql, params)}
-
-
-# ---------------------------------------------------------------------------------- filters
-
-def _damaged(path: Path, exc: BaseException | str) -> str:
-    return (f"{path} is not a readable catalog ({exc}); nothing was changed. Run f2b verify --repair "
-            f"--collection {path.parent} to rebuild it from the token shards (the damaged file is kept aside)")
-
-
-class _Rows(list):
-    """Fetched rows with the cursor methods the catalog uses."""
-
-    def __init__(self, rows: list[Any], lastrowid: int | None) -> None:
-        super().__init__(rows)
-        self.lastrowid = lastrowid
-
-    def fetchone(self) -> Any:
-        return self[0] if self else None
-
-    def fetchall(self) -> list[Any]:
-        return list(self)
-
-
-class _Checked:
-    """The SQLite connection, with corruption turned into one clear ``CollectionFormatError``
-    (a damaged page surfaces on whatever query first touches it, not only at open)."""
-
-    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
-        self._raw, self._path = db, path
-
-    def _call(self, fn: Any, *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
-            raise
-        except sqlite3.OperationalError as exc:
-            if not any(w in str(exc) for w in ("decode", "malformed", "corrupt", "not a database")):
-                raise
-            raise CollectionFormatError(_damaged(self._path, exc)) from None
-        except sqlite3.DatabaseError as exc:
-            raise CollectionFormatError(_damaged(self._path, exc)) from None
-
-    def execute(self, sql: str, params: Any = ()) -> _Rows:
-        """Run ``sql`` and fetch its rows now, so damage met while reading them is caught here too."""
-        def run() -> _Rows:
-            cur = self._raw.execute(sql, params)
-            return _Rows(cur.fetchall(), cur.lastrowid)
-
-        return self._call(run)
-
-    def executemany(self, sql: str, params: Any) -> Any:
-        return self._call(self._raw.executemany, sql, params)
-
-    def executescript(self, sql: str) -> Any:
-        return self._call(self._raw.executescript, sql)
-
-    def close(self) -> None:
-        self._raw.close()
 
 
 def _marks(items: Sequence[Any]) -> str:

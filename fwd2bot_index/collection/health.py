@@ -13,280 +13,36 @@ Rules (after SQLite and Qdrant, see ARCHITECTURE.md "Examples to follow for dama
   a shard still knows, rebuilds the index from the embeddings, and forgets an image only when its
   stored data is gone *and* its file exists (the next ``f2b index`` re-encodes it); an image with
   neither is kept and reported.
+- Parts of another collection (``identity``) are named foreign and set aside, never imported; parts
+  of the wrong file-system kind (``parts``) are named and set aside; nothing is deleted.
+
+``trust`` (may this catalog drive deletions?) and ``recover`` (rebuild manifest and catalog from the
+shards) live in modules of their own; this one is the ``Health`` mixin of ``Collection``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
-from .catalog import CATALOG_NAME, Catalog
-from .errors import CollectionFormatError, CollectionNotFoundError
-from .lock import WriterLock
-from .manifest import MANIFEST_NAME, Manifest
+from .catalog import CATALOG_NAME
+from .errors import CollectionFormatError
+from .identity import describe_foreign, foreign_shards
+from .parts import DAMAGED_DIR, odd_parts, set_aside_into, set_aside_odd
 from .records import VerifyReport
-from .sync import index_damage, token_store
-from .tokens import TOKENS_DIR, TokenStore
+from .recover import import_shards, recover_folder, set_aside
+from .sync import index_damage, index_part_names
+from .trust import collection_home, manifest_mismatch, refuse, trust_problem
+
+__all__ = ["DAMAGED_DIR", "Health", "manifest_mismatch", "recover_folder", "refuse", "set_aside", "trust_problem"]
 
 log = logging.getLogger(__name__)
-
-DAMAGED_DIR = "damaged"
 
 
 def _ids_text(ids: list[int], limit: int = 8) -> str:
     head = ", ".join(str(i) for i in ids[:limit])
     return head + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
-
-
-def trust_problem(folder: Path, manifest: Manifest, catalog: Catalog, tokens: TokenStore, deep: bool) -> str | None:
-    """Why this catalog and manifest must not drive deletions (None when they may)."""
-    if deep:
-        bad = catalog.quick_check()
-        if bad is not None:
-            return f"{folder / CATALOG_NAME} fails SQLite's quick_check ({bad})"
-    on_disk = tokens.list_shards()
-    ledger = catalog.shard_ledger()
-    mismatch = manifest_mismatch(folder, manifest, tokens, ledger, quick=not deep)
-    if mismatch is not None:
-        return mismatch
-    candidates = [s for s in on_disk if ledger.get(s, ("live",))[0] not in ("pending", "doomed")]
-    # A healthy catalog references every live shard: sampling a few (newest first) is enough to tell
-    # an empty or foreign catalog, without a scan of a large one.
-    if candidates and not any(catalog.references(s) for s in _sample(candidates[::-1], 8)):
-        return (f"{folder / CATALOG_NAME} references none of the {len(candidates)} token shard(s) in "
-                f"{folder / TOKENS_DIR} (it is empty, damaged or belongs to another collection)")
-    return None
-
-
-def _identity(manifest: Manifest) -> tuple[Any, ...]:
-    return (manifest.embed_dim, manifest.token_count, manifest.token_dim, manifest.token_dtype, manifest.model_fingerprint)
-
-
-def _shard_identity(schema: dict[str, Any], fallback: str) -> tuple[Any, ...]:
-    return (schema["D"], schema["T"], schema["H"], schema["dtype"], schema["identity"].get("model_fingerprint") or fallback)
-
-
-def _sample(items: list[str], n: int) -> list[str]:
-    """Up to ``n`` items spread over the list, first and last included."""
-    if len(items) <= n:
-        return items
-    return [items[round(k * (len(items) - 1) / (n - 1))] for k in range(n)]
-
-
-def manifest_mismatch(folder: Path, manifest: Manifest, tokens: TokenStore,
-                      ledger: dict[str, tuple[str, int, str | None]], quick: bool = False) -> str | None:
-    """Whether the manifest contradicts the shards' own schema (shapes, model). A shard that
-    disagrees is trusted over the manifest only when it is proven (its checksum is the one the
-    catalog recorded), or when no shard at all agrees with the manifest; otherwise it is a damaged
-    or foreign shard, which ``verify`` reports. ``quick`` looks at a sample of shards (an edited
-    manifest disagrees with all of them), for opens of large collections."""
-    want = _identity(manifest)
-    agree, disagree = [], []
-    names = tokens.list_shards()
-    for name in _sample(names, 5) if quick else names:
-        try:
-            s = tokens.schema_of(name)
-        except CollectionFormatError:
-            continue  # a damaged shard is verify's business, not a reason to distrust the manifest
-        (agree if _shard_identity(s, want[4]) == want else disagree).append((name, s))
-    if not disagree:
-        return None
-    proven = [(n, s) for n, s in disagree if ledger.get(n, ("", 0, None))[2] == tokens.checksum(n)]
-    if not proven and agree:
-        return None
-    name, s = (proven or disagree)[0]
-    return (f"{folder / MANIFEST_NAME} says embed_dim={want[0]}, token_count={want[1]}, token_dim={want[2]}, {want[3]}, "
-            f"model {want[4][:12]}, but token shard {name} holds embed_dim={s['D']}, token_count={s['T']}, "
-            f"token_dim={s['H']}, {s['dtype']}, model {_shard_identity(s, want[4])[4][:12]} (the manifest was edited "
-            "or belongs to another collection)")
-
-
-def refuse(folder: Path, problem: str) -> CollectionFormatError:
-    return CollectionFormatError(f"{problem}; nothing was changed. Run f2b verify --repair --collection {folder} "
-                                 "to rebuild it from the token shards (damaged files are kept aside)")
-
-
-def set_aside(path: Path) -> Path:
-    """Rename a damaged file out of the way (kept, never deleted): ``<name>.damaged-<time>``."""
-    target = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
-    os.replace(path, target)
-    return target
-
-
-# ------------------------------------------------------------------------------ folder recovery
-
-
-def recover_folder(path: str | os.PathLike[str], lock_timeout: float = 60.0) -> list[str]:
-    """Before a writable open for repair: rebuild a missing, damaged or mismatched manifest and
-    catalog from the token shards. Returns one line per action (empty when both were sound)."""
-    folder = Path(path).absolute()
-    if not folder.is_dir():
-        raise CollectionNotFoundError(f"no collection at {folder}")
-    lock = WriterLock(folder).acquire(timeout=lock_timeout)
-    try:
-        actions: list[str] = []
-        manifest = _recover_manifest(folder, actions)
-        _recover_catalog(folder, manifest, actions)
-        for line in actions:
-            log.warning(line)
-        return actions
-    finally:
-        lock.release()
-
-
-def _shard_schemas(folder: Path) -> dict[str, dict[str, Any]]:
-    probe = TokenStore(folder / TOKENS_DIR, 1, 1, 1)
-    out = {}
-    for name in probe.list_shards():
-        try:
-            out[name] = probe.schema_of(name)
-        except CollectionFormatError:
-            pass
-    return out
-
-
-def _recover_manifest(folder: Path, actions: list[str]) -> Manifest:
-    schemas = _shard_schemas(folder)
-    shapes = Counter((s["D"], s["T"], s["H"], s["dtype"]) for s in schemas.values())
-    manifest: Manifest | None = None
-    try:
-        manifest = Manifest.load(folder)
-        why = None
-    except CollectionNotFoundError:
-        if not schemas:
-            raise
-        why = f"{MANIFEST_NAME} was missing"
-    except CollectionFormatError as exc:
-        why = str(exc)
-    ledger = _readable_ledger(folder)
-    if manifest is not None and shapes:
-        probe = TokenStore(folder / TOKENS_DIR, 1, 1, 1)
-        if manifest_mismatch(folder, manifest, probe, ledger) is not None:
-            why = f"{MANIFEST_NAME} disagreed with the token shards"
-            proven = {n: s for n, s in schemas.items() if ledger.get(n, ("", 0, None))[2] == probe.checksum(n)}
-            schemas = proven or schemas
-            shapes = Counter((s["D"], s["T"], s["H"], s["dtype"]) for s in schemas.values())
-            prints = {s["identity"].get("model_fingerprint") for s in schemas.values()}
-            if manifest.model_fingerprint not in prints and any(prints):
-                manifest = None  # its identity is the wrong one: take the shards'
-    if why is None:
-        assert manifest is not None
-        return manifest
-    if not shapes:
-        raise CollectionFormatError(f"{why}, and no readable token shard says what it should hold; restore "
-                                    f"{folder / MANIFEST_NAME} from a backup")
-    (d, t, h, dtype), _ = shapes.most_common(1)[0]
-    identity = next((s["identity"] for _, s in sorted(schemas.items(), reverse=True)
-                     if s["identity"].get("model_fingerprint")), None)
-    if manifest is not None:
-        identity = {"model_name": manifest.model_name, "model_fingerprint": manifest.model_fingerprint,
-                    "strategy": manifest.strategy, "image_options": manifest.image_options}
-    if identity is None:
-        raise CollectionFormatError(f"{why}, and these token shards predate recording the model; restore "
-                                    f"{folder / MANIFEST_NAME} from a backup or re-encode with f2b index --reindex")
-    backend = manifest.backend if manifest is not None else next(
-        (b for b in ("qdrant-edge", "qdrant-local") if (folder / b).is_dir()), "faiss")
-    fresh = Manifest(**identity, embed_dim=d, token_count=t, token_dim=h, token_dtype=dtype, backend=backend,
-                     backend_options=manifest.backend_options if manifest is not None else {})
-    kept = f"; the old one is kept as {set_aside(folder / MANIFEST_NAME).name}" if (folder / MANIFEST_NAME).exists() else ""
-    fresh.save(folder)
-    actions.append(f"rebuilt {MANIFEST_NAME} from the token shards ({why}){kept}")
-    return fresh
-
-
-def _readable_ledger(folder: Path) -> dict[str, tuple[str, int, str | None]]:
-    try:
-        catalog = Catalog(folder / CATALOG_NAME, readonly=True)
-    except CollectionFormatError:
-        return {}
-    try:
-        return catalog.shard_ledger()
-    except CollectionFormatError:
-        return {}
-    finally:
-        catalog.close()
-
-
-def _recover_catalog(folder: Path, manifest: Manifest, actions: list[str]) -> None:
-    path = folder / CATALOG_NAME
-    problem = None if path.exists() else f"{CATALOG_NAME} was missing"
-    if problem is None:
-        try:
-            catalog = Catalog(path, readonly=True)
-        except CollectionFormatError as exc:
-            problem = str(exc).split("; nothing was changed")[0]
-        else:
-            try:
-                problem = trust_problem(folder, manifest, catalog, token_store(folder, manifest, catalog), deep=True)
-            except CollectionFormatError as exc:
-                problem = str(exc).split("; nothing was changed")[0]
-            finally:
-                catalog.close()
-    if problem is None:
-        return
-    kept = ""
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        part = folder / (CATALOG_NAME + suffix)
-        if part.exists():
-            aside = set_aside(part)
-            kept = kept or f"; the damaged file is kept as {aside.name}"
-    catalog = Catalog(path)
-    try:
-        tokens = token_store(folder, manifest, catalog)
-        names = tokens.list_shards()
-        n, skipped = import_shards(catalog, tokens, names)
-        note = f" ({len(skipped)} shard(s) of an older format cannot describe their images: re-index them)" if skipped else ""
-        actions.append(f"rebuilt {CATALOG_NAME} from {len(names)} token shard(s): {n} image(s) ({problem}){kept}{note}; "
-                       "images removed since their shard was last compacted may be back (remove them again), "
-                       "and the list of failed files starts empty")
-    finally:
-        catalog.close()
-
-
-def import_shards(catalog: Catalog, tokens: TokenStore, names: list[str], known_ok: bool = False) -> tuple[int, list[str]]:
-    """Add to the catalog every intact image the given shards describe and the catalog lacks
-    (newer shards win for a repeated id, hash or path). Returns (images added, shards that could
-    not describe themselves)."""
-    added, skipped = 0, []
-    with catalog.transaction():
-        for name in sorted(names):  # names start with the write time: oldest first
-            try:
-                theirs = tokens.schema_of(name)["identity"].get("model_fingerprint")
-                rows = tokens.describe_rows(name)
-                good = tokens.good_rows(name)
-            except (CollectionFormatError, OSError):
-                skipped.append(name)
-                continue
-            if theirs and theirs != tokens.identity.get("model_fingerprint"):
-                skipped.append(name)  # another model's embeddings never join this collection
-                continue
-            if rows is None:
-                skipped.append(name)
-                continue
-            have = set(catalog.ids().tolist())
-            intact = 0
-            for r, row in enumerate(rows):
-                if (good is not None and not good[r]) or row["id"] in have:
-                    continue
-                twin = catalog.id_by_hash(row["hash"])
-                if twin is not None:
-                    catalog.delete_images([twin])  # the same content under an older id
-                catalog.import_image(row["id"], row["hash"], row["size"], row["metadata"], name, r)
-                for p, size, mtime in row["paths"]:
-                    catalog.set_path(p, row["id"], size, mtime)
-                added += 1
-                intact += 1
-            if good is None or good.all():
-                catalog.shard_live(name, len(rows), tokens.checksum(name))
-        replaced = catalog.pathless(catalog.ids().tolist())
-        catalog.delete_images(replaced)  # versions whose every path now shows newer content
-        added -= len(replaced)
-        catalog.bump_version()
-    return added, skipped
 
 
 # ------------------------------------------------------------------------------ the mixin
@@ -295,9 +51,11 @@ def import_shards(catalog: Catalog, tokens: TokenStore, names: list[str], known_
 class Health:
     """``verify`` and ``repair`` of ``Collection`` (state lives there)."""
 
-    def verify(self) -> VerifyReport:
+    def verify(self, deep: bool = False) -> VerifyReport:
         """Check that catalog, token shards and index are undamaged and agree (same ids, no orphans,
-        no lost rows, checksums as recorded at commit).
+        no lost rows, checksums as recorded at commit), that every part is this collection's (no
+        foreign id) and the right kind of file-system object. ``deep`` also re-hashes every indexed
+        source file and names paths that no longer hold their image's content (see ``paths_check``).
 
         On a read-only open while a writer is active, a batch being written shows up as an orphan
         shard; the writer's own ``verify`` is authoritative."""
@@ -307,6 +65,14 @@ class Health:
             bad = self.catalog.quick_check()
             if bad is not None:
                 problems.append(f"{self.path / CATALOG_NAME} fails SQLite's quick_check ({bad})")
+            index_parts = set(index_part_names(self.manifest.backend))
+            odd = [what for name, what in odd_parts(self.path) if name not in index_parts]
+            problems += [f"{what}; verify --repair sets it aside in {DAMAGED_DIR}/" for what in odd]
+            home = collection_home(self.path, self.manifest, self.catalog, self.tokens, self.tokens.list_shards())
+            foreign = foreign_shards(self.tokens, home)
+            for name, theirs in sorted(foreign.items()):
+                problems.append(describe_foreign(f"token shard {name}", theirs, home)
+                                + f"; it is never imported (verify --repair sets it aside in {DAMAGED_DIR}/)")
             cat_ids = set(self.catalog.ids().tolist())
             locations = self.catalog.locations()
             ledger = self.catalog.shard_ledger()
@@ -316,7 +82,8 @@ class Health:
             on_disk = set(self.tokens.list_shards())
             missing_shards = sorted(set(by_shard) - on_disk)
             orphan_shards = sorted(on_disk - set(by_shard))
-            damaged, bad_rows = self._damaged_shards(by_shard, on_disk, ledger, problems)
+            orphan_shards = [s for s in orphan_shards if s not in foreign]
+            damaged, bad_rows = self._damaged_shards(by_shard, on_disk, ledger, problems, set(foreign))
             for name in missing_shards:
                 ids = sorted(i for i, _ in by_shard[name])
                 problems.append(f"token shard {name} is missing; it held {len(ids)} image(s): ids {_ids_text(ids)}")
@@ -335,7 +102,7 @@ class Health:
             missing_in_index = sorted(cat_ids - idx_set)
             extra_in_index = sorted(idx_set - cat_ids)
             counts = self.catalog.counts()
-            damage = index_damage(self.path, self.manifest.backend) or self._index_damage
+            damage = index_damage(self.path, self.manifest.backend, home) or self._index_damage
             if damage:
                 problems.append(f"the vector index: {damage}; verify --repair rebuilds it from the stored embeddings")
             if missing_in_index:
@@ -353,12 +120,21 @@ class Health:
                 "shards": len(on_disk), "index_vectors": len(idx),
                 "pending_in_memory": len(self._pending) if self._pending is not None else 0,
             }
+            mismatched: list[dict] = []
+            if deep:
+                from .paths_check import describe_mismatches, path_mismatches
+
+                mismatched = path_mismatches(self.catalog)
+                problems += describe_mismatches(mismatched)
             return VerifyReport(not problems, problems, report_counts, missing_in_index, extra_in_index,
-                                orphan_shards, missing_shards, sorted(set(bad_rows)), damaged)
+                                orphan_shards, missing_shards, sorted(set(bad_rows)), damaged,
+                                foreign_shards=sorted(foreign), odd_parts=odd, mismatched_paths=mismatched)
 
     def _damaged_shards(self, by_shard: dict[str, list[tuple[int, int]]], on_disk: set[str],
-                        ledger: dict[str, tuple[str, int, str | None]], problems: list[str]) -> tuple[list[str], list[int]]:
-        """Shards whose checksum, rows or ids are not what was committed; and the images affected."""
+                        ledger: dict[str, tuple[str, int, str | None]], problems: list[str],
+                        foreign: set[str]) -> tuple[list[str], list[int]]:
+        """Shards whose checksum, rows or ids are not what was committed (or that another collection's
+        shard replaced); and the images affected."""
         damaged: list[str] = []
         bad: list[int] = []
         for shard in sorted(set(by_shard) & on_disk):
@@ -366,6 +142,12 @@ class Health:
             ids_here = sorted(i for i, _ in entries)
             want = ledger.get(shard, ("", 0, None))[2]
             why = None
+            if shard in foreign:
+                damaged.append(shard)
+                bad.extend(ids_here)
+                problems.append(f"token shard {shard} was replaced by another collection's; the {len(ids_here)} "
+                                f"image(s) it held are lost here: ids {_ids_text(ids_here)}")
+                continue
             if want is not None and self.tokens.checksum(shard) != want:
                 why = "its content differs from the checksum recorded at commit"
             try:
@@ -392,15 +174,26 @@ class Health:
                                 f"{len(hit)} affected: ids {_ids_text(hit)}")
         return damaged, bad
 
-    def repair(self) -> VerifyReport:
-        """Make everything agree again from what survives: import images only a shard still knows,
-        salvage the intact rows of damaged shards, forget images whose stored data is gone and whose
-        files exist (the next ``f2b index`` re-encodes them), keep and report the others, delete
-        interrupted writes' leftovers, rebuild the index from the stored embeddings. Returns the
-        verification afterwards, with ``actions`` saying what was done."""
+    def repair(self, deep: bool = False) -> VerifyReport:
+        """Make everything agree again from what survives: set aside odd and foreign parts, import
+        images only a shard of this collection still knows, salvage the intact rows of damaged shards,
+        forget images whose stored data is gone and whose files exist (the next ``f2b index``
+        re-encodes them), keep and report the others, delete interrupted writes' leftovers, rebuild the
+        index from the stored embeddings. ``deep`` also re-links paths whose file holds another
+        image's content (``paths_check``). Returns the verification afterwards (deep when asked), with
+        ``actions`` saying what was done."""
         with self._writing():
-            actions: list[str] = []
-            report = self.verify()
+            actions: list[str] = self.opened_notes + set_aside_odd(self.path)
+            self.opened_notes = []
+            report = self.verify(deep=deep)
+            if deep and report.mismatched_paths:
+                from .paths_check import relink
+
+                actions += relink(self, report.mismatched_paths)
+            for shard in report.foreign_shards:
+                if not self.catalog.references(shard):
+                    actions.append(f"token shard {shard} belongs to another collection: never imported, kept as "
+                                   f"{self._set_aside(shard)}")
             unknown = [s for s in report.orphan_shards
                        if self.catalog.shard_ledger().get(s, ("",))[0] not in ("pending", "doomed")]
             if unknown:
@@ -416,11 +209,11 @@ class Health:
                                    f"{self._set_aside(shard)}")
             kept: set[int] = set()
             for shard in report.damaged_shards + report.missing_shards:
-                actions.extend(self._salvage(shard, kept))
+                actions.extend(self._salvage(shard, kept, foreign=shard in report.foreign_shards))
             self._delete_leftovers()
             self._rebuild_index(without=kept)
             self._changed = True
-            final = self.verify()
+            final = self.verify(deep=deep)
             final.actions = actions + ["rebuilt the vector index from the stored embeddings"]
             for line in actions:
                 log.warning(line)
@@ -437,12 +230,14 @@ class Health:
         known = self.catalog.ids_by_hashes({r["hash"] for r in rows})
         return all(known.get(r["hash"]) == r["id"] for r in rows)
 
-    def _salvage(self, shard: str, kept_ids: set[int]) -> list[str]:
+    def _salvage(self, shard: str, kept_ids: set[int], foreign: bool = False) -> list[str]:
+        """Copy the intact rows of a damaged shard into a new one; none of a foreign shard's rows (its
+        embeddings may come from another model, its tokens from other pixels). The file is set aside."""
         entries = [(i, r) for i, s, r in self.catalog.locations() if s == shard]
         good_mask = None
         shard_ids: list[int] = []
         stored_hash: list[str] = []
-        if (self.tokens.folder / shard).exists():
+        if (self.tokens.folder / shard).exists() and not foreign:
             try:
                 good_mask = self.tokens.good_rows(shard)
                 shard_ids = self.tokens.raw_ids(shard)
@@ -477,15 +272,20 @@ class Health:
         if kept:
             actions.append(f"token shard {shard}: {len(kept)} image(s) lost their stored data and their files are "
                            f"gone; kept in the catalog so nothing is forgotten (ids {_ids_text(kept)})")
-        elif (self.tokens.folder / shard).exists():
-            actions.append(f"token shard {shard}: the damaged file is kept as {self._set_aside(shard)}")
+        if (self.tokens.folder / shard).exists() and (foreign or not kept):
+            what = "another collection's file" if foreign else "the damaged file"
+            actions.append(f"token shard {shard}: {what} is kept as {self._set_aside(shard)}")
         return actions
 
     def _set_aside(self, shard: str) -> Path:
         """Move a shard out of ``tokens/`` into ``damaged/`` (kept, never deleted) and forget it."""
         aside = self.path / DAMAGED_DIR
-        aside.mkdir(exist_ok=True)
         self.tokens.close()
-        os.replace(self.tokens.folder / shard, aside / shard)
+        if not (aside / shard).exists() and (aside.is_dir() or not aside.exists()):
+            aside.mkdir(exist_ok=True)
+            os.replace(self.tokens.folder / shard, aside / shard)
+            kept = aside / shard
+        else:  # a shard of that name was set aside before (or damaged/ is odd): a time-stamped name
+            kept = set_aside_into(self.path, self.tokens.folder / shard)
         self.catalog.forget_shards([shard])
-        return aside / shard
+        return kept

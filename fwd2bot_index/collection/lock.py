@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .errors import CollectionLockedError
+from .errors import CollectionFormatError, CollectionLockedError
 
 __all__ = ["LOCK_NAME", "WriterLock"]
 
@@ -46,7 +46,16 @@ class WriterLock:
             return self
         if fcntl is None:  # pragma: no cover
             raise CollectionLockedError("collection locking needs fcntl (Linux or macOS)")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a folder (or something else) named ``lock``: one line, not a traceback
+            from .parts import odd_message, odd_parts
+
+            odd = odd_parts(self.folder, ("lock",))
+            if not odd:
+                raise CollectionFormatError(f"cannot open the writer lock {self.path} ({exc.strerror or exc}); "
+                                            "check the collection folder's permissions") from None
+            raise CollectionFormatError(odd_message(self.folder, odd)) from None
         deadline = time.monotonic() + max(0.0, timeout)
         try:
             while True:

@@ -49,6 +49,7 @@ class Manifest(BaseModel):
         default_factory=dict, description="preprocessing that changes what is stored (Qwen2-VL: min/max pixels)")
     backend: Backend = "faiss"
     backend_options: dict[str, Any] = Field(default_factory=dict)
+    collection_id: str = Field(default="", description="this collection's id, in every part (see identity.py)")
     created: str = Field(default_factory=utc_now)
     updated: str = Field(default_factory=utc_now)
 
@@ -69,10 +70,11 @@ class Manifest(BaseModel):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            if any((Path(folder) / "tokens").glob("*.arrow")):
+            remains = lost_manifest_remains(Path(folder))
+            if remains:
                 raise CollectionFormatError(
-                    f"{path} is missing but {Path(folder) / 'tokens'} holds token shards; run f2b verify --repair "
-                    f"--collection {folder} to rebuild it from them"
+                    f"{path} is missing but {remains}; run f2b verify --repair --collection {folder} to rebuild "
+                    "it from the token shards"
                 ) from None
             raise CollectionNotFoundError(
                 f"no collection at {folder} ({MANIFEST_NAME} is missing); index some images into it first "
@@ -125,6 +127,16 @@ class Manifest(BaseModel):
             f"are not comparable. Either index into a new collection (--collection NEW_FOLDER), or "
             f"re-encode everything with the new model: f2b index --reindex{flag}"
         )
+
+
+def lost_manifest_remains(folder: Path) -> str | None:
+    """What shows that ``folder`` held a collection whose manifest is gone (None: nothing does), so
+    that no command suggests creating a new collection over it."""
+    if any((folder / "tokens").glob("*.arrow")):
+        return f"{folder / 'tokens'} holds token shards"
+    if (folder / "catalog.sqlite").exists():
+        return f"{folder / 'catalog.sqlite'} is there"
+    return None
 
 
 def _norm(strategy: dict[str, Any]) -> dict[str, Any]:

@@ -104,6 +104,13 @@ class VerifyReport:
     damaged_shards: list[str] = field(default_factory=list)
     #: What ``repair`` did (empty for a plain verify).
     actions: list[str] = field(default_factory=list)
+    #: Shards on disk that carry another collection's id (never imported; repair sets them aside).
+    foreign_shards: list[str] = field(default_factory=list)
+    #: Parts that are the wrong kind of file-system object (one line each; repair sets them aside).
+    odd_parts: list[str] = field(default_factory=list)
+    #: ``verify(deep=True)``: paths whose file no longer holds their image's content
+    #: (``{"path", "id", "found"}``, found: the image id whose content it holds, or None).
+    mismatched_paths: list[dict[str, Any]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return self.ok

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,15 +40,21 @@ from .catalog import CATALOG_NAME, Catalog
 from .errors import (
     CollectionError,
     CollectionExistsError,
+    CollectionFormatError,
     CollectionReadOnlyError,
 )
-from .health import Health, recover_folder, refuse, trust_problem
+from .health import Health
+from .identity import ID_KEY, adopt, new_id
+from .parts import ESSENTIAL, odd_message, odd_parts
+from .recover import recover_folder
+from .trust import refuse, trust_problem
 from .index import ExactIndex, VectorIndex, open_index
 from .lock import WriterLock
 from .maintenance import Maintenance
 from .reading import Reading
+from .removing import Removing
 from .shrink import current_manifest, finish_shrink
-from .manifest import MANIFEST_NAME, Manifest, utc_now
+from .manifest import MANIFEST_NAME, Manifest, lost_manifest_remains, utc_now
 from .records import FileStat, Hit, IndexPlan, NewImage, VerifyReport, abs_path, check_batch, metadata_json
 from .sync import (
     EMBEDDED_QDRANT,
@@ -59,6 +65,7 @@ from .sync import (
     disk_full,
     open_index_for_reader,
     open_index_for_writer,
+    read_state,
     token_store,
     undo_create,
     wipe,
@@ -82,7 +89,7 @@ DEFAULT_COLLECTION = ".f2b"
 DEFAULT_LOCK_TIMEOUT = 120.0
 
 
-class Collection(Reading, IndexSync, Health, Maintenance):
+class Collection(Reading, Removing, IndexSync, Health, Maintenance):
     """An image collection folder: catalog + token store + vector index + manifest + writer lock.
 
     Open with ``Collection.open(path, writable=...)`` or make one with ``Collection.create``; use it
@@ -124,6 +131,8 @@ class Collection(Reading, IndexSync, Health, Maintenance):
         self._state_seen: int | None = _mtime(folder / STATE_NAME)
         self._manifest_seen: int | None = _mtime(folder / MANIFEST_NAME)
         self._index_damage: str | None = None
+        #: What a writable open set aside or cleaned (a damaged or foreign index...): ``repair`` reports it.
+        self.opened_notes: list[str] = []
 
     # ------------------------------------------------------------------ opening
 
@@ -137,7 +146,10 @@ class Collection(Reading, IndexSync, Health, Maintenance):
 
     @staticmethod
     def exists(path: str | os.PathLike[str]) -> bool:
-        return (Path(path) / MANIFEST_NAME).is_file()
+        """A collection is there: its manifest (of whatever kind: opening says what is wrong with it),
+        or what remains of one whose manifest was lost (so no command offers to create one over it)."""
+        folder = Path(path)
+        return (folder / MANIFEST_NAME).exists() or (folder.is_dir() and lost_manifest_remains(folder) is not None)
 
     @staticmethod
     def recover(path: str | os.PathLike[str], lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> list[str]:
@@ -183,13 +195,14 @@ class Collection(Reading, IndexSync, Health, Maintenance):
                 )
             wipe(folder)
             started = True  # from here on, a failure before the manifest undoes what was written
-            updates: dict[str, Any] = {"created": utc_now(), "updated": utc_now()}
+            updates: dict[str, Any] = {"created": utc_now(), "updated": utc_now(), ID_KEY: new_id()}
             if backend is not None:
                 updates["backend"] = backend
             if backend_options is not None:
                 updates["backend_options"] = dict(backend_options)
             manifest = Manifest.model_validate({**manifest.model_dump(), **updates})
             catalog = Catalog(folder / CATALOG_NAME)
+            catalog.set_collection_id(manifest.collection_id)
             tokens = token_store(folder, manifest, catalog)
             (folder / TOKENS_DIR).mkdir(exist_ok=True)
             index = open_index(manifest.backend, folder, manifest.embed_dim, manifest.backend_options)
@@ -232,6 +245,9 @@ class Collection(Reading, IndexSync, Health, Maintenance):
         write and may run beside writers. ``backend_options`` adds or overrides options for this
         session only (e.g. a Qdrant ``api_key``)."""
         folder = Path(path).absolute()
+        odd = odd_parts(folder, ESSENTIAL)
+        if odd:
+            raise CollectionFormatError(odd_message(folder, odd))
         manifest = Manifest.load(folder)
         options = {**manifest.backend_options, **(backend_options or {})}
         lock = WriterLock(folder).acquire(timeout=lock_timeout) if writable else None
@@ -245,19 +261,25 @@ class Collection(Reading, IndexSync, Health, Maintenance):
             problem = trust_problem(folder, manifest, catalog, tokens, deep=False)
             if problem is not None:
                 raise refuse(folder, problem)
+            notes: list[str] = []
             if writable:
-                clean_litter(folder, manifest.backend)
-                index = open_index_for_writer(manifest, folder, options)
+                if adopt(folder, manifest, catalog):  # a collection from before ids gets its id now
+                    tokens.identity[ID_KEY] = manifest.collection_id
+                notes += clean_litter(folder, manifest.backend)
+                index = open_index_for_writer(manifest, folder, options, notes)
                 damage = None
             else:
                 index, damage = open_index_for_reader(manifest, folder, options)
             col = cls(folder, manifest, catalog, tokens, index, lock, save_every, hold_lock, lock_timeout,
                       backend_options)
             col._index_damage = damage
+            col.opened_notes = notes
             if writable:
                 col._delete_leftovers(check=True)
                 finish_shrink(col)
                 col._reconcile()
+                if manifest.collection_id and read_state(folder).get(ID_KEY) != manifest.collection_id:
+                    col._save_index()  # the state vouches for this collection's index from now on
                 if not col._hold:
                     lock.release()
             else:
@@ -435,73 +457,6 @@ class Collection(Reading, IndexSync, Health, Maintenance):
                 if orphans:
                     self.catalog.bump_version()
             self._apply_to_index(None, None, orphans)
-
-    # ------------------------------------------------------------------ removing
-
-    def remove(self, ids: Iterable[int], remember: bool = False) -> list[int]:
-        """Delete images (all their paths); returns the ids that existed. ``remember``: record their
-        paths as removed by the user, so the next ``index`` of their folder skips them (see ``plan``)."""
-        with self._writing():
-            self._check_before_deleting()
-            with self._transaction():
-                ids = list(ids)
-                if remember:
-                    self.catalog.remember_removed_images(ids)
-                gone = self.catalog.delete_images(ids)
-                if gone:
-                    self.catalog.bump_version()
-            self._apply_to_index(None, None, gone)
-            return gone
-
-    def remove_paths(self, paths: Iterable[str | os.PathLike[str]], remember: bool = False) -> list[int]:
-        """Forget paths; images left without any path are deleted (their ids are returned).
-        ``remember``: as for ``remove`` (a user's removal; pruning and re-linking do not remember)."""
-        with self._writing():
-            self._check_before_deleting()
-            with self._transaction():
-                paths = [abs_path(p) for p in paths]
-                if remember:
-                    self.catalog.remember_removed_paths(paths)
-                touched = self.catalog.delete_paths(paths)
-                gone = self.catalog.delete_images(self.catalog.pathless(touched))
-                if gone:
-                    self.catalog.bump_version()
-            self._apply_to_index(None, None, gone)
-            return gone
-
-    def _check_before_deleting(self) -> None:
-        """A damaged catalog never drives a deletion: before this session's first remove, the catalog
-        must pass SQLite's ``quick_check`` (O(catalog), once per open collection). Why: a remove on a
-        catalog with a damaged page commits, and the repair that must then rebuild the catalog from the
-        shards brings the image back; refused, the user repairs first and removes after."""
-        if getattr(self, "_checked_for_deletions", False):
-            return
-        bad = self.catalog.quick_check()
-        if bad is not None:
-            raise refuse(self.path, f"{self.path / CATALOG_NAME} fails SQLite's quick_check ({bad})")
-        self._checked_for_deletions = True
-
-    def prune(
-        self,
-        existing_paths: Iterable[str | os.PathLike[str]] | None = None,
-        roots: Iterable[str | os.PathLike[str]] | None = None,
-    ) -> dict[str, list[Any]]:
-        """Forget vanished files. With ``existing_paths`` (a fresh scan), every known path under
-        ``roots`` that the scan did not see is dropped (pass ``roots``, or paths indexed from other
-        folders count as vanished); without it, each known path under ``roots`` (all when None) is
-        checked on disk. Images whose last path vanished are removed.
-        Returns ``{"paths": [...], "images": [...]}``."""
-        self._require_writable()
-        prefixes = [abs_path(r) for r in roots] if roots is not None else None
-        with self._mutex:
-            known = self.catalog.all_paths(prefixes)
-        if existing_paths is not None:
-            present = {abs_path(p) for p in existing_paths}
-            vanished = [p for p in known if p not in present]
-        else:
-            vanished = [p for p in known if not os.path.exists(p)]
-        images = self.remove_paths(vanished) if vanished else []
-        return {"paths": vanished, "images": images}
 
     def save(self) -> None:
         """Make the index durable now (it is also saved every ``save_every`` changes and on close)."""

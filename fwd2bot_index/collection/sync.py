@@ -26,8 +26,10 @@ import numpy as np
 from ._fs import atomic_write_bytes
 from .catalog import CATALOG_NAME, Catalog
 from .errors import CollectionError, CollectionFormatError, CollectionLockedError
+from .identity import ID_KEY, describe_foreign, identity_of
 from .index import INDEX_LOCATIONS, ExactIndex, VectorIndex, index_location, open_index
 from .manifest import MANIFEST_NAME, Manifest, utc_now
+from .parts import odd_parts, set_aside_into
 from .tokens import TOKENS_DIR, TokenStore, file_sha256
 
 log = logging.getLogger(__name__)
@@ -41,11 +43,29 @@ EMBEDDED_QDRANT = ("qdrant-edge", "qdrant-local")
 
 def token_store(folder: Path, manifest: Manifest, catalog: Catalog) -> TokenStore:
     """The token store of ``folder``, locating images through ``catalog`` and checking each shard
-    against the checksum the catalog recorded for it."""
-    identity = {"model_name": manifest.model_name, "model_fingerprint": manifest.model_fingerprint,
-                "strategy": manifest.strategy, "image_options": manifest.image_options}
+    against the checksum the catalog recorded for it. New shards record the model and collection id."""
     return TokenStore(folder / TOKENS_DIR, manifest.token_count, manifest.token_dim, manifest.embed_dim,
-                      manifest.token_dtype, catalog.locations, identity, catalog.shard_sha256)
+                      manifest.token_dtype, catalog.locations, identity_of(manifest), catalog.shard_sha256)
+
+
+def index_part_names(backend: str) -> tuple[str, ...]:
+    """The names of the derived index parts of ``backend`` (with the state file)."""
+    location = INDEX_LOCATIONS.get(backend)
+    extra = (location, location + ".tombstones.npy") if backend == "faiss" else (location,) if location else ()
+    return (STATE_NAME, *extra)
+
+
+def set_aside_index(folder: Path, backend: str, why: str = "damaged") -> list[str]:
+    """Move the saved index of ``backend`` (files, folder, tombstones, state) into ``damaged/``: a
+    derived part is rebuilt from the stored embeddings, and the old one is kept, never deleted (it may
+    be someone's only copy of another collection's index). One line per part moved."""
+    moved = []
+    for name in index_part_names(backend):
+        path = folder / name
+        if path.exists() or path.is_symlink():
+            kept = set_aside_into(folder, path, why)
+            moved.append(f"{name} set aside as {kept.relative_to(folder)}")
+    return moved
 
 
 def index_files(folder: Path, backend: str) -> list[Path]:
@@ -65,13 +85,20 @@ def read_state(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def index_damage(folder: Path, backend: str) -> str | None:
-    """Why the saved index cannot be trusted (missing, or not what was saved), or None."""
+def index_damage(folder: Path, backend: str, collection_id: str | None = None) -> str | None:
+    """Why the saved index cannot be trusted (a part of the wrong kind, another collection's, missing,
+    or not what was saved), or None. ``collection_id``: this collection's (see ``identity``)."""
+    odd = odd_parts(folder, index_part_names(backend))
+    if odd:
+        return odd[0][1]
+    state = read_state(folder)
+    theirs = state.get(ID_KEY)
+    if collection_id and theirs and theirs != collection_id:
+        return describe_foreign(f"{folder / STATE_NAME} (and the index it vouches for)", theirs, collection_id)
     if backend != "faiss":
         return None
     if not (folder / STATE_NAME).exists():
         return f"{folder / STATE_NAME} is missing"
-    state = read_state(folder)
     recorded = state.get("files")
     if not isinstance(recorded, dict):
         return f"{folder / STATE_NAME} is unreadable" if not state else None
@@ -84,24 +111,28 @@ def index_damage(folder: Path, backend: str) -> str | None:
     return None
 
 
-def open_index_for_writer(manifest: Manifest, folder: Path, options: dict[str, Any]) -> VectorIndex:
-    """Open the index to write; a missing, damaged or unreadable one starts empty (it is refilled
-    from the shards by the caller's reconcile)."""
-    damage = index_damage(folder, manifest.backend)
+def open_index_for_writer(manifest: Manifest, folder: Path, options: dict[str, Any],
+                          notes: list[str] | None = None) -> VectorIndex:
+    """Open the index to write; a missing, damaged, foreign or unreadable one is set aside in
+    ``damaged/`` and starts empty (refilled from the shards by the caller's reconcile). ``notes``
+    receives one line per thing set aside (``repair`` reports them)."""
+    damage = index_damage(folder, manifest.backend, manifest.collection_id)
     if damage is None:
         try:
             return open_index(manifest.backend, folder, manifest.embed_dim, options)
         except CollectionFormatError as exc:
             damage = str(exc)
     log.warning("%s; rebuilding the index from the token store", damage)
-    remove_index_files(folder, manifest.backend)
+    moved = set_aside_index(folder, manifest.backend, "foreign" if "another collection" in damage else "damaged")
+    if notes is not None and moved:
+        notes.append(f"the vector index: {damage}; " + ", ".join(moved))
     return open_index(manifest.backend, folder, manifest.embed_dim, options)
 
 
 def open_index_for_reader(manifest: Manifest, folder: Path, options: dict[str, Any]) -> tuple[VectorIndex, str | None]:
     """Open the index to read; when it is unusable (held by a writer, damaged), search exactly from
     the stored embeddings instead of failing. Returns the index and what was wrong with the saved one."""
-    damage = index_damage(folder, manifest.backend)
+    damage = index_damage(folder, manifest.backend, manifest.collection_id)
     if damage is None:
         try:
             return open_index(manifest.backend, folder, manifest.embed_dim, options, readonly=True), None
@@ -206,8 +237,9 @@ def clean_litter(folder: Path, backend: str) -> list[str]:
     for other in INDEX_LOCATIONS:
         location = index_location(other, folder)
         if other != backend and location is not None and location.exists():
-            shutil.rmtree(location, ignore_errors=True) if location.is_dir() else location.unlink()
-            removed.append(f"removed {location}, the index of an interrupted change to the {other} backend")
+            kept = set_aside_into(folder, location, "unused")  # derived, but never deleted on a guess
+            removed.append(f"set aside {location} as {kept.relative_to(folder)}: the index of another backend "
+                           f"(an interrupted change to {other}, or copied in)")
     for line in removed:
         log.warning(line)
     return removed
@@ -252,6 +284,8 @@ class IndexSync:
         files = {p.name: file_sha256(p) for p in index_files(self.path, self.manifest.backend)}
         state = {"catalog_version": self.catalog.version(), "backend": self.manifest.backend,
                  "vectors": len(self.index), "saved": utc_now(), "files": files}
+        if self.manifest.collection_id:
+            state[ID_KEY] = self.manifest.collection_id
         atomic_write_bytes(self.path / STATE_NAME, json.dumps(state).encode())
         self._state_seen = _mtime(self.path / STATE_NAME)
 

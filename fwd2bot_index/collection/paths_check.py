@@ -1,0 +1,89 @@
+"""Path/content agreement (``verify --deep``): does each indexed file still hold its image's content?
+
+Why: the catalog knows a file by path, size and mtime, and ``f2b index`` re-hashes a file only when
+size or mtime changed. Two rows whose paths were swapped (an edited catalog, a restore that mixed two
+folders, files renamed into each other's names with their times kept) therefore pass every cheap
+check: searches show each image under the other's path, answers describe the wrong picture. Only
+re-hashing the files finds it; that reads every file, so it is ``--deep`` only.
+
+``relink`` (``verify --deep --repair``) re-points each such path at the image whose content the file
+now holds (one transaction, so a swap never leaves an image without a path half way), and marks a
+path whose content is in no image as changed, so the next ``f2b index`` re-encodes it (its old image
+then goes the way of any overwritten file).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from .tokens import file_sha256
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
+    from .store import Collection
+
+__all__ = ["describe_mismatches", "path_mismatches", "relink"]
+
+
+def path_mismatches(catalog: Catalog) -> list[dict[str, Any]]:
+    """``{"path", "id", "found"}`` for each indexed path whose file exists and no longer holds the
+    recorded content; ``found`` is the image whose content it holds, or None. Missing files are not
+    mismatches (``index --prune`` deals with them)."""
+    out = []
+    ids = catalog.ids().tolist()
+    hashes = catalog.hashes(ids)
+    paths = catalog.paths_of(ids)
+    for image_id in ids:
+        for path in paths.get(image_id, []):
+            try:
+                actual = file_sha256(path)
+            except OSError:
+                continue
+            if actual != hashes[image_id]:
+                out.append({"path": path, "id": image_id, "found": catalog.id_by_hash(actual)})
+    return out
+
+
+def describe_mismatches(found: list[dict[str, Any]], limit: int = 5) -> list[str]:
+    """One problem line per mismatched path (the first ``limit``), then one line for the rest."""
+    lines = []
+    for m in found[:limit]:
+        holds = f"image {m['found']}'s content" if m["found"] is not None else "content no image in the collection has"
+        lines.append(f"{m['path']} is recorded as image {m['id']} but now holds {holds}; verify --deep --repair "
+                     "re-links it (or has the next f2b index re-encode it)")
+    if len(found) > limit:
+        lines.append(f"{len(found) - limit} more path(s) no longer hold their recorded content")
+    return lines
+
+
+def relink(col: Collection, found: list[dict[str, Any]]) -> list[str]:
+    """Under the writer lock: re-point mismatched paths at the image whose content they hold, and
+    mark the others changed (size -1) so the next ``f2b index`` re-encodes them. Images left with no
+    path are removed, as for any overwritten file, and said so. One action line per kind of change."""
+    if not found:
+        return []
+    relinked, stale, gone = 0, 0, []
+    with col._transaction():
+        touched = set()
+        for m in found:
+            st = os.stat(m["path"])
+            if m["found"] is not None:
+                old = col.catalog.set_path(m["path"], m["found"], st.st_size, st.st_mtime)
+                touched.update(x for x in (old, m["id"]) if x is not None)
+                relinked += 1
+            else:
+                col.catalog.set_path(m["path"], m["id"], -1, -1.0)  # not what was hashed: re-read next time
+                stale += 1
+        gone = col.catalog.delete_images(col.catalog.pathless(touched))
+        col.catalog.bump_version()
+    col._apply_to_index(None, None, gone)
+    actions = []
+    if relinked:
+        actions.append(f"re-linked {relinked} path(s) to the image whose content the file holds")
+    if stale:
+        actions.append(f"{stale} path(s) hold content no image has: the next f2b index re-encodes them")
+    if gone:
+        actions.append(f"{len(gone)} image(s) whose content no file holds any more were removed "
+                       f"(ids {', '.join(map(str, gone[:8]))})")
+    return actions
