@@ -60,7 +60,7 @@ class Replica:
 
     def __init__(self, model_name: str, manifest: Any, device: str, dtype: str):
         from .model.config import Strategy
-        from .service import load_checked_model
+        from .loader import load_checked_model
 
         self.strategy = Strategy.from_dict(manifest.strategy)
         # A failed load is kept and raised by the first call: Ray then hands the driver the exception
@@ -129,7 +129,7 @@ class RayEncoder:
             try:
                 ray.init(address=self.address, **quiet)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                from .service import ServiceError
+                from .errors import ServiceError
 
                 raise ServiceError(f"--ray {self.address}: cannot reach the Ray cluster ({exc}); start it with "
                                    "`ray start --head` or check the address") from None
@@ -169,7 +169,7 @@ def _surface_errors(results: Iterator[EncodedBatch]) -> Iterator[EncodedBatch]:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    from .service import ServiceError, user_error_types
+    from .errors import ServiceError, user_error_types
 
     while True:
         try:

@@ -2,7 +2,9 @@
 
 ``model`` and ``collection`` never import each other; this module joins them. The CLI, the REST app
 and evaluation call only this (and the model's public API). The model loads lazily: ``info``,
-``verify`` and ``remove`` never pay for it, and a server can preload it once at start.
+``verify`` and ``remove`` never pay for it, and a server can preload it once at start. Its errors
+(``errors``) and the checked model loader (``loader``) live below it, so that what it drives
+(``ray_index``) never imports it back; their names stay importable from here.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,16 +21,16 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .collection import Collection, Hit, ImageRow, Manifest, NewImage
-from .collection.errors import CollectionError, CollectionMismatchError, CollectionNotFoundError
+from .collection.errors import CollectionMismatchError, CollectionNotFoundError
 from .collection.catalog import FilterError, parse_filter  # noqa: F401  (re-exported for the shells)
-from .imaging import ImageDecodeError, ScanError, load_image, scan_images
+from .imaging import load_image, scan_images
 from .indexing import (  # noqa: F401  (IndexReport, IndexInterrupted re-exported: the shells import them here)
     WORLD_CHECK_IMAGES, IndexInterrupted, IndexReport, _Committer, _index_settings, _not_from_world, _prefetch,
     _Prepared, _prepare, world_flags,
 )
 from .options import OptionError, check_model_reference, check_options  # noqa: F401  (re-exported for the shells)
 from .demo_notice import collection_world_status, demo_world_status  # noqa: F401  (the shells import them here)
-from .errors import NotFoundError, ServiceError, user_error_types  # noqa: F401  (re-exported: the shells and users import them here)
+from .errors import NotFoundError, ServiceError, user_error_types  # noqa: F401  (re-exported for the shells)
 from .hints import no_collection_message
 from .loader import load_checked_model  # noqa: F401  (re-exported)
 from .shrinking import check_index_tokens, migrate_tokens, with_tokens
@@ -162,6 +163,12 @@ class ImageService:
         todo = plan.to_encode
         watch_world = self.model_name == DEFAULT_MODEL
         workers = workers or min(8, (os.cpu_count() or 2) + 2)
+        was_linked = {stat.path: self.collection.path_status(stat.path).get("status") == "indexed"
+                      for stat in plan.duplicates}
+        # Files holding content the collection already has are linked first, all in one commit: a file
+        # encoded below may displace an image whose content moved to one of them (renamed files, or
+        # two files that swapped content); linked after, that image was already gone.
+        linked_ids = dict(zip((s.path for s in plan.duplicates), self.collection.add_path_aliases(plan.duplicates)))
         committer = _Committer(report)  # every write of this phase, in plan order, on one writer thread
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="f2b-decode") as pool, \
@@ -214,9 +221,11 @@ class ImageService:
                 committer.close()  # what was encoded before it is still committed, and counted
             raise
         committer.close()
+        later = [s for s in plan.duplicates if linked_ids[s.path] is None]  # twins of files encoded above
+        linked_ids.update(zip((s.path for s in later), self.collection.add_path_aliases(later)))
         for stat in plan.duplicates:  # identical content: one entry, several paths
-            linked = self.collection.path_status(stat.path).get("status") == "indexed"  # before the alias
-            image_id = self.collection.add_path_alias(stat.path, stat.hash, stat.size, stat.mtime)
+            linked = was_linked[stat.path]  # before the alias
+            image_id = linked_ids[stat.path]
             if image_id is None:
                 reason = "same content as another file that could not be indexed"
                 self.collection.record_failure(stat.path, stat.size, stat.mtime, reason)
@@ -363,12 +372,13 @@ class ImageService:
         """Rebuild the vector index in another backend from the stored embeddings (no re-encoding)."""
         self.collection.change_backend(backend, options)
 
-    def verify(self, repair: bool = False):
+    def verify(self, repair: bool = False, deep: bool = False):
         """Check the collection; with ``repair``, rebuild what can be rebuilt from what survives
-        (``actions`` in the report says what was done, including ``open_service(repair=True)``'s)."""
+        (``actions`` in the report says what was done, including ``open_service(repair=True)``'s).
+        ``deep`` also re-hashes the indexed files (paths that hold another image's content)."""
         if not repair:
-            return self.collection.verify()
-        report = self.collection.repair()
+            return self.collection.verify(deep=deep)
+        report = self.collection.repair(deep=deep)
         report.actions[:0] = getattr(self, "recovered", [])
         return report
 
