@@ -339,12 +339,14 @@ def verify(
     repair: bool = typer.Option(False, "--repair", help="Rebuild what is damaged from what survives: manifest and "
                                 "catalog from the token shards, the index from the embeddings (damaged files are "
                                 "kept aside; images whose data is lost are re-encoded by the next index)."),
+    deep: bool = typer.Option(False, "--deep", help="Also re-hash every indexed file and name paths that no longer "
+                              "hold their image's content (reads every file); with --repair, re-link them."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Check that catalog, token store and index agree (exit 0 only then)."""
     with user_errors():
         with _service(collection, None, "cpu", "auto", writable=repair, repair=repair) as service:
-            report = service.verify(repair=repair)
+            report = service.verify(repair=repair, deep=deep)
     data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
     if as_json:
         print_json(data)

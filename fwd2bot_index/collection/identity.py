@@ -87,14 +87,16 @@ def part_votes(folder: Path, tokens: TokenStore, sample: list[str]) -> list[str 
     return [shard_id(tokens, n) for n in sample] + [read_state(folder).get(ID_KEY)]
 
 
-def adopt(folder: Path, manifest: Manifest, catalog: Catalog) -> str | None:
+def adopt(folder: Path, manifest: Manifest, catalog: Catalog, tokens: TokenStore) -> str | None:
     """Writer, under the lock, after the parts were found trustworthy: give a collection from before
-    ids its id, catalog first, then manifest (see the module docstring). Returns the id when one was
-    written (None when both already had it)."""
+    ids its id, catalog first, then manifest (see the module docstring). When neither has one but the
+    shards do (a manifest and catalog restored from before ids), the shards' id is taken, so they do
+    not all turn foreign. Returns the id when one was written (None when both already had it)."""
     cat = catalog.collection_id()
     if cat and manifest.collection_id == cat:
         return None
-    cid = cat or manifest.collection_id or new_id()
+    names = tokens.list_shards()
+    cid = cat or manifest.collection_id or home_id(None, None, part_votes(folder, tokens, names[-8:])) or new_id()
     if not cat:
         catalog.set_collection_id(cid)
     if manifest.collection_id != cid:

@@ -54,13 +54,14 @@ def _kind(path: Path) -> str | None:
 
 def odd_parts(folder: Path, names: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
     """``(part name, one-line description)`` for each part that is not the kind it must be (of
-    ``names``, default all), plus token shards that are not plain files."""
+    ``names``; all parts by default, and then also the token shards that are not plain files: those
+    are ``verify``'s to name, not a reason to refuse an open)."""
     out = []
     for name in names if names is not None else tuple(KINDS):
         found = _kind(folder / name)
         if found is not None and found != KINDS[name]:
             out.append((name, f"{folder / name} is a {found} where a {KINDS[name]} should be"))
-    if names is None or "tokens" in names:
+    if names is None:
         out += [(f"tokens/{n}", f"{folder / 'tokens' / n} is a {k} where a token shard file should be")
                 for n, k in odd_shards(folder)]
     return out

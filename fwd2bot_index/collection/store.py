@@ -263,7 +263,7 @@ class Collection(Reading, Removing, IndexSync, Health, Maintenance):
                 raise refuse(folder, problem)
             notes: list[str] = []
             if writable:
-                if adopt(folder, manifest, catalog):  # a collection from before ids gets its id now
+                if adopt(folder, manifest, catalog, tokens):  # a collection from before ids gets its id now
                     tokens.identity[ID_KEY] = manifest.collection_id
                 notes += clean_litter(folder, manifest.backend)
                 index = open_index_for_writer(manifest, folder, options, notes)
@@ -446,6 +446,30 @@ class Collection(Reading, Removing, IndexSync, Health, Maintenance):
                     self.catalog.bump_version()
             self._apply_to_index(None, None, orphans)
             return image_id
+
+    def add_path_aliases(self, stats: Sequence[FileStat]) -> list[int | None]:
+        """``add_path_alias`` for many files in one transaction; the image id of each (None: no image
+        has its content yet). Why one transaction: two files that swapped content (or names) each
+        displace the other's image; linked one by one, the first link left the second image without a
+        path, it was deleted as an orphan, and the second file was then recorded as failed forever.
+        Linked together, an image is an orphan only if no file of the batch holds it any more."""
+        if not stats:
+            return []
+        with self._writing():
+            ids = self.catalog.ids_by_hashes({s.hash for s in stats if s.hash})
+            with self._transaction():
+                displaced = set()
+                for s in stats:
+                    image_id = ids.get(s.hash) if s.hash else None
+                    if image_id is not None:
+                        old = self.catalog.set_path(abs_path(s.path), image_id, s.size, s.mtime)
+                        if old is not None:
+                            displaced.add(old)
+                orphans = self.catalog.delete_images(self.catalog.pathless(displaced))
+                if orphans:
+                    self.catalog.bump_version()
+            self._apply_to_index(None, None, orphans)
+            return [ids.get(s.hash) if s.hash else None for s in stats]
 
     def record_failure(self, path: str | os.PathLike[str], size: int, mtime: float, reason: str) -> None:
         """Remember that ``path`` (at this size and mtime) cannot be indexed, and why. It is retried

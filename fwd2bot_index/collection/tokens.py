@@ -418,7 +418,8 @@ class TokenStore:
     def list_shards(self) -> list[str]:
         if not self.folder.exists():
             return []
-        return sorted(p.name for p in self.folder.iterdir() if p.suffix == SHARD_SUFFIX and not p.name.startswith("."))
+        return sorted(p.name for p in self.folder.iterdir()  # a folder named like a shard is not one (parts.py)
+                      if p.suffix == SHARD_SUFFIX and not p.name.startswith(".") and p.is_file())
 
     def temp_files(self) -> list[Path]:
         if not self.folder.exists():
