@@ -151,3 +151,54 @@ def test_sigkill_during_remove_removes_all_or_none_and_a_rerun_finishes(tmp_path
     with Collection.open(folder) as col:
         assert len(col) == 9 and col.verify().ok
         assert sorted(r.metadata["i"] for r in col.list_images(0, 100)) == [30, 31, 32, 33, 34, 36, 37, 38, 39]
+
+
+# ------------------------------------------------------------------------------------ through f2b index
+
+
+def test_f2b_index_after_files_swapped_or_renamed_over_fails_nothing(tmp_path):
+    """As a user meets it (tiny model): two files swap names; then a file is renamed and a new picture
+    takes its old name. Every later run: nothing failed, nothing re-encoded that was stored, each
+    path shows its own content."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from fwd2bot_index.cli.main import app
+    from fwd2bot_index.model.tiny import TinySpec, save_tiny_llava
+
+    model = save_tiny_llava(tmp_path / "m", TinySpec(image_size=64), seed=0)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, size in enumerate([(64, 64), (80, 48), (48, 80), (72, 72)]):
+        Image.new("RGB", size, (40 * i, 200 - 30 * i, 90)).save(images / f"{i}.png")
+    coll = tmp_path / "c"
+    runner = CliRunner()
+    args = ["index", str(images), "-c", str(coll), "-m", str(model), "--device", "cpu", "--json"]
+
+    def index() -> dict:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    def check() -> None:
+        with Collection.open(coll) as col:
+            for p in images.iterdir():
+                assert col.resolve(str(p)).hash == file_sha256(p), p
+            assert not col.failures() and col.verify(deep=True).ok
+
+    assert index()["indexed"] == 4
+    (images / "0.png").rename(images / "tmp.png")
+    (images / "1.png").rename(images / "0.png")
+    (images / "tmp.png").rename(images / "1.png")
+    swapped = index()
+    assert swapped["indexed"] == 0 and swapped["failed"] == [], swapped
+    check()
+    (images / "2.png").rename(images / "renamed.png")
+    Image.new("RGB", (56, 56), (1, 2, 3)).save(images / "2.png")  # a new picture under the old name
+    renamed = index()
+    assert renamed["indexed"] == 1 and renamed["failed"] == [], renamed
+    check()
+    with Collection.open(coll) as col:
+        assert len(col) == 5 and index()["failed"] == []
