@@ -19,21 +19,29 @@ alpha is composited, EXIF rotation makes a copy. So two rules, both checked on t
 
 from __future__ import annotations
 
+import os
+import struct
+import zlib
+
 #: longest side / shortest side; beyond it an image is refused before decoding (see the module text)
 MAX_ASPECT_RATIO = 50
 #: the decode-memory bound of one image (the estimate of ``decode_bytes``), for a library caller or `f2b index`
 DEFAULT_MAX_DECODE_BYTES = 1 << 30
 
-# Bytes per pixel of the peak while an image of each stored mode is decoded and converted to RGB (Pillow
-# keeps RGB, RGBA, CMYK and YCbCr in 4 bytes a pixel): the decoded image, plus the RGB copy it becomes,
-# plus (alpha) the RGBA copy, the white background and the composite. 16-bit and float data is rescaled in
-# strips, so only the decoded image, one byte a pixel of grey and the RGB copy are whole-image sized.
+# Bytes per pixel of the peak while an image of each stored mode is decoded and converted to RGB
+# (``imaging._to_rgb``; Pillow keeps RGB, RGBA, LA, CMYK and YCbCr in 4 bytes a pixel, I;16 in 2, I and F
+# in 4): the decoded image plus the one full-size copy it becomes (alpha: plus the RGBA copy of a mode that
+# is not RGBA; 16-bit and float: rescaled in strips into one byte of grey, then RGB). Measured by
+# bench/bench_memory.py at the limits.
 _PEAK_BYTES_PER_PIXEL = {
-    "1": 5, "L": 5, "P": 5, "RGB": 8, "YCbCr": 8, "CMYK": 8, "LAB": 8, "HSV": 8,
-    "LA": 14, "La": 14, "PA": 14, "RGBA": 16, "RGBa": 16,
-    "I;16": 7, "I;16L": 7, "I;16B": 7, "I;16N": 7, "I": 9, "F": 9,
+    "1": 5, "L": 5, "P": 5, "RGB": 8, "YCbCr": 8, "CMYK": 8, "LAB": 8, "HSV": 8, "RGBA": 8,
+    "LA": 12, "La": 12, "PA": 12, "RGBa": 12,
+    "I;16": 8, "I;16L": 8, "I;16B": 8, "I;16N": 8, "I": 10, "F": 10,
 }
-_UNKNOWN_MODE_BYTES = 16  # a mode not listed: assume the most expensive path
+_UNKNOWN_MODE_BYTES = 16  # a mode not listed: assume more than any listed path
+#: what a decode costs beside its pixels, whatever the size (the decoder's buffers, zlib's window, the file's
+#: read-ahead): measured under 1 MiB; counted generously so the estimate is a bound, not a guess
+DECODE_OVERHEAD_BYTES = 8 << 20
 _ROTATIONS = (5, 6, 7, 8)  # EXIF orientations that transpose; 2-8 all copy the image once
 
 
@@ -43,11 +51,11 @@ def decode_bytes(width: int, height: int, mode: str, transparent: bool = False, 
     ``transparent``: a palette or grey image with a transparency key (composited like alpha);
     ``oriented``: an EXIF orientation other than 1 (the picture is copied once more, rotated)."""
     per_pixel = _PEAK_BYTES_PER_PIXEL.get(mode, _UNKNOWN_MODE_BYTES)
-    if transparent and per_pixel < 14:
-        per_pixel = 14
-    if oriented:
+    if transparent:  # a transparency key: the RGBA copy, then the composite
+        per_pixel = max(per_pixel, 12) + 1
+    if oriented:  # the rotated copy of the decoded image (4 bytes a pixel at most)
         per_pixel += 4
-    return int(width) * int(height) * per_pixel
+    return int(width) * int(height) * per_pixel + DECODE_OVERHEAD_BYTES
 
 
 def shape_problem(width: int, height: int, mode: str, *, max_pixels: int, max_aspect: float = MAX_ASPECT_RATIO,
@@ -73,3 +81,33 @@ def shape_problem(width: int, height: int, mode: str, *, max_pixels: int, max_as
         return (f"image needs too much memory to decode: {width}x{height} in mode {mode} takes about "
                 f"{need / 2**20:,.0f} MiB, over the limit of {max_bytes / 2**20:,.0f} MiB; scale it down to index it")
     return None
+
+
+def write_flat_png(path: str | os.PathLike[str], width: int, height: int, bit_depth: int = 8, color_type: int = 2,
+                   orientation: int | None = None) -> str:
+    """Write a one-colour (all zero) PNG of any size, a few KB on disk, in O(1 MiB) of memory.
+
+    For the tests and the memory benchmark: hostile shapes (40,000,000 x 1) and images exactly at the limits
+    are made in milliseconds without ever holding their pixels. ``color_type`` 0 grey, 2 RGB, 6 RGBA;
+    ``orientation`` adds an EXIF block (before the pixels) with that orientation tag.
+    """
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[color_type]
+    left = (1 + (width * channels * bit_depth + 7) // 8) * height
+    zeros, packer = bytes(min(left, 1 << 20)), zlib.compressobj(9)
+    with open(path, "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type,
+                                                                      0, 0, 0)))
+        if orientation is not None:  # a little-endian TIFF header and one IFD entry: 0x0112 SHORT 1 = orientation
+            tiff = b"II*\x00\x08\x00\x00\x00\x01\x00" + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + b"\x00" * 4
+            fh.write(chunk(b"eXIf", tiff))
+        parts = []
+        while left:
+            n = min(left, len(zeros))
+            parts.append(packer.compress(zeros[:n]))
+            left -= n
+        parts.append(packer.flush())
+        fh.write(chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+    return str(path)

@@ -207,8 +207,9 @@ def _decode(fh: BinaryIO, name: str, size: int, limits: _Limits) -> Image.Image:
             raise ImageDecodeError(name, _reason_from_exception(exc)) from None
         if ImageFile.LOAD_TRUNCATED_IMAGES:
             log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set by some other code: truncated files may pass")
-        oriented = _apply_orientation(im)
-        rgb = _to_rgb(oriented)
+        # exif_transpose copies even an image it leaves as it is: call it only for a real rotation or flip
+        oriented = _apply_orientation(im) if _orientation(im) not in (None, 1) else im
+        rgb = _to_rgb(oriented, owned=oriented is not im)
     rgb.info["source_format"] = source_format
     return rgb
 
@@ -251,21 +252,27 @@ def _apply_orientation(im: Image.Image) -> Image.Image:
         return im
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB without clipping high bit depths."""
+def _to_rgb(im: Image.Image, owned: bool = False) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB without clipping high bit depths.
+
+    Memory (the estimate in ``image_shape`` follows this): at most one full-size copy beside ``im``. An RGB
+    image the caller ``owned`` (a rotated copy) is returned as is; alpha is composited by pasting onto white
+    with the alpha as mask (the same values as ``alpha_composite``, checked, without its two extra copies).
+    """
     mode = im.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         return _rescale_to_l(im, 65535.0).convert("RGB")
     if mode == "F":
         top = 1.0 if max((float(np.nanmax(s, initial=0.0)) for _, s in _strips(im)), default=0.0) <= 1.0 else 255.0
         return _rescale_to_l(im, top).convert("RGB")
-    if mode == "P":
-        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
-        mode = im.mode
     if "A" in mode or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = im if mode == "RGBA" else im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, _WHITE)
+        out.paste(rgba, mask=rgba)
+        out.info.update({k: v for k, v in im.info.items() if k != "transparency"})
+        return out
+    if mode == "RGB" and owned:
+        return im
     return im.convert("RGB")
 
 

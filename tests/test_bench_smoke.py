@@ -272,3 +272,10 @@ def test_nested_quick_tiny(bench, tmp_path, capsys):
     assert rows[4]["tokens_bytes_per_image"] < rows[8]["tokens_bytes_per_image"]
     assert rows[4]["speedup"] == pytest.approx(rows[4]["reencode_s"] / rows[4]["migrate_s"])
     assert data["goals"][0]["met"] in (True, False)
+
+
+def test_memory_hostile_cases_are_refused_cheaply(bench, tmp_path):
+    rows = bench("bench_memory").measure(quick=True, workdir=tmp_path, first=3)
+    assert [r["outcome"].startswith("refused") for r in rows] == [True, True, True]
+    assert all(r["above_baseline"] < 32 * 2**20 for r in rows)
+    assert "memory" in bench("run_all").KEYS
