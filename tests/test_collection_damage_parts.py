@@ -290,6 +290,30 @@ def test_a_foreign_index_is_never_searched_and_is_kept(world, tmp_path):
     assert kept == ["index.faiss", "index.state.json"]
 
 
+@pytest.mark.parametrize("backend", ["qdrant-edge", "qdrant-local"])
+def test_a_foreign_qdrant_index_is_set_aside_not_searched(world, tmp_path, backend):
+    """Qdrant engines keep no checksum we can record; the state's collection id still tells another
+    collection's Qdrant folder (copied in with its state) from this one's."""
+    root, golden, twin, _ = world
+    folder, theirs = copy_of(golden, tmp_path / "col"), copy_of(twin, tmp_path / "twin")
+    for col_path in (folder, theirs):
+        with Collection.open(col_path, writable=True) as col:
+            col.change_backend(backend)
+    shutil.rmtree(folder / backend)
+    shutil.copytree(theirs / backend, folder / backend)
+    shutil.copyfile(theirs / "index.state.json", folder / "index.state.json")
+    with Collection.open(folder) as col:
+        report = col.verify()
+        assert not report.ok and any("another collection" in p for p in report.problems)
+        assert col.search(emb(4), k=1)[0].metadata["i"] == 4
+    Collection.recover(folder)
+    with Collection.open(folder, writable=True) as col:
+        fixed = col.repair()
+        assert fixed.ok and any("set aside as damaged/" in a for a in fixed.actions), fixed.actions
+        assert col.search(emb(9), k=1)[0].metadata["i"] == 9 and not twin_hashes(col)
+    assert any(p.name.startswith(backend) for p in (folder / "damaged").iterdir())
+
+
 def test_a_foreign_only_shard_is_never_imported_over_a_sound_catalog(world, tmp_path):
     """The issue's case: repair set the sound catalog aside and imported the other collection's images."""
     root, golden, twin, _ = world
@@ -420,7 +444,7 @@ def test_a_lost_manifest_suggests_what_works(world, tmp_path):
     folder = copy_of(golden, tmp_path / "col")
     (folder / "manifest.json").unlink()
     runner = CliRunner()
-    for args in (["verify"], ["info"], ["remove", "3"]):
+    for args in (["verify"], ["info"], ["remove", "3"], ["index", str(root / "photos")]):
         result = runner.invoke(app, [*args, "--collection", str(folder)])
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert result.exit_code == 1 and len(lines) == 1, result.output
