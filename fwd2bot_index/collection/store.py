@@ -8,6 +8,11 @@ Layout of the folder (default ``./.f2b``)::
     index.faiss | qdrant-edge/ | qdrant-local/     the vector index, a derived cache
     index.state.json     which catalog version the saved index reflects, and its checksums
     lock                 the writer lock, held only while writing
+    damaged/             parts set aside by repair (damaged, foreign or of the wrong kind): kept, never deleted
+
+Identity. Manifest, catalog, each shard and the state carry the collection id (``identity``): a part
+copied in from another collection is foreign, never searched or imported. Each part's file-system kind
+is checked (``parts``): a file named ``tokens`` is one line, not a traceback.
 
 Crash safety. Per batch: (1) record the shard as pending, (2) insert the images in an open SQLite
 transaction, (3) write the batch's shard atomically and durably, (4) commit with the shard's checksum,
