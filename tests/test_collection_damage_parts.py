@@ -349,6 +349,21 @@ def test_a_foreign_catalog_or_manifest_is_refused_and_rebuilt(world, tmp_path):
             assert len(col) == 18 and col.verify().ok and not twin_hashes(col)
 
 
+def test_a_foreign_catalog_beside_a_lost_manifest_does_not_decide_the_id(world, tmp_path):
+    """The only part left that names an id is another collection's catalog: this collection's shards
+    outvote it, so both are rebuilt from them and nothing of the other collection comes in."""
+    root, golden, twin, _ = world
+    folder = copy_of(golden, tmp_path / "col")
+    foreign_catalog(folder, twin, None)
+    (folder / "manifest.json").unlink()
+    with Collection.open(golden) as col:
+        cid = col.manifest.collection_id
+    actions = Collection.recover(folder)
+    assert any("rebuilt manifest.json" in a for a in actions) and any("rebuilt catalog.sqlite" in a for a in actions)
+    with Collection.open(folder, writable=True) as col:
+        assert col.manifest.collection_id == cid and len(col) == 18 and not twin_hashes(col) and col.verify().ok
+
+
 def test_a_collection_from_before_ids_gets_one_on_first_writable_open(world, tmp_path, monkeypatch):
     """Migration: a collection written before ids (none in manifest, catalog, shards, state): a
     read-only open changes nothing; the first writable open writes the id into the catalog, then the

@@ -56,7 +56,12 @@ def home_id(manifest_id: str | None, catalog_id: str | None, votes: Iterable[str
     if not candidates:
         return counted.most_common(1)[0][0] if counted else None
     if len(set(candidates)) == 1:
-        return candidates[0]
+        only = candidates[0]
+        if len(candidates) == 1 and counted and counted[only] == 0 and counted.most_common(1)[0][1] >= 2:
+            # the one part left (the other lost) is the odd one out: another collection's catalog or
+            # manifest beside several shards that all say otherwise
+            return counted.most_common(1)[0][0]
+        return only
     return max(candidates, key=lambda c: counted[c])  # max keeps the first (the catalog) on a tie
 
 
