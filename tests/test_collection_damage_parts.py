@@ -145,6 +145,16 @@ def damaged_as_file(folder: Path, twin: Path, other: Path) -> None:
     shards(folder)[0].write_bytes(b"truncated")  # repair has something to set aside
 
 
+def journal_as_folder(folder: Path, twin: Path, other: Path) -> None:
+    (folder / "shrink.json").mkdir()
+
+
+def truncated_index(folder: Path, twin: Path, other: Path) -> None:
+    """Plain damage to a derived part: repair keeps the old file aside (it used to delete it)."""
+    data = (folder / "index.faiss").read_bytes()
+    (folder / "index.faiss").write_bytes(data[: len(data) // 2])
+
+
 def manifest_deleted(folder: Path, twin: Path, other: Path) -> None:
     (folder / "manifest.json").unlink()
 
@@ -163,6 +173,8 @@ CASES = {
     "manifest.json as a folder": (manifest_as_folder, False, set()),
     "a shard as a folder": (shard_as_folder, False, set(BATCHES[-1])),
     "damaged/ as a file": (damaged_as_file, False, set(BATCHES[0])),
+    "shrink.json as a folder": (journal_as_folder, False, set()),
+    "index.faiss truncated": (truncated_index, False, set()),
     "manifest deleted": (manifest_deleted, False, set()),
 }
 
@@ -269,8 +281,8 @@ def test_foreign_and_odd_parts(world, tmp_path, case):
             assert facts["hit"] == 4
         check_after_repair(folder, root, risk)
         kept = list((folder / "damaged").rglob("*")) if (folder / "damaged").is_dir() else []
-        if case.startswith("foreign") and case != "foreign manifest" and case != "foreign catalog":
-            assert kept, f"{case}: the foreign part was not kept aside"
+        if (case.startswith("foreign") and case not in ("foreign manifest", "foreign catalog")) or "index" in case:
+            assert kept, f"{case}: the foreign or damaged part was not kept aside"
     assert sorted(p.name for p in (base / "tokens").iterdir()) == before
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ._fs import fsync_dir
 
-__all__ = ["DAMAGED_DIR", "ESSENTIAL", "odd_parts", "odd_shards", "set_aside_into", "set_aside_odd"]
+__all__ = ["DAMAGED_DIR", "ESSENTIAL", "WRITER_ESSENTIAL", "odd_parts", "odd_shards", "set_aside_into", "set_aside_odd"]
 
 DAMAGED_DIR = "damaged"
 FILE, FOLDER = "file", "folder"
@@ -33,6 +33,8 @@ KINDS: dict[str, str] = {
 }
 #: Parts without which nothing can be read: any open refuses while one of these is the wrong kind.
 ESSENTIAL = ("manifest.json", "catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm", "tokens")
+#: ...and those a writer must also be able to use (the lock says so itself, when it is taken).
+WRITER_ESSENTIAL = (*ESSENTIAL, "shrink.json", "catalog.sqlite-journal")
 
 
 def _kind(path: Path) -> str | None:

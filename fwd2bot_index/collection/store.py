@@ -50,7 +50,7 @@ from .errors import (
 )
 from .health import Health
 from .identity import ID_KEY, adopt, new_id
-from .parts import ESSENTIAL, odd_message, odd_parts
+from .parts import ESSENTIAL, WRITER_ESSENTIAL, odd_message, odd_parts
 from .recover import recover_folder
 from .trust import refuse, trust_problem
 from .index import ExactIndex, VectorIndex, open_index
@@ -250,7 +250,7 @@ class Collection(Reading, Removing, IndexSync, Health, Maintenance):
         write and may run beside writers. ``backend_options`` adds or overrides options for this
         session only (e.g. a Qdrant ``api_key``)."""
         folder = Path(path).absolute()
-        odd = odd_parts(folder, ESSENTIAL)
+        odd = odd_parts(folder, WRITER_ESSENTIAL if writable else ESSENTIAL)
         if odd:
             raise CollectionFormatError(odd_message(folder, odd))
         manifest = Manifest.load(folder)
