@@ -8,7 +8,7 @@ files are KB while the decodes are the real thing.
 
 Cases: the hostile shapes that used to cost gigabytes or a crash (4,000,000 x 10, 40,000,000 x 1; just
 past 50:1) must be refused from the header for next to nothing; the largest images each limit still
-admits (at the pixel cap and at 50:1; RGB rotated by EXIF; RGBA and 16-bit at the decode-memory bound)
+admits (at the pixel cap and at 50:1; rotated by EXIF; alpha and 16-bit; at the decode-memory bound)
 must stay under the estimate that admitted them (``image_shape.decode_bytes``). Paths: `f2b index`
 (``load_image``: 89.5 M pixels, 1 GiB), the server (``check_image``: 40 M pixels, 512 MiB per decode,
 2 decodes at once), and a LLaVA-style preprocessor (CLIP, short side 336) resizing a 50:1 picture, the
@@ -59,6 +59,8 @@ def _cases(quick: bool) -> list[dict]:
         {"name": "square at the pixel cap (RGBA)", "path": "index", "size": at(INDEX_PIXELS - 2**16), "png": (8, 6)},
         {"name": "square at the 1 GiB bound (grey + alpha)", "path": "index",
          "size": at((INDEX_BYTES - DECODE_OVERHEAD_BYTES) / 12 - 2**16), "png": (8, 4)},
+        {"name": "square at the 1 GiB bound, EXIF-rotated (RGBA)", "path": "index",
+         "size": at((INDEX_BYTES - DECODE_OVERHEAD_BYTES) / 12 - 2**16), "png": (8, 6), "orientation": 6},
         {"name": "square at the pixel cap (16-bit grey)", "path": "index", "size": at(INDEX_PIXELS - 2**16),
          "png": (16, 0)},
         {"name": "4,000,000 x 10 (RGB)", "path": "server", "size": (4_000_000, 10), "png": (8, 2)},

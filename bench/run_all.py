@@ -216,7 +216,7 @@ def _sentence(text: str) -> str:
 #: the goal rows' "figure" labels each section's script writes (to keep a section's rows with its text)
 FIGURES = {"answer": ("1",), "storage": ("2",), "encode": ("3",), "search": ("4",), "service": ("5",), "gpu": ("6",),
            "training": ("training",), "cold": ("cold start", "cold start, no server"), "verify": ("verify latency",),
-           "nested": ("nested",)}
+           "nested": ("nested",), "memory": ("decode memory",)}
 
 
 def kept_records(document_text: str) -> dict[str, dict]:

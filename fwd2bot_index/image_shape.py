@@ -38,6 +38,7 @@ _PEAK_BYTES_PER_PIXEL = {
     "LA": 12, "La": 12, "PA": 12, "RGBa": 12,
     "I;16": 8, "I;16L": 8, "I;16B": 8, "I;16N": 8, "I": 10, "F": 10,
 }
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}  # else 4
 _UNKNOWN_MODE_BYTES = 16  # a mode not listed: assume more than any listed path
 #: what a decode costs beside its pixels, whatever the size (the decoder's buffers, zlib's window, the file's
 #: read-ahead): measured under 1 MiB; counted generously so the estimate is a bound, not a guess
@@ -53,8 +54,9 @@ def decode_bytes(width: int, height: int, mode: str, transparent: bool = False, 
     per_pixel = _PEAK_BYTES_PER_PIXEL.get(mode, _UNKNOWN_MODE_BYTES)
     if transparent:  # a transparency key: the RGBA copy, then the composite
         per_pixel = max(per_pixel, 12) + 1
-    if oriented:  # the rotated copy of the decoded image (4 bytes a pixel at most)
-        per_pixel += 4
+    if oriented and not (mode == "RGB" and not transparent):
+        # the rotated copy of the decoded image (a rotated RGB copy is the result itself: nothing more)
+        per_pixel += _STORED_BYTES.get(mode, 4)
     return int(width) * int(height) * per_pixel + DECODE_OVERHEAD_BYTES
 
 

@@ -60,7 +60,7 @@ def test_the_aspect_limit_is_inclusive_and_applies_both_ways(tmp_path):
 def test_decode_memory_bound_depends_on_the_mode():
     assert decode_bytes(1000, 1000, "RGB") == 8_000_000 + decode_bytes(0, 0, "RGB")
     assert decode_bytes(1000, 1000, "LA") > decode_bytes(1000, 1000, "RGBA") >= decode_bytes(1000, 1000, "RGB")
-    assert decode_bytes(1000, 1000, "RGB", oriented=True) > decode_bytes(1000, 1000, "RGB")
+    assert decode_bytes(1000, 1000, "RGBA", oriented=True) > decode_bytes(1000, 1000, "RGBA")
     assert decode_bytes(1000, 1000, "P", transparent=True) > decode_bytes(1000, 1000, "P")
     # the same pixels: grey passes a bound that RGBA does not
     assert shape_problem(4000, 4000, "L", max_pixels=DEFAULT_MAX_PIXELS, max_bytes=100 << 20) is None
