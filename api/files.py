@@ -127,10 +127,10 @@ def make_thumbnail(data: bytes, size: int, name: str) -> bytes:
     too much decode memory: ``fwd2bot_index.image_shape``) is a 422, decoded not at all."""
     from fwd2bot_index.imaging import ImageTooLargeError, load_thumbnail
 
-    from .uploads import DEFAULT_MAX_DECODE_BYTES
+    from .uploads import SERVER_MAX_DECODE_BYTES
 
     try:
-        picture = load_thumbnail(data, size, name=name, max_bytes=DEFAULT_MAX_DECODE_BYTES)
+        picture = load_thumbnail(data, size, name=name, max_bytes=SERVER_MAX_DECODE_BYTES)
     except ImageTooLargeError as exc:
         raise ApiProblem(422, f"no thumbnail: {exc}", "image-too-large") from None
     out = io.BytesIO()

@@ -26,7 +26,7 @@ ALLOWED_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"
 DECLARED_OK = ("image/", "application/octet-stream")
 #: the decode-memory bound of one uploaded image (``image_shape.decode_bytes``): the server decodes
 #: ``decode_slots`` (2) at a time, so images being decoded hold at most twice this
-DEFAULT_MAX_DECODE_BYTES = 512 * 1024 * 1024
+SERVER_MAX_DECODE_BYTES = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class CheckedImage:
 
 
 def check_image(data: bytes, name: str, declared: str | None, max_bytes: int, max_pixels: int,
-                max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> CheckedImage:
+                max_decode_bytes: int = SERVER_MAX_DECODE_BYTES) -> CheckedImage:
     """Check an uploaded file: 413 too big (bytes, pixels, an elongated shape, or the memory its decode
     would take, all from the header: see ``fwd2bot_index.image_shape``), 415 not an image we accept,
     422 damaged."""
