@@ -77,6 +77,23 @@ def test_swapped_paths_are_silent_to_cheap_checks_named_by_deep_and_relinked(tmp
         assert col.search(vec(0), k=1)[0].path == str(a)  # results show each image under its own file
 
 
+def test_f2b_verify_deep_names_and_repairs_swapped_paths(tmp_path):
+    from typer.testing import CliRunner
+
+    from fwd2bot_index.cli.main import app
+
+    folder = tmp_path / "col"
+    a, b, *_ = make(folder, tmp_path / "photos", 4)
+    swap_paths(folder, a, b)
+    runner = CliRunner()
+    assert runner.invoke(app, ["verify", "-c", str(folder)]).exit_code == 0
+    deep = runner.invoke(app, ["verify", "--deep", "-c", str(folder)])
+    assert deep.exit_code == 1 and f"{a} is recorded as image 2 but now holds image 1's content" in deep.output
+    fixed = runner.invoke(app, ["verify", "--deep", "--repair", "-c", str(folder)])
+    assert fixed.exit_code == 0 and "repaired: re-linked 2 path(s)" in fixed.output, fixed.output
+    assert runner.invoke(app, ["verify", "--deep", "-c", str(folder)]).exit_code == 0
+
+
 def test_index_relinks_swapped_files_in_one_commit_instead_of_failing_one(tmp_path):
     """Sizes differ: the plan re-hashes both files and finds each holds the other row's image. Linked
     together nothing is orphaned, nothing is recorded as failed, nothing needs encoding."""
