@@ -480,6 +480,26 @@ def test_a_lost_manifest_suggests_what_works(world, tmp_path):
     assert repaired.exit_code == 0 and "rebuilt manifest.json" in repaired.output, repaired.output
     with Collection.open(folder) as col:
         assert len(col) == 18 and col.verify().ok
+    # no shard left to rebuild it from (an empty collection): verify and repair say to restore or start over
+    empty = tmp_path / "empty"
+    Collection.create(empty, manifest()).close()
+    (empty / "manifest.json").unlink()
+    for args in (["verify"], ["verify", "--repair"]):
+        result = runner.invoke(app, [*args, "--collection", str(empty)])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 1 and len(lines) == 1 and "--reindex" in lines[0], result.output
+    from PIL import Image
+
+    from fwd2bot_index.model.tiny import TinySpec, save_tiny_llava
+
+    model = save_tiny_llava(tmp_path / "m", TinySpec(image_size=64), seed=0)
+    (tmp_path / "pics").mkdir()
+    Image.new("RGB", (64, 64), (9, 99, 199)).save(tmp_path / "pics" / "a.png")
+    started = runner.invoke(app, ["index", str(tmp_path / "pics"), "--collection", str(empty), "--reindex",
+                                  "--model", str(model), "--device", "cpu"])
+    assert started.exit_code == 0, started.output  # the suggested command works
+    with Collection.open(empty) as col:
+        assert len(col) == 1 and col.verify().ok
 
 
 @pytest.fixture(scope="module", autouse=True)

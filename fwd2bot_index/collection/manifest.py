@@ -72,10 +72,7 @@ class Manifest(BaseModel):
         except FileNotFoundError:
             remains = lost_manifest_remains(Path(folder))
             if remains:
-                raise CollectionFormatError(
-                    f"{path} is missing but {remains}; run f2b verify --repair --collection {folder} to rebuild "
-                    "it from the token shards"
-                ) from None
+                raise CollectionFormatError(lost_manifest_message(Path(folder), remains)) from None
             raise CollectionNotFoundError(
                 f"no collection at {folder} ({MANIFEST_NAME} is missing); index some images into it first "
                 f"(f2b index PHOTOS --collection {folder})"
@@ -137,6 +134,16 @@ def lost_manifest_remains(folder: Path) -> str | None:
     if (folder / "catalog.sqlite").exists():
         return f"{folder / 'catalog.sqlite'} is there"
     return None
+
+
+def lost_manifest_message(folder: Path, remains: str) -> str:
+    """One line for a collection without its manifest, naming a command that works: the repair when
+    token shards remain to rebuild it from, else a restore or a fresh start."""
+    if remains.endswith("holds token shards"):
+        return (f"{folder / MANIFEST_NAME} is missing but {remains}; run f2b verify --repair --collection {folder} "
+                "to rebuild it from them")
+    return (f"{folder / MANIFEST_NAME} is missing but {remains}, and no token shard is left to rebuild it from; "
+            f"restore it from a backup, or start over with f2b index PHOTOS --collection {folder} --reindex")
 
 
 def _norm(strategy: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from .catalog import CATALOG_NAME, Catalog
 from .errors import CollectionFormatError, CollectionNotFoundError
 from .identity import ID_KEY, describe_foreign, home_id
 from .lock import WriterLock
-from .manifest import MANIFEST_NAME, Manifest
+from .manifest import MANIFEST_NAME, Manifest, lost_manifest_message, lost_manifest_remains
 from .parts import set_aside_odd
 from .sync import read_state, token_store
 from .tokens import TOKENS_DIR, TokenStore
@@ -107,6 +107,9 @@ def _recover_manifest(folder: Path, actions: list[str], home: str | None) -> Man
         manifest = Manifest.load(folder)
         why = None
     except CollectionNotFoundError:
+        remains = lost_manifest_remains(folder)
+        if not schemas and remains:  # a catalog alone cannot say which model made it
+            raise CollectionFormatError(lost_manifest_message(folder, remains)) from None
         if not schemas:
             raise
         why = f"{MANIFEST_NAME} was missing"
