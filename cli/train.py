@@ -35,6 +35,9 @@ def train(
                                                        help="Weight of the pass-1 contrastive loss (default 1.0)."),
     autoregressive_weight: Optional[float] = typer.Option(None, "--autoregressive-weight",
                                                           help="Weight of the pass-2 answer/caption loss (default 1.0)."),
+    distill_weight: Optional[float] = typer.Option(
+        None, "--distill-weight", help="Weight of a loss pulling pass 2's input (projected summary tokens) toward the "
+                                       "base's pool@K visual tokens, which the base already reads (default 0: off)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-4)."),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warm-up steps (default 0)."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Batches per optimizer step (default 1)."),

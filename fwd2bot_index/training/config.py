@@ -58,6 +58,9 @@ class TrainConfig:
     # losses and pass-2 targets
     contrastive_weight: float = 1.0
     autoregressive_weight: float = 1.0
+    # pass 2's input (projected summary tokens) regressed onto the base's pooled visual tokens of the same count
+    # (``losses.pooled_distillation``): teaches pass 1 what the base reads; 0 turns it off (the paper's losses)
+    distill_weight: float = 0.0
     caption_prompt: str = "Describe the image."
     caption_target_share: float = 0.5  # share of pass-2 targets that are captions when a sample has QA too
     # optimisation
@@ -134,8 +137,11 @@ class TrainConfig:
             problems.append(f"epochs must be positive, got {self.epochs}")
         if self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr}")
-        if self.objective == "fwd2bot" and self.contrastive_weight <= 0 and self.autoregressive_weight <= 0:
-            problems.append("contrastive_weight and autoregressive_weight are both 0: nothing to learn")
+        if self.objective == "fwd2bot" and max(self.contrastive_weight, self.autoregressive_weight,
+                                               self.distill_weight) <= 0:
+            problems.append("contrastive_weight, autoregressive_weight and distill_weight are all 0: nothing to learn")
+        if self.distill_weight < 0:
+            problems.append(f"distill_weight must be 0 or more, got {self.distill_weight}")
         if not any(self.parts().values()) and not self.train_vision_tower:
             problems.append("every train_* switch is off: nothing would train")
         if self.objective == "pretrain" and not (self.parts()["projector"] or self.parts()["llm"]

@@ -1,9 +1,9 @@
-"""The contrastive loss and the retrieval metric used to evaluate it."""
+"""The training losses (contrastive, pooled distillation, their weighted sum) and the retrieval metric."""
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,3 +47,33 @@ def recall_at_1(image_emb: torch.Tensor, text_emb: torch.Tensor) -> tuple[float,
     t2i = (sims.argmax(dim=1) == target).float().mean().item()
     i2t = (sims.argmax(dim=0) == target).float().mean().item()
     return t2i, i2t
+
+
+def pooled_distillation(projected: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """How far pass 2's input (the projected summary tokens, (B, k, H)) is from the pooled visual tokens the
+    base already answers from (``pool@k``, (B, k, H)): squared error over the target's variance, so 1.0 is
+    what predicting the batch's mean token gives, whatever the model's hidden scale.
+
+    Why: the autoregressive gradient reaches pass 1 only through pass 2 and is weak early on. On the demo
+    model a K = 16 compressor trained 400 steps with contrastive + autoregressive losses kept the colour of a
+    grid cell at 43% (linear probe) where pool@16 keeps 99.9%, and pass 2 answered colour at the blind
+    level; this dense target taught pass 1 to carry each cell within ~150 steps. The target is detached:
+    it teaches the compressor, never the visual tokens.
+    """
+    target = pooled.detach().float()
+    centered = target - target.mean(dim=(0, 1), keepdim=True)
+    return (projected.float() - target).pow(2).mean() / centered.pow(2).mean().clamp_min(1e-12)
+
+
+def weighted_loss(parts: dict[str, torch.Tensor], config: Any) -> torch.Tensor:
+    """``contrastive_weight * contrastive + autoregressive_weight * autoregressive + distill_weight * distill``
+    over the parts a step computed (a missing part adds nothing), in fp32."""
+    loss = None
+    for name in ("contrastive", "autoregressive", "distill"):
+        if name in parts:
+            term = getattr(config, f"{name}_weight") * parts[name].float()
+            loss = term if loss is None else loss + term
+    if loss is None:
+        device = next(iter(parts.values())).device if parts else None
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return loss

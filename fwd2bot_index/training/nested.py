@@ -77,14 +77,16 @@ def ar_budget_at(budgets: Sequence[int], seed: int, step: int) -> int:
 
 def nested_losses(summary: torch.Tensor, budgets: Sequence[int], step: int, seed: int,
                   contrastive: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
-                  autoregressive: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                  autoregressive: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  distill: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The loss parts of one batch under nested training (see the module docstring).
 
     ``summary`` is the (B, K, H) pass-1 output; ``contrastive(s)`` and ``autoregressive(s)`` compute the
     trainer's own losses from a truncated (B, k, H) summary (``contrastive`` may return None when the batch
     cannot form pairs). Returns ``contrastive`` (the mean over all budgets), ``contrastive@k`` per budget
     (for the logs), ``autoregressive`` (at one sampled budget) and ``ar_budget`` (that budget, a tensor so
-    it is logged like the losses). The caller weights and sums them into its ``loss``.
+    it is logged like the losses) and, given ``distill``, ``distill`` (the mean over all budgets: cheap, no
+    LLM pass; each prefix k is pulled toward its own pool@k). The caller weights and sums them into its ``loss``.
     """
     if not budgets:
         raise ValueError("nested_losses needs at least one budget")
@@ -106,4 +108,6 @@ def nested_losses(summary: torch.Tensor, budgets: Sequence[int], step: int, seed
         k = ar_budget_at(budgets, seed, step)
         parts["autoregressive"] = autoregressive(summary[:, :k])
         parts["ar_budget"] = torch.tensor(float(k))
+    if distill is not None:
+        parts["distill"] = torch.stack([distill(summary[:, :k]).float() for k in budgets]).mean()
     return parts

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch
 from .config import TrainingError
 from .data import Sample
 from .distributed import global_info_nce
-from .losses import MAX_LOGIT_SCALE, recall_at_1
+from .losses import MAX_LOGIT_SCALE, pooled_distillation, recall_at_1, weighted_loss
 from .nested import nested_losses
 from .schedule import effective_stride, pooled_token_count, warmup_cosine
 
@@ -166,21 +166,32 @@ class StepMixin:
             if cfg.autoregressive_weight > 0:
                 def autoregressive(s: torch.Tensor) -> torch.Tensor:
                     return model.pass2_loss(s, batch.prompts, batch.targets, kind="fwd2bot")
+            distill = self._distillation(visual)
             if self.budgets:
-                parts = nested_losses(summary, self.budgets, self.step, cfg.seed, contrastive, autoregressive)
+                parts = nested_losses(summary, self.budgets, self.step, cfg.seed, contrastive, autoregressive, distill)
             else:
                 parts = {}
                 if contrastive is not None and (value := contrastive(summary)) is not None:
                     parts["contrastive"] = value
                 if autoregressive is not None:
                     parts["autoregressive"] = autoregressive(summary)
-            loss = summary.new_zeros((), dtype=torch.float32)
-            if "contrastive" in parts:
-                loss = loss + cfg.contrastive_weight * parts["contrastive"]
-            if "autoregressive" in parts:
-                loss = loss + cfg.autoregressive_weight * parts["autoregressive"]
+                if distill is not None:
+                    parts["distill"] = distill(summary)
+            loss = weighted_loss(parts, cfg)
         parts["loss"] = loss
         return parts
+
+    def _distillation(self, visual: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The pooled-distillation loss of a (B, k, H) summary against pool@k of this batch's unpooled visual
+        tokens (``losses.pooled_distillation``), or None when its weight is 0."""
+        if self.config.distill_weight <= 0:
+            return None
+        model = self.model
+
+        def distill(s: torch.Tensor) -> torch.Tensor:
+            return pooled_distillation(model.compressor.pass2_projection(s),
+                                       model.backbone.pool_to_budget(visual, s.shape[1]))
+        return distill
 
     def _set_train_mode(self, on: bool) -> None:
         self.model.backbone.hf.train(on)

@@ -7,7 +7,8 @@ One optimizer step of the ``fwd2bot`` objective, per micro-batch:
     temperature;
   pass 2 (pass-2 adapter): the summary tokens in front of a prompt -> autoregressive loss on the
     caption or answer tokens only;
-  loss = contrastive_weight * contrastive + autoregressive_weight * autoregressive.
+  loss = contrastive_weight * contrastive + autoregressive_weight * autoregressive
+         (+ distill_weight * distill: pass 2's input pulled toward pool@K, ``losses.pooled_distillation``).
 The ``pretrain`` objective trains a stock LLaVA's projector and LLM to caption / answer from all its
 visual tokens (no compressor) and saves a plain transformers folder: how the demo model's base is made.
 
@@ -283,6 +284,8 @@ def _postfix(metrics: dict[str, Any], rate: float) -> dict[str, str]:
         out["con"] = f"{metrics['contrastive']:.3f}"
     if "autoregressive" in metrics:
         out["ar"] = f"{metrics['autoregressive']:.3f}"
+    if "distill" in metrics:
+        out["dist"] = f"{metrics['distill']:.3f}"
     out["lr"] = f"{metrics['lr']:.2e}"
     out["sps"] = f"{rate:.1f}"
     if metrics.get("pool_stride", 1) > 1:

@@ -13,7 +13,8 @@ The house trainer (``training.Trainer``) runs it, with two changes for this worl
 
 Variants share everything but what they vary: ``k16`` (the shipped model), ``k8`` and ``k32``
 (other budgets), ``k16-contrastive`` (no autoregressive loss: the paper's compositionality
-ablation, contrastive-only against contrastive + autoregressive) and ``nested`` (one K = 32
+ablation, contrastive-only against contrastive + autoregressive; it also drops the pooled distillation,
+so it is the paper's contrastive-only model) and ``nested`` (one K = 32
 compressor trained so that its first 4, 8, 16 or 32 tokens each are a complete stored form,
 ``training/nested.py``).
 """
@@ -27,12 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..losses import MAX_LOGIT_SCALE
+from ..losses import MAX_LOGIT_SCALE, weighted_loss
 from ..nested import nested_losses
 from ..trainer import Batch, TrainConfig, Trainer
 from .turns import branched_turn_loss, scene_turns
 
-VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0},
+VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0, "distill": 0.0},
             "k8": {"k": 8, "ar": 1.0}, "k32": {"k": 32, "ar": 1.0},
             "nested": {"k": 32, "ar": 1.0, "nested": (4, 8, 16, 32)}}
 
@@ -116,7 +117,8 @@ class HardNegativeTrainer(Trainer):
         pixels = model.backbone.pixel_values(batch.images)
         parts: dict[str, torch.Tensor] = {}
         with self._autocast():
-            summary = model.compress(model.visual_tokens(pixels), pool_stride=stride, pool_layer=self.layer_at(self.step))
+            visual = model.visual_tokens(pixels)
+            summary = model.compress(visual, pool_stride=stride, pool_layer=self.layer_at(self.step))
             negatives = [n for n in self._negatives if n is not None]
             texts = list(batch.captions) + negatives
             embedded = model.embed_text_batch(texts, self._text_strategy)
@@ -130,16 +132,16 @@ class HardNegativeTrainer(Trainer):
                 return branched_turn_loss(model, s, self._turns, "fwd2bot")
 
             ar = autoregressive if cfg.autoregressive_weight > 0 else None
+            distill = self._distillation(visual)
             if self.budgets:  # nested: every budget's contrastive loss, pass 2 at one budget per step
-                parts.update(nested_losses(summary, self.budgets, self.step, cfg.seed, contrastive, ar))
+                parts.update(nested_losses(summary, self.budgets, self.step, cfg.seed, contrastive, ar, distill))
             else:
                 parts["contrastive"] = contrastive(summary)
                 if ar is not None:
                     parts["autoregressive"] = ar(summary)
-            loss = cfg.contrastive_weight * parts["contrastive"]
-            if "autoregressive" in parts:
-                loss = loss + cfg.autoregressive_weight * parts["autoregressive"]
-        parts["loss"] = loss
+                if distill is not None:
+                    parts["distill"] = distill(summary)
+        parts["loss"] = weighted_loss(parts, cfg)
         return parts
 
 

@@ -1,0 +1,92 @@
+"""Pooled distillation (``--distill-weight``): pass 2's input, the projected summary tokens, is pulled toward
+the base's own pool@K visual tokens. The loss is scale-free, teaches only the compressor, and on its own
+trains pass 1 (summary tokens, pass-1 adapter) and the projection while pass 2's adapter is left alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fwd2bot_index.training import TrainConfig, Trainer, TrainingError
+from fwd2bot_index.training.losses import pooled_distillation, weighted_loss
+from fwd2bot_index.training.nested import nested_losses
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, write_shape_pairs) -> Path:
+    return write_shape_pairs(tmp_path_factory.mktemp("distill-pairs"), COLORS)
+
+
+def test_the_loss_is_zero_at_the_target_one_at_the_mean_and_never_moves_the_target():
+    torch.manual_seed(0)
+    pooled = torch.randn(6, 4, 8) * 50 + 3  # any hidden scale: the loss is relative to the target's variance
+    assert float(pooled_distillation(pooled.clone(), pooled)) == pytest.approx(0.0, abs=1e-9)
+    mean = pooled.mean(dim=(0, 1), keepdim=True).expand_as(pooled)
+    assert float(pooled_distillation(mean, pooled)) == pytest.approx(1.0, rel=1e-5)
+    projected = torch.zeros_like(pooled, requires_grad=True)
+    target = pooled.clone().requires_grad_(True)
+    pooled_distillation(projected, target).backward()
+    assert projected.grad is not None and projected.grad.abs().sum() > 0
+    assert target.grad is None  # detached: the visual tokens are a teacher, not a student
+
+
+def test_weighted_loss_sums_only_the_parts_present():
+    config = TrainConfig(contrastive_weight=2.0, autoregressive_weight=0.5, distill_weight=3.0)
+    parts = {"contrastive": torch.tensor(1.0), "distill": torch.tensor(0.25), "contrastive@4": torch.tensor(9.0)}
+    assert float(weighted_loss(parts, config)) == pytest.approx(2.0 + 0.75)
+    parts["autoregressive"] = torch.tensor(2.0)
+    assert float(weighted_loss(parts, config)) == pytest.approx(2.0 + 0.75 + 1.0)
+
+
+def test_nested_distillation_is_the_mean_over_budgets():
+    summary = torch.randn(3, 8, 5)
+    seen = []
+
+    def distill(s):
+        seen.append(s.shape[1])
+        return s.pow(2).mean()
+
+    parts = nested_losses(summary, [2, 4, 8], step=1, seed=0, distill=distill)
+    assert seen == [2, 4, 8]
+    want = torch.stack([summary[:, :k].pow(2).mean() for k in (2, 4, 8)]).mean()
+    torch.testing.assert_close(parts["distill"], want)
+
+
+def test_settings_refuse_a_negative_weight_and_accept_distillation_alone():
+    with pytest.raises(TrainingError, match="distill_weight must be 0 or more"):
+        TrainConfig(model="m", data=["d"], distill_weight=-1).validate()
+    with pytest.raises(TrainingError, match="all 0: nothing to learn"):
+        TrainConfig(model="m", data=["d"], contrastive_weight=0, autoregressive_weight=0).validate()
+    TrainConfig(model="m", data=["d"], contrastive_weight=0, autoregressive_weight=0, distill_weight=1).validate()
+    assert TrainConfig.from_cli_args(None, distill_weight=0.5).distill_weight == 0.5
+
+
+def test_distillation_alone_trains_pass_one_toward_the_pooled_tokens(tiny_llava_dir, pairs, tmp_path):
+    config = TrainConfig(model=str(tiny_llava_dir), data=[str(pairs)], output_dir=str(tmp_path / "run"),
+                         num_summary_tokens=4, embed_dim=16, lora_r=8, lr=3e-3, batch_size=8, max_steps=30,
+                         eval_split="none", seed=0, contrastive_weight=0.0, autoregressive_weight=0.0,
+                         distill_weight=1.0)
+    trainer = Trainer(config, progress=False)
+    model = trainer.model
+    watched = {"summary_tokens": model.compressor.summary_tokens, "pass2_projection": model.compressor.pass2_projection.weight}
+    watched.update({n: p for n, p in model.backbone.hf.named_parameters() if ".pass1." in n and "lora_B" in n})
+    pass2 = {n: p.detach().clone() for n, p in model.backbone.hf.named_parameters() if ".pass2." in n}
+    before = {k: p.detach().clone() for k, p in watched.items()}
+    trainer.train()
+    for name, p in watched.items():
+        assert not torch.equal(p.detach(), before[name]), f"{name} did not learn from the distillation"
+    for name, p in model.backbone.hf.named_parameters():
+        if name in pass2:  # pass 2 never ran: its adapter has nothing to learn from this loss
+            assert torch.equal(p.detach(), pass2[name]), name
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["distill"] for r in rows if r["kind"] == "train"]
+    assert len(losses) == 30 and "autoregressive" not in rows[0]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
