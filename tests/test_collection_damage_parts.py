@@ -405,6 +405,49 @@ def test_a_collection_from_before_ids_gets_one_on_first_writable_open(world, tmp
         assert col.tokens.schema_of(col.get(19).shard)["identity"]["collection_id"] == cid
 
 
+def _legacy(folder: Path, root: Path, batches, salt: str, monkeypatch) -> None:
+    """A collection as written before ids (one shard: compacted before any id existed)."""
+    import fwd2bot_index.collection.store as store
+
+    monkeypatch.setattr(store, "new_id", lambda: "")  # what create wrote before ids
+    with Collection.create(folder, manifest()) as col:
+        for nums in batches:
+            add(col, root, nums, salt=salt)
+        col.compact()
+    monkeypatch.undo()
+
+
+def test_between_collections_from_before_ids_a_foreign_shard_is_not_imported(world, tmp_path, monkeypatch):
+    """Both collections predate ids, so the other one's shard carries none. Once this one has an id,
+    a shard without one that its ledger never recorded cannot be its own: kept aside, not imported
+    over the sound catalog. A catalog that lost its rows is still rebuilt from its own legacy shards."""
+    root = world[0]
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    _legacy(ours, root, BATCHES, "", monkeypatch)
+    _legacy(theirs, root / "twin-photos", [range(200, 206)], "twin", monkeypatch)
+    with Collection.open(ours, writable=True) as col:  # the migration: the catalog gets an id, the shard keeps none
+        assert col.manifest.collection_id and len(shards(ours)) == 1
+        assert not col.tokens.schema_of(shards(ours)[0].name)["identity"].get("collection_id")
+    emptied = copy_of(ours, tmp_path / "emptied")
+    foreign_only_shard(ours, theirs, None)
+    with Collection.open(ours) as col:
+        report = col.verify()
+        assert not report.ok and any("carries no collection id and this catalog never recorded it" in p
+                                     for p in report.problems)
+    assert Collection.recover(ours) == []  # the catalog is sound: kept
+    with Collection.open(ours, writable=True) as col:
+        fixed = col.repair()
+        assert not twin_hashes(col) and len(col) == 9
+        assert any("cannot be shown to belong to this collection: never imported" in a for a in fixed.actions)
+    db = sqlite3.connect(emptied / "catalog.sqlite")
+    with db:
+        db.execute("DELETE FROM images")
+    db.close()
+    assert any("rebuilt catalog.sqlite" in a for a in Collection.recover(emptied))
+    with Collection.open(emptied, writable=True) as col:
+        assert len(col) == 18 and col.repair().ok
+
+
 def test_the_id_survives_a_kill_or_a_restore_from_before_ids(world, tmp_path):
     """A kill between the catalog's id and the manifest's (simulated: the catalog has it, the manifest
     not) is finished by the next writable open; a manifest and catalog restored from before ids take

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .catalog import CATALOG_NAME
 from .errors import CollectionFormatError
-from .identity import describe_foreign, foreign_shards
+from .identity import describe_foreign, foreign_shards, shard_id, unproven_shards
 from .parts import DAMAGED_DIR, odd_parts, set_aside_into, set_aside_odd
 from .records import VerifyReport
 from .recover import import_shards, recover_folder, set_aside
@@ -83,6 +83,13 @@ class Health:
             missing_shards = sorted(set(by_shard) - on_disk)
             orphan_shards = sorted(on_disk - set(by_shard))
             orphan_shards = [s for s in orphan_shards if s not in foreign]
+            unproven = unproven_shards(self.tokens, self.catalog.collection_id(), ledger, orphan_shards)
+            for name in unproven:
+                problems.append(f"token shard {name} carries no collection id and this catalog never recorded it "
+                                "(another collection's, from before ids); it is never imported (verify --repair sets "
+                                f"it aside in {DAMAGED_DIR}/)")
+                foreign[name] = ""
+            orphan_shards = [s for s in orphan_shards if s not in unproven]
             damaged, bad_rows = self._damaged_shards(by_shard, on_disk, ledger, problems, set(foreign))
             for name in missing_shards:
                 ids = sorted(i for i, _ in by_shard[name])
@@ -192,8 +199,9 @@ class Health:
                 actions += relink(self, report.mismatched_paths)
             for shard in report.foreign_shards:
                 if not self.catalog.references(shard):
-                    actions.append(f"token shard {shard} belongs to another collection: never imported, kept as "
-                                   f"{self._set_aside(shard)}")
+                    why = "belongs to another collection" if shard_id(self.tokens, shard) else \
+                        "cannot be shown to belong to this collection"
+                    actions.append(f"token shard {shard} {why}: never imported, kept as {self._set_aside(shard)}")
             unknown = [s for s in report.orphan_shards
                        if self.catalog.shard_ledger().get(s, ("",))[0] not in ("pending", "doomed")]
             if unknown:

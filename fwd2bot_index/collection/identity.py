@@ -85,6 +85,26 @@ def foreign_shards(tokens: TokenStore, home: str | None, names: Iterable[str] | 
     return out
 
 
+def unproven_shards(tokens: TokenStore, catalog_id: str | None, ledger: dict[str, Any],
+                    names: Iterable[str]) -> list[str]:
+    """Readable shards with no collection id that a catalog with an id (and a ledger) never recorded.
+    Why they are not imported: every shard this collection wrote since it got its id carries the id,
+    and every older one is in its ledger; such a shard comes from another collection that predates
+    ids (the issue's "another collection's shard in place of the only one", between old collections)."""
+    if not catalog_id or not ledger:
+        return []
+    out = []
+    for name in names:
+        if name in ledger:
+            continue
+        try:
+            if not tokens.schema_of(name)["identity"].get(ID_KEY):
+                out.append(name)
+        except (CollectionFormatError, OSError):
+            continue  # unreadable: verify names it as such
+    return out
+
+
 def part_votes(folder: Path, tokens: TokenStore, sample: list[str]) -> list[str | None]:
     """The ids that sampled shards and the index state carry (for ``home_id``)."""
     from .sync import read_state

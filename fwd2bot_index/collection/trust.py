@@ -12,7 +12,7 @@ from typing import Any
 
 from .catalog import CATALOG_NAME, Catalog
 from .errors import CollectionFormatError
-from .identity import describe_foreign, home_id, part_votes, shard_id
+from .identity import describe_foreign, home_id, part_votes, shard_id, unproven_shards
 from .manifest import MANIFEST_NAME, Manifest
 from .tokens import TOKENS_DIR, TokenStore
 
@@ -53,6 +53,7 @@ def trust_problem(folder: Path, manifest: Manifest, catalog: Catalog, tokens: To
     # to tell an empty or foreign catalog, without a scan of a large one. Another collection's shard
     # copied in proves nothing about the catalog (verify names it; repair sets it aside).
     sample = [s for s in _sample(candidates[::-1], 8) if not _foreign(tokens, s, home)]
+    sample = [s for s in sample if s not in unproven_shards(tokens, catalog.collection_id(), ledger, sample)]
     if sample and not any(catalog.references(s) for s in sample):
         return (f"{folder / CATALOG_NAME} references none of the {len(candidates)} token shard(s) in "
                 f"{folder / TOKENS_DIR} (it is empty, damaged or belongs to another collection)")
