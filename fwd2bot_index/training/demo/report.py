@@ -84,9 +84,13 @@ def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) ->
         f"2. Compressor: {r['compressor_steps']} steps x {r['compressor_batch']}, lr {r['compressor_lr']}; summary "
         "tokens, both adapters and the heads. Symmetric InfoNCE (the scene-unique caption, or for "
         f"{int(r['hard_negative_share'] * 100)}% of items a hard-negative pair's caption whose negative joins the "
-        "text side) + the branched autoregressive loss after pass 2; LLaVolta staged pooling "
-        f"`{r['compressor_pool_schedule']}` in pass 1 (stride s keeps N/s tokens; {_llavolta_layers(r)}). "
-        f"Variants trained the same way: {', '.join(sorted(comp))}.",
+        "text side) + the branched autoregressive loss after pass 2"
+        + (f" + pooled distillation weighted {r['compressor_distill_weight']} (pass 2's input, the projected summary "
+           "tokens, regressed onto the base's own 2-D pool@K visual tokens, which the base already answers from)"
+           if r.get("compressor_distill_weight") else "")
+        + f"; LLaVolta staged pooling `{r['compressor_pool_schedule']}` in pass 1 (stride s keeps N/s tokens; "
+        f"{_llavolta_layers(r)}). Variants trained the same way: {', '.join(sorted(comp))}"
+        + (" (the contrastive-only ablation also without the distillation)" if "k16-contrastive" in comp else "") + ".",
         "3. Export: base, adapters and compressor cast to fp16 into one self-contained folder.", "",
         f"Stage summaries: `{_json({k: {kk: vv for kk, vv in v.items() if kk not in ('history', 'monitor')} for k, v in stages.items()})}`",
         "",
