@@ -67,7 +67,10 @@ def relink(col: Collection, found: list[dict[str, Any]]) -> list[str]:
     with col._transaction():
         touched = set()
         for m in found:
-            st = os.stat(m["path"])
+            try:
+                st = os.stat(m["path"])
+            except OSError:
+                continue  # gone since it was hashed: index --prune deals with vanished files
             if m["found"] is not None:
                 old = col.catalog.set_path(m["path"], m["found"], st.st_size, st.st_mtime)
                 touched.update(x for x in (old, m["id"]) if x is not None)
