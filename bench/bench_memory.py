@@ -7,11 +7,11 @@ images are one-colour PNGs written without holding their pixels (``image_shape.w
 files are KB while the decodes are the real thing.
 
 Cases: the hostile shapes that used to cost gigabytes or a crash (4,000,000 x 10, 40,000,000 x 1; just
-past 50:1) must be refused from the header for next to nothing; the largest images each limit still
-admits (at the pixel cap and at 50:1; rotated by EXIF; alpha and 16-bit; at the decode-memory bound)
+past 100:1) must be refused from the header for next to nothing; the largest images each limit still
+admits (at the pixel cap and at 100:1; rotated by EXIF; alpha and 16-bit; at the decode-memory bound)
 must stay under the estimate that admitted them (``image_shape.decode_bytes``). Paths: `f2b index`
 (``load_image``: 89.5 M pixels, 1 GiB), the server (``check_image``: 40 M pixels, 512 MiB per decode,
-2 decodes at once), and a LLaVA-style preprocessor (CLIP, short side 336) resizing a 50:1 picture, the
+2 decodes at once), and a LLaVA-style preprocessor (CLIP, short side 336) resizing a 100:1 picture, the
 step that the aspect limit bounds.
 
     python bench/bench_memory.py            # at the limits (~1 GiB per case; about a minute)
@@ -48,13 +48,14 @@ def _cases(quick: bool) -> list[dict]:
         h = int(math.sqrt(pixels * scale / aspect))
         return int(h * aspect), h
 
-    w50, h50 = at(INDEX_PIXELS, A)
+    wide = at(INDEX_PIXELS, A)
     cases = [
         {"name": "40,000,000 x 1 (grey, 1 bit)", "path": "index", "size": (40_000_000, 1), "png": (1, 0)},
         {"name": "4,000,000 x 10 (RGB)", "path": "index", "size": (4_000_000, 10), "png": (8, 2)},
-        {"name": "51:1 just past the limit (RGB)", "path": "index", "size": (51 * 400, 400), "png": (8, 2)},
-        {"name": "50:1 at the pixel cap (RGB)", "path": "index", "size": (w50, h50), "png": (8, 2)},
-        {"name": "50:1 at the pixel cap, EXIF-rotated (RGB)", "path": "index", "size": (w50, h50), "png": (8, 2),
+        {"name": f"{A + 1}:1 just past the limit (RGB)", "path": "index", "size": ((A + 1) * 400, 400),
+         "png": (8, 2)},
+        {"name": f"{A}:1 at the pixel cap (RGB)", "path": "index", "size": wide, "png": (8, 2)},
+        {"name": f"{A}:1 at the pixel cap, EXIF-rotated (RGB)", "path": "index", "size": wide, "png": (8, 2),
          "orientation": 6},
         {"name": "square at the pixel cap (RGBA)", "path": "index", "size": at(INDEX_PIXELS - 2**16), "png": (8, 6)},
         {"name": "square at the 1 GiB bound (grey + alpha)", "path": "index",
@@ -64,10 +65,10 @@ def _cases(quick: bool) -> list[dict]:
         {"name": "square at the pixel cap (16-bit grey)", "path": "index", "size": at(INDEX_PIXELS - 2**16),
          "png": (16, 0)},
         {"name": "4,000,000 x 10 (RGB)", "path": "server", "size": (4_000_000, 10), "png": (8, 2)},
-        {"name": "50:1 at the server's pixel cap (RGB)", "path": "server", "size": at(SERVER_PIXELS, A), "png": (8, 2)},
+        {"name": f"{A}:1 at the server's pixel cap (RGB)", "path": "server", "size": at(SERVER_PIXELS, A), "png": (8, 2)},
         {"name": "square at the server's pixel cap (grey + alpha)", "path": "server", "size": at(SERVER_PIXELS - 2**16),
          "png": (8, 4)},
-        {"name": f"50:1 resized to short side {RESIZE_SIDE} (CLIP preprocessor)", "path": "resize",
+        {"name": f"{A}:1 resized to short side {RESIZE_SIDE} (CLIP preprocessor)", "path": "resize",
          "size": (A * 10, 10), "png": (8, 2)},
     ]
     return cases
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         print(json.dumps(_child(json.loads(argv[1]))))
         return 0
+    from fwd2bot_index.image_shape import MAX_ASPECT_RATIO as A
+
     p = C.parser(__doc__, "memory")
     args = p.parse_args(argv)
     C.set_threads(args.threads)
@@ -195,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
           f"Each case in a fresh process; peak RSS (`VmHWM`, reset just before the case) minus the resident size just before it. Bounds: "
           f"`f2b index` {INDEX_PIXELS:,} pixels and {INDEX_BYTES / mib:,.0f} MiB of decode estimate per image "
           f"(several decode threads may each hold one); the server {SERVER_PIXELS:,} pixels and "
-          f"{SERVER_BYTES / mib:,.0f} MiB per decode, 2 decodes at once; long side <= 50x the short side "
-          f"everywhere, so a preprocessor's resize to short side S holds <= 50 S^2 pixels.\n\n{table}\n\n"
+          f"{SERVER_BYTES / mib:,.0f} MiB per decode, 2 decodes at once; long side <= {A}x the short side "
+          f"everywhere, so a preprocessor's resize to short side S holds <= {A} S^2 pixels.\n\n{table}\n\n"
           f"Hostile shapes: {C.verdict(hostile_ok)}; admitted images within their estimate: "
           f"{C.verdict(worst <= 1.0)} (worst ratio {worst:.2f}).")
     C.write_json(args.json, {"rows": rows, "goals": goals, "machine": C.machine(), "quick": args.quick})

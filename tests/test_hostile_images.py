@@ -86,10 +86,11 @@ def test_thumbnails_of_large_jpegs_decode_reduced(tmp_path):
 
 def test_memory_stays_bounded_for_the_worst_shapes(hostile, tmp_path):
     """In a fresh process: the hostile shapes through the index decode and the server's upload check cost
-    next to nothing (they used to cost gigabytes: 17.5 GB for 4,000,000 x 10 in a server), and a 50:1 image
+    next to nothing (they used to cost gigabytes: 17.5 GB for 4,000,000 x 10 in a server), and an image at the aspect limit
     at the limit stays within the estimate that admitted it. Peaks are the process's own high-water mark
     (``VmHWM``, reset before each part; ``ru_maxrss`` can carry the forking parent's size)."""
-    edge = flat_png(tmp_path / "edge.png", 20_000, 400, 8, 2)  # 8 M pixels at exactly 50:1
+    edge_size = (MAX_ASPECT_RATIO * 300, 300)  # 9 M pixels at exactly the limit
+    edge = flat_png(tmp_path / "edge.png", *edge_size, 8, 2)
     script = textwrap.dedent(f"""
         import sys
         from pathlib import Path
@@ -112,7 +113,7 @@ def test_memory_stays_bounded_for_the_worst_shapes(hostile, tmp_path):
                 refused += exc.status == 413
         hostile = _peak() - before
         before = rss_bytes(); _reset_peak()
-        assert load_image({str(edge)!r}).size == (20_000, 400)
+        assert load_image({str(edge)!r}).size == {edge_size!r}
         print(refused, hostile, _peak() - before)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -120,7 +121,8 @@ def test_memory_stays_bounded_for_the_worst_shapes(hostile, tmp_path):
     refused, hostile_bytes, edge_bytes = map(int, done.stdout.split())
     assert refused == 4
     assert hostile_bytes < 32 * 2**20, f"refusing the hostile shapes cost {hostile_bytes / 2**20:.0f} MiB"
-    assert edge_bytes <= decode_bytes(20_000, 400, "RGB"), f"{edge_bytes / 2**20:.0f} MiB for a 64 MB estimate"
+    estimate = decode_bytes(*edge_size, "RGB")
+    assert edge_bytes <= estimate, f"{edge_bytes / 2**20:.0f} MiB for an estimate of {estimate / 2**20:.0f} MiB"
 
 
 def test_index_records_extreme_shapes_as_failures_and_goes_on(tmp_path, hostile, tiny_llava_dir):
