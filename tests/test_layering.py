@@ -28,7 +28,7 @@ def _imported(module: str) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("module", ["ray_index", "errors", "loader", "image_shape", "imaging"])
+@pytest.mark.parametrize("module", ["ray_index", "errors", "loader", "image_shape", "imaging", "scanning"])
 def test_modules_below_the_facade_never_import_it(module):
     imported = _imported(module)
     assert not {n for n in imported if n in (".service", "fwd2bot_index.service") or n.startswith(".service.")}
