@@ -87,7 +87,7 @@ def classify(exc: BaseException) -> ApiProblem | None:
         CollectionNotFoundError,
         CollectionReadOnlyError,
     )
-    from fwd2bot_index.imaging import ImageDecodeError
+    from fwd2bot_index.imaging import ImageDecodeError, ImageTooLargeError
     from fwd2bot_index.service import NotFoundError, ServiceError
 
     from .limits import ClientGone, Overloaded
@@ -102,6 +102,8 @@ def classify(exc: BaseException) -> ApiProblem | None:
         return ApiProblem(404, str(exc), "not-found")
     if isinstance(exc, ServiceError):
         return ApiProblem(400, str(exc), "bad-request")
+    if isinstance(exc, ImageTooLargeError):  # refused from its header: too many pixels, too elongated, too much memory
+        return ApiProblem(413, f"the image cannot be used: {exc.reason}", "image-too-large")
     if isinstance(exc, ImageDecodeError):
         return ApiProblem(422, f"the image cannot be used: {exc.reason}", "undecodable-image")
     if isinstance(exc, CollectionReadOnlyError):
