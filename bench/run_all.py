@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -171,7 +172,7 @@ def document(records: list[dict], quick: bool) -> str:
     """The whole BENCHMARKS.md."""
     by_key = {r["key"]: r for r in records}
     ordered = [by_key[k] for k in KEYS if k in by_key]
-    machines = {r.get("machine_line") or C.machine_line(r["machine"], load=False) for r in ordered}
+    machines = {m for r in ordered for m in _machines(r.get("machine_line") or C.machine_line(r["machine"], load=False))}
     missed = [g for r in ordered for g in r["goals"] if g.get("met") is False]
     lines = [
         "# Benchmarks",
@@ -217,6 +218,13 @@ def _sentence(text: str) -> str:
 FIGURES = {"answer": ("1",), "storage": ("2",), "encode": ("3",), "search": ("4",), "service": ("5",), "gpu": ("6",),
            "training": ("training",), "cold": ("cold start", "cold start, no server"), "verify": ("verify latency",),
            "nested": ("nested",), "memory": ("decode memory",)}
+
+
+def _machines(line: str) -> list[str]:
+    """The machines of a ``Machine(s):`` line, one each (a machine's own text holds "; " too, so entries are
+    split where the next one starts). Kept sections carry the whole line: joined again unsplit, every
+    ``--only`` run repeated each machine once more."""
+    return [m for m in re.split(r"; (?=\d+ CPU cores? )", line) if m]
 
 
 def kept_records(document_text: str) -> dict[str, dict]:

@@ -279,3 +279,11 @@ def test_memory_hostile_cases_are_refused_cheaply(bench, tmp_path):
     assert [r["outcome"].startswith("refused") for r in rows] == [True, True, True]
     assert all(r["above_baseline"] < 32 * 2**20 for r in rows)
     assert "memory" in bench("run_all").KEYS
+
+
+def test_machines_line_does_not_grow_with_each_only_run(bench):
+    run_all = bench("run_all")
+    a = "2 CPU cores (AMD EPYC), 23.5 GiB RAM, no GPU; torch 2.13.0+cpu, numpy 2.4.6"
+    b = "2 CPU cores (Intel(R) Xeon(R) Processor), 23.5 GiB RAM, no GPU; torch 2.13.0+cpu, numpy 2.4.6"
+    assert run_all._machines(f"{a}; {b}; {b}; {a}") == [a, b, b, a]
+    assert set(run_all._machines(f"{a}; {b}; {b}")) == {a, b}
