@@ -20,6 +20,11 @@ try:  # typer >= 0.24 runs on its own copy of click; older typers on click itsel
 except ImportError:  # pragma: no cover
     import click
     from click import exceptions as _exceptions
+try:  # typer's own click copy raises typer.exceptions.Abort (its exceptions module has none: naming a missing
+    # one in an ``except`` turned every unexpected error of a command into an AttributeError from this handler)
+    from typer.exceptions import Abort as _Abort
+except ImportError:  # pragma: no cover
+    from click.exceptions import Abort as _Abort
 
 _REWORDED = [  # click / typer wording -> ours (what to give instead)
     (re.compile(r"^Input should be greater than or equal to (\S+)$"), r"use a value of at least \1"),
@@ -98,7 +103,7 @@ class OneLineGroup(TyperGroup):
         except _exceptions.ClickException as exc:
             click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
             sys.exit(exc.exit_code)
-        except _exceptions.Abort:
+        except _Abort:
             click.echo("interrupted", err=True)
             sys.exit(130)
         sys.exit(rv if type(rv) is int else 0)  # an int is a typer.Exit code; what a command returns is not

@@ -80,3 +80,28 @@ def test_help_names_env_vars_one_way_and_values_by_what_they_are():
     assert seen >= 12
     serve = runner.invoke(app, ["serve", "--help"], terminal_width=200, env={"COLUMNS": "200"}).stdout
     assert "env F2B_API_KEY" in serve and "env F2B_THREADS" in serve
+
+
+def test_an_interrupt_exits_130_and_an_unexpected_error_stays_itself():
+    """The handler names typer's Abort (typer's click copy has none of its own): Ctrl-C exits 130, and a bug in a
+    command surfaces as that bug, not as an AttributeError raised by the handler's ``except`` clause."""
+    import typer
+
+    from fwd2bot_index.cli.errors import OneLineGroup
+
+    app = typer.Typer(cls=OneLineGroup)
+
+    @app.command()
+    def stop() -> None:
+        raise KeyboardInterrupt
+
+    @app.command()
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    command = typer.main.get_command(app)
+    with pytest.raises(SystemExit) as exit_info:
+        command.main(["stop"], prog_name="f2b")
+    assert exit_info.value.code == 130
+    with pytest.raises(RuntimeError, match="a bug"):
+        command.main(["boom"], prog_name="f2b")
