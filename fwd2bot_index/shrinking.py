@@ -14,19 +14,17 @@ scratch runs the head over the fp32 tokens before they are stored: the two agree
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from .collection.errors import CollectionError, CollectionMismatchError
-
-if TYPE_CHECKING:
-    from .service import ImageService
+from .service_view import ServiceView  # the facade's shape, not the facade: ``service`` imports this module
 
 
 class BudgetError(CollectionError):
     """A token budget the collection or its model cannot serve (one line, shown as is)."""
 
 
-def check_index_tokens(service: "ImageService", tokens: int | None) -> None:
+def check_index_tokens(service: ServiceView, tokens: int | None) -> None:
     """``f2b index --tokens k`` on an existing collection: k must be what it stores."""
     if tokens is None:
         return
@@ -40,7 +38,7 @@ def check_index_tokens(service: "ImageService", tokens: int | None) -> None:
             f"{tokens}; shrink it with f2b migrate --tokens {tokens} (no re-encoding), or re-encode with --reindex")
 
 
-def migrate_tokens(service: "ImageService", tokens: int,
+def migrate_tokens(service: ServiceView, tokens: int,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Shrink ``service``'s collection to ``tokens`` summary tokens per image (see the module docstring).
     Refuses, in one line, a collection that does not store fwd2bot summary tokens, a budget its model was

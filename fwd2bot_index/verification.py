@@ -25,12 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from .collection import Hit
 from .options import OptionError
+from .service_view import ServiceView
 
 #: the most hits one search may verify (one pass-2 prefill each; ~N x the cost of a question's prefill)
 MAX_VERIFY = 100
@@ -96,7 +96,7 @@ def rerank(hits: Sequence[Hit], relevance: Sequence[float], k: int, offset: int 
     return VerifiedHits(page, verified=n, dropped=dropped, min_relevance=min_relevance)
 
 
-def refusal(service: Any) -> str | None:
+def refusal(service: ServiceView) -> str | None:
     """Why ``service``'s collection cannot verify hits (None: it can): verification needs stored tokens
     and a model that answers from them, which an embedding-only collection or model does not have."""
     manifest = service.collection.manifest
@@ -109,7 +109,7 @@ def refusal(service: Any) -> str | None:
     return None
 
 
-def verify_hits(service: Any, text: str, hits: Sequence[Hit], verify: int) -> np.ndarray:
+def verify_hits(service: ServiceView, text: str, hits: Sequence[Hit], verify: int) -> np.ndarray:
     """P(yes) for the first ``verify`` of ``hits`` from their stored tokens (one relevance call)."""
     head = list(hits[:verify])
     if not head:
@@ -118,11 +118,11 @@ def verify_hits(service: Any, text: str, hits: Sequence[Hit], verify: int) -> np
     return np.asarray(service.model.relevance(list(tokens), [text] * len(head), kind=service.strategy.tokens))
 
 
-def verified_search(service: Any, text: str, k: int, filter: dict | None = None, offset: int = 0,
+def verified_search(service: ServiceView, text: str, k: int, filter: dict | None = None, offset: int = 0,
                     min_score: float | None = None, verify: int = PAGE_VERIFY,
                     min_relevance: float | None = None) -> VerifiedHits:
     """``service.search`` by text, verified (see the module docstring)."""
-    from .service import ServiceError
+    from .errors import ServiceError  # lazily: the shells import this module to check options, before images
 
     check_verify(verify, min_relevance)
     reason = refusal(service)
