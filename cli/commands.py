@@ -67,6 +67,9 @@ def index(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per model batch and per commit."),
+    max_inflight_mb: float = typer.Option(1024, "--max-inflight-mb", min=0,
+                                          help="Decoded pixels held at once, in MiB (half the batch being filled, "
+                                               "half read ahead; large photos make smaller batches); 0: no limit."),
     backend: str = typer.Option("faiss", "--backend",
                                 help="faiss, qdrant-edge, qdrant-local or qdrant-server (new collections)."),
     index_kind: Optional[str] = typer.Option(None, "--faiss-index",
@@ -144,7 +147,8 @@ def index(
             try:
                 report = service.index([str(d) for d in dirs], exclude=exclude or [], include_hidden=include_hidden,
                                        follow_symlinks=follow_symlinks, batch_size=batch_size, prune=prune,
-                                       metadata=metadata, progress=True, ray=ray, include_removed=include_removed)
+                                       metadata=metadata, progress=True, ray=ray, include_removed=include_removed,
+                                       max_inflight_bytes=int(max_inflight_mb * 2**20) or None)
             except IndexInterrupted as stop:
                 err(f"interrupted: {stop.report.indexed} new image(s) were committed and are kept; "
                     "run the same command again to continue")

@@ -17,9 +17,10 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .collection import FileStat
+from .image_shape import held_bytes
 from .imaging import ImageDecodeError, image_metadata, load_image
 
 
@@ -90,6 +91,12 @@ class IndexInterrupted(KeyboardInterrupt):
 #: machine) that a small model's encoder competes with
 WORLD_CHECK_IMAGES = 8
 
+#: decoded pixels an `index` run may hold at once (``--max-inflight-mb``): half for the batch being filled,
+#: half for the read-ahead. Why bytes and not only counts: a batch of 16 plus a read-ahead of 2 x 16 +
+#: workers held ~52 decoded images, ~5 GB of 24 MP photos (Pillow keeps RGB in 4 bytes a pixel); with
+#: 1 GiB the same run holds 10 of them (batches of 5), while photos up to 8 MP still fill batches of 16.
+DEFAULT_MAX_INFLIGHT_BYTES = 1 << 30
+
 
 @dataclass
 class _Prepared:
@@ -102,6 +109,8 @@ class _Prepared:
     image: Any = None
     metadata: dict | None = None
     error: str | None = None
+    #: bytes the decoded image holds (``image_shape.held_bytes``): what the in-flight budget counts
+    held: int = 0
     #: the demo-world check of this image, when it is one of those checked: a Future or a bool
     #: (True = not from the demo world), recorded with the image's commit
     world: Any = None
@@ -119,6 +128,7 @@ def _prepare(stat: FileStat, sidecar: dict[str, dict], max_pixels: int | None) -
     path = stat.path
     try:
         item.image = load_image(path, **({"max_pixels": max_pixels} if max_pixels else {}))
+        item.held = held_bytes(*item.image.size, item.image.mode)
         meta = image_metadata(path)
         meta.update(sidecar.get(path, {}))
         item.metadata = meta
@@ -129,15 +139,95 @@ def _prepare(stat: FileStat, sidecar: dict[str, dict], max_pixels: int | None) -
     return item
 
 
-def _prefetch(pool: ThreadPoolExecutor, jobs: Iterable[tuple], fn: Callable, depth: int) -> Iterator[Any]:
-    """Run ``fn(*job)`` in the pool keeping at most ``depth`` results in flight, in order."""
+def _prefetch(pool: ThreadPoolExecutor, jobs: Iterable[tuple], fn: Callable, depth: int,
+              max_bytes: int | None = None, size: Callable[[Any], int] | None = None) -> Iterator[Any]:
+    """Run ``fn(*job)`` in the pool, in order, keeping at most ``depth`` results in flight and, with
+    ``max_bytes``, at most that many bytes (``size(result)``) of results not yet taken.
+
+    A job still running counts as large as the largest result so far (before the first, as the whole
+    budget: one job at a time until a size is known), so a folder of like-sized images never passes the
+    budget; a larger image than any before can pass it by its difference. The next job starts only when
+    it fits beside what is held; with nothing held it starts whatever its size (an image larger than the
+    budget goes through, alone). Files are read only as results are taken: nothing runs ahead unbounded.
+    """
     pending: deque[Future] = deque()
-    for job in jobs:
-        pending.append(pool.submit(fn, *job))
+    largest = 0
+
+    def full() -> bool:
+        nonlocal largest
         if len(pending) >= depth:
-            yield pending.popleft().result()
+            return True
+        if max_bytes is None or not pending:
+            return False
+        held = 0
+        for future in pending:
+            if future.done() and future.exception() is None:
+                largest = max(largest, size(future.result()))
+                held += size(future.result())
+            else:
+                held += largest or max_bytes  # still running (or about to raise): its likely size
+        return held + (largest or max_bytes) > max_bytes
+
+    def take() -> Any:
+        nonlocal largest
+        result = pending.popleft().result()
+        if size is not None:
+            largest = max(largest, size(result))
+        return result
+
+    plan, end = iter(jobs), object()
+    while True:
+        while full():
+            yield take()
+        job = next(plan, end)  # the next job is taken from the plan only once there is room for it
+        if job is end:
+            break
+        pending.append(pool.submit(fn, *job))
     while pending:
-        yield pending.popleft().result()
+        yield take()
+
+
+def decoded_batches(pool: ThreadPoolExecutor, todo: Sequence[FileStat], sidecar: dict[str, dict],
+                    max_pixels: int | None, batch_size: int, workers: int, max_inflight_bytes: int | None,
+                    report: IndexReport, on_decoded: Callable[[_Prepared], None] | None = None,
+                    ) -> Iterator[tuple[_Prepared | None, list[_Prepared] | None]]:
+    """Decode ``todo`` in the pool and yield, in plan order, ``(failed item, None)`` for a file that could
+    not be decoded and ``(None, batch)`` for a batch ready for the model.
+
+    A batch is cut at ``batch_size`` images, or earlier when the next image of the same size would take
+    its decoded bytes past half of ``max_inflight_bytes``; the read-ahead holds the other half
+    (``_prefetch``). So a run holds about ``max_inflight_bytes`` of decoded pixels at once (None: counts
+    only, as before). The caller frees a batch's pixels once it is encoded (``ImageService._commit``).
+    ``on_decoded`` sees each image as it joins a batch (the demo-world check).
+    """
+    ahead = batch_budget = None
+    if max_inflight_bytes is not None:
+        ahead = max_inflight_bytes // 2
+        batch_budget = max_inflight_bytes - ahead
+    batch: list[_Prepared] = []
+    held = 0
+    jobs = ((stat, sidecar, max_pixels) for stat in todo)
+    waited = time.perf_counter()
+    for item in _prefetch(pool, jobs, _prepare, depth=2 * batch_size + workers, max_bytes=ahead,
+                          size=_held_by):
+        report.decode_wait_seconds += time.perf_counter() - waited
+        if item.error:
+            yield item, None
+        else:
+            if on_decoded is not None:
+                on_decoded(item)
+            batch.append(item)
+            held += item.held
+            if len(batch) >= batch_size or (batch_budget is not None and held + item.held > batch_budget):
+                yield None, batch
+                batch, held = [], 0
+        waited = time.perf_counter()
+    if batch:
+        yield None, batch
+
+
+def _held_by(item: _Prepared) -> int:
+    return item.held
 
 
 def _not_from_world(image: Any) -> bool:

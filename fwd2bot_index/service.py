@@ -25,8 +25,8 @@ from .collection.errors import CollectionMismatchError, CollectionNotFoundError
 from .collection.catalog import FilterError, parse_filter  # noqa: F401  (re-exported for the shells)
 from .imaging import load_image, scan_images
 from .indexing import (  # noqa: F401  (IndexReport, IndexInterrupted re-exported: the shells import them here)
-    WORLD_CHECK_IMAGES, IndexInterrupted, IndexReport, _Committer, _index_settings, _not_from_world, _prefetch,
-    _Prepared, _prepare, world_flags,
+    DEFAULT_MAX_INFLIGHT_BYTES, WORLD_CHECK_IMAGES, IndexInterrupted, IndexReport, _Committer, _index_settings,
+    _not_from_world, _Prepared, decoded_batches, world_flags,
 )
 from .options import OptionError, check_model_reference, check_options  # noqa: F401  (re-exported for the shells)
 from .demo_notice import collection_world_status, demo_world_status  # noqa: F401  (the shells import them here)
@@ -89,15 +89,24 @@ class ImageService:
     def index(self, roots: Sequence[str | os.PathLike], exclude: Sequence[str] = (), include_hidden: bool = False,
               follow_symlinks: bool = False, batch_size: int = 16, prune: bool = False,
               metadata: str | os.PathLike | None = None, workers: int | None = None, max_pixels: int | None = None,
-              progress: bool = False, ray: str | None = None, include_removed: bool = False) -> IndexReport:
+              progress: bool = False, ray: str | None = None, include_removed: bool = False,
+              max_inflight_bytes: int | None = DEFAULT_MAX_INFLIGHT_BYTES) -> IndexReport:
         """Scan ``roots`` and add new or changed images; failures are recorded, never fatal. Paths
         removed with ``remove`` stay out while unchanged, unless ``include_removed``.
+
+        ``max_inflight_bytes`` bounds the decoded pixels held at once (the batch being filled and the
+        read-ahead, half each; ``indexing.decoded_batches``): large photos make smaller batches instead
+        of gigabytes of read-ahead. None: ``batch_size`` and the read-ahead's count only. (With ``ray``
+        each worker decodes one batch of ``batch_size`` on its own machine: the budget is this process's.)
 
         ``ray`` (an address, or ``"local"``) decodes and encodes on a Ray cluster; this process stays the
         one writer and commits each returned batch exactly as a local run does (see ``ray_index``).
         """
         from tqdm.auto import tqdm
 
+        if max_inflight_bytes is not None and (isinstance(max_inflight_bytes, bool) or max_inflight_bytes < 1):
+            raise ServiceError(f"max_inflight_bytes must be a positive number of bytes or None, "
+                               f"got {max_inflight_bytes!r}")
         with _index_settings():  # process-wide, for this run only
             started = time.perf_counter()
             report = IndexReport()
@@ -131,7 +140,8 @@ class ImageService:
 
                     encoder = RayEncoder(ray, self.model_name, self.collection.manifest, self.device, self.dtype,
                                          progress)
-                self._encode_all(plan, report, sidecar, batch_size, workers, max_pixels, progress, encoder)
+                self._encode_all(plan, report, sidecar, batch_size, workers, max_pixels, progress, encoder,
+                                 max_inflight_bytes)
             except KeyboardInterrupt as exc:
                 report.interrupted = True
                 report.seconds = time.perf_counter() - started
@@ -151,7 +161,8 @@ class ImageService:
             return report
 
     def _encode_all(self, plan, report: IndexReport, sidecar: dict, batch_size: int, workers: int | None,
-                    max_pixels: int | None, progress: bool, encoder: Callable | None = None) -> None:
+                    max_pixels: int | None, progress: bool, encoder: Callable | None = None,
+                    max_inflight_bytes: int | None = DEFAULT_MAX_INFLIGHT_BYTES) -> None:
         """Decode, encode and commit the plan's new files, then link its duplicates and moved files.
 
         The seam: ``encoder(todo, sidecar, batch_size, max_pixels, world_check)`` yields already
@@ -190,29 +201,22 @@ class ImageService:
                                 committer.submit(self._store, done.items, done.embeddings, done.tokens, report)
                             bar.update(len(done.items) + len(done.failed))
                     todo = []
-                batch: list[_Prepared] = []
                 # the first decoded images are tested in the decode pool while the model encodes
                 world: list[Future] = []
-                jobs = ((stat, sidecar, max_pixels) for stat in todo)
-                waited = time.perf_counter()
-                for item in _prefetch(pool, jobs, _prepare, depth=2 * batch_size + workers):
-                    report.decode_wait_seconds += time.perf_counter() - waited
-                    if item.error:
-                        committer.submit(self._record_failed, item, report)
+
+                def check_world(item: _Prepared) -> None:
+                    if watch_world and len(world) < WORLD_CHECK_IMAGES:
+                        item.world = pool.submit(_not_from_world, item.image)  # recorded at its commit
+                        world.append(item.world)
+
+                for failed, batch in decoded_batches(pool, todo, sidecar, max_pixels, batch_size, workers,
+                                                     max_inflight_bytes, report, check_world):
+                    if failed is not None:
+                        committer.submit(self._record_failed, failed, report)
                         bar.update(1)
                     else:
-                        if watch_world and len(world) < WORLD_CHECK_IMAGES:
-                            item.world = pool.submit(_not_from_world, item.image)  # recorded at its commit
-                            world.append(item.world)
-                        batch.append(item)
-                        if len(batch) >= batch_size:
-                            self._commit(batch, report, batch_size, committer)
-                            bar.update(len(batch))
-                            batch = []
-                    waited = time.perf_counter()
-                if batch:
-                    self._commit(batch, report, batch_size, committer)
-                    bar.update(len(batch))
+                        self._commit(batch, report, batch_size, committer)
+                        bar.update(len(batch))
                 for check in world:
                     report.world_checked += 1
                     report.world_foreign += check.result()
