@@ -60,7 +60,8 @@ SECTIONS = [
             "bench_verify.py", "verify.json"),
     Section("nested", "Nested budgets: bytes per image per budget, and `f2b migrate --tokens k` vs re-encoding",
             "bench_nested.py", "nested.json"),
-    Section("memory", "Image decoding memory: peak RSS of the worst shapes under the limits vs the stated bound",
+    Section("memory", "Image decoding memory: peak RSS of the worst shapes under the limits vs the stated bound, "
+            "and of a whole `f2b index` run under its in-flight budget",
             "bench_memory.py", "memory.json"),
 ]
 KEYS = [s.key for s in SECTIONS]

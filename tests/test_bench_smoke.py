@@ -281,6 +281,14 @@ def test_memory_hostile_cases_are_refused_cheaply(bench, tmp_path):
     assert "memory" in bench("run_all").KEYS
 
 
+def test_memory_index_runs_with_and_without_the_budget(bench, tmp_path):
+    """The whole-run measurement (quick: 12 small solid-colour PNGs, 4 images' worth of budget) indexes
+    every image in both of its fresh processes and reports their peaks."""
+    runs = bench("bench_memory").measure_index(quick=True, workdir=tmp_path)
+    assert [r["budget"] is None for r in runs] == [False, True]
+    assert all(r["indexed"] == r["images"] == 12 and r["failed"] == 0 and r["above_baseline"] > 0 for r in runs)
+
+
 def test_machines_line_does_not_grow_with_each_only_run(bench):
     run_all = bench("run_all")
     a = "2 CPU cores (AMD EPYC), 23.5 GiB RAM, no GPU; torch 2.13.0+cpu, numpy 2.4.6"
