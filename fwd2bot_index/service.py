@@ -3,8 +3,10 @@
 ``model`` and ``collection`` never import each other; this module joins them. The CLI, the REST app
 and evaluation call only this (and the model's public API). The model loads lazily: ``info``,
 ``verify`` and ``remove`` never pay for it, and a server can preload it once at start. Its errors
-(``errors``) and the checked model loader (``loader``) live below it, so that what it drives
-(``ray_index``) never imports it back; their names stay importable from here.
+(``errors``), the checked model loader (``loader``), the sidecar reader (``sidecar``) and the shape of it
+that its helpers take (``service_view``) live below it, so that what it drives (``ray_index``,
+``verification``, ``shrinking``, ``indexing``) never imports it back (tests/test_layering.py); their
+names stay importable from here.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .demo_notice import collection_world_status, demo_world_status  # noqa: F40
 from .errors import NotFoundError, ServiceError, user_error_types  # noqa: F401  (re-exported for the shells)
 from .hints import no_collection_message
 from .loader import load_checked_model  # noqa: F401  (re-exported)
+from .sidecar import read_sidecar  # noqa: F401  (re-exported)
 from .shrinking import check_index_tokens, migrate_tokens, with_tokens
 
 log = logging.getLogger("fwd2bot_index")
@@ -394,34 +397,6 @@ class ImageService:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def read_sidecar(path: str | os.PathLike) -> dict[str, dict]:
-    """Per-image metadata from a JSON (object keyed by path, or list of rows) or CSV with a ``path`` column.
-
-    Relative paths are resolved against the sidecar's folder. Values are stored and filterable.
-    """
-    import csv
-    import json
-
-    path = Path(path)
-    base = path.parent
-    try:
-        if path.suffix.lower() == ".csv":
-            with path.open(newline="") as fh:
-                rows = list(csv.DictReader(fh))
-        else:
-            data = json.loads(path.read_text())
-            rows = [{"path": k, **v} for k, v in data.items()] if isinstance(data, dict) else data
-    except (OSError, ValueError) as exc:
-        raise ServiceError(f"metadata file {path}: cannot read it ({exc})") from exc
-    out = {}
-    for n, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not row.get("path"):
-            raise ServiceError(f"metadata file {path}: record {n} has no 'path'")
-        meta = {k: v for k, v in row.items() if k != "path"}
-        out[str((base / row["path"]).resolve())] = meta
-    return out
 
 
 def open_service(collection: str | os.PathLike | None = None, model: str | None = None, device: str = "auto",

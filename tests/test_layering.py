@@ -80,11 +80,12 @@ def test_modules_below_the_facade_never_import_it(module):
 
 
 def test_the_facade_keeps_its_public_names():
-    from fwd2bot_index import errors, loader, service
+    from fwd2bot_index import errors, loader, service, sidecar
 
     assert service.ServiceError is errors.ServiceError and service.NotFoundError is errors.NotFoundError
     assert service.user_error_types is errors.user_error_types
     assert service.load_checked_model is loader.load_checked_model
+    assert service.read_sidecar is sidecar.read_sidecar
     assert issubclass(errors.NotFoundError, LookupError)
 
 
