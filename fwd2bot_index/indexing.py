@@ -150,6 +150,8 @@ def _prefetch(pool: ThreadPoolExecutor, jobs: Iterable[tuple], fn: Callable, dep
     it fits beside what is held; with nothing held it starts whatever its size (an image larger than the
     budget goes through, alone). Files are read only as results are taken: nothing runs ahead unbounded.
     """
+    if max_bytes is not None and size is None:
+        raise ValueError("a byte budget needs size(result)")
     pending: deque[Future] = deque()
     largest = 0
 

@@ -163,3 +163,22 @@ def test_f2b_index_takes_the_budget_in_mib(tmp_path, model_dir, folder):
     done = runner.invoke(app, base + ["--collection", str(tmp_path / "b"), "--max-inflight-mb", "0.05"])
     assert done.exit_code == 0, done.output
     assert '"indexed": 40' in done.stdout
+
+
+def test_f2b_index_passes_its_budget_in_bytes(tmp_path, folder, monkeypatch):
+    """0 MiB is no byte budget; any other value, however small, is a budget (never rounded down to none)."""
+    from fwd2bot_index.cli.main import app
+    from fwd2bot_index.service import ImageService
+
+    seen = []
+
+    def index(self, roots, **kwargs):  # what the command hands the facade, before any model is asked for
+        seen.append(kwargs["max_inflight_bytes"])
+        raise ServiceError("stop here")
+
+    monkeypatch.setattr(ImageService, "index", index)
+    for mib in ("0", "1e-9", "1024"):
+        result = CliRunner().invoke(app, ["index", str(folder), "--collection", str(tmp_path / "c"), "--model",
+                                          "demo", "--max-inflight-mb", mib])
+        assert result.exit_code == 1 and "stop here" in result.output
+    assert seen == [None, 1, 1 << 30]
