@@ -153,6 +153,7 @@ def _prefetch(pool: ThreadPoolExecutor, jobs: Iterable[tuple], fn: Callable, dep
     if max_bytes is not None and size is None:
         raise ValueError("a byte budget needs size(result)")
     pending: deque[Future] = deque()
+    sizes: dict[Future, int] = {}  # results measured while pending (each measured once: no rescans)
     largest = 0
 
     def full() -> bool:
@@ -161,19 +162,25 @@ def _prefetch(pool: ThreadPoolExecutor, jobs: Iterable[tuple], fn: Callable, dep
             return True
         if max_bytes is None or not pending:
             return False
-        held = 0
+        held = running = 0
         for future in pending:
-            if future.done() and future.exception() is None:
-                largest = max(largest, size(future.result()))
-                held += size(future.result())
+            n = sizes.get(future)
+            if n is None and future.done() and future.exception() is None:
+                n = sizes[future] = size(future.result())
+                largest = max(largest, n)
+            if n is None:
+                running += 1  # still running (or about to raise): counted at its likely size below
             else:
-                held += largest or max_bytes  # still running (or about to raise): its likely size
-        return held + (largest or max_bytes) > max_bytes
+                held += n
+        guess = largest or max_bytes
+        return held + (running + 1) * guess > max_bytes
 
     def take() -> Any:
         nonlocal largest
-        result = pending.popleft().result()
-        if size is not None:
+        future = pending.popleft()
+        result = future.result()
+        measured = sizes.pop(future, None)
+        if measured is None and size is not None:
             largest = max(largest, size(result))
         return result
 
