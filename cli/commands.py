@@ -148,7 +148,8 @@ def index(
                 report = service.index([str(d) for d in dirs], exclude=exclude or [], include_hidden=include_hidden,
                                        follow_symlinks=follow_symlinks, batch_size=batch_size, prune=prune,
                                        metadata=metadata, progress=True, ray=ray, include_removed=include_removed,
-                                       max_inflight_bytes=max(1, int(max_inflight_mb * 2**20)) if max_inflight_mb else None)
+                                       max_inflight_bytes=max(1, int(max_inflight_mb * 2**20))
+                                       if max_inflight_mb else None)
             except IndexInterrupted as stop:
                 err(f"interrupted: {stop.report.indexed} new image(s) were committed and are kept; "
                     "run the same command again to continue")

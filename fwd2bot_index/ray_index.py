@@ -71,26 +71,37 @@ class Replica:
         except Exception as exc:  # noqa: BLE001  (re-raised by encode)
             self.error = exc
 
-    def encode(self, chunk: Sequence[Any], sidecar: dict, max_pixels: int | None, world_check: int) -> EncodedBatch:
-        from .indexing import _prepare
+    def encode(self, chunk: Sequence[Any], sidecar: dict, max_pixels: int | None, world_check: int,
+               max_inflight_bytes: int | None = None) -> EncodedBatch:
+        """Decode and encode one chunk of the plan. With ``max_inflight_bytes`` the chunk's images go to the
+        model in parts whose decoded pixels stay within the budget (``indexing.decoded_batches``, as in a
+        local run), and the parts' vectors come back as one batch: a worker holds what a local run would."""
+        from .indexing import IndexReport, decoded_batches
 
         if self.error is not None:
             raise self.error
+        out = EncodedBatch()
+        embeddings, tokens = [], []
         with ThreadPoolExecutor(min(4, len(chunk)) or 1, thread_name_prefix="f2b-decode") as pool:
-            prepared = list(pool.map(lambda stat: _prepare(stat, sidecar, max_pixels), chunk))
-        out = EncodedBatch(items=[p for p in prepared if not p.error], failed=[p for p in prepared if p.error])
-        if not out.items:
-            return out
-        if world_check:
-            from .synthetic.detect import looks_like_demo_world
+            for failed, part in decoded_batches(pool, chunk, sidecar, max_pixels, max(1, len(chunk)),
+                                                min(4, len(chunk)) or 1, max_inflight_bytes, IndexReport()):
+                if failed is not None:
+                    out.failed.append(failed)
+                    continue
+                if len(out.world) < world_check:
+                    from .synthetic.detect import looks_like_demo_world
 
-            out.world = [not looks_like_demo_world(p.image) for p in out.items[:world_check]]
-        t0 = time.perf_counter()
-        enc = self.model.encode_images([p.image for p in out.items], batch_size=len(out.items), strategy=self.strategy)
-        out.encode_seconds = time.perf_counter() - t0
-        out.embeddings, out.tokens = enc.embeddings, enc.tokens
-        for p in out.items:
-            p.image = None  # the driver needs the path, hash, size, mtime and metadata only
+                    out.world += [not looks_like_demo_world(p.image) for p in part[:world_check - len(out.world)]]
+                t0 = time.perf_counter()
+                enc = self.model.encode_images([p.image for p in part], batch_size=len(part), strategy=self.strategy)
+                out.encode_seconds += time.perf_counter() - t0
+                embeddings.append(enc.embeddings)
+                tokens.append(enc.tokens)
+                for p in part:
+                    p.image = None  # the driver needs the path, hash, size, mtime and metadata only
+                out.items += part
+        if out.items:
+            out.embeddings, out.tokens = np.concatenate(embeddings), np.concatenate(tokens)
         return out
 
 
@@ -136,7 +147,9 @@ class RayEncoder:
         return True
 
     def __call__(self, todo: Sequence[Any], sidecar: dict, batch_size: int, max_pixels: int | None,
-                 world_check: int) -> Iterator[EncodedBatch]:
+                 world_check: int, max_inflight_bytes: int | None = None) -> Iterator[EncodedBatch]:
+        """Encode ``todo`` in chunks of ``batch_size`` on the cluster's replicas, yielding them in plan order;
+        each replica holds at most ``max_inflight_bytes`` of decoded pixels (``Replica.encode``)."""
         import ray
         from ray.util import ActorPool
 
@@ -154,7 +167,8 @@ class RayEncoder:
             pool = ActorPool(actors)
             jobs = [(chunk, {s.path: sidecar[s.path] for s in chunk if s.path in sidecar}) for chunk in chunks]
             left = world_check
-            results = pool.map(lambda actor, job: actor.encode.remote(job[0], job[1], max_pixels, left), jobs)
+            results = pool.map(lambda actor, job: actor.encode.remote(job[0], job[1], max_pixels, left,
+                                                                      max_inflight_bytes), jobs)
             for done in _surface_errors(results):
                 yield done
         finally:

@@ -100,7 +100,7 @@ class ImageService:
         ``max_inflight_bytes`` bounds the decoded pixels held at once (the batch being filled and the
         read-ahead, half each; ``indexing.decoded_batches``): large photos make smaller batches instead
         of gigabytes of read-ahead. None: ``batch_size`` and the read-ahead's count only. (With ``ray``
-        each worker decodes one batch of ``batch_size`` on its own machine: the budget is this process's.)
+        the budget is each model replica's: a worker encodes its batch in parts that fit in it.)
 
         ``ray`` (an address, or ``"local"``) decodes and encodes on a Ray cluster; this process stays the
         one writer and commits each returned batch exactly as a local run does (see ``ray_index``).
@@ -168,7 +168,7 @@ class ImageService:
                     max_inflight_bytes: int | None = DEFAULT_MAX_INFLIGHT_BYTES) -> None:
         """Decode, encode and commit the plan's new files, then link its duplicates and moved files.
 
-        The seam: ``encoder(todo, sidecar, batch_size, max_pixels, world_check)`` yields already
+        The seam: ``encoder(todo, sidecar, batch_size, max_pixels, world_check, max_inflight_bytes)`` yields already
         encoded batches (``EncodedBatch``, in plan order) from elsewhere (a Ray cluster); they go
         through the same failure records and the same per-batch commit as the local path's.
         """
@@ -189,7 +189,8 @@ class ImageService:
                     tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress or not todo,
                          dynamic_ncols=True) as bar:
                 if encoder is not None and todo:
-                    batches = encoder(todo, sidecar, batch_size, max_pixels, WORLD_CHECK_IMAGES if watch_world else 0)
+                    batches = encoder(todo, sidecar, batch_size, max_pixels, WORLD_CHECK_IMAGES if watch_world else 0,
+                                      max_inflight_bytes)
                     with contextlib.closing(batches):  # on Ctrl-C too: the cluster goes now, not at exit
                         for done in batches:
                             for item, foreign in zip(done.items, done.world):

@@ -182,3 +182,33 @@ def test_f2b_index_passes_its_budget_in_bytes(tmp_path, folder, monkeypatch):
                                           "demo", "--max-inflight-mb", mib])
         assert result.exit_code == 1 and "stop here" in result.output
     assert seen == [None, 1, 1 << 30]
+
+
+def test_a_ray_replica_encodes_its_batch_in_parts_within_the_budget(tmp_path, model_dir, folder, monkeypatch):
+    """`f2b index --ray`: each worker (``ray_index.Replica``, called here in-process) holds what a local run
+    would: its batch goes to the model in parts within the budget, and comes back as one, unchanged."""
+    from fwd2bot_index.ray_index import Replica
+
+    with open_service(tmp_path / "c", model=str(model_dir), device="cpu", create=True) as svc:
+        manifest = svc.collection.manifest
+        chunk = svc.collection.plan([str(p) for p in sorted(folder.iterdir())]).to_encode[:19]  # one broken
+    replica = Replica(str(model_dir), manifest, "cpu", "auto")
+    real, batches = replica.model.encode_images, []
+
+    def encode_images(images, *args, **kw):  # the real model: only the batch sizes are noted
+        batches.append(len(images))
+        return real(images, *args, **kw)
+
+    replica.model.encode_images = encode_images
+    runs = []
+    for budget in (None, 8 * ONE):
+        held, batches[:] = Held(monkeypatch), []
+        out = replica.encode(chunk, {}, None, 0, max_inflight_bytes=budget)
+        runs.append((out, held.most, list(batches)))
+    (whole, most_whole, batches_whole), (parts, most, batches_parts) = runs
+    assert batches_whole == [18] and most_whole >= 18
+    assert max(batches_parts) == 4 and sum(batches_parts) == 18 and most <= 8
+    assert [i.path for i in parts.items] == [i.path for i in whole.items] and len(parts.items) == 18
+    assert [f.path for f in parts.failed] == [f.path for f in whole.failed] == [str(folder / "017_broken.png")]
+    assert np.allclose(parts.embeddings, whole.embeddings, atol=1e-5)
+    assert np.allclose(parts.tokens, whole.tokens, atol=1e-4)

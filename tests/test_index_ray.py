@@ -57,7 +57,8 @@ def _rows(coll: Path, tmp: Path) -> dict:
 
 def test_ray_local_indexes_what_a_local_run_does(tmp_path, images, model_dir):
     local, _ = _index(images, tmp_path / "local", model_dir)
-    ray_report, stderr = _index(images, tmp_path / "ray", model_dir, "--ray", "local")
+    # the workers under a budget of less than one image (each encodes its batch one image at a time): the same
+    ray_report, stderr = _index(images, tmp_path / "ray", model_dir, "--ray", "local", "--max-inflight-mb", "0.01")
     assert "ray: 2 model replica(s)" in stderr or "ray: 1 model replica(s)" in stderr, stderr
     assert "indexing" in stderr  # the progress bar, as in a local run
     for report in (local, ray_report):
