@@ -172,7 +172,7 @@ def _prefetch(pool: ThreadPoolExecutor, jobs: Iterable[tuple], fn: Callable, dep
                 running += 1  # still running (or about to raise): counted at its likely size below
             else:
                 held += n
-        guess = largest or max_bytes
+        guess = largest or max(max_bytes, 1)  # nothing measured yet (or only failures): the whole budget
         return held + (running + 1) * guess > max_bytes
 
     def take() -> Any:

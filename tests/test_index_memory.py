@@ -145,6 +145,30 @@ def test_the_read_ahead_reads_no_further_than_its_budget(sizes, budget, most_ahe
     assert max(ahead) == most_ahead
 
 
+@pytest.mark.parametrize("budget", [0, 40])
+def test_nothing_is_read_ahead_before_a_size_is_known(budget):
+    """Until one result is measured, a job still running counts as the whole budget: the plan is asked
+    for the second file only once the first is decoded. The first job waits (up to a second) for the plan
+    to be asked: a prefetcher that read ahead would be caught in the act, one that waits just takes longer."""
+    release, finished, early = threading.Event(), threading.Event(), []
+
+    def jobs():
+        yield (0,)
+        early.append(not finished.is_set())  # the second file asked for while the first is still decoding
+        release.set()
+        yield from ((i,) for i in range(1, 5))
+
+    def fn(i):
+        if i == 0:
+            release.wait(1.0)
+            finished.set()
+        return i
+
+    with ThreadPoolExecutor(4) as pool:
+        taken = list(_prefetch(pool, jobs(), fn, depth=7, max_bytes=budget, size=lambda r: 10))
+    assert taken == [0, 1, 2, 3, 4] and early == [False]
+
+
 def test_a_budget_that_is_not_a_positive_number_is_refused(tmp_path, model_dir, folder):
     with open_service(tmp_path / "c", model=str(model_dir), device="cpu", create=True) as svc:
         for bad in (0, -1, True):
