@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fwd2bot_index.cli.main import app
+from fwd2bot_index.indexing import HOLD_ENV
 from fwd2bot_index.model.tiny import TinySpec, save_tiny_llava
 from fwd2bot_index.service import open_service
 from fwd2bot_index.synthetic import write_demo_data
@@ -97,14 +98,19 @@ def test_killed_ray_driver_resumes_without_duplicates(tmp_path, model_dir):
     cmd = [sys.executable, "-m", "fwd2bot_index.cli", "index", str(tmp_path / "d" / "images"), "-c", str(coll),
            "-m", str(model_dir), "--batch-size", "1", "--device", "cpu", "--ray", "local", "--json"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "held"
+    # the indexing hook holds the run after its first commit (no race with the machine's speed: on a loaded
+    # machine a fixed wait once killed the driver before anything was committed)
+    proc = subprocess.Popen(cmd, env={**env, HOLD_ENV: str(marker)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     ray_processes: list = []
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and not list((coll / "tokens").glob("*.arrow")):
+        deadline = time.time() + 600  # a generous bound for a loaded machine, not a timing assertion
+        while time.time() < deadline and proc.poll() is None and not marker.exists():
             ray_processes = _descendants(proc.pid) or ray_processes
-            time.sleep(0.02)
+            time.sleep(0.05)
         ray_processes = _descendants(proc.pid) or ray_processes
+        assert marker.exists(), f"the run never reached its first commit (exit code {proc.poll()})"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
