@@ -71,7 +71,7 @@ class DemoRecipe:
     compressor_lr: float = 3e-3  # 1e-3 moved pass 1 too slowly: a distillation loss 1.2 -> 0.8 in 180 steps vs -> 0.2
     # pass 2's input pulled toward pool@K (losses.pooled_distillation): without it pass 1 kept a cell's colour at
     # 43% (probe) and pass 2 answered colour at the blind level; variants may switch it off (contrastive-only)
-    compressor_distill_weight: float = 1.0
+    compressor_distill_weight: float = 4.0
     compressor_pool_schedule: str = "llavolta"
     hard_negative_share: float = 0.5
     verify_share: float = 0.5  # images whose pass-2 turns also hold verified search's yes/no question (true / negative)
