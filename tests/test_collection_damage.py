@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -221,27 +222,32 @@ def intact(folder: Path, removed: set[int]) -> bool:
         return False
 
 
+def check_images_kept(col: Collection, report, root: Path, risk: set[int], images: list[int]) -> dict[int, Any]:
+    """After a repair: each of ``images`` is back with its tokens and found by its embedding, or (only where
+    ``risk`` allows) kept and reported, or gone with its file left to re-encode. Returns the rows by image."""
+    rows = {r.metadata["i"]: r for r in col.list_images(0, 1000)}
+    for i in images:
+        if i in rows:
+            row = rows[i]
+            if i in risk and row.id in report.bad_rows:
+                assert not report.ok  # kept, and reported
+                continue
+            assert np.abs(col.get_tokens(row.id) - tok(i)).max() < 0.01, i
+            assert col.search(emb(i), k=1)[0].id == row.id
+            continue
+        assert i in risk, f"image {i} was lost though its data was intact"
+        path = photo(root, i)
+        assert os.path.exists(path) and [f.path for f in col.plan([path]).to_encode] == [path]
+    return rows
+
+
 def check_nothing_lost(folder: Path, root: Path, risk: set[int], removed: set[int]) -> None:
     """After the repair path: every image is back with its tokens, or re-encodable, or kept and reported."""
     Collection.recover(folder)
     with Collection.open(folder, writable=True) as col:
         report = col.repair()
-        rows = {r.metadata["i"]: r for r in col.list_images(0, 1000)}
-        for i in (i for b in BATCHES for i in b):
-            if i in removed:
-                assert i not in rows
-                continue
-            if i in rows:
-                row = rows[i]
-                if i in risk and row.id in report.bad_rows:
-                    assert not report.ok  # kept, and reported
-                    continue
-                assert np.abs(col.get_tokens(row.id) - tok(i)).max() < 0.01, i
-                assert col.search(emb(i), k=1)[0].id == row.id
-                continue
-            assert i in risk, f"image {i} was lost though its data was intact"
-            path = photo(root, i)
-            assert os.path.exists(path) and [f.path for f in col.plan([path]).to_encode] == [path]
+        rows = check_images_kept(col, report, root, risk, [i for b in BATCHES for i in b if i not in removed])
+        assert not set(rows) & removed
         # a damaged shard stays only while kept images still point at it (and verify says so)
         live = set(col.catalog.shard_live_rows())
         for p in col.path.glob("tokens/*.arrow"):

@@ -28,8 +28,9 @@ from fwd2bot_index.collection import Collection, CollectionError
 _spec = importlib.util.spec_from_file_location("_damage_part_one", Path(__file__).with_name("test_collection_damage.py"))
 _one = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_one)
-BATCHES, add, emb, manifest, one_line, photo, summarize, tok = (
-    _one.BATCHES, _one.add, _one.emb, _one.manifest, _one.one_line, _one.photo, _one.summarize, _one.tok)
+BATCHES, add, check_images_kept, emb, manifest, one_line, photo, summarize, tok = (
+    _one.BATCHES, _one.add, _one.check_images_kept, _one.emb, _one.manifest, _one.one_line, _one.photo, _one.summarize,
+    _one.tok)
 
 TABLE: dict[tuple[str, str], str] = {}
 COMMANDS = ["verify", "repair", "serve"]
@@ -239,21 +240,9 @@ def check_after_repair(folder: Path, root: Path, risk: set[int]) -> None:
     Collection.recover(folder)
     with Collection.open(folder, writable=True) as col:
         report = col.repair()
-        rows = {r.metadata["i"]: r for r in col.list_images(0, 1000)}
         assert not twin_hashes(col), "another collection's images were adopted"
+        rows = check_images_kept(col, report, root, risk, list(range(18)))
         assert set(rows) <= set(range(18))
-        for i in range(18):
-            if i in rows:
-                row = rows[i]
-                if i in risk and row.id in report.bad_rows:
-                    assert not report.ok  # kept, and reported
-                    continue
-                assert np.abs(col.get_tokens(row.id) - tok(i)).max() < 0.01, i
-                assert col.search(emb(i), k=1)[0].id == row.id
-                continue
-            assert i in risk, f"image {i} was lost though its data was intact"
-            path = photo(root, i)
-            assert os.path.exists(path) and [f.path for f in col.plan([path]).to_encode] == [path]
         assert col.verify().ok == report.ok
         cid = col.manifest.collection_id
         assert cid and col.catalog.collection_id() == cid
