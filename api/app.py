@@ -43,6 +43,8 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from fwd2bot_index.verification import verify_by_default
+
 from .bodies import JsonBodyMiddleware, PreparsedJsonRoute
 from .docs import install_docs
 from .files import ThumbnailCache, catalog_row, read_verified
@@ -352,6 +354,8 @@ def _health_routes(app: FastAPI, state: AppState, read_deps: list[Any]) -> None:
         info.pop("backend_options", None)
         info.update({"ready": state.worker.state, "writable": bool(state.collection.writable),
                      "model_load_seconds": state.worker.load_seconds})
+        if state.worker.state == "ready":  # what the loaded model declares (the search page's default)
+            info["verify_by_default"] = verify_by_default(state.service.model)
         return JSONResponse(jsonable_encoder(info))
 
 

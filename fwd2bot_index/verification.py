@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -107,6 +108,13 @@ def refusal(service: ServiceView) -> str | None:
         return (f"the model of {service.collection.path} cannot answer from stored tokens (embedding-only): "
                 "search without --verify")
     return None
+
+
+def verify_by_default(model: Any) -> bool:
+    """Whether a search that does not say should verify with ``model``: yes unless the model declares that
+    re-ranking by its relevance was measured not to help (``config.relevance_ranks_well`` False: the demo
+    model, whose P(yes) lowers R@1 on its own held-out scenes). Unmeasured models (stock checkpoints) verify."""
+    return getattr(getattr(model, "config", None), "relevance_ranks_well", None) is not False
 
 
 def verify_hits(service: ServiceView, text: str, hits: Sequence[Hit], verify: int) -> np.ndarray:

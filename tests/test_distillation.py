@@ -90,3 +90,4 @@ def test_distillation_alone_trains_pass_one_toward_the_pooled_tokens(tiny_llava_
     losses = [r["distill"] for r in rows if r["kind"] == "train"]
     assert len(losses) == 30 and "autoregressive" not in rows[0]
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+

@@ -263,3 +263,42 @@ def test_docs_work_with_no_network(server, browser, tmp_path):
     page.wait_for_selector("redoc [role=navigation], .menu-content", timeout=20000)
     _shot(page, tmp_path, "docs.png")
     page.close()
+
+
+@pytest.fixture(scope="module")
+def unhelpful_relevance_server(tmp_path_factory):
+    """The demo images indexed with the shipped demo model, whose recipe measured that re-ranking by its
+    relevance makes its search worse (``relevance_ranks_well`` False in its config), served read-only."""
+    import fwd2bot_index
+    from fwd2bot_index.model.config import Fwd2BotConfig
+    from fwd2bot_index.service import open_service
+
+    shipped = Path(fwd2bot_index.__file__).parent / "demo_model"  # the package's, editable or installed
+    assert Fwd2BotConfig.read(shipped).relevance_ranks_well is False
+    demo = demo_collection(tmp_path_factory.getbasetemp() / "api-demo", n=40, seed=0)
+    collection = tmp_path_factory.mktemp("unhelpful") / "collection"
+    with open_service(collection=collection, model="demo", create=True) as service:
+        assert service.index([demo.data_dir / "images"]).indexed == 40
+    live = LiveServer(server=make_server(collection, model="demo", port=free_port(), writable=False,
+                                         log_level="warning"))
+    with live as url:
+        live.wait_ready()
+        yield url
+
+
+def test_page_searches_unverified_when_the_model_says_its_relevance_does_not_help(unhelpful_relevance_server,
+                                                                                   browser, server):
+    """With the demo model, whose relevance was measured to make ranking worse, text searches are not verified
+    unless the address asks (?verify=N); a model that says nothing (the other server's) still verifies."""
+    url = unhelpful_relevance_server
+    assert httpx.get(url + "/v1/collection").json()["verify_by_default"] is False
+    assert httpx.get(server[0] + "/v1/collection").json()["verify_by_default"] is True
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(url + "/?q=a+red+circle")
+    page.wait_for_selector("#results .hit")
+    assert page.locator("#results .hit .relevance").count() == 0
+    assert "relevance" not in page.inner_text("#status")
+    page.goto(url + "/?q=a+red+circle&verify=24")
+    page.wait_for_selector("#results .hit .relevance")
+    assert page.locator("#results .hit .relevance").count() == 24
+    page.close()

@@ -197,3 +197,27 @@ def test_cli_verifies_through_a_running_server(demo, service, tmp_path, monkeypa
     kept = json.loads(dropped.stdout)
     assert all(h["relevance"] >= cut for h in kept) and "hits dropped below relevance" in dropped.stderr
     assert f"{8 - len(kept)} of the top 8 hits dropped" in dropped.stderr
+
+
+def test_the_recipe_records_whether_relevance_helps_ranking(tmp_path):
+    """``record_relevance_verdict`` writes ``relevance_ranks_well`` from the measured verification (verify@20 R@1
+    against the embedding's, seen split) into the checkpoint config; nothing is written when it was not measured.
+    The search page's default follows it (``verification.verify_by_default``)."""
+    from fwd2bot_index.model.config import Fwd2BotConfig
+    from fwd2bot_index.training.demo.report import record_relevance_verdict
+    from fwd2bot_index.verification import verify_by_default
+
+    (tmp_path / "fwd2bot_config.json").write_text(Fwd2BotConfig().to_json(), encoding="utf-8")
+
+    def measured(embedding: float, verified: float) -> dict:
+        recall = {"embedding": {"1": embedding}, "verify@10": {"1": 1.0}, "verify@20": {"1": verified}}
+        return {"verification": {"splits": {"test": {"retrieval_t2i": recall}}}}
+
+    assert record_relevance_verdict(tmp_path, {}) is None
+    assert Fwd2BotConfig.read(tmp_path).relevance_ranks_well is None
+    assert record_relevance_verdict(tmp_path, measured(0.55, 0.20)) is False  # the deepest verification decides
+    config = Fwd2BotConfig.read(tmp_path)
+    assert config.relevance_ranks_well is False and verify_by_default(type("M", (), {"config": config})) is False
+    assert record_relevance_verdict(tmp_path, measured(0.55, 0.61)) is True
+    assert verify_by_default(type("M", (), {"config": Fwd2BotConfig.read(tmp_path)})) is True
+    assert verify_by_default(type("M", (), {"config": Fwd2BotConfig()})) is True  # not measured: verify

@@ -69,9 +69,17 @@ function pageNumber(name, fallback) {
 
 function scoreFloor() { return pageNumber("floor", DEFAULT_FLOOR); }
 
-// How many hits a text search verifies: the page's k (at most MAX_VERIFY), none with ?verify=0 or ?floor=.
+// Whether text searches verify when the address does not say (?verify=N): a model declares whether re-ranking
+// by its relevance was measured to help its search (`relevance_ranks_well`; the demo model: not yet). Known
+// once the model has loaded (`verify_by_default` of /v1/collection); searches wait for that anyway.
+let verifyByDefault = true;
+
+// How many hits a text search verifies: the page's k (at most MAX_VERIFY), none with ?verify=0 or ?floor=, none
+// by default where the model says its relevance does not help.
 function verifyCount(k) {
-  if (new URLSearchParams(location.search).has("floor")) return 0;
+  const params = new URLSearchParams(location.search);
+  if (params.has("floor")) return 0;
+  if (!params.has("verify") && !verifyByDefault) return 0;
   return Math.max(0, Math.min(MAX_VERIFY, Math.round(pageNumber("verify", k))));
 }
 
@@ -190,7 +198,8 @@ function showWarning(text) {
 
 function k() { return Number($("k").value) || 24; }
 
-function textSearch(query) {
+async function textSearch(query) {
+  await modelKnown;
   const verify = verifyCount(k());
   runSearch(verify ? { query, k: k(), verify } : { query, k: k() }, `for “${query}”`);
 }
@@ -335,6 +344,7 @@ async function loadInfo() {
       `${Number(info.indexed).toLocaleString()} images · model ${basename(info.model)} · ${info.strategy}${perImage}`;
     el.title = `collection ${info.collection || info.path} · model ${info.model}`;
     showWarning(info.warning);
+    if (info.verify_by_default !== undefined) verifyByDefault = info.verify_by_default;
   } catch (error) {
     $("collection-info").textContent = `Collection: ${error.message}`;
   }
@@ -356,7 +366,7 @@ async function watchModel() {
 }
 
 loadInfo();
-watchModel();
+const modelKnown = watchModel().then(loadInfo);  // the model's own settings come with it
 const initial = new URLSearchParams(location.search).get("q");
 if (initial) {
   $("query").value = initial;

@@ -121,6 +121,10 @@ class Fwd2BotConfig:
     # Verified search's calibration of P(yes): {"temperature": T, "bias": b} gives sigmoid(margin / T + b)
     # where margin = logit(yes) - logit(no); empty (stock checkpoints): the raw probability (T=1, b=0).
     relevance_calibration: dict = field(default_factory=dict)
+    # Whether re-ranking by relevance was measured to help this model's text search (verify@20 t2i R@1 at least the
+    # embedding's on held-out data, ``training.demo.report.record_relevance_verdict``). False: the search page
+    # searches without verification unless asked; None (not measured, e.g. stock checkpoints): it verifies.
+    relevance_ranks_well: bool | None = None
     # Pass 2 receives the last decoder layer's states (after the final norm) at the K summary
     # positions, mapped back into the input-embedding space by a learned linear projection.
     summary_states: str = "last_layer_normed"

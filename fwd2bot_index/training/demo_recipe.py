@@ -13,6 +13,7 @@ from typing import Sequence
 
 from .demo import *  # noqa: F401,F403 - the historical import path
 from .demo import VARIANTS, measure_demo_claims, train_demo_model, write_claims_table
+from .demo.report import record_relevance_verdict
 from .demo.report import _replace_between_markers  # noqa: F401 - used by tests
 
 
@@ -71,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.work_dir else {}
     results = measure_demo_claims(out, data_dir=args.eval_dir, n_gallery=args.n_gallery, quick=args.quick,
                                   device=args.device, progress=True, threads=args.threads, variants=paths)
+    results["relevance_ranks_well"] = record_relevance_verdict(out, results)  # the search page's default
     block = write_claims_table(results, args.readme, out / "README.md")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")

@@ -330,3 +330,25 @@ def write_claims_table(results: dict[str, Any], readme_path: str | os.PathLike[s
         tmp.write_text(updated, encoding="utf-8")
         os.replace(tmp, path)
     return block
+
+
+def record_relevance_verdict(model_dir: str | os.PathLike[str], results: dict[str, Any]) -> bool | None:
+    """Write into the checkpoint whether re-ranking by its relevance helped on held-out scenes
+    (``config.relevance_ranks_well``: verify@20 t2i R@1 at least the embedding's on the seen split), so the
+    search page does not verify by default with a model whose P(yes) makes ranking worse. None (and nothing
+    written) when verification was not measured."""
+    split = ((results.get("verification") or {}).get("splits") or {}).get("test") or {}
+    recall = split.get("retrieval_t2i") or {}
+    deepest = max((k for k in recall if k.startswith("verify@")), key=lambda k: int(k.split("@")[1]), default=None)
+    if deepest is None or "embedding" not in recall:
+        return None
+    from ...model.config import Fwd2BotConfig
+
+    verdict = bool(recall[deepest]["1"] >= recall["embedding"]["1"])
+    config = Fwd2BotConfig.read(model_dir)
+    config.relevance_ranks_well = verdict
+    path = Path(model_dir) / "fwd2bot_config.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(config.to_json(), encoding="utf-8")
+    os.replace(tmp, path)
+    return verdict
