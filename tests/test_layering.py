@@ -14,10 +14,14 @@ import fwd2bot_index
 
 PACKAGE = Path(fwd2bot_index.__file__).parent
 FACADE = "fwd2bot_index.service"
-#: every module of the package but the facade itself (the shells, cli/ api/ eval/, live outside it)
+#: the shells (cli/ api/ eval/ in the source tree) sit above the facade; an installed wheel places them inside the
+#: package (``fwd2bot_index.cli`` ...), where they may import it
+SHELLS = ("cli", "api", "eval")
+#: every module of the package but the facade itself and the shells
 MODULES = sorted(".".join(("fwd2bot_index",) + tuple(n for n in p.relative_to(PACKAGE).with_suffix("").parts
                                                      if n != "__init__"))
-                 for p in PACKAGE.rglob("*.py") if p != PACKAGE / "service.py")
+                 for p in PACKAGE.rglob("*.py")
+                 if p != PACKAGE / "service.py" and p.relative_to(PACKAGE).parts[0] not in SHELLS)
 
 
 def _imports(source: str, package: list[str]) -> set[str]:
