@@ -344,7 +344,10 @@ def record_relevance_verdict(model_dir: str | os.PathLike[str], results: dict[st
         return None
     from ...model.config import Fwd2BotConfig
 
-    verdict = bool(recall[deepest]["1"] >= recall["embedding"]["1"])
+    def at_1(row: dict) -> float:  # recall@k keyed by k: ints as measured, strings once read back from JSON
+        return float(row[1] if 1 in row else row["1"])
+
+    verdict = bool(at_1(recall[deepest]) >= at_1(recall["embedding"]))
     config = Fwd2BotConfig.read(model_dir)
     config.relevance_ranks_well = verdict
     path = Path(model_dir) / "fwd2bot_config.json"
