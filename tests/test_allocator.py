@@ -46,7 +46,10 @@ def test_tuned_malloc_stops_the_page_faults_of_every_layer():
     _, default_faults = _run(LOOP, "off")
     assert tuned == "True"
     assert int(default_faults) > 10_000  # glibc's defaults: mmap and trim around every activation
-    assert int(tuned_faults) < int(default_faults) // 20
+    # Both counts include the first pass's first touches (~4k-6k faults either way); after it the tuned process
+    # faults ~10-25 times a pass and glibc's defaults 1k-5k. Observed ratios 10x-68x on a loaded CI machine, so
+    # 5x is the bound that tells tuned from untuned (an allocator left untouched gives ~1x) without racing noise.
+    assert int(tuned_faults) < int(default_faults) // 5
 
 
 def test_loading_a_cpu_model_tunes_it_unless_told_not_to(tiny_llava_dir):
