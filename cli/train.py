@@ -38,6 +38,12 @@ def train(
     distill_weight: Optional[float] = typer.Option(
         None, "--distill-weight", help="Weight of a loss pulling pass 2's input (projected summary tokens) toward the "
                                        "base's pool@K visual tokens, which the base already reads (default 0: off)."),
+    distill_fade_from: Optional[float] = typer.Option(
+        None, "--distill-fade-from", help="Share of training after which the distillation weight falls linearly to 0 "
+                                          "at the last step (default 1.0: constant)."),
+    distill_layout: Optional[str] = typer.Option(
+        None, "--distill-layout", help="With --nested: row-major (default) or coarse-to-fine, which lines every "
+                                       "budget's pool@k cells up so that summary token i covers nested regions."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-4)."),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warm-up steps (default 0)."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Batches per optimizer step (default 1)."),

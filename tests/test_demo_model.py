@@ -212,3 +212,22 @@ def test_demo_card_carries_parseable_hub_metadata():
     results = meta["model-index"][0]["results"]
     assert {r["task"]["type"] for r in results} == {"visual-question-answering", "text-to-image-retrieval"}
     assert all(0 <= r["metrics"][0]["value"] <= 100 for r in results)
+
+
+def test_experimental_variants_are_valid_settings_and_their_rows_say_which():
+    from fwd2bot_index.training import TrainConfig
+    from fwd2bot_index.training.demo.report import CLAIMS_VARIANTS, _rows
+
+    for name, spec in demo_recipe.VARIANTS.items():  # every variant's knobs are settings the trainer accepts
+        TrainConfig(model="m", data=["d"], num_summary_tokens=spec["k"], nested=list(spec.get("nested", ())) or None,
+                    autoregressive_weight=spec["ar"], distill_weight=4.0 * spec.get("distill", 1.0),
+                    distill_fade_from=spec.get("distill_fade_from", 1.0),
+                    distill_layout=spec.get("distill_layout", "row-major")).validate()
+    assert set(CLAIMS_VARIANTS) < set(demo_recipe.VARIANTS)
+    results = {"num_summary_tokens": 16, "budgets": [16], "visual_tokens": 64,
+               "variants": {"k32": {"num_summary_tokens": 32, "nested_budgets": []},
+                            "nested-c2f": {"num_summary_tokens": 32, "nested_budgets": [4, 32]}}}
+    labels = {name: label for label, name, _, _ in _rows(results)}
+    assert labels["fwd2bot-k32"] == "Fwd2Bot summary tokens, K=32"
+    assert labels["fwd2bot-nested-c2f"].endswith("all 32 tokens (nested-c2f)")
+    assert labels["fwd2bot-nested-c2f@4"].endswith("first 4 tokens (nested-c2f)")

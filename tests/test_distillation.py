@@ -91,3 +91,67 @@ def test_distillation_alone_trains_pass_one_toward_the_pooled_tokens(tiny_llava_
     assert len(losses) == 30 and "autoregressive" not in rows[0]
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
+
+
+def test_the_fade_keeps_the_weight_then_falls_linearly_to_zero():
+    from fwd2bot_index.training.losses import distill_scale
+
+    steady = TrainConfig(distill_weight=2.0)
+    assert [distill_scale(steady, s, 100) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    fading = TrainConfig(distill_weight=2.0, distill_fade_from=0.6)
+    assert distill_scale(fading, 59, 100) == 1.0
+    assert distill_scale(fading, 60, 100) == pytest.approx(1.0)
+    assert distill_scale(fading, 80, 100) == pytest.approx(0.5)
+    assert distill_scale(fading, 100, 100) == pytest.approx(0.0)
+    assert distill_scale(fading, None, None) == 1.0  # outside a run (no step known): the plain weight
+    parts = {"contrastive": torch.tensor(1.0), "distill": torch.tensor(0.5)}
+    assert float(weighted_loss(parts, fading, 80, 100)) == pytest.approx(1.0 + 2.0 * 0.5 * 0.5)
+
+
+def test_settings_refuse_a_fade_outside_training_and_an_unknown_layout():
+    with pytest.raises(TrainingError, match="distill_fade_from is a share of training"):
+        TrainConfig(model="m", data=["d"], distill_fade_from=1.5).validate()
+    with pytest.raises(TrainingError, match="distill_layout 'zigzag'"):
+        TrainConfig(model="m", data=["d"], distill_layout="zigzag").validate()
+    cfg = TrainConfig.from_cli_args(None, distill_fade_from=0.4, distill_layout="coarse-to-fine")
+    assert (cfg.distill_fade_from, cfg.distill_layout) == (0.4, "coarse-to-fine")
+
+
+def _cell_patches(weights: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(weights > 0).flatten().tolist())
+
+
+def test_coarse_to_fine_orders_give_every_token_nested_regions_on_a_grid():
+    from fwd2bot_index.model.pooling import pool_visual_tokens
+    from fwd2bot_index.training.nested import coarse_to_fine_orders
+
+    identity = torch.eye(64).unsqueeze(0)
+    cells = {k: pool_visual_tokens(identity, k)[0] for k in (4, 8, 16, 32)}
+    orders = coarse_to_fine_orders(cells)
+    assert list(orders[4]) == [0, 1, 2, 3]  # the smallest budget keeps reading order
+    for k, order in orders.items():
+        assert sorted(order.tolist()) == list(range(k))  # a permutation of the cells
+    for small, large in ((4, 8), (8, 16), (16, 32)):
+        for i in range(small):
+            inner = _cell_patches(cells[large][orders[large][i]])
+            outer = _cell_patches(cells[small][orders[small][i]])
+            assert inner < outer, (small, large, i)
+    # in reading order token 2 would be the bottom-left quadrant at 4 but a top-row cell at 16
+    assert not _cell_patches(cells[16][2]) < _cell_patches(cells[4][2])
+
+
+def test_the_fade_reaches_the_logged_loss_and_nested_targets_follow_the_layout(tiny_llava_dir, pairs, tmp_path):
+    config = TrainConfig(model=str(tiny_llava_dir), data=[str(pairs)], output_dir=str(tmp_path / "run"),
+                         num_summary_tokens=4, nested=[2, 4], embed_dim=16, lora_r=8, lr=1e-3, batch_size=4,
+                         max_steps=4, eval_split="none", seed=0, contrastive_weight=0.0, autoregressive_weight=0.0,
+                         distill_weight=1.0, distill_fade_from=0.0, distill_layout="coarse-to-fine")
+    trainer = Trainer(config, progress=False)
+    n = trainer.model.backbone.num_image_tokens
+    orders = trainer._distill_orders(n)
+    assert sorted(orders) == [2, 4] and sorted(orders[4].tolist()) == [0, 1, 2, 3]
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 4
+    for r in train:  # logged at the step it trained on: loss = distill x (1 - step / total)
+        assert r["loss"] == pytest.approx(r["distill"] * (1 - (r["step"] - 1) / 4), rel=1e-4), r

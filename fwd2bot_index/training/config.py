@@ -15,6 +15,7 @@ from typing import Any
 from .schedule import PoolSchedule
 
 OBJECTIVES = ("fwd2bot", "pretrain")
+DISTILL_LAYOUTS = ("row-major", "coarse-to-fine")
 # Settings that must not change between a run and its resume (the rest, e.g. eval_every, may).
 RESUME_FIXED = ("objective", "data", "batch_size", "grad_accum", "seed", "num_summary_tokens", "embed_dim",
                  "lora_r", "lora_alpha", "lora_targets", "lr", "max_steps", "epochs", "pool_schedule",
@@ -61,6 +62,13 @@ class TrainConfig:
     # pass 2's input (projected summary tokens) regressed onto the base's pooled visual tokens of the same count
     # (``losses.pooled_distillation``): teaches pass 1 what the base reads; 0 turns it off (the paper's losses)
     distill_weight: float = 0.0
+    # the share of training after which that weight falls linearly to 0 at the last step (1.0: constant); lets
+    # the contrastive and autoregressive losses alone shape the last part of training
+    distill_fade_from: float = 1.0
+    # how nested budgets line their pool@k targets up with the summary tokens: "row-major" (each budget's grid
+    # in reading order) or "coarse-to-fine" (token i of every budget covers a part of token i's cell of the next
+    # smaller budget: ``nested.coarse_to_fine_orders``)
+    distill_layout: str = "row-major"
     caption_prompt: str = "Describe the image."
     caption_target_share: float = 0.5  # share of pass-2 targets that are captions when a sample has QA too
     # optimisation
@@ -142,6 +150,10 @@ class TrainConfig:
             problems.append("contrastive_weight, autoregressive_weight and distill_weight are all 0: nothing to learn")
         if self.distill_weight < 0:
             problems.append(f"distill_weight must be 0 or more, got {self.distill_weight}")
+        if not 0 <= self.distill_fade_from <= 1:
+            problems.append(f"distill_fade_from is a share of training within [0, 1], got {self.distill_fade_from}")
+        if self.distill_layout not in DISTILL_LAYOUTS:
+            problems.append(f"distill_layout {self.distill_layout!r}: use {' or '.join(DISTILL_LAYOUTS)}")
         if not any(self.parts().values()) and not self.train_vision_tower:
             problems.append("every train_* switch is off: nothing would train")
         if self.objective == "pretrain" and not (self.parts()["projector"] or self.parts()["llm"]

@@ -33,7 +33,7 @@ import torch
 
 from .config import TrainingError
 
-__all__ = ["ar_budget_at", "nested_losses", "parse_budgets"]
+__all__ = ["ar_budget_at", "coarse_to_fine_orders", "nested_losses", "parse_budgets"]
 
 #: a fixed stream id so the budget draw never collides with the batch order's or the captions' draws
 _STREAM = 24
@@ -111,3 +111,36 @@ def nested_losses(summary: torch.Tensor, budgets: Sequence[int], step: int, seed
     if distill is not None:
         parts["distill"] = torch.stack([distill(summary[:, :k]).float() for k in budgets]).mean()
     return parts
+
+
+def coarse_to_fine_orders(cells: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """For each budget, the order of its pool@k cells that makes every prefix cover the whole image.
+
+    ``cells[k]`` is the (k, N) weight of each pooled cell over the N visual tokens (pooling an identity
+    matrix gives it, whatever the backbone's pooling). In reading order, nested distillation pulls one summary
+    token toward unrelated places: on an 8x8 grid token 2 is the bottom-left quadrant at budget 4 but a top-row
+    cell at budget 16. Here the smallest budget keeps reading order and each larger budget puts at position i
+    the free cell overlapping most with position i of the next smaller budget, then the remaining cells in their
+    parents' order: token i's targets are nested regions of the image (quadrant, its upper half, ...).
+    Returns budget -> (k,) long tensor of cell indices.
+    """
+    orders: dict[int, torch.Tensor] = {}
+    previous: torch.Tensor | None = None
+    for k in sorted(cells):
+        weights = cells[k].float()
+        if previous is None:
+            order = list(range(weights.shape[0]))
+        else:
+            overlap = weights @ previous.t()  # (k, k_prev): new cell x ordered previous token
+            free = set(range(weights.shape[0]))
+            order = []
+            for j in range(previous.shape[0]):
+                if not free:
+                    break
+                best = max(sorted(free), key=lambda c: float(overlap[c, j]))
+                order.append(best)
+                free.discard(best)
+            order += sorted(free, key=lambda c: (int(overlap[c].argmax()), c))
+        orders[k] = torch.tensor(order, dtype=torch.long)
+        previous = weights[orders[k]]
+    return orders

@@ -19,7 +19,7 @@ from .config import TrainingError
 from .data import Sample
 from .distributed import global_info_nce
 from .losses import MAX_LOGIT_SCALE, pooled_distillation, recall_at_1, weighted_loss
-from .nested import nested_losses
+from .nested import coarse_to_fine_orders, nested_losses
 from .schedule import effective_stride, pooled_token_count, warmup_cosine
 
 
@@ -177,21 +177,37 @@ class StepMixin:
                     parts["autoregressive"] = autoregressive(summary)
                 if distill is not None:
                     parts["distill"] = distill(summary)
-            loss = weighted_loss(parts, cfg)
+            loss = weighted_loss(parts, cfg, self.step, self.total_steps)
         parts["loss"] = loss
         return parts
 
     def _distillation(self, visual: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The pooled-distillation loss of a (B, k, H) summary against pool@k of this batch's unpooled visual
-        tokens (``losses.pooled_distillation``), or None when its weight is 0."""
+        tokens (``losses.pooled_distillation``), or None when its weight is 0. With nested budgets and
+        ``distill_layout='coarse-to-fine'`` each budget's cells are put in ``nested.coarse_to_fine_orders``."""
         if self.config.distill_weight <= 0:
             return None
         model = self.model
+        orders = self._distill_orders(visual.shape[1])
 
         def distill(s: torch.Tensor) -> torch.Tensor:
-            return pooled_distillation(model.compressor.pass2_projection(s),
-                                       model.backbone.pool_to_budget(visual, s.shape[1]))
+            target = model.backbone.pool_to_budget(visual, s.shape[1])
+            if s.shape[1] in orders:
+                target = target[:, orders[s.shape[1]].to(target.device)]
+            return pooled_distillation(model.compressor.pass2_projection(s), target)
         return distill
+
+    def _distill_orders(self, n_visual: int) -> dict[int, torch.Tensor]:
+        """Budget -> order of its pool@k cells (empty: reading order), computed once per token count."""
+        if self.config.distill_layout != "coarse-to-fine" or not self.budgets:
+            return {}
+        cached = getattr(self, "_orders_cache", None)
+        if cached is None or cached[0] != n_visual:
+            identity = torch.eye(n_visual).unsqueeze(0)  # pooling the identity gives each cell's weights
+            cells = {k: self.model.backbone.pool_to_budget(identity, k)[0] for k in self.budgets}
+            cached = (n_visual, coarse_to_fine_orders(cells))
+            self._orders_cache = cached
+        return cached[1]
 
     def _set_train_mode(self, on: bool) -> None:
         self.model.backbone.hf.train(on)

@@ -35,7 +35,11 @@ from .turns import branched_turn_loss, scene_turns
 
 VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0, "distill": 0.0},
             "k8": {"k": 8, "ar": 1.0}, "k32": {"k": 32, "ar": 1.0},
-            "nested": {"k": 32, "ar": 1.0, "nested": (4, 8, 16, 32)}}
+            "nested": {"k": 32, "ar": 1.0, "nested": (4, 8, 16, 32)},
+            # experiments (not in the claims command): the distillation faded out over the last 60% of training;
+            # nested with coarse-to-fine distillation targets (every token's pool@k cells nested regions)
+            "k16-fade": {"k": 16, "ar": 1.0, "distill_fade_from": 0.4},
+            "nested-c2f": {"k": 32, "ar": 1.0, "nested": (4, 8, 16, 32), "distill_layout": "coarse-to-fine"}}
 
 
 def info_nce_with_negatives(image_emb: torch.Tensor, text_emb: torch.Tensor, negative_emb: torch.Tensor | None,
@@ -141,7 +145,7 @@ class HardNegativeTrainer(Trainer):
                     parts["autoregressive"] = ar(summary)
                 if distill is not None:
                     parts["distill"] = distill(summary)
-        parts["loss"] = weighted_loss(parts, cfg)
+        parts["loss"] = weighted_loss(parts, cfg, self.step, self.total_steps)
         return parts
 
 

@@ -242,6 +242,7 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
         lr=recipe.compressor_lr, batch_size=recipe.compressor_batch, pool_schedule=recipe.compressor_pool_schedule,
         bf16=recipe.bf16_autocast,
         autoregressive_weight=spec["ar"], distill_weight=recipe.compressor_distill_weight * spec.get("distill", 1.0),
+        distill_fade_from=spec.get("distill_fade_from", 1.0), distill_layout=spec.get("distill_layout", "row-major"),
         seed=seed, device=device, max_steps=steps, eval_at_start=False,
         eval_split="test", eval_max=recipe.monitor_images, warmup_steps=max(1, min(30, steps // 10)),
         min_lr_ratio=0.05, weight_decay=0.01, clip_norm=1.0, dtype="fp32", eval_every=max(1, steps // 8),
@@ -254,7 +255,8 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
     trainer.callbacks.append(monitor)
     summary = stage_summary(trainer.train())
     summary.update(variant=variant, num_summary_tokens=spec["k"], autoregressive_weight=spec["ar"],
-                   distill_weight=config.distill_weight,
+                   distill_weight=config.distill_weight, distill_fade_from=config.distill_fade_from,
+                   distill_layout=config.distill_layout,
                    monitor=monitor.history)
     return finish_stage(folder, summary)
 

@@ -16,8 +16,9 @@ from .targets import EVAL_SPLITS, qa_by_type, qa_overall
 CLAIMS_START = "<!-- demo-claims:start -->"
 CLAIMS_END = "<!-- demo-claims:end -->"
 TRAIN_COMMAND = "f2b train --recipe demo"
+CLAIMS_VARIANTS = ("k8", "k32", "k16-contrastive", "nested")  # the compressors the claims table compares
 MODULE_COMMAND = ("python -m fwd2bot_index.training.demo_recipe --out fwd2bot_index/demo_model --readme README.md "
-                  "--work-dir runs/demo --variants k8,k32,k16-contrastive,nested")
+                  "--work-dir runs/demo --variants " + ",".join(CLAIMS_VARIANTS))
 
 
 def folder_bytes(folder: Path) -> int:
@@ -183,8 +184,9 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, int, str]]:
         label = (f"Fwd2Bot K={v['num_summary_tokens']}, contrastive loss only (ablation)" if name.endswith("contrastive")
                  else f"Fwd2Bot nested (one compressor), all {v['num_summary_tokens']} tokens" if nested
                  else f"Fwd2Bot summary tokens, K={v['num_summary_tokens']}")
-        rows.append((label, f"fwd2bot-{name}", v["num_summary_tokens"], "its heads"))
-        rows += [(f"Fwd2Bot nested (one compressor), first {k} tokens", f"fwd2bot-{name}@{k}", k, "its head")
+        tag = "" if name in CLAIMS_VARIANTS else f" ({name})"  # an experiment's rows say which one
+        rows.append((label + tag, f"fwd2bot-{name}", v["num_summary_tokens"], "its heads"))
+        rows += [(f"Fwd2Bot nested (one compressor), first {k} tokens{tag}", f"fwd2bot-{name}@{k}", k, "its head")
                  for k in nested or ()]
     rows.append(("all visual tokens", "full", results["visual_tokens"], "prompt (E5-V), training-free"))
     return sorted(rows, key=lambda r: (r[2], r[1].startswith("fwd2bot")))
