@@ -440,3 +440,57 @@ def _parts_table():
         for case in CASES:
             lines.append(f"| {case} | " + " | ".join(TABLE.get((case, c), "") for c in COMMANDS) + " |")
         Path(target).write_text("\n".join(lines) + "\n")
+
+
+def test_reindex_over_parts_of_the_wrong_kind_sets_them_aside_and_starts_over(world, tmp_path, caplog):
+    """``f2b index --reindex`` deleted the parts with ``unlink``/``rmtree``: a folder named manifest.json or
+    catalog.sqlite was a traceback (IsADirectoryError), a file named tokens another (FileExistsError), and a
+    folder named index.faiss was deleted with what it held. Now each odd part is set aside in ``damaged/``
+    as ``verify --repair`` does (its content kept), one line says so, and the new collection is made."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from fwd2bot_index.cli.main import app
+    from fwd2bot_index.model.tiny import TinySpec, save_tiny_llava
+
+    root, golden, twin, other = world
+    model = save_tiny_llava(tmp_path / "m", TinySpec(image_size=64), seed=0)
+    (tmp_path / "pics").mkdir()
+    Image.new("RGB", (64, 64), (9, 99, 199)).save(tmp_path / "pics" / "a.png")
+    runner = CliRunner()
+    for damage, part in ((manifest_as_folder, "manifest.json"), (catalog_as_folder, "catalog.sqlite"),
+                         (tokens_as_file, "tokens"), (index_as_folder, "index.faiss")):
+        folder = copy_of(golden, tmp_path / damage.__name__)
+        damage(folder, twin, other)
+        odd = folder / part
+        if odd.is_dir():
+            (odd / "kept.txt").write_bytes(b"someone's data")
+        content = sorted(p.name for p in odd.iterdir()) if odd.is_dir() else odd.read_bytes()
+        caplog.clear()
+        result = runner.invoke(app, ["index", str(tmp_path / "pics"), "--collection", str(folder), "--reindex",
+                                     "--model", str(model), "--device", "cpu"])
+        assert result.exit_code == 0 and "Traceback" not in result.output, (part, result.output)
+        said = [r.getMessage() for r in caplog.records if "set aside as damaged/" in r.getMessage()]
+        assert len(said) == 1 and f"{part} is a " in said[0] and "\n" not in said[0], caplog.text  # on stderr
+        kept = [p for p in (folder / "damaged").iterdir() if p.name.startswith(f"{part}.odd")]
+        assert len(kept) == 1, list((folder / "damaged").iterdir())
+        assert (sorted(p.name for p in kept[0].iterdir()) if kept[0].is_dir() else kept[0].read_bytes()) == content
+        if kept[0].is_dir() and "kept.txt" in content:
+            assert (kept[0] / "kept.txt").read_bytes() == b"someone's data"
+        with Collection.open(folder) as col:
+            assert len(col) == 1 and col.verify().ok
+
+
+def test_a_new_collection_is_not_made_over_a_part_of_the_wrong_kind(tmp_path):
+    """Without --reindex the folder holds no collection: a file named ``tokens`` there is someone's, so
+    ``create`` refuses in one line and leaves it as it was (it used to raise FileExistsError)."""
+    from fwd2bot_index.collection import CollectionFormatError
+
+    folder = tmp_path / "col"
+    folder.mkdir()
+    (folder / "tokens").write_bytes(b"my notes")
+    with pytest.raises(CollectionFormatError) as refused:
+        Collection.create(folder, manifest())
+    text = str(refused.value)
+    assert "\n" not in text and "tokens is a file where a folder should be" in text and "--collection" in text
+    assert (folder / "tokens").read_bytes() == b"my notes" and not (folder / "manifest.json").exists()

@@ -50,7 +50,7 @@ from .errors import (
 )
 from .health import Health
 from .identity import ID_KEY, adopt, new_id
-from .parts import ESSENTIAL, WRITER_ESSENTIAL, odd_message, odd_parts
+from .parts import DAMAGED_DIR, ESSENTIAL, WRITER_ESSENTIAL, odd_message, odd_parts, set_aside_odd
 from .recover import recover_folder
 from .trust import refuse, trust_problem
 from .index import ExactIndex, VectorIndex, open_index
@@ -180,7 +180,9 @@ class Collection(Reading, Removing, IndexSync, Health, Maintenance):
         """Make a new, empty collection at ``path`` (opened writable).
 
         An existing collection there is an error unless ``overwrite`` (used by ``--reindex``),
-        which deletes its catalog, tokens and index first.
+        which deletes its catalog, tokens and index first; a part of the wrong kind (a folder named
+        ``catalog.sqlite``, a file named ``tokens``) is set aside in ``damaged/`` as ``verify --repair``
+        does, never deleted. Without ``overwrite`` such a part is refused (the folder is no collection).
         """
         folder = Path(path).absolute()
         made_folder = not folder.exists()
@@ -198,6 +200,16 @@ class Collection(Reading, Removing, IndexSync, Health, Maintenance):
                     f"{folder} holds a collection's catalog or token shards but no {MANIFEST_NAME}; run f2b verify "
                     f"--repair --collection {folder} to rebuild it, or pass --reindex to replace everything"
                 )
+            set_aside: list[str] = []
+            if overwrite:  # a part of the wrong kind is not this package's to delete (it may be anything): kept
+                set_aside = [f"re-indexing: {line}" for line in set_aside_odd(folder)]
+                for line in set_aside:
+                    log.warning(line)
+            else:
+                odd = [o for o in odd_parts(folder) if o[0] != DAMAGED_DIR]  # damaged/ is never touched here
+                if odd:  # not a collection (no manifest): someone else's files, left where they are
+                    raise CollectionFormatError(f"{odd[0][1]}; nothing was changed. Move it out of the way, or "
+                                                "pick another --collection folder")
             wipe(folder)
             started = True  # from here on, a failure before the manifest undoes what was written
             updates: dict[str, Any] = {"created": utc_now(), "updated": utc_now(), ID_KEY: new_id()}
@@ -220,6 +232,7 @@ class Collection(Reading, Removing, IndexSync, Health, Maintenance):
                 )
             index.clear()
             col = cls(folder, manifest, catalog, tokens, index, lock, save_every, hold_lock, lock_timeout)
+            col.opened_notes = set_aside
             col._save_index()
             manifest.save(folder)  # last: a folder without manifest is not a collection yet
             col._manifest_seen = _mtime(folder / MANIFEST_NAME)
