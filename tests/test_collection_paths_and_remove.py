@@ -125,6 +125,59 @@ def test_a_file_with_new_content_and_old_times_is_re_encoded_after_deep_repair(t
         assert [f.path for f in col.plan([a]).to_encode] == [str(a)] and len(col) == 3
 
 
+def test_a_file_written_between_hashing_and_relinking_is_re_read_not_relinked(tmp_path):
+    """``verify --deep --repair`` hashes every file, then re-links: a file written in between used to be
+    linked to the image found at hashing time *with its new size and mtime*, so no later index re-hashed
+    it and the catalog said it held content it did not. The two phases are called directly, the file
+    rewritten between them: it is marked changed and the next index re-encodes it; the unchanged file of
+    the swap is re-linked."""
+    from fwd2bot_index.collection.paths_check import path_mismatches, relink
+
+    folder = tmp_path / "col"
+    a, b, *_ = make(folder, tmp_path / "photos", 4)
+    swap_paths(folder, a, b)
+    with Collection.open(folder, writable=True) as col:
+        found = path_mismatches(col.catalog)
+        assert sorted((m["path"], m["found"]) for m in found) == [(str(a), 1), (str(b), 2)]
+        a.write_bytes(b"photo 777")  # new content, same size; its mtime is now
+        with col._writing():
+            actions = relink(col, found)
+        assert [f.path for f in col.plan([a]).to_encode] == [str(a)]  # re-read, and new content: encoded
+        assert any("1 path(s) changed while they were checked" in line for line in actions), actions
+        assert col.resolve(str(b)).id == 2  # unchanged since hashing: re-linked
+        assert all(m["size"] == 9 and m["mtime"] == 1_000_000 for m in found)  # the stat from before hashing
+        assert col.resolve(str(a)).id == 2 and 1 not in col.catalog.ids().tolist()  # image 1's only file was overwritten
+
+
+def test_a_file_written_while_it_is_hashed_is_not_relinked(tmp_path, monkeypatch):
+    """The stat is taken *before* hashing: a write that lands while the file is read (here: right after
+    the real hash has read it) leaves the file with a stat other than the one carried, so it is not
+    re-linked. A stat taken after hashing would carry the new stat with the old content's image."""
+    from fwd2bot_index.collection import paths_check
+
+    folder = tmp_path / "col"
+    a, b, *_ = make(folder, tmp_path / "photos", 4)
+    swap_paths(folder, a, b)
+    real = paths_check.file_sha256
+
+    def written_meanwhile(path):
+        digest = real(path)
+        if path == str(a):
+            a.write_bytes(b"photo 777")  # lands as the hash finishes: the digest is of the old content
+        return digest
+
+    monkeypatch.setattr(paths_check, "file_sha256", written_meanwhile)
+    with Collection.open(folder, writable=True) as col:
+        found = paths_check.path_mismatches(col.catalog)
+        monkeypatch.setattr(paths_check, "file_sha256", real)
+        assert sorted((m["path"], m["found"]) for m in found) == [(str(a), 1), (str(b), 2)]
+        with col._writing():
+            actions = paths_check.relink(col, found)
+        assert any("1 path(s) changed while they were checked" in line for line in actions), actions
+        assert col.resolve(str(b)).id == 2
+        assert [f.path for f in col.plan([a]).to_encode] == [str(a)]
+
+
 # ------------------------------------------------------------------------------------ atomic remove
 
 

@@ -109,7 +109,8 @@ class VerifyReport:
     #: Parts that are the wrong kind of file-system object (one line each; repair sets them aside).
     odd_parts: list[str] = field(default_factory=list)
     #: ``verify(deep=True)``: paths whose file no longer holds their image's content
-    #: (``{"path", "id", "found"}``, found: the image id whose content it holds, or None).
+    #: (``{"path", "id", "found", "size", "mtime", "mtime_ns"}``, found: the image id whose content it
+    #: holds, or None; size and mtime: the file's before it was hashed).
     mismatched_paths: list[dict[str, Any]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
