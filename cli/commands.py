@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 from pathlib import Path
@@ -107,6 +108,8 @@ def index(
     as_json: bool = JsonOpt,
 ) -> None:
     """Add new or changed images to the collection (crash-safe, incremental, deduplicated)."""
+    if not math.isfinite(max_inflight_mb):  # click's min=0 lets inf through (and nan, in some click versions)
+        raise fail(f"--max-inflight-mb {max_inflight_mb!r}: use a finite number of MiB (0: no limit)", 2)
     if ray is not None:
         from fwd2bot_index.options import OptionError
         from fwd2bot_index.ray_index import check_ray_address

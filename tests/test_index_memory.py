@@ -236,3 +236,18 @@ def test_a_ray_replica_encodes_its_batch_in_parts_within_the_budget(tmp_path, mo
     assert [f.path for f in parts.failed] == [f.path for f in whole.failed] == [str(folder / "017_broken.png")]
     assert np.allclose(parts.embeddings, whole.embeddings, atol=1e-5)
     assert np.allclose(parts.tokens, whole.tokens, atol=1e-4)
+
+
+def test_f2b_index_refuses_a_budget_that_is_not_finite(tmp_path, folder):
+    """``--max-inflight-mb inf`` (or 1e400) passed click's ``min=0`` and crashed after the model loaded
+    (``int(inf * 2**20)``: OverflowError): now one line, exit 2, before anything is loaded or created."""
+    from fwd2bot_index.cli.main import app
+
+    for bad in ("inf", "Infinity", "1e400", "nan"):  # (click itself refuses nan: below its min=0)
+        result = CliRunner().invoke(app, ["index", str(folder), "--collection", str(tmp_path / "c"), "--model",
+                                          "demo", "--max-inflight-mb", bad])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, (bad, result.output, result.exception)
+        assert lines[0].startswith("error: --max-inflight-mb"), lines[0]
+        assert "finite" in lines[0] or bad == "nan", lines[0]
+        assert not (tmp_path / "c").exists()
