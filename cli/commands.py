@@ -323,6 +323,8 @@ def verify(
         typer.echo("ok: catalog, tokens and index agree" if data.get("ok") else "problems found:")
         for problem in data.get("problems", []):
             typer.echo(f"  - {problem}")
+        for note in data.get("notes", []):  # not problems: the exit status does not depend on them
+            typer.echo(f"note: {note}")
     if not data.get("ok"):
         raise typer.Exit(1)
 

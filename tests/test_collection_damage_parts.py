@@ -494,3 +494,39 @@ def test_a_new_collection_is_not_made_over_a_part_of_the_wrong_kind(tmp_path):
     text = str(refused.value)
     assert "\n" not in text and "tokens is a file where a folder should be" in text and "--collection" in text
     assert (folder / "tokens").read_bytes() == b"my notes" and not (folder / "manifest.json").exists()
+
+
+def test_verify_reports_what_damaged_holds_without_failing(world, tmp_path):
+    """What repair (or a writable open, or --reindex) sets aside goes to ``damaged/`` and was never
+    mentioned again. ``f2b verify`` now says what it holds (entries, bytes) and that it may be deleted once
+    the user is satisfied, in text and --json; a collection whose parts agree still exits 0."""
+    from typer.testing import CliRunner
+
+    from fwd2bot_index.cli.main import app
+
+    root, golden, twin, other = world
+    runner = CliRunner()
+    clean = runner.invoke(app, ["verify", "--json", "--collection", str(golden)])
+    assert clean.exit_code == 0 and json.loads(clean.stdout)["set_aside"] is None, clean.output
+    assert "damaged" not in runner.invoke(app, ["verify", "--collection", str(golden)]).output
+    folder = copy_of(golden, tmp_path / "col")
+    sizes = {name: (folder / name).stat().st_size for name in ("index.faiss", "index.state.json")}
+    truncated_index(folder, twin, other)
+    sizes["index.faiss"] //= 2
+    repaired = runner.invoke(app, ["verify", "--repair", "--collection", str(folder)])
+    assert repaired.exit_code == 0 and "set aside as damaged/" in repaired.output, repaired.output
+    text = runner.invoke(app, ["verify", "--collection", str(folder)])
+    lines = [line for line in text.output.splitlines() if line.strip()]
+    assert text.exit_code == 0 and lines[0].startswith("ok:"), text.output
+    notes = [line for line in lines if line.startswith("note:")]
+    assert len(notes) == 1 and f"{folder / 'damaged'} holds 2 thing(s) set aside" in notes[0], text.output
+    assert "delete" in notes[0] and "satisfied" in notes[0]
+    data = json.loads(runner.invoke(app, ["verify", "--json", "--collection", str(folder)]).stdout)
+    assert data["ok"] and data["set_aside"] == {"path": str(folder / "damaged"), "entries": 2,
+                                                "bytes": sum(sizes.values())}, data["set_aside"]
+    assert data["notes"] == [notes[0][len("note: "):]]
+    # a problem elsewhere still fails verify, and the note is still there
+    (folder / "lock").unlink()
+    (folder / "lock").mkdir()
+    failing = runner.invoke(app, ["verify", "--collection", str(folder)])
+    assert failing.exit_code == 1 and "note: " in failing.output, failing.output

@@ -29,7 +29,7 @@ from pathlib import Path
 from .catalog import CATALOG_NAME
 from .errors import CollectionFormatError
 from .identity import describe_foreign, foreign_shards, shard_id, unproven_shards
-from .parts import DAMAGED_DIR, odd_parts, set_aside_into, set_aside_odd
+from .parts import DAMAGED_DIR, odd_parts, set_aside_held, set_aside_into, set_aside_note, set_aside_odd
 from .records import VerifyReport
 from .recover import import_shards, recover_folder, set_aside
 from .sync import index_damage, index_part_names
@@ -133,9 +133,11 @@ class Health:
 
                 mismatched = path_mismatches(self.catalog)
                 problems += describe_mismatches(mismatched)
+            held = set_aside_held(self.path)
             return VerifyReport(not problems, problems, report_counts, missing_in_index, extra_in_index,
                                 orphan_shards, missing_shards, sorted(set(bad_rows)), damaged,
-                                foreign_shards=sorted(foreign), odd_parts=odd, mismatched_paths=mismatched)
+                                foreign_shards=sorted(foreign), odd_parts=odd, mismatched_paths=mismatched,
+                                set_aside=held, notes=[set_aside_note(held)] if held else [])
 
     def _damaged_shards(self, by_shard: dict[str, list[tuple[int, int]]], on_disk: set[str],
                         ledger: dict[str, tuple[str, int, str | None]], problems: list[str],

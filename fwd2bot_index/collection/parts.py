@@ -19,7 +19,8 @@ from pathlib import Path
 
 from ._fs import fsync_dir
 
-__all__ = ["DAMAGED_DIR", "ESSENTIAL", "WRITER_ESSENTIAL", "odd_parts", "odd_shards", "set_aside_into", "set_aside_odd"]
+__all__ = ["DAMAGED_DIR", "ESSENTIAL", "WRITER_ESSENTIAL", "odd_parts", "odd_shards", "set_aside_into", "set_aside_odd",
+           "set_aside_held", "set_aside_note"]
 
 DAMAGED_DIR = "damaged"
 FILE, FOLDER = "file", "folder"
@@ -126,6 +127,50 @@ def set_aside_odd(folder: Path) -> list[str]:
         if name == "tokens":
             (folder / "tokens").mkdir()
     return actions
+
+
+def set_aside_held(folder: Path) -> dict[str, object] | None:
+    """What ``damaged/`` holds: ``{"path", "entries", "bytes"}`` (entries: the things set aside in it;
+    bytes: their total size, links not followed), or None when it is absent or empty. A ``damaged``
+    that is not a folder is an odd part, reported as one."""
+    aside = folder / DAMAGED_DIR
+    if _kind(aside) != FOLDER:
+        return None
+    try:
+        entries = list(aside.iterdir())
+    except OSError:
+        return None
+    if not entries:
+        return None
+    files = []
+    for entry in entries:
+        if _kind(entry) == FOLDER and not entry.is_symlink():
+            files += [os.path.join(root, name) for root, _, names in os.walk(entry) for name in names]
+        else:
+            files.append(str(entry))
+    total = 0
+    for path in files:
+        try:
+            total += os.lstat(path).st_size
+        except OSError:
+            pass  # removed meanwhile
+    return {"path": str(aside), "entries": len(entries), "bytes": total}
+
+
+def set_aside_note(held: dict[str, object]) -> str:
+    """One line for ``verify``: what ``damaged/`` holds and that it may go once the user is satisfied."""
+    n, size = held["entries"], _size_text(int(held["bytes"]))  # type: ignore[arg-type]
+    return (f"{held['path']} holds {n} thing(s) set aside (damaged, foreign or of the wrong kind: {size} in all), "
+            "unused by the collection; look through them, and delete that folder once you are satisfied nothing in "
+            "it is needed")
+
+
+def _size_text(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} bytes"  # pragma: no cover
 
 
 def _stamp() -> str:

@@ -112,6 +112,11 @@ class VerifyReport:
     #: (``{"path", "id", "found", "size", "mtime", "mtime_ns"}``, found: the image id whose content it
     #: holds, or None; size and mtime: the file's before it was hashed).
     mismatched_paths: list[dict[str, Any]] = field(default_factory=list)
+    #: What ``damaged/`` holds (``{"path", "entries", "bytes"}``), or None when it is absent or empty: kept
+    #: for the user to look through; never a problem (``ok`` does not depend on it).
+    set_aside: dict[str, Any] | None = None
+    #: Lines for the user that are not problems (what ``damaged/`` holds, and that it may be deleted).
+    notes: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return self.ok
