@@ -216,7 +216,7 @@ def test_demo_card_carries_parseable_hub_metadata():
 
 def test_experimental_variants_are_valid_settings_and_their_rows_say_which():
     from fwd2bot_index.training import TrainConfig
-    from fwd2bot_index.training.demo.report import CLAIMS_VARIANTS, _rows
+    from fwd2bot_index.training.demo.report import CLAIMS_VARIANTS, _rows, _variant_list
 
     for name, spec in demo_recipe.VARIANTS.items():  # every variant's knobs are settings the trainer accepts
         TrainConfig(model="m", data=["d"], num_summary_tokens=spec["k"], nested=list(spec.get("nested", ())) or None,
@@ -231,3 +231,6 @@ def test_experimental_variants_are_valid_settings_and_their_rows_say_which():
     assert labels["fwd2bot-k32"] == "Fwd2Bot summary tokens, K=32"
     assert labels["fwd2bot-nested-c2f"].endswith("all 32 tokens (nested-c2f)")
     assert labels["fwd2bot-nested-c2f@4"].endswith("first 4 tokens (nested-c2f)")
+    card = _variant_list(["k8", "k16", "k16-contrastive", "k16-fade"])  # the card says what each one changes
+    assert card.startswith("k16, k16-contrastive (no autoregressive loss and no distillation), k16-fade (the ")
+    assert card.endswith(", k8")

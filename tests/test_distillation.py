@@ -99,13 +99,14 @@ def test_the_fade_keeps_the_weight_then_falls_linearly_to_zero():
     steady = TrainConfig(distill_weight=2.0)
     assert [distill_scale(steady, s, 100) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
     fading = TrainConfig(distill_weight=2.0, distill_fade_from=0.6)
-    assert distill_scale(fading, 59, 100) == 1.0
-    assert distill_scale(fading, 60, 100) == pytest.approx(1.0)
-    assert distill_scale(fading, 80, 100) == pytest.approx(0.5)
-    assert distill_scale(fading, 100, 100) == pytest.approx(0.0)
+    assert distill_scale(fading, 59, 100) == 1.0 and distill_scale(fading, 60, 100) == 1.0
+    assert 0.0 < distill_scale(fading, 61, 100) < 1.0
+    assert distill_scale(fading, 99, 100) == 0.0  # the last step trained (0-based) is without it
+    whole = TrainConfig(distill_weight=2.0, distill_fade_from=0.0)  # 11 steps, 0 .. 10
+    assert [distill_scale(whole, s, 11) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
     assert distill_scale(fading, None, None) == 1.0  # outside a run (no step known): the plain weight
     parts = {"contrastive": torch.tensor(1.0), "distill": torch.tensor(0.5)}
-    assert float(weighted_loss(parts, fading, 80, 100)) == pytest.approx(1.0 + 2.0 * 0.5 * 0.5)
+    assert float(weighted_loss(parts, whole, 5, 11)) == pytest.approx(1.0 + 2.0 * 0.5 * 0.5)
 
 
 def test_settings_refuse_a_fade_outside_training_and_an_unknown_layout():
@@ -147,11 +148,25 @@ def test_the_fade_reaches_the_logged_loss_and_nested_targets_follow_the_layout(t
                          distill_weight=1.0, distill_fade_from=0.0, distill_layout="coarse-to-fine")
     trainer = Trainer(config, progress=False)
     n = trainer.model.backbone.num_image_tokens
-    orders = trainer._distill_orders(n)
+    orders = trainer._distill_orders(torch.zeros(1, n, 8))
     assert sorted(orders) == [2, 4] and sorted(orders[4].tolist()) == [0, 1, 2, 3]
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
     assert len(train) == 4
-    for r in train:  # logged at the step it trained on: loss = distill x (1 - step / total)
-        assert r["loss"] == pytest.approx(r["distill"] * (1 - (r["step"] - 1) / 4), rel=1e-4), r
+    for r in train:  # logged after the step it trained on (0 .. 3): loss = distill x (1 - step / 3)
+        assert r["loss"] == pytest.approx(r["distill"] * (1 - (r["step"] - 1) / 3), rel=1e-4, abs=1e-7), r
+
+
+def test_a_distillation_the_model_cannot_do_is_refused_before_any_step(tiny_llava_dir, pairs, tmp_path):
+    base = dict(model=str(tiny_llava_dir), data=[str(pairs)], embed_dim=16, lora_r=8, batch_size=4, max_steps=1,
+                eval_split="none", seed=0, distill_weight=1.0)
+    n = 16  # the tiny LLaVA's visual tokens
+    with pytest.raises(TrainingError, match=f"give {n} visual tokens, fewer than the 32 summary tokens"):
+        Trainer(TrainConfig(**base, output_dir=str(tmp_path / "a"), num_summary_tokens=32), progress=False)
+    with pytest.raises(TrainingError, match="fewer than the 32 summary tokens"):
+        Trainer(TrainConfig(**base, output_dir=str(tmp_path / "b"), num_summary_tokens=32, nested=[4, 32]),
+                progress=False)
+    with pytest.raises(TrainingError, match="coarse-to-fine orders the targets of nested budgets: add --nested"):
+        Trainer(TrainConfig(**base, output_dir=str(tmp_path / "c"), num_summary_tokens=4,
+                            distill_layout="coarse-to-fine"), progress=False)

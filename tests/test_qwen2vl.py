@@ -391,3 +391,14 @@ def test_cli_eval_retrieval_on_a_qwen_folder(folders, pairs, tmp_path):
     assert result.exit_code == 0, result.output
     (run,) = json.loads(result.stdout)["retrieval"]
     assert run["n_images"] == 8 and 0 <= run["recall"]["t2i"]["1"] <= 1
+
+
+def test_pooled_distillation_trains_on_grids_of_any_size_and_refuses_coarse_to_fine(folders, pairs, tmp_path):
+    from fwd2bot_index.training import Trainer, TrainingError
+
+    trainer = Trainer(_train_config(folders["qwen2_vl"], pairs, tmp_path / "d", distill_weight=1.0), progress=False)
+    metrics = trainer.train_step()  # each image pooled on its own grid to the same K cells
+    assert metrics["distill"] > 0
+    with pytest.raises(TrainingError, match="coarse-to-fine needs one fixed visual-token grid"):
+        Trainer(_train_config(folders["qwen2_vl"], pairs, tmp_path / "e", num_summary_tokens=8, nested=[4, 8],
+                              distill_weight=1.0, distill_layout="coarse-to-fine"), progress=False)

@@ -222,6 +222,11 @@ def test_the_recipe_records_whether_relevance_helps_ranking(tmp_path):
     as_measured = {"verification": {"splits": {"test": {"retrieval_t2i": {  # int keys before a JSON round trip
         "embedding": {1: 0.55, 5: 0.9}, "verify@20": {1: 0.2, 5: 0.7}}}}}}
     assert record_relevance_verdict(tmp_path, as_measured) is False
-    assert record_relevance_verdict(tmp_path, measured(0.55, 0.61)) is True
+    from fwd2bot_index.model.files import folder_fingerprint
+
+    before = folder_fingerprint(tmp_path)
+    results = {**measured(0.55, 0.61), "fingerprint": before}  # measured before the verdict changed the config
+    assert record_relevance_verdict(tmp_path, results) is True
+    assert results["fingerprint"] == folder_fingerprint(tmp_path) != before
     assert verify_by_default(type("M", (), {"config": Fwd2BotConfig.read(tmp_path)})) is True
     assert verify_by_default(type("M", (), {"config": Fwd2BotConfig()})) is True  # not measured: verify

@@ -71,8 +71,10 @@ function scoreFloor() { return pageNumber("floor", DEFAULT_FLOOR); }
 
 // Whether text searches verify when the address does not say (?verify=N): a model declares whether re-ranking
 // by its relevance was measured to help its search (`relevance_ranks_well`; the demo model: not yet). Known
-// once the model has loaded (`verify_by_default` of /v1/collection); searches wait for that anyway.
-let verifyByDefault = true;
+// once the model has loaded (`verify_by_default` of /v1/collection; true for a model that declares nothing);
+// searches wait for that. Until the server has said it, searches rank by the embedding alone.
+let verifyByDefault = false;
+let modelSettled = false;
 
 // How many hits a text search verifies: the page's k (at most MAX_VERIFY), none with ?verify=0 or ?floor=, none
 // by default where the model says its relevance does not help.
@@ -199,6 +201,7 @@ function showWarning(text) {
 function k() { return Number($("k").value) || 24; }
 
 async function textSearch(query) {
+  if (!modelSettled) say("Waiting for the model to load…");
   await modelKnown;
   const verify = verifyCount(k());
   runSearch(verify ? { query, k: k(), verify } : { query, k: k() }, `for “${query}”`);
@@ -344,7 +347,7 @@ async function loadInfo() {
       `${Number(info.indexed).toLocaleString()} images · model ${basename(info.model)} · ${info.strategy}${perImage}`;
     el.title = `collection ${info.collection || info.path} · model ${info.model}`;
     showWarning(info.warning);
-    if (info.verify_by_default !== undefined) verifyByDefault = info.verify_by_default;
+    if (info.verify_by_default !== undefined) verifyByDefault = info.verify_by_default === true;
   } catch (error) {
     $("collection-info").textContent = `Collection: ${error.message}`;
   }
@@ -366,7 +369,7 @@ async function watchModel() {
 }
 
 loadInfo();
-const modelKnown = watchModel().then(loadInfo);  // the model's own settings come with it
+const modelKnown = watchModel().then(loadInfo).then(() => { modelSettled = true; });  // its settings come with it
 const initial = new URLSearchParams(location.search).get("q");
 if (initial) {
   $("query").value = initial;

@@ -76,10 +76,10 @@ def distill_scale(config: Any, step: int | None, total: int | None) -> float:
     start = float(getattr(config, "distill_fade_from", 1.0))
     if step is None or not total or start >= 1.0:
         return 1.0
-    begin = start * total
+    begin, last = start * total, total - 1  # steps run 0 .. total - 1: the last one trains without it
     if step < begin:
         return 1.0
-    return max(0.0, 1.0 - (step - begin) / max(total - begin, 1e-9))
+    return max(0.0, 1.0 - (step - begin) / (last - begin)) if last > begin else 0.0
 
 
 def weighted_loss(parts: dict[str, torch.Tensor], config: Any, step: int | None = None,

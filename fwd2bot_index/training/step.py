@@ -188,7 +188,7 @@ class StepMixin:
         if self.config.distill_weight <= 0:
             return None
         model = self.model
-        orders = self._distill_orders(visual.shape[1])
+        orders = self._distill_orders(visual)
 
         def distill(s: torch.Tensor) -> torch.Tensor:
             target = model.backbone.pool_to_budget(visual, s.shape[1])
@@ -197,10 +197,11 @@ class StepMixin:
             return pooled_distillation(model.compressor.pass2_projection(s), target)
         return distill
 
-    def _distill_orders(self, n_visual: int) -> dict[int, torch.Tensor]:
+    def _distill_orders(self, visual: Any) -> dict[int, torch.Tensor]:
         """Budget -> order of its pool@k cells (empty: reading order), computed once per token count."""
         if self.config.distill_layout != "coarse-to-fine" or not self.budgets:
             return {}
+        n_visual = int(visual.shape[1])  # a fixed grid (``check_distillation`` refused variable ones)
         cached = getattr(self, "_orders_cache", None)
         if cached is None or cached[0] != n_visual:
             identity = torch.eye(n_visual).unsqueeze(0)  # pooling the identity gives each cell's weights
@@ -208,6 +209,27 @@ class StepMixin:
             cached = (n_visual, coarse_to_fine_orders(cells))
             self._orders_cache = cached
         return cached[1]
+
+    def check_distillation(self) -> None:
+        """Refuse, before any step, a distillation this model cannot do: pool@k must give k tokens for every
+        trained budget (LLaVA keeps at most its N visual tokens), and the coarse-to-fine layout needs nested
+        budgets and one fixed visual grid (Qwen2-VL's grids follow each image's size)."""
+        cfg, backbone = self.config, self.model.backbone
+        if cfg.objective != "fwd2bot" or cfg.distill_weight <= 0 or self.model.compressor is None:
+            return
+        for k in self.budgets or [self.model.config.num_summary_tokens]:
+            if backbone.pooled_tokens(k) != k:
+                raise TrainingError(
+                    f"--distill-weight: this model's images give {backbone.pooled_tokens(k)} visual tokens, fewer "
+                    f"than the {k} summary tokens pool@{k} would teach: use K and --nested budgets of at most "
+                    f"{backbone.pooled_tokens(k)}, or --distill-weight 0")
+        if cfg.distill_layout == "coarse-to-fine":
+            if not self.budgets:
+                raise TrainingError("--distill-layout coarse-to-fine orders the targets of nested budgets: add "
+                                    "--nested (e.g. 4,8,16,32) or leave the layout row-major")
+            if backbone.variable_image_tokens:
+                raise TrainingError(f"--distill-layout coarse-to-fine needs one fixed visual-token grid, and "
+                                    f"{type(backbone).__name__} gives each image a grid of its own size: use row-major")
 
     def _set_train_mode(self, on: bool) -> None:
         self.model.backbone.hf.train(on)

@@ -88,6 +88,7 @@ class Trainer(StepMixin, RecordsMixin):
         k = self.model.config.num_summary_tokens or 1
         self._text_strategy = Strategy("fwd2bot", "fwd2bot", k)
         self.budgets = self._nested_budgets()
+        self.check_distillation()
         self.autocast = self._autocast_setting()
         self.named_params = self._select_parameters()
         trainable = {id(p) for _, p in self.named_params}

@@ -90,8 +90,7 @@ def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) ->
            "tokens, regressed onto the base's own 2-D pool@K visual tokens, which the base already answers from)"
            if r.get("compressor_distill_weight") else "")
         + f"; LLaVolta staged pooling `{r['compressor_pool_schedule']}` in pass 1 (stride s keeps N/s tokens; "
-        f"{_llavolta_layers(r)}). Variants trained the same way: {', '.join(sorted(comp))}"
-        + (" (the contrastive-only ablation also without the distillation)" if "k16-contrastive" in comp else "") + ".",
+        f"{_llavolta_layers(r)}). Variants trained the same way: {_variant_list(comp)}.",
         "3. Export: base, adapters and compressor cast to fp16 into one self-contained folder.", "",
         f"Stage summaries: `{_json({k: {kk: vv for kk, vv in v.items() if kk not in ('history', 'monitor')} for k, v in stages.items()})}`",
         "",
@@ -143,6 +142,13 @@ def _llavolta_layers(r: dict[str, Any]) -> str:
     stages = ", ".join(f"stride {s} before layer {l}" if s > 1 else "none"
                        for (_, s, _), l in zip(schedule.stages, layers))
     return f"on this {r['spec']['layers']}-layer LLM: {stages}"
+
+
+def _variant_list(names: Any) -> str:
+    """``k32, k8, k16-contrastive (no autoregressive loss and no distillation)``: what each variant changes."""
+    from .compressor import VARIANT_CHANGES
+
+    return ", ".join(f"{n} ({VARIANT_CHANGES[n]})" if n in VARIANT_CHANGES else n for n in sorted(names))
 
 
 def _curve_table(history: list[dict[str, Any]], rows: int = 12) -> list[str]:
@@ -338,7 +344,7 @@ def record_relevance_verdict(model_dir: str | os.PathLike[str], results: dict[st
     """Write into the checkpoint whether re-ranking by its relevance helped on held-out scenes
     (``config.relevance_ranks_well``: verify@20 t2i R@1 at least the embedding's on the seen split), so the
     search page does not verify by default with a model whose P(yes) makes ranking worse. None (and nothing
-    written) when verification was not measured."""
+    written) when verification was not measured. ``results['fingerprint']`` is refreshed to the folder's new one."""
     split = ((results.get("verification") or {}).get("splits") or {}).get("test") or {}
     recall = split.get("retrieval_t2i") or {}
     deepest = max((k for k in recall if k.startswith("verify@")), key=lambda k: int(k.split("@")[1]), default=None)
@@ -356,4 +362,8 @@ def record_relevance_verdict(model_dir: str | os.PathLike[str], results: dict[st
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(config.to_json(), encoding="utf-8")
     os.replace(tmp, path)
+    if "fingerprint" in results:  # the config is part of what the fingerprint hashes: keep the results true
+        from ...model.files import folder_fingerprint
+
+        results["fingerprint"] = folder_fingerprint(model_dir)
     return verdict
