@@ -13,7 +13,7 @@ alpha is composited, EXIF rotation makes a copy. So two rules, both checked on t
   (4:1 to 12:1), banners (10:1), long screenshots (20:1 to 80:1) and tiny strips (256 x 4) pass.
 - **Decode memory.** ``decode_bytes`` estimates the peak of decoding and converting to 8-bit RGB from
   the size, the stored mode and the EXIF rotation; an image whose estimate passes ``max_bytes``
-  (``DEFAULT_MAX_DECODE_BYTES``, 1 GiB) is refused. bench/bench_shapes.py measures the real peak of the
+  (``DEFAULT_MAX_DECODE_BYTES``, 1 GiB) is refused. bench/bench_memory.py measures the real peak of the
   worst shapes against this estimate.
 """
 

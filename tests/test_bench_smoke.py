@@ -295,3 +295,17 @@ def test_machines_line_does_not_grow_with_each_only_run(bench):
     b = "2 CPU cores (Intel(R) Xeon(R) Processor), 23.5 GiB RAM, no GPU; torch 2.13.0+cpu, numpy 2.4.6"
     assert run_all._machines(f"{a}; {b}; {b}; {a}") == [a, b, b, a]
     assert set(run_all._machines(f"{a}; {b}; {b}")) == {a, b}
+
+
+def test_every_bench_script_the_code_names_exists():
+    """Docstrings and messages point readers at the script that measures a claim; a name that does not exist
+    (``image_shape`` named ``bench/bench_shapes.py``; the script is ``bench/bench_memory.py``) sends them nowhere."""
+    repo = BENCH.parent
+    named = {}
+    for top in ("fwd2bot_index", "cli", "api", "eval", "bench"):
+        for path in (repo / top).rglob("*.py"):
+            for name in re.findall(r"\bbench/([A-Za-z0-9_]+\.py)", path.read_text(encoding="utf-8")):
+                named.setdefault(name, path.relative_to(repo).as_posix())
+    assert "bench_memory.py" in named
+    missing = {f"bench/{name}": where for name, where in named.items() if not (BENCH / name).is_file()}
+    assert not missing, missing
