@@ -170,6 +170,20 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     demo_recipe.write_claims_table(results, readme, plain)  # idempotent: markers found, replaced again
     assert readme.read_text() == text and plain.read_text() == appended
 
+    # saved with --json and rendered again (--from-json): the same tables; keeping only some variants drops
+    # exactly their rows, as if only those had been measured
+    from fwd2bot_index.training.demo.report import only_variants, read_results, render_claims
+
+    saved = tmp_path / "claims.json"
+    saved.write_text(json.dumps(results, default=str))
+    assert render_claims(read_results(saved)) == render_claims(results)
+    kept = only_variants(read_results(saved), ["k8"])
+    block = render_claims(kept)
+    assert "fwd2bot-k8" in block and "fwd2bot-nested" not in block and "contrastive loss only" not in block
+    assert "| Fwd2Bot summary tokens, K=16 (shipped) | 16 |" in block
+    assert set(kept["sugarcrepe"]) == {"fwd2bot", "fwd2bot-k8", "prompt"}
+    assert not any("swap_obj (vs contrastive-only)" in t["target"] for t in kept["targets"])
+
 
 def test_claims_table_replaces_only_between_markers():
     block = "NEW"

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from .demo import *  # noqa: F401,F403 - the historical import path
 from .demo import VARIANTS, measure_demo_claims, train_demo_model, write_claims_table
-from .demo.report import record_relevance_verdict
+from .demo.report import only_variants, read_results, record_relevance_verdict
 from .demo.report import _replace_between_markers  # noqa: F401 - used by tests
 
 
@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-gallery", type=int, default=1000)
     parser.add_argument("--readme", default=None, help="README.md to put the claims table in (between its markers)")
     parser.add_argument("--json", default=None, help="also write the measured results as JSON here")
+    parser.add_argument("--from-json", default=None,
+                        help="render the claims tables from results saved with --json instead of measuring; "
+                             "--variants then picks which compressors' rows to keep")
     args = parser.parse_args(argv)
     variants = tuple(v for v in args.variants.split(",") if v)
     if args.compressors_only and not variants:
@@ -57,6 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
     out = Path(args.out) if args.out else _default_out()
+    if args.from_json:
+        results = read_results(args.from_json)
+        if variants:
+            results = only_variants(results, variants)
+        print(write_claims_table(results, args.readme, out / "README.md"))
+        return 0
     if not args.measure_only:
         report = train_demo_model(out, quick=args.quick, seed=args.seed, device=args.device, progress=True,
                                   work_dir=args.work_dir, threads=args.threads, variants=variants,

@@ -40,6 +40,8 @@ VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0,
             # nested with coarse-to-fine distillation targets (every token's pool@k cells nested regions)
             "k16-fade": {"k": 16, "ar": 1.0, "distill_fade_from": 0.4},
             "nested-c2f": {"k": 32, "ar": 1.0, "nested": (4, 8, 16, 32), "distill_layout": "coarse-to-fine"}}
+#: the compressors the claims table compares (the rest are experiments, measured on request)
+CLAIMS_VARIANTS = ("k8", "k32", "k16-contrastive", "nested")
 #: what a variant changes besides K and nesting, in the card's words
 VARIANT_CHANGES = {"k16-contrastive": "no autoregressive loss and no distillation",
                    "k16-fade": "the distillation weight falling linearly to 0 from 40% of training",

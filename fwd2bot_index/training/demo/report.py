@@ -6,17 +6,17 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from ...model import Fwd2Bot
+from .compressor import CLAIMS_VARIANTS
 from .targets import EVAL_SPLITS, qa_by_type, qa_overall
 
 CLAIMS_START = "<!-- demo-claims:start -->"
 CLAIMS_END = "<!-- demo-claims:end -->"
 TRAIN_COMMAND = "f2b train --recipe demo"
-CLAIMS_VARIANTS = ("k8", "k32", "k16-contrastive", "nested")  # the compressors the claims table compares
 MODULE_COMMAND = ("python -m fwd2bot_index.training.demo_recipe --out fwd2bot_index/demo_model --readme README.md "
                   "--work-dir runs/demo --variants " + ",".join(CLAIMS_VARIANTS))
 
@@ -338,6 +338,45 @@ def write_claims_table(results: dict[str, Any], readme_path: str | os.PathLike[s
         tmp.write_text(updated, encoding="utf-8")
         os.replace(tmp, path)
     return block
+
+
+def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Measured results saved with ``--json``, with recall tables keyed by int again (JSON made them strings)."""
+    def restore(value: Any) -> Any:
+        if isinstance(value, dict):
+            keys = list(value)
+            numeric = bool(keys) and all(isinstance(k, str) and k.isdigit() for k in keys)
+            return {(int(k) if numeric else k): restore(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [restore(v) for v in value]
+        return value
+
+    return restore(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def only_variants(results: dict[str, Any], keep: Sequence[str]) -> dict[str, Any]:
+    """The results as if only the compressor variants ``keep`` had been measured (the shipped compressor,
+    pooled, full and blind rows stay): one measurement of experiments and claims together renders the claims
+    table exactly as a measurement of the claims variants alone would (every row is measured on its own)."""
+    import copy
+
+    out = copy.deepcopy(results)
+    dropped = [n for n in out.get("variants", {}) if n not in keep]
+    for name in dropped:
+        del out["variants"][name]
+
+    def wanted(form: str) -> bool:
+        return not any(form == f"fwd2bot-{n}" or form.startswith(f"fwd2bot-{n}@") for n in dropped)
+
+    for split in out["splits"].values():
+        for part in ("qa", "retrieval", "retrieval_small", "stored_tokens"):
+            if part in split:
+                split[part] = {k: v for k, v in split[part].items() if wanted(k)}
+    out["sugarcrepe"] = {k: v for k, v in out["sugarcrepe"].items() if wanted(k)}
+    from .targets import check_targets
+
+    out["targets"] = check_targets(out)
+    return out
 
 
 def record_relevance_verdict(model_dir: str | os.PathLike[str], results: dict[str, Any]) -> bool | None:
