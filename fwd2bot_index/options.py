@@ -94,7 +94,9 @@ def check_model_reference(name: str | None, probe_timeout: float = 2.0) -> None:
     import os
     from pathlib import Path
 
-    if name is None or name == "demo" or Path(name).expanduser().exists():
+    from .model.files import is_demo_name
+
+    if name is None or is_demo_name(name) or Path(name).expanduser().exists():
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
         raise OptionError(f"--model {name}: no such folder (give demo, a checkpoint folder, a LLaVA folder or a "

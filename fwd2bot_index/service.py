@@ -34,6 +34,7 @@ from .options import OptionError, check_model_reference, check_options  # noqa: 
 from .demo_notice import collection_world_status, demo_world_status  # noqa: F401  (the shells import them here)
 from .errors import NotFoundError, ServiceError, user_error_types  # noqa: F401  (re-exported for the shells)
 from .hints import no_collection_message
+from .model.files import is_demo_name
 from .loader import load_checked_model  # noqa: F401  (re-exported)
 from .sidecar import read_sidecar  # noqa: F401  (re-exported)
 from .shrinking import check_index_tokens, migrate_tokens, with_tokens
@@ -175,7 +176,7 @@ class ImageService:
         from tqdm.auto import tqdm
 
         todo = plan.to_encode
-        watch_world = self.model_name == DEFAULT_MODEL
+        watch_world = is_demo_name(self.model_name)
         workers = workers or min(8, (os.cpu_count() or 2) + 2)
         was_linked = {stat.path: self.collection.path_status(stat.path).get("status") == "indexed"
                       for stat in plan.duplicates}
@@ -369,7 +370,7 @@ class ImageService:
         """``{"checked", "outside", "warning"}``: whether this collection, on the ``demo`` model, holds
         images from outside the demo world (``demo_notice``); one small catalog read, none for other models."""
         name = self.collection.manifest.model_name
-        return demo_world_status(name, *self.collection.world_counts()) if name == DEFAULT_MODEL else \
+        return demo_world_status(name, *self.collection.world_counts()) if is_demo_name(name) else \
             demo_world_status(name, 0, 0)
 
     def export(self, path: str | os.PathLike) -> int:

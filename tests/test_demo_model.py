@@ -184,6 +184,17 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     assert set(kept["sugarcrepe"]) == {"fwd2bot", "fwd2bot-k8", "prompt"}
     assert not any("swap_obj (vs contrastive-only)" in t["target"] for t in kept["targets"])
 
+    # the nested compressor exported beside the exported demo model, sharing its base (as demo-nested ships)
+    from fwd2bot_index.training.demo.nested_export import export_sharing_base, nested_card
+
+    export_sharing_base(work / "compressor-nested" / "model", tmp_path / "nested-out", base=f"../{out.name}/base")
+    shared = Fwd2Bot.from_pretrained(str(tmp_path / "nested-out"), device="cpu")
+    assert shared.config.nested_budgets == [4, 8, 16, 32] and not (tmp_path / "nested-out" / "base").exists()
+    card = nested_card(results)
+    assert "| 4 | " in card and "| 16 | " in card and "--model demo-nested --tokens 8" in card
+    row8 = next(line for line in card.splitlines() if line.startswith("| 8 | "))
+    assert not row8.endswith("| - | - |")  # beside the separately trained K=8
+
 
 def test_claims_table_replaces_only_between_markers():
     block = "NEW"

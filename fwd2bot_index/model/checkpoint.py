@@ -26,7 +26,8 @@ from .backbone import ModelLoadError, load_backbone
 from .config import Fwd2BotConfig
 from .fwd2bot import PASS1, PASS2, Compressor, Fwd2Bot
 from .files import (  # noqa: F401  (re-exported: these names were defined here)
-    _CARD_FILES, COMPRESSOR_FILE, CONFIG_FILE, DEMO_NAME, demo_model_path, folder_fingerprint, is_checkpoint,
+    _CARD_FILES, COMPRESSOR_FILE, CONFIG_FILE, DEMO_NAME, base_folder, demo_model_path, folder_fingerprint,
+    is_checkpoint, is_demo_name,
 )
 from .quiet import quiet_loading
 
@@ -36,12 +37,12 @@ class CheckpointMismatchError(ValueError):
 
 
 def resolve_model_name(name: str) -> str:
-    """Map ``demo`` to the shipped folder; leave folders and hub ids alone."""
-    if name == DEMO_NAME:
-        path = demo_model_path()
+    """Map ``demo`` / ``demo-nested`` to the shipped folders; leave folders and hub ids alone."""
+    if is_demo_name(name):
+        path = demo_model_path(name)
         if not is_checkpoint(path):
             raise ModelLoadError(
-                f"the demo model is not installed at {path}; reinstall fwd2bot-index, or pass --model "
+                f"the {name} model is not installed at {path}; reinstall fwd2bot-index, or pass --model "
                 "with a checkpoint folder or a LLaVA model"
             )
         return str(path)
@@ -151,8 +152,8 @@ def load_checkpoint(path: str | Path, device: str | None = "auto", dtype: str | 
     config = Fwd2BotConfig.read(path)
     if base is not None:
         base_ref, base_rev = base, revision
-    elif config.base_model == "base":
-        base_ref, base_rev = str(path / "base"), None
+    elif config.base_model == "base" or config.base_model.startswith(("./", "../")):
+        base_ref, base_rev = base_folder(path, config.base_model), None
     else:
         base_ref, base_rev = config.base_model, config.base_revision
     trained_with = {k: v if v is not None else config.image_options.get(k) for k, v in image_options.items()}

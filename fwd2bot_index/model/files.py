@@ -14,14 +14,33 @@ from pathlib import Path
 CONFIG_FILE = "fwd2bot_config.json"
 COMPRESSOR_FILE = "compressor.safetensors"
 DEMO_NAME = "demo"
+#: the shipped models (package data), by the name ``--model`` takes: the demo model and its nested compressor
+#: (4/8/16/32 tokens per image, ``f2b index --tokens k``), which shares the demo model's base
+DEMO_FOLDERS = {DEMO_NAME: "demo_model", "demo-nested": "demo_model_nested"}
 _HASH_FULL_LIMIT = 256 * 2**20  # larger weight files are hashed by size, header and both ends
 _HASH_ENDS = 4 * 2**20
 _CARD_FILES = {"README.md", "MODEL_CARD.md"}
 
 
-def demo_model_path() -> Path:
-    """The shipped demo model folder (package data)."""
-    return Path(str(resources.files("fwd2bot_index"))) / "demo_model"
+def demo_model_path(name: str = DEMO_NAME) -> Path:
+    """The folder of a shipped model (package data): ``demo`` or ``demo-nested``."""
+    return Path(str(resources.files("fwd2bot_index"))) / DEMO_FOLDERS[name]
+
+
+def is_demo_name(name: str | None) -> bool:
+    """Whether ``name`` is one of the shipped models, which know only the shapes world."""
+    return name in DEMO_FOLDERS
+
+
+def base_folder(checkpoint: str | Path, base_model: str) -> str:
+    """Where a checkpoint's base is: ``base`` is its own ``base/``; a path starting ``./`` or ``../`` is
+    relative to the checkpoint folder (a compressor sharing another checkpoint's base, as ``demo-nested``
+    shares ``demo``'s); anything else (a folder, a hub id) as given."""
+    if base_model == "base":
+        return str(Path(checkpoint) / "base")
+    if base_model.startswith(("./", "../")):
+        return str((Path(checkpoint) / base_model).resolve())
+    return base_model
 
 
 def is_checkpoint(path: str | Path) -> bool:

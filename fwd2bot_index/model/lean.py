@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .files import COMPRESSOR_FILE, CONFIG_FILE, DEMO_NAME, demo_model_path, folder_fingerprint
+from .files import COMPRESSOR_FILE, CONFIG_FILE, base_folder, demo_model_path, folder_fingerprint, is_demo_name
 
 #: above this many language-model parameters the real model (torch, threads, maybe a GPU) is the better
 #: choice even for one query
@@ -60,7 +60,7 @@ class LeanTextEncoder:
         cover it (then load the real model). ``F2B_LEAN=0`` turns it off."""
         if os.environ.get("F2B_LEAN", "1") == "0":
             return None
-        folder = demo_model_path() if name == DEMO_NAME else Path(name)
+        folder = demo_model_path(name) if is_demo_name(name) else Path(name)
         try:
             return cls._load(folder)
         except (OSError, ValueError, KeyError, TypeError, ImportError):
@@ -68,33 +68,39 @@ class LeanTextEncoder:
 
     @classmethod
     def _load(cls, folder: Path) -> "LeanTextEncoder | None":
-        if not (folder / CONFIG_FILE).is_file() or not (folder / "base" / "config.json").is_file():
+        if not (folder / CONFIG_FILE).is_file():
             return None
         config = json.loads((folder / CONFIG_FILE).read_text())
-        base_config = json.loads((folder / "base" / "config.json").read_text())
+        base_model = str(config.get("base_model"))
+        if base_model != "base" and not base_model.startswith(("./", "../")):
+            return None  # a base elsewhere (a hub id): the real loader resolves it
+        base = Path(base_folder(folder, base_model))
+        if not (base / "config.json").is_file():
+            return None
+        base_config = json.loads((base / "config.json").read_text())
         text = base_config.get("text_config") or {}
         lora_cfg = json.loads((folder / "adapters" / "pass1" / "adapter_config.json").read_text())
-        tok_cfg = json.loads((folder / "base" / "tokenizer_config.json").read_text())
+        tok_cfg = json.loads((base / "tokenizer_config.json").read_text())
         rope = text.get("rope_parameters") or {"rope_type": "default"}
         supported = (
-            config.get("base_family") == "llava" and config.get("base_model") == "base"
+            config.get("base_family") == "llava"
             and base_config.get("model_type") == "llava" and text.get("model_type") == "llama"
             and rope.get("rope_type", "default") == "default" and not text.get("attention_bias")
             and not text.get("mlp_bias") and text.get("hidden_act", "silu") == "silu"
             and int(text.get("pretraining_tp", 1)) == 1
-            and not tok_cfg.get("chat_template") and not (folder / "base" / "chat_template.jinja").exists()
-            and not (folder / "base" / "chat_template.json").exists()
+            and not tok_cfg.get("chat_template") and not (base / "chat_template.jinja").exists()
+            and not (base / "chat_template.json").exists()
             and lora_cfg.get("peft_type") == "LORA" and not lora_cfg.get("use_dora")
             and not lora_cfg.get("use_rslora") and lora_cfg.get("bias", "none") == "none"
             and not lora_cfg.get("rank_pattern") and not lora_cfg.get("alpha_pattern")
-            and not lora_cfg.get("fan_in_fan_out") and (folder / "base" / "tokenizer.json").is_file()
+            and not lora_cfg.get("fan_in_fan_out") and (base / "tokenizer.json").is_file()
         )
         if not supported:
             return None
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
-        raw = load_file(str(folder / "base" / "model.safetensors"))
+        raw = load_file(str(base / "model.safetensors"))
         prefix = next((p for p in ("language_model.model.", "model.language_model.") if f"{p}norm.weight" in raw), None)
         if prefix is None:
             return None
@@ -117,7 +123,7 @@ class LeanTextEncoder:
         if not lora:
             return None
         head = load_file(str(folder / COMPRESSOR_FILE))
-        tokenizer = Tokenizer.from_file(str(folder / "base" / "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
         bos = tok_cfg.get("bos_token")
         bos_id = tokenizer.token_to_id(bos) if isinstance(bos, str) else None
         scale = float(lora_cfg["lora_alpha"]) / float(lora_cfg["r"])

@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--from-json", default=None,
                         help="render the claims tables from results saved with --json instead of measuring; "
                              "--variants then picks which compressors' rows to keep")
+    parser.add_argument("--export-nested", default=None, metavar="VARIANT",
+                        help="with --from-json and --work-dir: export that nested compressor as the shipped "
+                             "demo-nested model (sharing the demo model's base), with its card")
     args = parser.parse_args(argv)
     variants = tuple(v for v in args.variants.split(",") if v)
     if args.compressors_only and not variants:
@@ -62,6 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else _default_out()
     if args.from_json:
         results = read_results(args.from_json)
+        if args.export_nested:
+            if not args.work_dir:
+                parser.error("--export-nested needs --work-dir (where the compressor was trained)")
+            from ..model.files import demo_model_path
+            from .demo.nested_export import write_nested_model
+
+            checkpoint = Path(args.work_dir) / f"compressor-{args.export_nested}" / "model"
+            card = write_nested_model(checkpoint, demo_model_path("demo-nested"), results, args.export_nested)
+            print(f"nested model written, card {card}")
         if variants:
             results = only_variants(results, variants)
         print(write_claims_table(results, args.readme, out / "README.md"))

@@ -1,0 +1,85 @@
+"""The shipped nested compressor (``--model demo-nested``, issue 24): it loads offline on the demo model's own
+base (shared, named by a path relative to itself), stores 4/8/16/32 tokens per image, and a collection made
+with it shrinks in place; like ``demo`` it knows only the shapes world and says so."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fwd2bot_index.model import Fwd2Bot, demo_model_path
+from fwd2bot_index.model.files import base_folder, folder_fingerprint, is_demo_name
+from fwd2bot_index.model.lean import LeanTextEncoder
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def nested():
+    return Fwd2Bot.from_pretrained("demo-nested", device="cpu")
+
+
+def test_it_is_a_nested_checkpoint_on_the_demo_models_base(nested):
+    folder = demo_model_path("demo-nested")
+    assert folder.parent == demo_model_path().parent and not (folder / "base").exists()  # nothing duplicated
+    assert nested.config.nested_budgets == [4, 8, 16, 32] and nested.config.num_summary_tokens == 32
+    assert nested.config.base_model == "../demo_model/base"
+    assert base_folder(folder, nested.config.base_model) == str((demo_model_path() / "base").resolve())
+    assert nested.fingerprint == folder_fingerprint(folder) != Fwd2Bot.from_pretrained("demo", device="cpu").fingerprint
+    assert is_demo_name("demo-nested") and not is_demo_name("demo-nested/")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size < 1.5 * 2**20, size
+
+
+def test_the_lean_query_path_covers_it(nested):
+    lean = LeanTextEncoder.load("demo-nested")
+    assert lean is not None and lean.fingerprint == nested.fingerprint
+    texts = ["a red circle at the top left", "two blue squares"]
+    assert np.abs(lean.encode(texts) - nested.encode_texts(texts)).max() < 1e-5
+
+
+def test_a_relative_base_resolves_against_the_checkpoint_not_the_working_folder(nested, tmp_path, monkeypatch):
+    """The pair copied elsewhere, side by side, still loads (what a user who vendors both folders does)."""
+    shutil.copytree(demo_model_path(), tmp_path / "demo_model")
+    shutil.copytree(demo_model_path("demo-nested"), tmp_path / "demo_model_nested")
+    monkeypatch.chdir(tmp_path / "demo_model")  # a relative path read against the cwd would miss
+    moved = Fwd2Bot.from_pretrained(str(tmp_path / "demo_model_nested"), device="cpu")
+    assert moved.fingerprint == nested.fingerprint
+    shutil.rmtree(tmp_path / "demo_model" / "base")
+    with pytest.raises(Exception, match="demo_model/base"):
+        Fwd2Bot.from_pretrained(str(tmp_path / "demo_model_nested"), device="cpu")
+
+
+def test_index_at_a_budget_then_shrink_in_place(tmp_path):
+    from fwd2bot_index.cli.main import app
+    from fwd2bot_index.synthetic import write_demo_data
+
+    write_demo_data(tmp_path / "world", n=12, seed=3, image_size=64)
+    runner, coll = CliRunner(), str(tmp_path / "c.f2b")
+    done = runner.invoke(app, ["index", str(tmp_path / "world" / "images"), "--model", "demo-nested", "--tokens", "8",
+                               "--collection", coll, "--json"])
+    assert done.exit_code == 0, done.output
+    info = json.loads(runner.invoke(app, ["info", "--collection", coll, "--json"]).stdout)
+    assert info["indexed"] == 12 and info["tokens_per_image"] == 8 and info["model"] == "demo-nested"
+    before = json.loads(runner.invoke(app, ["search", "a red circle", "--collection", coll, "-k", "12", "--json"]).stdout)
+    assert len(before) == 12
+    done = runner.invoke(app, ["migrate", "--tokens", "4", "--collection", coll])
+    assert done.exit_code == 0, done.output
+    info = json.loads(runner.invoke(app, ["info", "--collection", coll, "--json"]).stdout)
+    assert info["indexed"] == 12 and info["tokens_per_image"] == 4
+    after = json.loads(runner.invoke(app, ["search", "a red circle", "--collection", coll, "-k", "12", "--json"]).stdout)
+    assert sorted(h["id"] for h in after) == sorted(h["id"] for h in before)  # every image kept, ids unchanged
+    refused = runner.invoke(app, ["migrate", "--tokens", "6", "--collection", coll])
+    assert refused.exit_code != 0 and "6" in refused.output and "Traceback" not in refused.output
+
+
+def test_it_warns_like_the_demo_model_off_its_world():
+    from fwd2bot_index.demo_notice import demo_world_status
+
+    warning = demo_world_status("demo-nested", 10, 3)["warning"]
+    assert warning and "`demo-nested` model" in warning and "shapes world" in warning
+    assert demo_world_status("my-photos-model", 10, 3)["warning"] is None
