@@ -3,8 +3,8 @@ collection costs: `f2b migrate --tokens k` (truncate the stored tokens, recomput
 contrastive head) against re-encoding the same images at k (`f2b index --reindex --tokens k`: decode, vision
 tower, pass 1), measured in the same run on the same machine, per 1,000 images.
 
-Model: the demo model when it is a nested checkpoint (``F2B_BENCH_DEMO_MODEL=FOLDER`` measures one not yet
-installed); otherwise a stand-in of the demo geometry with random weights whose checkpoint says it was trained
+Model: the shipped nested demo compressor (``demo-nested``), else the demo model when it is a nested checkpoint
+(``F2B_BENCH_DEMO_MODEL=FOLDER`` measures one not yet installed); otherwise a stand-in of the demo geometry with random weights whose checkpoint says it was trained
 at 4, 8, 16 (speed depends on shapes, not values; the tables say which ran). Images: a fresh shapes world.
 Migrate times exclude loading the model (reported apart: `f2b migrate` pays it once per run, as does
 `f2b index`); re-encode times are `ImageService.index` end to end, as `f2b index` runs it.
@@ -16,6 +16,7 @@ Migrate times exclude loading the model (reported apart: `f2b migrate` pays it o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -36,6 +37,13 @@ def nested_model(work: Path, smoke: bool) -> tuple[str, str, bool]:
     """(model, description, is_demo): the demo model if nested, else a nested stand-in of its geometry."""
     from fwd2bot_index.model import Fwd2BotConfig
 
+    from fwd2bot_index.model import folder_fingerprint, is_checkpoint
+    from fwd2bot_index.model.files import demo_model_path
+
+    shipped = demo_model_path("demo-nested")
+    if not smoke and not os.environ.get("F2B_BENCH_DEMO_MODEL") and is_checkpoint(shipped):
+        return "demo-nested", ("the shipped nested demo compressor (fwd2bot_index/demo_model_nested/, fingerprint "
+                               f"{folder_fingerprint(shipped)[:12]}), trained at {Fwd2BotConfig.read(shipped).nested_budgets}"), True
     name, desc, is_demo = M.demo_or_standin(work, smoke=smoke)
     folder = Path(name) if Path(name).exists() else None
     if folder is None:
