@@ -74,7 +74,8 @@ def nested_card(results: dict[str, Any], variant: str = "nested") -> str:
         "QA exact match from the stored tokens and text->image R@1 over each split's "
         f"{seen['n_images']:,} images; beside each budget the separately trained compressor of that K where the "
         "recipe trained one. Command: `python -m fwd2bot_index.training.demo_recipe --measure-only "
-        "--variants k8,k32,k16-contrastive,nested ...` (see the demo model's card).", "",
+        f"--variants k8,k32,{variant} ...` (see the demo model's card); this checkpoint is the recipe's "
+        f"`{variant}` compressor.", "",
         "| tokens / image | QA seen | QA unseen | QA, both | t2i R@1 seen | t2i R@1 unseen | separate K: QA, both "
         "| separate K: t2i R@1 seen |",
         "|---|---|---|---|---|---|---|---|",
