@@ -159,7 +159,7 @@ def interrupt_after_first_commit():
                 time.sleep(0.05)
             assert marker.exists(), proc.communicate(timeout=60)
             proc.send_signal(signal.SIGINT)
-            _, stderr = proc.communicate(timeout=120)
+            _, stderr = proc.communicate(timeout=600)  # a hang guard: a loaded CI machine once took > 120 s
         finally:
             if proc.poll() is None:
                 proc.kill()
