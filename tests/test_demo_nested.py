@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fwd2bot_index.model import Fwd2Bot, demo_model_path
+from fwd2bot_index.model import Fwd2Bot, ModelLoadError, demo_model_path
 from fwd2bot_index.model.files import base_folder, folder_fingerprint, is_demo_name
 from fwd2bot_index.model.lean import LeanTextEncoder
 
@@ -50,8 +50,39 @@ def test_a_relative_base_resolves_against_the_checkpoint_not_the_working_folder(
     moved = Fwd2Bot.from_pretrained(str(tmp_path / "demo_model_nested"), device="cpu")
     assert moved.fingerprint == nested.fingerprint
     shutil.rmtree(tmp_path / "demo_model" / "base")
-    with pytest.raises(Exception, match="demo_model/base"):
+    with pytest.raises(ModelLoadError, match="demo_model/base does not exist") as missing:
         Fwd2Bot.from_pretrained(str(tmp_path / "demo_model_nested"), device="cpu")
+    assert str(tmp_path / "demo_model_nested" / "fwd2bot_config.json") in str(missing.value)  # who names it
+    assert "hub" not in str(missing.value).lower()
+
+
+def test_saved_elsewhere_it_names_its_base_from_there_and_embeds_the_same(nested, tmp_path):
+    """A relative base copied verbatim into a folder elsewhere named nothing there (the reload failed with
+    a hub-id error): the saved config names the same base relative to the new folder."""
+    from PIL import Image
+
+    images = [Image.new("RGB", (64, 64), c) for c in ((200, 30, 30), (30, 30, 200))]
+    texts = ["a red circle at the top left", "two blue squares"]
+    model = Fwd2Bot.from_pretrained("demo-nested", device="cpu")  # its own: saving renames model.source
+    out = tmp_path / "deep" / "copy"
+    model.save_pretrained(str(out))
+    saved = json.loads((out / "fwd2bot_config.json").read_text())["base_model"]
+    assert saved.startswith("../") and base_folder(out, saved) == str((demo_model_path() / "base").resolve())
+    again = Fwd2Bot.from_pretrained(str(out), device="cpu")
+    assert np.abs(again.encode_texts(texts) - nested.encode_texts(texts)).max() < 1e-6
+    assert np.abs(again.encode_images(images).embeddings - nested.encode_images(images).embeddings).max() < 1e-6
+    again.save_pretrained(str(out))  # saved again in place: unchanged
+    assert json.loads((out / "fwd2bot_config.json").read_text())["base_model"] == saved
+
+
+def test_relocated_base_keeps_hub_ids_and_own_bases():
+    from fwd2bot_index.model.checkpoint import relocated_base
+
+    assert relocated_base("base", "/a/ckpt", "/b/out") == "base"
+    assert relocated_base("org/model", "/a/ckpt", "/b/out") == "org/model"
+    assert relocated_base("../shared/base", "/a/ckpt", "/b/out") == "../../a/shared/base"
+    assert relocated_base("./sub/base", "/a/ckpt", "/a/ckpt") == "./sub/base"
+    assert relocated_base("../shared/base", None, "/b/out") == "../shared/base"
 
 
 def test_index_at_a_budget_then_shrink_in_place(tmp_path):

@@ -27,7 +27,7 @@ from .config import Fwd2BotConfig
 from .fwd2bot import PASS1, PASS2, Compressor, Fwd2Bot
 from .files import (  # noqa: F401  (re-exported: these names were defined here)
     _CARD_FILES, COMPRESSOR_FILE, CONFIG_FILE, DEMO_NAME, base_folder, demo_model_path, folder_fingerprint,
-    is_checkpoint, is_demo_name,
+    is_checkpoint, is_demo_name, is_local_base,
 )
 from .quiet import quiet_loading
 
@@ -82,8 +82,25 @@ def _clean_base_state_dict(model: Fwd2Bot) -> dict:
     return state
 
 
+def relocated_base(base_model: str, source: str | os.PathLike[str] | None, dest: str | Path) -> str:
+    """``base_model`` as a checkpoint written to ``dest`` must name it. A base relative to the checkpoint
+    (``../demo_model/base``, read against ``source``, the folder the config came from) would point elsewhere
+    from ``dest``, so it is rewritten relative to ``dest`` (``./`` or ``../`` kept, so it stays a local base),
+    or made absolute where no relative path exists (another drive). ``base`` (saved inside), hub ids,
+    absolute folders and a model with no source folder are left as they are."""
+    if base_model == "base" or not is_local_base(base_model) or source is None:
+        return base_model
+    resolved = Path(base_folder(source, base_model))
+    try:
+        rel = Path(os.path.relpath(resolved, Path(dest).resolve())).as_posix()
+    except ValueError:  # no relative path between them (Windows: another drive)
+        return str(resolved)
+    return rel if rel.startswith("../") else f"./{rel}"
+
+
 def save_model(model: Fwd2Bot, path: str | Path, include_base: bool | None = None) -> None:
-    """Write a checkpoint folder atomically (a temp folder renamed into place)."""
+    """Write a checkpoint folder atomically (a temp folder renamed into place). A base named relative to
+    the model's folder is renamed relative to ``path`` (``relocated_base``), so the copy loads wherever it is."""
     if model.compressor is None:
         raise ValueError("a stock model has no compressor to save; it is used directly from its folder")
     path = Path(path)
@@ -99,6 +116,8 @@ def save_model(model: Fwd2Bot, path: str | Path, include_base: bool | None = Non
             hf = model.peft.get_base_model() if model.peft is not None else model.backbone.hf
             hf.save_pretrained(tmp / "base", state_dict=_clean_base_state_dict(model))
             model.backbone.processor.save_pretrained(tmp / "base")
+        else:
+            config.base_model = relocated_base(config.base_model, model.source, path)
         (tmp / CONFIG_FILE).write_text(config.to_json())
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.compressor.state_dict().items()}
         save_file(tensors, str(tmp / COMPRESSOR_FILE), metadata={"format": "fwd2bot-compressor"})
@@ -152,8 +171,14 @@ def load_checkpoint(path: str | Path, device: str | None = "auto", dtype: str | 
     config = Fwd2BotConfig.read(path)
     if base is not None:
         base_ref, base_rev = base, revision
-    elif config.base_model == "base" or config.base_model.startswith(("./", "../")):
+    elif is_local_base(config.base_model):
         base_ref, base_rev = base_folder(path, config.base_model), None
+        if not Path(base_ref).is_dir():  # else load_backbone would take the path for a hub id and say so
+            raise ModelLoadError(
+                f"the base model folder {base_ref} does not exist: {path / CONFIG_FILE} names it as "
+                f"{config.base_model!r} (relative to the checkpoint); put the base there (a checkpoint sharing "
+                "another's base must stay beside it), or pass its folder as from_pretrained(..., base=FOLDER)"
+            )
     else:
         base_ref, base_rev = config.base_model, config.base_revision
     trained_with = {k: v if v is not None else config.image_options.get(k) for k, v in image_options.items()}

@@ -32,13 +32,20 @@ def is_demo_name(name: str | None) -> bool:
     return name in DEMO_FOLDERS
 
 
+def is_local_base(base_model: str) -> bool:
+    """Whether a checkpoint's recorded base names a folder relative to the checkpoint itself: ``base`` (its
+    own ``base/``) or a path starting ``./`` or ``../`` (a base shared with another checkpoint, as
+    ``demo-nested`` shares ``demo``'s). One test for the loader, the lean query path and the fingerprint, so
+    they never disagree about which bases are folders beside the checkpoint and which are hub ids."""
+    return base_model == "base" or base_model.startswith(("./", "../"))
+
+
 def base_folder(checkpoint: str | Path, base_model: str) -> str:
     """Where a checkpoint's base is: ``base`` is its own ``base/``; a path starting ``./`` or ``../`` is
-    relative to the checkpoint folder (a compressor sharing another checkpoint's base, as ``demo-nested``
-    shares ``demo``'s); anything else (a folder, a hub id) as given."""
+    relative to the checkpoint folder (``is_local_base``); anything else (a folder, a hub id) as given."""
     if base_model == "base":
         return str(Path(checkpoint) / "base")
-    if base_model.startswith(("./", "../")):
+    if is_local_base(base_model):
         return str((Path(checkpoint) / base_model).resolve())
     return base_model
 

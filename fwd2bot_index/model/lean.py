@@ -24,7 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .files import COMPRESSOR_FILE, CONFIG_FILE, base_folder, demo_model_path, folder_fingerprint, is_demo_name
+from .files import (
+    COMPRESSOR_FILE, CONFIG_FILE, base_folder, demo_model_path, folder_fingerprint, is_demo_name, is_local_base,
+)
 
 #: above this many language-model parameters the real model (torch, threads, maybe a GPU) is the better
 #: choice even for one query
@@ -72,7 +74,7 @@ class LeanTextEncoder:
             return None
         config = json.loads((folder / CONFIG_FILE).read_text())
         base_model = str(config.get("base_model"))
-        if base_model != "base" and not base_model.startswith(("./", "../")):
+        if not is_local_base(base_model):
             return None  # a base elsewhere (a hub id): the real loader resolves it
         base = Path(base_folder(folder, base_model))
         if not (base / "config.json").is_file():

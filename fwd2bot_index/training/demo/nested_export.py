@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ...model import Fwd2Bot
+from ...model.checkpoint import relocated_base
 from .targets import qa_overall
 
 SHARED_BASE = "../demo_model/base"  # from fwd2bot_index/demo_model_nested/ to the demo model's base
@@ -28,7 +29,9 @@ def export_sharing_base(checkpoint: str | os.PathLike[str], out_dir: str | os.Pa
     model.backbone.hf.half()
     model.compressor.half()
     model.config.base_signature = model.backbone.signature()
-    model.config.base_model, model.config.base_revision = base, None
+    # ``base`` is relative to out_dir, a config's relative base to the folder it was read from (the model's
+    # source): name it from there, and saving renames it relative to out_dir (``checkpoint.relocated_base``)
+    model.config.base_model, model.config.base_revision = relocated_base(base, out_dir, model.source), None
     model.save_pretrained(str(out_dir), include_base=False)
     for path in [Path(out_dir), *Path(out_dir).rglob("*")]:  # package data: readable by everyone
         path.chmod(0o755 if path.is_dir() else 0o644)
