@@ -159,3 +159,19 @@ def test_verify_turns_ask_verified_searchs_own_question():
     turns = verify_turns(VERIFY_PROMPT, "a red circle above a blue star.", "a blue circle above a red star")
     assert turns == [(verify_question(VERIFY_PROMPT, "a red circle above a blue star."), "yes", 1.0),
                      ("is there a blue circle above a red star?", "no", 1.0)]
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--export-nested", "nested-c2f"], "needs --from-json"),  # was silently ignored
+    (["--export-nested", "nested-c2f", "--from-json", "r.json"], "needs --from-json"),  # no --work-dir
+    (["--export-nested", "k8", "--from-json", "r.json", "--work-dir", "w"], "k8: not a nested compressor"),
+    (["--export-nested", "nope", "--from-json", "r.json", "--work-dir", "w"], "nope: not a nested compressor"),
+])
+def test_export_nested_is_refused_unless_it_can_export_a_nested_compressor(argv, said, capsys):
+    """A plain variant would overwrite the shipped demo-nested with a model that cannot take --tokens; the
+    refusal comes from the parser, before any results file is read or folder written."""
+    from fwd2bot_index.training import demo_recipe
+
+    with pytest.raises(SystemExit) as stop:
+        demo_recipe.main(argv)
+    assert stop.value.code == 2 and said in capsys.readouterr().err

@@ -62,12 +62,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    if args.export_nested:  # it overwrites the shipped demo-nested: refuse anything but that exact use
+        if not (args.from_json and args.work_dir):
+            parser.error("--export-nested needs --from-json (the results its card shows) and --work-dir (where "
+                         "the compressor was trained)")
+        nested = [v for v, spec in VARIANTS.items() if spec.get("nested")]
+        if args.export_nested not in nested:
+            parser.error(f"--export-nested {args.export_nested}: not a nested compressor (demo-nested must take "
+                         f"--tokens); choose from {', '.join(nested)}")
     out = Path(args.out) if args.out else _default_out()
     if args.from_json:
         results = read_results(args.from_json)
         if args.export_nested:
-            if not args.work_dir:
-                parser.error("--export-nested needs --work-dir (where the compressor was trained)")
             from ..model.files import demo_model_path
             from .demo.nested_export import write_nested_model
 
