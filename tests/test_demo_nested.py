@@ -114,3 +114,25 @@ def test_it_warns_like_the_demo_model_off_its_world():
     warning = demo_world_status("demo-nested", 10, 3)["warning"]
     assert warning and "`demo-nested` model" in warning and "shapes world" in warning
     assert demo_world_status("my-photos-model", 10, 3)["warning"] is None
+
+
+def test_verified_search_is_off_by_default_as_for_the_demo_model(nested):
+    """It shares the demo model's base, whose P(yes) was measured to rank worse than the embedding: an
+    unmeasured verdict (null) turned verified search on by default on the search page."""
+    from fwd2bot_index.verification import verify_by_default
+
+    assert nested.config.relevance_ranks_well is False and not verify_by_default(nested)
+
+
+def test_a_re_export_copies_the_verdict_of_the_model_whose_base_it_shares(tmp_path):
+    from fwd2bot_index.model.config import Fwd2BotConfig
+    from fwd2bot_index.training.demo.nested_export import export_sharing_base
+
+    shutil.copytree(demo_model_path(), tmp_path / "demo_model")
+    owner = Fwd2BotConfig.read(tmp_path / "demo_model")
+    owner.relevance_ranks_well = True  # not the shipped verdict: proves it is read from the base's owner
+    (tmp_path / "demo_model" / "fwd2bot_config.json").write_text(owner.to_json())
+    export_sharing_base(demo_model_path("demo-nested"), tmp_path / "demo_model_nested")
+    exported = Fwd2BotConfig.read(tmp_path / "demo_model_nested")
+    assert exported.relevance_ranks_well is True and exported.base_model == "../demo_model/base"
+    assert Fwd2Bot.from_pretrained(str(tmp_path / "demo_model_nested"), device="cpu").config.nested_budgets

@@ -15,6 +15,8 @@ from typing import Any
 
 from ...model import Fwd2Bot
 from ...model.checkpoint import relocated_base
+from ...model.config import Fwd2BotConfig
+from ...model.files import base_folder, is_checkpoint
 from .targets import qa_overall
 
 SHARED_BASE = "../demo_model/base"  # from fwd2bot_index/demo_model_nested/ to the demo model's base
@@ -24,7 +26,9 @@ def export_sharing_base(checkpoint: str | os.PathLike[str], out_dir: str | os.Pa
                         base: str = SHARED_BASE) -> None:
     """Write ``checkpoint``'s compressor and adapters in fp16 to ``out_dir`` with ``base`` (relative to
     ``out_dir``) as its base. The base there must be the fp16 export of the base it was trained on: the
-    signature recorded here is that of this base cast to fp16, and loading checks it."""
+    signature recorded here is that of this base cast to fp16, and loading checks it. The verdict of the
+    checkpoint owning that base on verified search (``relevance_ranks_well``) is copied: the recipe measures
+    it for the demo model only, and an unmeasured (None) verdict would turn verified search on by default."""
     model = Fwd2Bot.from_pretrained(str(checkpoint), device="cpu", dtype="fp32")
     model.backbone.hf.half()
     model.compressor.half()
@@ -32,6 +36,9 @@ def export_sharing_base(checkpoint: str | os.PathLike[str], out_dir: str | os.Pa
     # ``base`` is relative to out_dir, a config's relative base to the folder it was read from (the model's
     # source): name it from there, and saving renames it relative to out_dir (``checkpoint.relocated_base``)
     model.config.base_model, model.config.base_revision = relocated_base(base, out_dir, model.source), None
+    owner = Path(base_folder(out_dir, base)).parent  # the checkpoint whose base is shared (the demo model)
+    if is_checkpoint(owner):  # its measured verdict decides the search page's default for this one too
+        model.config.relevance_ranks_well = Fwd2BotConfig.read(owner).relevance_ranks_well
     model.save_pretrained(str(out_dir), include_base=False)
     for path in [Path(out_dir), *Path(out_dir).rglob("*")]:  # package data: readable by everyone
         path.chmod(0o755 if path.is_dir() else 0o644)
