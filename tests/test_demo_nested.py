@@ -136,3 +136,21 @@ def test_a_re_export_copies_the_verdict_of_the_model_whose_base_it_shares(tmp_pa
     exported = Fwd2BotConfig.read(tmp_path / "demo_model_nested")
     assert exported.relevance_ranks_well is True and exported.base_model == "../demo_model/base"
     assert Fwd2Bot.from_pretrained(str(tmp_path / "demo_model_nested"), device="cpu").config.nested_budgets
+
+
+def test_its_fingerprint_covers_the_shared_base(tmp_path):
+    """The base lies outside the checkpoint folder, so hashing the folder alone let a retrained demo base
+    pass as the same model: two pairs whose bases differ by one byte must not share a fingerprint."""
+    pairs = []
+    for name in ("one", "two"):
+        shutil.copytree(demo_model_path(), tmp_path / name / "demo_model")
+        shutil.copytree(demo_model_path("demo-nested"), tmp_path / name / "demo_model_nested")
+        pairs.append(tmp_path / name / "demo_model_nested")
+    shipped = folder_fingerprint(demo_model_path("demo-nested"))
+    assert folder_fingerprint(pairs[0]) == folder_fingerprint(pairs[1]) == shipped
+    weights = tmp_path / "two" / "demo_model" / "base" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert folder_fingerprint(pairs[0]) != folder_fingerprint(pairs[1])
+    assert folder_fingerprint(tmp_path / "one" / "demo_model") == folder_fingerprint(demo_model_path())  # own base

@@ -8,6 +8,7 @@ transformers and peft. ``checkpoint`` re-exports these names.
 from __future__ import annotations
 
 import hashlib
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -67,9 +68,7 @@ def _hash_file(digest: "hashlib._Hash", path: Path) -> None:
             digest.update(fh.read(_HASH_ENDS))
 
 
-def folder_fingerprint(folder: str | Path) -> str:
-    """sha256 over the relative names and contents of a folder's model files (cards excluded)."""
-    folder = Path(folder)
+def _content_digest(folder: Path) -> "hashlib._Hash":
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
@@ -77,4 +76,30 @@ def folder_fingerprint(folder: str | Path) -> str:
             continue
         digest.update(rel.encode() + b"\0")
         _hash_file(digest, path)
+    return digest
+
+
+def _base_outside(folder: Path) -> Path | None:
+    """The base folder a checkpoint names relative to itself when it lies outside it (``../demo_model/base``),
+    else None (no checkpoint, its own ``base/``, a hub id, a base that is not there)."""
+    try:
+        base_model = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(base_model, str) or base_model == "base" or not is_local_base(base_model):
+        return None
+    base = Path(base_folder(folder, base_model))
+    return base if base.is_dir() and not base.is_relative_to(folder.resolve()) else None
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """sha256 over the relative names and contents of a folder's model files (cards excluded). A checkpoint
+    whose base is a folder outside it (``demo-nested`` on the demo model's base) folds that base's content in:
+    the weights it runs on are part of what a collection was built with, so retraining the shared base makes
+    the collections of every checkpoint on it report a model mismatch (the base's path is not hashed)."""
+    folder = Path(folder)
+    digest = _content_digest(folder)
+    base = _base_outside(folder)
+    if base is not None:
+        digest.update(b"\0base\0" + _content_digest(base).hexdigest().encode())
     return digest.hexdigest()[:32]
