@@ -164,7 +164,7 @@ def index(
         print_json(report.to_dict())
     else:
         typer.echo(index_summary(report))
-    index_details(report)
+    index_details(report, service.model_name)
     if not report.world_foreign:  # this run's images were fine, but the collection may hold others
         world_warning(collection)
 

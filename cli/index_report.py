@@ -30,8 +30,9 @@ def index_summary(report) -> str:
     return line
 
 
-def index_details(report) -> None:
-    """The lines behind the summary, on stderr: failures, moves, prunes and the demo-model warning."""
+def index_details(report, model: str = DEFAULT_MODEL) -> None:
+    """The lines behind the summary, on stderr: failures, moves, prunes and the warning of ``model`` (the
+    shipped model the collection uses: ``demo`` or ``demo-nested``, named as the user knows it)."""
     def listed(label: str, rows: list, more: str) -> None:
         for row in rows[:20]:
             err(f"  {label}: {row}")
@@ -45,6 +46,6 @@ def index_details(report) -> None:
     listed("pruned", report.pruned_paths, "")
     if report.world_foreign:
         err(f"warning: {report.world_foreign} of the {report.world_checked} new images checked are not from the "
-            f"shapes world that the `{DEFAULT_MODEL}` model was trained on ({DEFAULT_MODEL} knows only the coloured "
+            f"shapes world that the `{model}` model was trained on ({model} knows only the coloured "
             "shapes of `f2b demo-data`), so search and answers on them will be noise. For real photos use a real "
             f"model in a new collection: f2b index DIR --model {REAL_MODEL} --collection photos.f2b")

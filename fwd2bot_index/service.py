@@ -438,7 +438,9 @@ def open_service(collection: str | os.PathLike | None = None, model: str | None 
     chosen = with_tokens(loaded, loaded.resolve_strategy(strategy), tokens)  # --tokens k of a nested compressor
     t, h = loaded.token_shape(chosen)
     manifest = Manifest(
-        model_name=name if name == DEFAULT_MODEL or not Path(name).exists() else str(Path(name).resolve()),
+        # a shipped model (demo, demo-nested) by its name, even beside a folder of that name (it is the one loaded):
+        # the name is what turns the demo-world check and warning on for the collection
+        model_name=name if is_demo_name(name) or not Path(name).exists() else str(Path(name).resolve()),
         model_fingerprint=loaded.fingerprint,
         strategy=chosen.to_dict(),
         embed_dim=loaded.embed_dim_for(chosen),

@@ -154,3 +154,23 @@ def test_its_fingerprint_covers_the_shared_base(tmp_path):
     weights.write_bytes(bytes(data))
     assert folder_fingerprint(pairs[0]) != folder_fingerprint(pairs[1])
     assert folder_fingerprint(tmp_path / "one" / "demo_model") == folder_fingerprint(demo_model_path())  # own base
+
+
+def test_a_collection_records_the_shipped_name_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    """``demo-nested`` is the shipped model wherever the command runs: recorded by a folder's absolute path
+    (as a checkpoint folder is), its collections lost the demo-world check and warning."""
+    from fwd2bot_index.service import open_service
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo-nested").mkdir()  # someone's folder, not what --model demo-nested loads
+    with open_service(tmp_path / "c.f2b", model="demo-nested", device="cpu", create=True, writable=True) as service:
+        assert service.collection.manifest.model_name == "demo-nested"
+
+
+def test_the_index_warning_names_the_model_in_use(capsys):
+    from fwd2bot_index.cli.index_report import index_details
+    from fwd2bot_index.indexing import IndexReport
+
+    index_details(IndexReport(world_checked=5, world_foreign=3), "demo-nested")
+    said = capsys.readouterr().err
+    assert "the `demo-nested` model was trained on (demo-nested knows only" in said and "`demo`" not in said
