@@ -25,8 +25,8 @@ Sharing. The writer lock is taken around each write and released after, so ``f2b
 a server has the collection open: a writer waits for the lock (up to ``lock_timeout`` seconds), then
 catches up with what others committed before it writes; searches catch up without the lock (see
 ``sync``). Embedded Qdrant engines can be opened by one process only, so with those backends a
-writable open keeps the lock for its life. This file is the facade; ``sync`` keeps the index in
-step, ``health`` verifies and repairs, ``maintenance`` compacts, migrates and exports.
+writable open keeps the lock for its life. This file is the facade; ``creating`` makes a new folder,
+``sync`` keeps the index in step, ``health`` verifies and repairs, ``maintenance`` compacts, migrates and exports.
 """
 
 from __future__ import annotations
@@ -42,24 +42,20 @@ from typing import Any
 import numpy as np
 
 from .catalog import CATALOG_NAME, Catalog
-from .errors import (
-    CollectionError,
-    CollectionExistsError,
-    CollectionFormatError,
-    CollectionReadOnlyError,
-)
+from .creating import create_collection
+from .errors import CollectionError, CollectionFormatError, CollectionReadOnlyError
 from .health import Health
-from .identity import ID_KEY, adopt, new_id
-from .parts import DAMAGED_DIR, ESSENTIAL, WRITER_ESSENTIAL, odd_message, odd_parts, set_aside_odd
+from .identity import ID_KEY, adopt
+from .parts import ESSENTIAL, WRITER_ESSENTIAL, odd_message, odd_parts
 from .recover import recover_folder
 from .trust import refuse, trust_problem
-from .index import ExactIndex, VectorIndex, open_index
+from .index import ExactIndex, VectorIndex
 from .lock import WriterLock
 from .maintenance import Maintenance
 from .reading import Reading
 from .removing import Removing
 from .shrink import current_manifest, finish_shrink
-from .manifest import MANIFEST_NAME, Manifest, lost_manifest_remains, utc_now
+from .manifest import MANIFEST_NAME, Manifest, lost_manifest_remains
 from .records import FileStat, Hit, IndexPlan, NewImage, VerifyReport, abs_path, check_batch, metadata_json
 from .sync import (
     EMBEDDED_QDRANT,
@@ -72,10 +68,7 @@ from .sync import (
     open_index_for_writer,
     read_state,
     token_store,
-    undo_create,
-    wipe,
 )
-from .tokens import TOKENS_DIR
 
 __all__ = [
     "DEFAULT_COLLECTION",
@@ -184,67 +177,8 @@ class Collection(Reading, Removing, IndexSync, Health, Maintenance):
         ``catalog.sqlite``, a file named ``tokens``) is set aside in ``damaged/`` as ``verify --repair``
         does, never deleted. Without ``overwrite`` such a part is refused (the folder is no collection).
         """
-        folder = Path(path).absolute()
-        made_folder = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = WriterLock(folder).acquire(timeout=lock_timeout)
-        catalog, started = None, False
-        try:
-            if (folder / MANIFEST_NAME).exists() and not overwrite:
-                raise CollectionExistsError(
-                    f"{folder} already holds a collection; open it, pick another --collection folder, or "
-                    f"re-encode everything with --reindex"
-                )
-            if not overwrite and ((folder / CATALOG_NAME).exists() or any((folder / TOKENS_DIR).glob("*.arrow"))):
-                raise CollectionExistsError(  # a collection that lost its manifest: never wipe it
-                    f"{folder} holds a collection's catalog or token shards but no {MANIFEST_NAME}; run f2b verify "
-                    f"--repair --collection {folder} to rebuild it, or pass --reindex to replace everything"
-                )
-            set_aside: list[str] = []
-            if overwrite:  # a part of the wrong kind is not this package's to delete (it may be anything): kept
-                set_aside = [f"re-indexing: {line}" for line in set_aside_odd(folder)]
-                for line in set_aside:
-                    log.warning(line)
-            else:
-                odd = [o for o in odd_parts(folder) if o[0] != DAMAGED_DIR]  # damaged/ is never touched here
-                if odd:  # not a collection (no manifest): someone else's files, left where they are
-                    raise CollectionFormatError(f"{odd[0][1]}; nothing was changed. Move it out of the way, or "
-                                                "pick another --collection folder")
-            wipe(folder)
-            started = True  # from here on, a failure before the manifest undoes what was written
-            updates: dict[str, Any] = {"created": utc_now(), "updated": utc_now(), ID_KEY: new_id()}
-            if backend is not None:
-                updates["backend"] = backend
-            if backend_options is not None:
-                updates["backend_options"] = dict(backend_options)
-            manifest = Manifest.model_validate({**manifest.model_dump(), **updates})
-            catalog = Catalog(folder / CATALOG_NAME)
-            catalog.set_collection_id(manifest.collection_id)
-            tokens = token_store(folder, manifest, catalog)
-            (folder / TOKENS_DIR).mkdir(exist_ok=True)
-            index = open_index(manifest.backend, folder, manifest.embed_dim, manifest.backend_options)
-            if len(index) and not overwrite:  # only a remote (server) index can hold data here
-                n = len(index)
-                index.close()
-                raise CollectionExistsError(
-                    f"the Qdrant collection for {folder} already holds {n} vectors; pick another "
-                    f"collection_name, or pass --reindex to replace them"
-                )
-            index.clear()
-            col = cls(folder, manifest, catalog, tokens, index, lock, save_every, hold_lock, lock_timeout)
-            col.opened_notes = set_aside
-            col._save_index()
-            manifest.save(folder)  # last: a folder without manifest is not a collection yet
-            col._manifest_seen = _mtime(folder / MANIFEST_NAME)
-            col._synced_version = catalog.version()
-            if not col._hold:
-                lock.release()
-            return col
-        except BaseException:
-            if started and not (folder / MANIFEST_NAME).exists():
-                undo_create(folder, catalog, made_folder)
-            lock.release()
-            raise
+        return create_collection(cls, Path(path).absolute(), manifest, backend, backend_options, overwrite,
+                                 save_every, hold_lock, lock_timeout)
 
     @classmethod
     def open(
