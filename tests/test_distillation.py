@@ -170,3 +170,45 @@ def test_a_distillation_the_model_cannot_do_is_refused_before_any_step(tiny_llav
     with pytest.raises(TrainingError, match="coarse-to-fine orders the targets of nested budgets: add --nested"):
         Trainer(TrainConfig(**base, output_dir=str(tmp_path / "c"), num_summary_tokens=4,
                             distill_layout="coarse-to-fine"), progress=False)
+
+
+def test_coarse_to_fine_without_distillation_is_refused_not_a_silent_no_op(tiny_llava_dir, pairs, tmp_path):
+    config = TrainConfig(model=str(tiny_llava_dir), data=[str(pairs)], output_dir=str(tmp_path / "run"),
+                         num_summary_tokens=4, nested=[2, 4], embed_dim=16, lora_r=8, batch_size=4, max_steps=1,
+                         eval_split="none", seed=0, distill_weight=0.0, distill_layout="coarse-to-fine")
+    with pytest.raises(TrainingError, match="coarse-to-fine orders distillation targets, but --distill-weight is 0") \
+            as refused:
+        Trainer(config, progress=False)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("change", [{"distill_weight": 2.0}, {"distill_fade_from": 0.5},
+                                    {"distill_layout": "coarse-to-fine"}])
+def test_a_resume_refuses_changed_distillation_targets(tiny_llava_dir, pairs, tmp_path, change):
+    from fwd2bot_index.training import run_training
+
+    settings = dict(model=str(tiny_llava_dir), data=[str(pairs)], output_dir=str(tmp_path / "run"),
+                    num_summary_tokens=4, nested=[2, 4], embed_dim=16, lora_r=8, batch_size=4, max_steps=2,
+                    checkpoint_every=1, eval_split="none", seed=0, distill_weight=1.0)
+    run_training(TrainConfig(**settings), progress=False)
+    (key, value), = change.items()
+    with pytest.raises(TrainingError, match=rf"settings changed \({key}: "):
+        Trainer(TrainConfig(**{**settings, key: value, "resume": True}), progress=False)
+
+
+def test_a_run_saved_before_the_distillation_settings_existed_still_resumes(tiny_llava_dir, pairs, tmp_path):
+    """Its saved settings lack the distillation keys: it ran with their defaults, which are no change."""
+    from fwd2bot_index.training import run_training
+    from fwd2bot_index.training.state import STATE_FILE, list_checkpoints
+
+    settings = dict(model=str(tiny_llava_dir), data=[str(pairs)], output_dir=str(tmp_path / "run"),
+                    num_summary_tokens=4, embed_dim=16, lora_r=8, batch_size=4, max_steps=2, checkpoint_every=1,
+                    keep_checkpoints=0, eval_split="none", seed=0)
+    run_training(TrainConfig(**settings), progress=False)
+    checkpoints = list_checkpoints(tmp_path / "run" / "checkpoints")
+    for checkpoint in checkpoints:
+        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+        old = {k: v for k, v in json.loads(state["config"]).items() if not k.startswith("distill_")}
+        state["config"] = json.dumps(old)
+        torch.save(state, checkpoint / STATE_FILE)
+    assert checkpoints and Trainer(TrainConfig(**{**settings, "resume": True}), progress=False).step >= 1

@@ -16,11 +16,13 @@ from .schedule import PoolSchedule
 
 OBJECTIVES = ("fwd2bot", "pretrain")
 DISTILL_LAYOUTS = ("row-major", "coarse-to-fine")
-# Settings that must not change between a run and its resume (the rest, e.g. eval_every, may).
+# Settings that must not change between a run and its resume (the rest, e.g. eval_every, may); the distillation
+# settings among them: a resume that changed them would move the targets the compressor learns mid-run.
 RESUME_FIXED = ("objective", "data", "batch_size", "grad_accum", "seed", "num_summary_tokens", "embed_dim",
                  "lora_r", "lora_alpha", "lora_targets", "lr", "max_steps", "epochs", "pool_schedule",
                  "train_summary_tokens", "train_adapters", "train_heads", "train_projector", "train_llm",
-                 "train_vision_tower", "min_pixels", "max_pixels", "nested")
+                 "train_vision_tower", "min_pixels", "max_pixels", "nested",
+                 "distill_weight", "distill_fade_from", "distill_layout")
 
 
 class TrainingError(RuntimeError):
@@ -216,6 +218,11 @@ class TrainConfig:
         if isinstance(base.get("data"), str):
             base["data"] = [base["data"]]
         return cls.from_dict(base)
+
+
+#: the defaults of the resume-fixed settings that have one: a run saved before a setting existed ran with it
+RESUME_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                   if f.name in RESUME_FIXED and f.default is not dataclasses.MISSING}
 
 
 @dataclass

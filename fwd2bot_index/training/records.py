@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import state as ckpt
-from .config import RESUME_FIXED, TrainEvent, TrainingError
+from .config import RESUME_DEFAULTS, RESUME_FIXED, TrainEvent, TrainingError
 
 
 class RecordsMixin:
@@ -117,7 +117,8 @@ class RecordsMixin:
 
     def _restore(self, folder: Path) -> None:
         state = ckpt.read_state(folder)
-        saved = json.loads(state["config"])
+        # a setting the saved run does not record did not exist yet: it ran with that setting's default
+        saved = {**RESUME_DEFAULTS, **json.loads(state["config"])}
         now = self.config.to_dict()
         for settings in (saved, now):  # the same files, named from another working folder, are the same data
             settings["data"] = [str(Path(d).resolve()) for d in settings.get("data") or []]

@@ -213,8 +213,12 @@ class StepMixin:
     def check_distillation(self) -> None:
         """Refuse, before any step, a distillation this model cannot do: pool@k must give k tokens for every
         trained budget (LLaVA keeps at most its N visual tokens), and the coarse-to-fine layout needs nested
-        budgets and one fixed visual grid (Qwen2-VL's grids follow each image's size)."""
+        budgets and one fixed visual grid (Qwen2-VL's grids follow each image's size). A coarse-to-fine layout
+        without distillation is refused too: it would silently train what row-major trains."""
         cfg, backbone = self.config, self.model.backbone
+        if cfg.distill_layout == "coarse-to-fine" and cfg.distill_weight <= 0:
+            raise TrainingError("--distill-layout coarse-to-fine orders distillation targets, but --distill-weight "
+                                "is 0 (no distillation): set a weight (e.g. 1.0) or leave the layout row-major")
         if cfg.objective != "fwd2bot" or cfg.distill_weight <= 0 or self.model.compressor is None:
             return
         for k in self.budgets or [self.model.config.num_summary_tokens]:
