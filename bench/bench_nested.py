@@ -3,9 +3,11 @@ collection costs: `f2b migrate --tokens k` (truncate the stored tokens, recomput
 contrastive head) against re-encoding the same images at k (`f2b index --reindex --tokens k`: decode, vision
 tower, pass 1), measured in the same run on the same machine, per 1,000 images.
 
-Model: the shipped nested demo compressor (``demo-nested``), else the demo model when it is a nested checkpoint
-(``F2B_BENCH_DEMO_MODEL=FOLDER`` measures one not yet installed); otherwise a stand-in of the demo geometry with random weights whose checkpoint says it was trained
-at 4, 8, 16 (speed depends on shapes, not values; the tables say which ran). Images: a fresh shapes world.
+Model, the first that applies: ``F2B_BENCH_DEMO_MODEL=FOLDER`` (a demo-model checkpoint not yet installed, when
+it is nested); the shipped nested demo compressor ``demo-nested`` (real trained weights); the installed demo
+model when it is itself a nested checkpoint; else a stand-in of the demo geometry with random weights whose
+checkpoint says it was trained at 4, 8, 16 (speed depends on shapes, not values). ``--smoke`` always takes a
+tiny stand-in. The tables say which ran. Images: a fresh shapes world.
 Migrate times exclude loading the model (reported apart: `f2b migrate` pays it once per run, as does
 `f2b index`); re-encode times are `ImageService.index` end to end, as `f2b index` runs it.
 
@@ -34,29 +36,24 @@ STANDIN_BUDGETS = [4, 8, 16]
 
 
 def nested_model(work: Path, smoke: bool) -> tuple[str, str, bool]:
-    """(model, description, is_demo): the demo model if nested, else a nested stand-in of its geometry."""
-    from fwd2bot_index.model import Fwd2BotConfig
-
-    from fwd2bot_index.model import folder_fingerprint, is_checkpoint
-    from fwd2bot_index.model.files import demo_model_path
+    """(model, description, is_demo): the model the module docstring's order picks (``demo-nested`` unless
+    ``F2B_BENCH_DEMO_MODEL`` or ``--smoke``), made a nested stand-in where the one found is not nested."""
+    from fwd2bot_index.model import Fwd2BotConfig, demo_model_path, folder_fingerprint, is_checkpoint
 
     shipped = demo_model_path("demo-nested")
     if not smoke and not os.environ.get("F2B_BENCH_DEMO_MODEL") and is_checkpoint(shipped):
+        budgets = Fwd2BotConfig.read(shipped).nested_budgets
         return "demo-nested", ("the shipped nested demo compressor (fwd2bot_index/demo_model_nested/, fingerprint "
-                               f"{folder_fingerprint(shipped)[:12]}), trained at {Fwd2BotConfig.read(shipped).nested_budgets}"), True
+                               f"{folder_fingerprint(shipped)[:12]}), trained at {budgets}"), True
     name, desc, is_demo = M.demo_or_standin(work, smoke=smoke)
-    folder = Path(name) if Path(name).exists() else None
-    if folder is None:
-        from fwd2bot_index.model import demo_model_path
-
-        folder = demo_model_path()
+    folder = Path(name) if Path(name).exists() else demo_model_path()
     if len(Fwd2BotConfig.read(folder).nested_budgets or []) > 1:
         return name, desc, is_demo
     if work not in folder.resolve().parents:  # the demo or a user's checkpoint, not nested: never edit it
         spec, k = (M.SMOKE, 8) if smoke else (M.DEMO_STANDIN, 16)
         folder = M.random_compressor(spec, work / "nested-standin", num_summary_tokens=k)
-        desc = ("a nested stand-in of the demo geometry with random weights (the installed demo model is not nested)"
-                if name == "demo" else f"a nested stand-in of the demo geometry with random weights ({name} is not nested)")
+        desc = "a nested stand-in of the demo geometry with random weights " + (
+            "(the installed demo model is not nested)" if name == "demo" else f"({name} is not nested)")
     config = json.loads((folder / "fwd2bot_config.json").read_text())
     k = config["num_summary_tokens"]
     config["nested_budgets"] = [b for b in STANDIN_BUDGETS if b < k] + [k]

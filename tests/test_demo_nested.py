@@ -174,3 +174,27 @@ def test_the_index_warning_names_the_model_in_use(capsys):
     index_details(IndexReport(world_checked=5, world_foreign=3), "demo-nested")
     said = capsys.readouterr().err
     assert "the `demo-nested` model was trained on (demo-nested knows only" in said and "`demo`" not in said
+
+
+def test_the_card_gives_the_two_commands_and_compares_with_the_claims_separate_compressors():
+    """The card's numbers come from one measurement saved with --json, rendered and exported with --from-json;
+    its 'separate K' column is the one the claims' targets compare with (not a hard-coded k8/k32)."""
+    from fwd2bot_index.training.demo.nested_export import nested_card
+    from fwd2bot_index.training.demo.targets import separate_compressors
+
+    forms = ["fwd2bot", "fwd2bot-k8", "fwd2bot-k32", "fwd2bot-k16-fade", "fwd2bot-nested-c2f",
+             *(f"fwd2bot-nested-c2f@{k}" for k in (4, 8, 16))]
+    split = {"n_images": 10, "retrieval": {f: {"t2i": {1: 0.5}} for f in forms},
+             "qa": {f: {"exact_match": 0.5, "n": 4} for f in forms}}
+    results = {"num_summary_tokens": 16, "eval_seed": 1000, "measured_on": "today",
+               "splits": {"test": split, "test_unseen": split},
+               "variants": {"k8": {"num_summary_tokens": 8}, "k32": {"num_summary_tokens": 32},
+                            "k16-fade": {"num_summary_tokens": 16},  # an experiment: never the separate K=16
+                            "nested-c2f": {"num_summary_tokens": 32, "nested_budgets": [4, 8, 16]}}}
+    assert separate_compressors(results) == {16: "fwd2bot", 8: "fwd2bot-k8", 32: "fwd2bot-k32"}
+    card = nested_card(results, "nested-c2f")
+    measure, render = [line for line in card.splitlines() if line.startswith("python -m ")]
+    assert "--measure-only" in measure and "--json runs/demo/results.json" in measure and "nested-c2f" in measure
+    assert "--from-json runs/demo/results.json" in render and render.endswith("--export-nested nested-c2f")
+    rows = {line.split(" | ")[0]: line for line in card.splitlines() if line.startswith("| ") and line[2].isdigit()}
+    assert rows["| 4"].endswith("| - | - |") and rows["| 8"].endswith("| 50.0 | 50.0 |")  # no K=4 trained

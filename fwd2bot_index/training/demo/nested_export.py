@@ -17,7 +17,8 @@ from ...model import Fwd2Bot
 from ...model.checkpoint import relocated_base
 from ...model.config import Fwd2BotConfig
 from ...model.files import base_folder, is_checkpoint
-from .targets import qa_overall
+from .compressor import CLAIMS_VARIANTS
+from .targets import qa_overall, separate_compressors
 
 SHARED_BASE = "../demo_model/base"  # from fwd2bot_index/demo_model_nested/ to the demo model's base
 
@@ -53,10 +54,7 @@ def nested_card(results: dict[str, Any], variant: str = "nested") -> str:
     separately trained compressors of the same K (from the recipe's measurement, ``--json``)."""
     info = results["variants"][variant]
     budgets = [*info["nested_budgets"], info["num_summary_tokens"]]
-    separate = {results["num_summary_tokens"]: "fwd2bot"}
-    for name, v in results["variants"].items():
-        if name in ("k8", "k32"):
-            separate[v["num_summary_tokens"]] = f"fwd2bot-{name}"
+    separate = separate_compressors(results)
     seen, unseen = results["splits"]["test"], results["splits"]["test_unseen"]
 
     def r1(split: dict[str, Any], form: str) -> float | None:
@@ -83,9 +81,9 @@ def nested_card(results: dict[str, Any], variant: str = "nested") -> str:
         f"## Measured (held-out scenes, seed {results['eval_seed']}, {results['measured_on']})", "",
         "QA exact match from the stored tokens and text->image R@1 over each split's "
         f"{seen['n_images']:,} images; beside each budget the separately trained compressor of that K where the "
-        "recipe trained one. Command: `python -m fwd2bot_index.training.demo_recipe --measure-only "
-        f"--variants k8,k32,{variant} ...` (see the demo model's card); this checkpoint is the recipe's "
-        f"`{variant}` compressor.", "",
+        f"recipe trained one. This checkpoint is the recipe's `{variant}` compressor. Commands (see the demo model's "
+        "card): measure once, saving the results, then render the tables and export this checkpoint from them:", "",
+        "```bash", *export_commands(variant), "```", "",
         "| tokens / image | QA seen | QA unseen | QA, both | t2i R@1 seen | t2i R@1 unseen | separate K: QA, both "
         "| separate K: t2i R@1 seen |",
         "|---|---|---|---|---|---|---|---|",
@@ -97,6 +95,16 @@ def nested_card(results: dict[str, Any], variant: str = "nested") -> str:
                      f"| {_pct(r1(seen, form))} | {_pct(r1(unseen, form))} "
                      f"| {_pct(qa_overall(results, ref)) if ref else '-'} | {_pct(r1(seen, ref)) if ref else '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def export_commands(variant: str, work_dir: str = "runs/demo") -> list[str]:
+    """The two commands that make this card: one measurement of the claims' variants and ``variant`` saved with
+    ``--json``, then ``--from-json`` keeping the claims' rows in the tables and exporting ``variant``."""
+    recipe = "python -m fwd2bot_index.training.demo_recipe --out fwd2bot_index/demo_model"
+    measured = ",".join(dict.fromkeys([*CLAIMS_VARIANTS, variant]))
+    return [f"{recipe} --work-dir {work_dir} --variants {measured} --measure-only --json {work_dir}/results.json",
+            f"{recipe} --readme README.md --work-dir {work_dir} --from-json {work_dir}/results.json "
+            f"--variants {','.join(CLAIMS_VARIANTS)} --export-nested {variant}"]
 
 
 def write_nested_model(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str],
