@@ -151,15 +151,18 @@ def interrupt_after_first_commit():
     from fwd2bot_index.indexing import HOLD_ENV
 
     def run(cmd, marker, env=None):
+        # The child gets SIGINT's default back: a pytest started in the background by a script (`cmd &`)
+        # inherits an *ignored* SIGINT, its children too, and the run then holds until the guard below.
         proc = subprocess.Popen(cmd, env={**os.environ, **(env or {}), HOLD_ENV: str(marker)},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.time() + 300  # a generous bound for a loaded machine, not a timing assertion
             while not marker.exists() and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.05)
             assert marker.exists(), proc.communicate(timeout=60)
             proc.send_signal(signal.SIGINT)
-            _, stderr = proc.communicate(timeout=600)  # a hang guard: a loaded CI machine once took > 120 s
+            _, stderr = proc.communicate(timeout=300)  # a hang guard, not a timing check
         finally:
             if proc.poll() is None:
                 proc.kill()
