@@ -145,6 +145,11 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
                                               "fwd2bot-nested"} | nested
         for recall in measured["retrieval"].values():
             assert 0.0 <= recall["t2i"][1] <= recall["t2i"][5] <= recall["t2i"][10] <= 1.0
+        # "a blue square": every compressor's own embedding, many relevant images per query
+        assert set(measured["object_queries"]) == {"fwd2bot", "fwd2bot-k8", "fwd2bot-k16-contrastive", "fwd2bot-nested"}
+        assert measured["n_object_queries"] > 0 and 0.0 < measured["object_query_base_rate"] < 1.0
+        for precision in measured["object_queries"].values():
+            assert set(precision) == {"p@1", "p@5", "map"} and all(0.0 <= v <= 1.0 for v in precision.values())
     names = [t["target"] for t in results["targets"]]
     assert any("blind" in n for n in names) and any("swap_att" in n for n in names)
     assert set(results["sugarcrepe"]) == {"fwd2bot", "fwd2bot-k8", "fwd2bot-k16-contrastive", "prompt",
@@ -161,6 +166,7 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     assert "| Fwd2Bot summary tokens, K=16 (shipped) | 16 |" in text and "| blind: " in text
     assert "contrastive loss only (ablation)" in text and "pool@16" in text
     assert "| Fwd2Bot nested (one compressor), first 4 tokens | 4 |" in text
+    assert "Object queries:" in text and "| fwd2bot-k8 | " in text.split("Object queries:")[1]
     assert set(results["verification"]["splits"]) == set(demo_recipe.EVAL_SPLITS) and "| verify@20 t2i R@1/5/10 |" in \
         text.replace("| embedding t2i R@1/5/10 ", "")
     assert any("verify@20 adds" in n for n in names) and any("nonsense rejection" in n for n in names)

@@ -175,3 +175,20 @@ def test_export_nested_is_refused_unless_it_can_export_a_nested_compressor(argv,
     with pytest.raises(SystemExit) as stop:
         demo_recipe.main(argv)
     assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_object_queries_name_every_composition_and_exactly_the_images_holding_it(tmp_path):
+    """The relevance behind the claims' object-query row is read from the scenes, not guessed."""
+    from fwd2bot_index.synthetic import write_demo_data
+    from fwd2bot_index.training.demo.measure import object_queries
+
+    write_demo_data(tmp_path, n=24, seed=3, image_size=32)
+    rows = [json.loads(line) for line in (tmp_path / "scenes.jsonl").read_text().splitlines()]
+    paths = [tmp_path / r["image"] for r in rows[:10]]
+    queries, relevant = object_queries(tmp_path, paths)
+    held = [{(o["color"], o["shape"]) for o in r["scene"]["objects"]} for r in rows[:10]]
+    assert relevant.shape == (len(queries), 10) and relevant.any(axis=1).all()
+    assert len(queries) == len(set().union(*held))  # every composition in these images, none other
+    for query, row in zip(queries, relevant):
+        _, color, shape = query.split(" ")
+        assert list(row) == [(color, shape) in h for h in held]

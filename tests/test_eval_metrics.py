@@ -203,3 +203,37 @@ def test_exact_match_and_contains() -> None:
     assert not normalized_contains("there are 12 dogs", "2")  # whole words only
     assert not normalized_contains("a cat", "the")  # gold normalises to nothing
     assert normalized_contains("the", "a")
+
+
+def test_multi_relevant_precision_hand_computed() -> None:
+    """Two queries over four images: P@k and AP by hand (query 1's relevant images rank 0 and 2)."""
+    from fwd2bot_index.evaluation import multi_relevant_precision
+
+    sim = np.array([[0.9, 0.1, 0.5, 0.3],    # ranking 0, 2, 3, 1; relevant {0, 3}: hits at 0 and 2
+                    [0.2, 0.8, 0.4, 0.6]])   # ranking 1, 3, 2, 0; relevant {0}: hit at 3
+    relevant = np.array([[True, False, False, True], [True, False, False, False]])
+    got = multi_relevant_precision(sim, relevant, ks=(1, 2))
+    assert got["p@1"] == pytest.approx((1 + 0) / 2)
+    assert got["p@2"] == pytest.approx((0.5 + 0) / 2)
+    assert got["map"] == pytest.approx(((1 / 1 + 2 / 3) / 2 + 1 / 4) / 2)
+
+
+def test_multi_relevant_precision_ties_count_against_the_query() -> None:
+    from fwd2bot_index.evaluation import multi_relevant_precision
+
+    relevant = np.array([[False, True, False]])
+    constant = multi_relevant_precision(np.zeros((1, 3)), relevant, ks=(1,))
+    assert constant == {"p@1": 0.0, "map": pytest.approx(1 / 3)}  # behind both irrelevant images
+    both = multi_relevant_precision(np.array([[0.5, 0.5, 0.1]]), np.array([[True, True, False]]), ks=(1, 2))
+    assert both == {"p@1": 1.0, "p@2": 1.0, "map": 1.0}  # two relevant images tied with each other lose nothing
+
+
+@pytest.mark.parametrize("sim, relevant, message", [
+    (np.zeros((2, 3)), np.ones((2, 2), dtype=bool), "same 2-D shape"),
+    (np.zeros((2, 3)), np.array([[True, False, False], [False, False, False]]), "at least one relevant"),
+])
+def test_multi_relevant_precision_rejects_bad_input(sim: np.ndarray, relevant: np.ndarray, message: str) -> None:
+    from fwd2bot_index.evaluation import multi_relevant_precision
+
+    with pytest.raises(ValueError, match=message):
+        multi_relevant_precision(sim, relevant)

@@ -19,6 +19,7 @@ from .datasets import (
 from .errors import EvalDataError, MissingImageError
 from .metrics import (
     exact_match,
+    multi_relevant_precision,
     normalize_answer,
     normalized_contains,
     pairwise_accuracy,
@@ -37,7 +38,8 @@ from .sugarcrepe import (
 __all__ = [
     "EvalDataError", "MissingImageError", "QARecord", "QASet", "RetrievalSet", "SUGARCREPE_CATEGORIES",
     "SUGARCREPE_GROUPS", "SugarCrepeCategory", "SugarCrepePair", "exact_match", "load_retrieval_set",
-    "model_answerer", "normalize_answer", "normalized_contains", "pairwise_accuracy", "read_captions_csv",
+    "model_answerer", "multi_relevant_precision", "normalize_answer", "normalized_contains", "pairwise_accuracy",
+    "read_captions_csv",
     "read_captions_jsonl", "read_karpathy_json", "read_qa_jsonl", "read_sugarcrepe", "retrieval_recall",
     "run_qa", "run_retrieval", "run_sugarcrepe", "sugarcrepe_accuracy",
 ]

@@ -31,6 +31,7 @@ from .sugarcrepe import SUGARCREPE_GROUPS
 
 __all__ = [
     "retrieval_recall",
+    "multi_relevant_precision",
     "pairwise_accuracy",
     "sugarcrepe_accuracy",
     "normalize_answer",
@@ -100,6 +101,39 @@ def retrieval_recall(
         "t2i": {int(k): float(np.mean(t2i_rank < int(k))) for k in ks},
         "i2t": {int(k): float(np.mean(i2t_rank < int(k))) for k in ks},
     }
+
+
+def multi_relevant_precision(sim: ArrayLike, relevant: ArrayLike, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Precision@k and mean average precision of text queries that many images answer.
+
+    ``sim`` is [n_queries, n_images]; ``relevant`` a boolean matrix of the same shape (which images answer
+    which query: "a blue square" and every image holding one). Recall@k of one paired caption cannot
+    score such a query, and it is the query a person types first. Every query needs at least one
+    relevant image (a query with fewer than k cannot reach P@k = 1: plain precision). Ties count against
+    the query, as in ``retrieval_recall``: a relevant image ranks behind every irrelevant one with an
+    equal score, so a constant scorer gets nothing it did not earn. Returns ``{"p@k": ..., "map": ...}``,
+    fractions averaged over the queries.
+    """
+    scores = np.asarray(sim, dtype=np.float64)
+    rel = np.asarray(relevant, dtype=bool)
+    if scores.ndim != 2 or rel.shape != scores.shape:
+        raise ValueError(f"similarity {scores.shape} and relevance {rel.shape} must be the same 2-D shape")
+    if not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, got {list(ks)}")
+    if not rel.any(axis=1).all():
+        raise ValueError("every query needs at least one relevant image")
+    out: dict[str, float] = {f"p@{int(k)}": 0.0 for k in ks}
+    aps = []
+    for q in range(scores.shape[0]):
+        # best first; among equal scores the irrelevant images first (the worst order of a tie)
+        hits = rel[q][np.lexsort((rel[q], -scores[q]))]
+        for k in ks:
+            out[f"p@{int(k)}"] += hits[:int(k)].sum() / min(int(k), len(hits)) / scores.shape[0]
+        ranks = np.flatnonzero(hits)  # 0-based positions of the relevant images
+        aps.append(float(np.mean((np.arange(len(ranks)) + 1) / (ranks + 1))))
+    out = {k: float(v) for k, v in out.items()}
+    out["map"] = float(np.mean(aps))
+    return out
 
 
 def _pair_wins(pos_scores: ArrayLike, neg_scores: ArrayLike, label: str = "") -> np.ndarray:

@@ -59,6 +59,19 @@ def write_eval_world(folder: Path, n_gallery: int, image_size: int = 64) -> dict
                            split_fractions=(0.0, 0.5, 0.5))
 
 
+def object_queries(data_dir: Path, image_paths: Sequence[Path]) -> tuple[list[str], np.ndarray]:
+    """"a <colour> <shape>" for every composition some gallery image holds, and which images hold it.
+
+    The query a person types first names one object, not the scene-unique caption the recall rows use;
+    many images answer it (``multi_relevant_precision``). Relevance is read from ``scenes.jsonl``."""
+    where = {str((data_dir / r["image"]).resolve()): {(o["color"], o["shape"]) for o in r["scene"]["objects"]}
+             for r in read_jsonl(data_dir / "scenes.jsonl")}
+    held = [where[str(Path(p).resolve())] for p in image_paths]
+    pairs = [(c, s) for c in COLOR_NAMES for s in SHAPES if any((c, s) in h for h in held)]
+    relevant = np.array([[(c, s) in h for h in held] for c, s in pairs], dtype=bool).reshape(len(pairs), len(held))
+    return [f"a {c} {s}" for c, s in pairs], relevant
+
+
 class Embedder:
     """``encode_images`` / ``encode_texts`` of a model bound to one strategy (for the eval runners)."""
 
@@ -104,7 +117,7 @@ def nested_budgets(model: Fwd2Bot) -> list[int]:
 
 def _measure_split(models: dict[str, Fwd2Bot], data_dir: Path, split: str, n_gallery: int, n_qa_images: int,
                    budgets: Sequence[int], batch_size: int, prior: dict[str, str], progress: bool) -> dict[str, Any]:
-    from ...evaluation import read_captions_jsonl, retrieval_recall
+    from ...evaluation import multi_relevant_precision, read_captions_jsonl, retrieval_recall
     from ...imaging import load_image
 
     base = models["fwd2bot"]
@@ -120,14 +133,18 @@ def _measure_split(models: dict[str, Fwd2Bot], data_dir: Path, split: str, n_gal
         return (retrieval_recall(sim, owners_all),
                 retrieval_recall(sim[small][:, :SMALL_GALLERY], owners_all[small]) if small.any() else {})
 
-    retrieval, retrieval_small = {}, {}
+    retrieval, retrieval_small, by_object = {}, {}, {}
     retrieval["prompt"], retrieval_small["prompt"] = recalls(text_prompt @ full.embeddings.T)
+    queries, relevant = object_queries(data_dir, gallery.image_paths)
     stored: dict[str, np.ndarray] = {"full": full.tokens}
     answerer: dict[str, Fwd2Bot] = {}  # stored form -> the compressor whose pass 2 answers it
     for name, model in models.items():
         enc = model.encode_images(images, batch_size=batch_size, strategy="fwd2bot")
         texts = model.encode_texts(gallery.captions, batch_size=batch_size, strategy="fwd2bot")
         retrieval[name], retrieval_small[name] = recalls(texts @ enc.embeddings.T)
+        if queries:
+            asked = model.encode_texts(queries, batch_size=batch_size, strategy="fwd2bot")
+            by_object[name] = multi_relevant_precision(asked @ enc.embeddings.T, relevant)
         stored[name], answerer[name] = enc.tokens, model
         for k in nested_budgets(model):  # one nested compressor: its first k tokens, embedded by the head alone
             sub = f"{name}@{k}"
@@ -149,6 +166,8 @@ def _measure_split(models: dict[str, Fwd2Bot], data_dir: Path, split: str, n_gal
         qa[name] = qa_scores(_answer_all(model, [tokens[i] for i in owners], questions, kind, batch_size), records)
     return {"n_images": gallery.n_images, "n_qa_images": min(n_qa_images, gallery.n_images), "retrieval": retrieval,
             "retrieval_small": retrieval_small, "n_small_gallery": min(SMALL_GALLERY, gallery.n_images),
+            "object_queries": by_object, "n_object_queries": len(queries),
+            "object_query_base_rate": float(relevant.mean()) if queries else None,
             "qa": qa, "stored_tokens": {k: int(v.shape[1]) for k, v in stored.items()}}
 
 

@@ -198,6 +198,25 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, int, str]]:
     return sorted(rows, key=lambda r: (r[2], r[1].startswith("fwd2bot")))
 
 
+def _object_query_table(seen: dict[str, Any], unseen: dict[str, Any]) -> list[str]:
+    """Queries naming one object ("a blue square"), which many images answer: results measured before
+    this row existed have none, and render without it."""
+    if not seen.get("object_queries"):
+        return []
+    lines = ["", f"Object queries: \"a <colour> <shape>\" for each of the {seen['n_object_queries']} compositions in the "
+             f"seen gallery ({unseen.get('n_object_queries', 0)} unseen), every image holding that object relevant "
+             f"(a random ranking's precision: {_pct(seen['object_query_base_rate'])} seen, "
+             f"{_pct(unseen.get('object_query_base_rate'))} unseen):", "",
+             "| search embedding | seen P@1 / P@5 / mAP | unseen P@1 / P@5 / mAP |", "|---|---|---|"]
+
+    def cell(row: dict[str, float] | None) -> str:
+        return " / ".join(_pct(row.get(k)) for k in ("p@1", "p@5", "map")) if row else "-"
+
+    for name, row in seen["object_queries"].items():
+        lines.append(f"| {name} | {cell(row)} | {cell(unseen.get('object_queries', {}).get(name))} |")
+    return lines
+
+
 def render_claims(results: dict[str, Any], command: str = MODULE_COMMAND + " --measure-only") -> str:
     """The markdown block that goes between the claim markers."""
     hidden = results["hidden_size"]
@@ -230,6 +249,7 @@ def render_claims(results: dict[str, Any], command: str = MODULE_COMMAND + " --m
             label = "prompt (E5-V), base model" if name == "prompt" else name
             lines.append(f"| {label} | {_recall(table, 't2i')} | "
                          f"{_recall(unseen.get('retrieval_small', {}).get(name), 't2i')} |")
+    lines += _object_query_table(seen, unseen)
     names = [n for _, n, _, _ in _rows(results) if n in seen["qa"]]
     types = sorted(seen["qa"]["fwd2bot"]["by_type"])
     lines += ["", "QA exact match by question type (both splits):", "",
@@ -369,7 +389,7 @@ def only_variants(results: dict[str, Any], keep: Sequence[str]) -> dict[str, Any
         return not any(form == f"fwd2bot-{n}" or form.startswith(f"fwd2bot-{n}@") for n in dropped)
 
     for split in out["splits"].values():
-        for part in ("qa", "retrieval", "retrieval_small", "stored_tokens"):
+        for part in ("qa", "retrieval", "retrieval_small", "object_queries", "stored_tokens"):
             if part in split:
                 split[part] = {k: v for k, v in split[part].items() if wanted(k)}
     out["sugarcrepe"] = {k: v for k, v in out["sugarcrepe"].items() if wanted(k)}
