@@ -225,6 +225,32 @@ def test_hard_negative_loss_prefers_the_true_caption():
     assert masked < confused
 
 
+def test_a_caption_true_of_another_image_is_not_its_negative():
+    """"a blue square" of image 1 is true of image 0 too: with ``also_true`` that pair leaves the loss in
+    both directions, so their similarity (moved alone, through a dimension only they use) changes nothing."""
+    import torch
+
+    torch.manual_seed(1)
+    image, text = torch.randn(3, 8), torch.randn(3, 8)
+    image[:, 7], text[:, 7] = 0.0, 0.0
+    image[0, 7] = 1.0  # only image 0 and caption 1 use dimension 7: it moves sim(image 0, caption 1) alone
+    texts, scale = ["x", "a blue square", "z"], torch.tensor(0.0)
+    also = torch.zeros(3, 3, dtype=torch.bool)
+    also[0, 1] = True
+
+    def losses(**kw):
+        out = []
+        for similarity in (0.0, 4.0):
+            moved = text.clone()
+            moved[1, 7] = similarity
+            out.append(float(demo_recipe.info_nce_with_negatives(image, moved, None, scale, texts, **kw)))
+        return out
+
+    plain, masked = losses(), losses(also_true=also)
+    assert plain[1] > plain[0] + 0.1  # unmasked, looking like another image's caption costs
+    assert masked[0] == pytest.approx(masked[1], abs=1e-6)  # masked, it is not a negative at all
+
+
 def test_cell_weights_cover_the_grid():
     w = demo_recipe.cell_weights(64, 8)
     assert w.shape == (9, 64)

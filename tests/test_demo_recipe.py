@@ -192,3 +192,29 @@ def test_object_queries_name_every_composition_and_exactly_the_images_holding_it
     for query, row in zip(queries, relevant):
         _, color, shape = query.split(" ")
         assert list(row) == [(color, shape) in h for h in held]
+
+
+def test_object_captions_name_an_object_of_their_image_and_are_masked_where_true(tmp_path, tiny_llava_dir):
+    """k16-objects' batches: with object_share 1 every contrastive caption is "a <colour> <shape>" of an
+    object its image holds, and the loss mask marks exactly the other images that hold it too."""
+    from fwd2bot_index.synthetic import write_demo_data
+    from fwd2bot_index.training import TrainConfig
+    from fwd2bot_index.training.demo.compressor import (HardNegativeTrainer, hard_negative_pairs, object_query,
+                                                        scene_objects)
+
+    write_demo_data(tmp_path / "d", n=40, seed=5, image_size=32, split_fractions=(0.9, 0.1, 0.0),
+                    sugarcrepe_splits=())
+    config = TrainConfig(model=str(tiny_llava_dir), data=[str(tmp_path / "d")], output_dir=str(tmp_path / "out"),
+                         objective="fwd2bot", num_summary_tokens=4, embed_dim=32, lora_r=8, batch_size=12,
+                         max_steps=1, eval_split="none", seed=0, device="cpu", dtype="fp32")
+    objects = scene_objects(tmp_path / "d")
+    trainer = HardNegativeTrainer(config, hard_negative_pairs(tmp_path / "d"), 0.5, objects=objects,
+                                  object_share=1.0, progress=False)
+    batch = trainer.next_batch()
+    held = [{object_query(o) for o in objects[s]} for s in trainer.batch_sources]
+    assert all(caption in names for caption, names in zip(batch.captions, held))
+    expected = [[caption in names for caption in batch.captions] for names in held]
+    assert trainer._also_true.tolist() == expected and any(expected[i][j] for i in range(12) for j in range(12) if i != j)
+    assert torch.isfinite(trainer.batch_losses(batch)["contrastive"])
+    with pytest.raises(ValueError, match="scene_objects"):
+        HardNegativeTrainer(config, {}, 0.5, object_share=0.3, progress=False)

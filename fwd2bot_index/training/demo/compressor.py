@@ -14,7 +14,9 @@ The house trainer (``training.Trainer``) runs it, with two changes for this worl
 Variants share everything but what they vary: ``k16`` (the shipped model), ``k8`` and ``k32``
 (other budgets), ``k16-contrastive`` (no autoregressive loss: the paper's compositionality
 ablation, contrastive-only against contrastive + autoregressive; it also drops the pooled distillation,
-so it is the paper's contrastive-only model) and ``nested`` (one K = 32
+so it is the paper's contrastive-only model), ``k16-objects`` (a share of the contrastive captions name one
+object of the image, "a blue square": the query a person types first, which scene-wide captions never
+taught) and ``nested`` (one K = 32
 compressor trained so that its first 4, 8, 16 or 32 tokens each are a complete stored form,
 ``training/nested.py``).
 """
@@ -39,22 +41,27 @@ VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0,
             # experiments (not in the claims command): the distillation faded out over the last 60% of training;
             # nested with coarse-to-fine distillation targets (every token's pool@k cells nested regions)
             "k16-fade": {"k": 16, "ar": 1.0, "distill_fade_from": 0.4},
+            # 30% of the contrastive captions name one object of the image ("a blue square")
+            "k16-objects": {"k": 16, "ar": 1.0, "object_share": 0.3},
             "nested-c2f": {"k": 32, "ar": 1.0, "nested": (4, 8, 16, 32), "distill_layout": "coarse-to-fine"}}
 #: the compressors the claims table compares (the rest are experiments, measured on request)
 CLAIMS_VARIANTS = ("k8", "k32", "k16-contrastive", "nested")
 #: what a variant changes besides K and nesting, in the card's words
 VARIANT_CHANGES = {"k16-contrastive": "no autoregressive loss and no distillation",
                    "k16-fade": "the distillation weight falling linearly to 0 from 40% of training",
+                   "k16-objects": "30% of the contrastive captions naming one object of the image",
                    "nested-c2f": "coarse-to-fine distillation targets"}
 
 
 def info_nce_with_negatives(image_emb: torch.Tensor, text_emb: torch.Tensor, negative_emb: torch.Tensor | None,
                             logit_scale: torch.Tensor, texts: Sequence[str],
-                            negatives: Sequence[str] = ()) -> torch.Tensor:
+                            negatives: Sequence[str] = (), also_true: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE whose image->text side also scores hard-negative captions.
 
     ``negative_emb`` (M, D) are extra text columns for every image (each is a negative of one image,
-    and a plain negative of the others). A column whose text equals the row's own caption is masked.
+    and a plain negative of the others). A column whose text equals the row's own caption is masked,
+    and so is every (image i, caption j) pair that ``also_true`` (bool, N x N) marks: a caption naming
+    one object ("a blue square") is true of every image holding one, not a negative of them.
     """
     scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
     columns = list(texts) + list(negatives)
@@ -62,6 +69,9 @@ def info_nce_with_negatives(image_emb: torch.Tensor, text_emb: torch.Tensor, neg
     logits = scale * image_emb.float() @ candidates.float().t()
     same = torch.tensor([[columns[j] == texts[i] and j != i for j in range(len(columns))] for i in range(len(texts))],
                         dtype=torch.bool, device=logits.device)
+    if also_true is not None:
+        same[:, : len(texts)] |= also_true.to(logits.device) & ~torch.eye(len(texts), dtype=torch.bool,
+                                                                          device=logits.device)
     logits = logits.masked_fill(same, float("-inf"))
     target = torch.arange(len(texts), device=logits.device)
     t2i = logits[:, : len(texts)].t()
@@ -81,10 +91,16 @@ class HardNegativeTrainer(Trainer):
     """The house trainer with hard-negative captions (contrastive) and multi-turn answers (pass 2)."""
 
     def __init__(self, config: TrainConfig, pairs: dict[str, list[tuple[str, str]]], share: float,
-                 caption_share: float = 0.5, caption_weight: float = 0.5, verify_share: float = 0.0, **kwargs: Any):
+                 caption_share: float = 0.5, caption_weight: float = 0.5, verify_share: float = 0.0,
+                 objects: dict[str, list[tuple[str, str]]] | None = None, object_share: float = 0.0, **kwargs: Any):
         super().__init__(config, **kwargs)
         self.pairs = pairs
         self.share = share
+        if object_share and not objects:
+            raise ValueError("object_share needs each training image's objects (scene_objects)")
+        self.objects, self.object_share = objects or {}, object_share
+        self._also_true: torch.Tensor | None = None
+        self.batch_sources: list[str] = []  # the image files of the last batch, in its order
         self.verify_share = verify_share
         self.caption_share, self.caption_weight = caption_share, caption_weight
         self._negatives: list[str | None] = []
@@ -95,18 +111,22 @@ class HardNegativeTrainer(Trainer):
             epoch, idx = self.plan.next()
             samples = [self.train_samples[i] for i in idx]
             images = self._load_images(samples)
-            batch, negatives, turns = Batch([], [], [], []), [], []
+            batch, negatives, turns, sources = Batch([], [], [], []), [], [], []
             for i, sample, image in zip(idx, samples, images):
                 if image is None:
                     continue
                 _, prompt, target = self._choose(epoch, i)
                 rng = np.random.default_rng([self.config.seed, epoch, i, 2])
                 options = self.pairs.get(str(sample.image), [])
-                if options and rng.random() < self.share:
+                held = self.objects.get(str(sample.image), [])
+                if held and self.object_share and rng.random() < self.object_share:
+                    caption, negative = object_query(held[int(rng.integers(len(held)))]), None
+                elif options and rng.random() < self.share:
                     caption, negative = options[int(rng.integers(len(options)))]
                 else:
                     caption, negative = sample.captions[0], None
                 batch.images.append(image)
+                sources.append(str(sample.image))
                 batch.captions.append(caption)
                 batch.prompts.append(prompt)
                 batch.targets.append(target)
@@ -117,10 +137,16 @@ class HardNegativeTrainer(Trainer):
                     item_turns += verify_turns(self.model.config.verify_prompt, *options[int(rng.integers(len(options)))])
                 turns.append(item_turns)
             if batch.images:
-                self._negatives, self._turns = negatives, turns
+                self._negatives, self._turns, self.batch_sources = negatives, turns, sources
+                self._also_true = self._object_matches(sources, batch.captions) if self.object_share else None
                 return batch
             if len(self.loader.skipped) >= len(self.train_samples):
                 raise RuntimeError("no training image could be read: " + self.loader.report())
+
+    def _object_matches(self, sources: Sequence[str], captions: Sequence[str]) -> torch.Tensor:
+        """[image i, caption j]: caption j names one object that image i holds (so it is no negative of i)."""
+        names = [{object_query(o) for o in self.objects.get(source, [])} for source in sources]
+        return torch.tensor([[c in held for c in captions] for held in names], dtype=torch.bool)
 
     def batch_losses(self, batch: Batch, stride: int = 1) -> dict[str, torch.Tensor]:
         model, cfg = self.model, self.config
@@ -136,7 +162,8 @@ class HardNegativeTrainer(Trainer):
 
             def contrastive(s: torch.Tensor) -> torch.Tensor:
                 return info_nce_with_negatives(model.embed_summary(s), embedded[:n], embedded[n:] if negatives else None,
-                                               model.compressor.logit_scale, batch.captions, negatives)
+                                               model.compressor.logit_scale, batch.captions, negatives,
+                                               also_true=self._also_true)
 
             def autoregressive(s: torch.Tensor) -> torch.Tensor:
                 return branched_turn_loss(model, s, self._turns, "fwd2bot")
@@ -166,3 +193,20 @@ def hard_negative_pairs(data_dir: Path) -> dict[str, list[tuple[str, str]]]:
             if row["split"] == "train":
                 pairs.setdefault(str(data_dir / row["image"]), []).append((row["caption"], row["negative_caption"]))
     return pairs
+
+
+def object_query(pair: tuple[str, str]) -> str:
+    """The caption naming one object, in the words of the claims' object queries."""
+    return f"a {pair[0]} {pair[1]}"
+
+
+def scene_objects(data_dir: Path) -> dict[str, list[tuple[str, str]]]:
+    """image path -> its (colour, shape) objects, from the demo data's ``scenes.jsonl``."""
+    import json
+
+    objects: dict[str, list[tuple[str, str]]] = {}
+    with (data_dir / "scenes.jsonl").open(encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            objects[str(data_dir / row["image"])] = [(o["color"], o["shape"]) for o in row["scene"]["objects"]]
+    return objects

@@ -30,6 +30,7 @@ from ...model import Fwd2Bot
 from ...model.pooling import pool_visual_tokens
 from ...synthetic import generate_scenes, write_demo_data
 from ...synthetic.world import COLOR_NAMES, POSITIONS, SHAPE_PLURALS, SHAPES, SIZES
+from .compressor import object_query
 from .monitor import read_jsonl
 from .recipe import choose_threads, recipe_for, say
 
@@ -69,7 +70,7 @@ def object_queries(data_dir: Path, image_paths: Sequence[Path]) -> tuple[list[st
     held = [where[str(Path(p).resolve())] for p in image_paths]
     pairs = [(c, s) for c in COLOR_NAMES for s in SHAPES if any((c, s) in h for h in held)]
     relevant = np.array([[(c, s) in h for h in held] for c, s in pairs], dtype=bool).reshape(len(pairs), len(held))
-    return [f"a {c} {s}" for c, s in pairs], relevant
+    return [object_query(pair) for pair in pairs], relevant
 
 
 class Embedder:
