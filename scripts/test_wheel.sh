@@ -9,7 +9,7 @@ trap 'rm -rf "$WORK"' EXIT
 "$PY" -m pip wheel --no-deps --no-build-isolation -q -w "$WORK/dist" "$ROOT"
 "$PY" -m pip install --no-deps -q --target "$WORK/site" "$WORK"/dist/*.whl
 cp -r "$ROOT/tests" "$WORK/tests"
-cp -r "$ROOT/bench" "$WORK/bench"   # benchmark scripts are not package code; the smoke test runs them against the wheel
+cp -r "$ROOT/bench" "$ROOT/experiments" "$WORK/"   # scripts, not package code: smoke tests run them against the wheel
 cp -r "$ROOT/recipes" "$ROOT/deploy" "$WORK/"   # the 7B recipes and the Qdrant cluster example are checked as files
 cp -r "$ROOT/scripts" "$WORK/"   # tests/test_demo_script.py runs the make demo script
 cd "$WORK"

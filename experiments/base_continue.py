@@ -1,0 +1,66 @@
+"""Continue a demo base run from its saved state with other answer weights, to see whether a plateau moves.
+
+    python experiments/base_continue.py --run RUN --out DIR [--minutes 50] [--weight position=3 --weight count=2]
+
+RUN is a base-run folder of the demo recipe (``state.pt``, ``curves.jsonl``, ``model/``; a recipe's work
+dir keeps it as ``base-run``). Its state and curves are copied to DIR, which then resumes exactly like the
+stage does (same scenes per step, same plateau schedule, its own time budget on top of the time spent),
+with the weights given here instead of the recipe's. Per-type held-out curves go to DIR/curves.jsonl.
+Behind docs/DEMO_MODEL.md's "A longer run alone does not lift position". Rerunning continues DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fwd2bot_index.synthetic.qa import QA_TYPES
+from fwd2bot_index.training.demo.base import train_base
+from fwd2bot_index.training.demo.recipe import FULL
+from fwd2bot_index.training.demo.stage_state import load_stage_state
+from fwd2bot_index.training.schedule import PerTypeStopRule, PlateauLR
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, type=Path, help="the base-run folder to continue from")
+    parser.add_argument("--out", required=True, type=Path, help="where the continued run goes")
+    parser.add_argument("--minutes", type=float, default=50.0, help="training time on top of the run's own")
+    parser.add_argument("--weight", action="append", default=[], metavar="TYPE=W",
+                        help="answer weight of a question type (repeatable; default: the recipe's)")
+    parser.add_argument("--seed", type=int, default=0, help="the recipe seed the run was trained with")
+    args = parser.parse_args(argv)
+    recipe = FULL
+    weights = dict(recipe.base_type_weights)
+    for item in args.weight:
+        kind, _, value = item.partition("=")
+        if kind not in QA_TYPES or not value:
+            parser.error(f"--weight {item}: expected TYPE=W with TYPE one of {', '.join(QA_TYPES)}")
+        weights[kind] = float(value)
+    state = load_stage_state(args.run / "state.pt")
+    if state is None:
+        parser.error(f"{args.run} has no state.pt: not a base run of the demo recipe")
+    if not (args.out / "state.pt").is_file():
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name in ("state.pt", "curves.jsonl"):
+            shutil.copy(args.run / name, args.out / name)
+    torch.set_num_threads(1)
+    budget = float(state["seconds"]) + args.minutes * 60
+    stop = PerTypeStopRule(floor=recipe.base_floor, types=QA_TYPES, max_steps=10 ** 6, max_seconds=budget)
+    summary = train_base(args.run / "model", args.out, seed=args.seed, batch=recipe.base_batch, lr=recipe.base_lr,
+                         check_every=recipe.base_check_every, caption_share=recipe.base_caption_share,
+                         caption_weight=recipe.base_caption_weight, n_monitor=recipe.monitor_images,
+                         say=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True),
+                         schedule=PlateauLR(warmup=recipe.base_warmup, patience=recipe.base_patience), stop=stop,
+                         type_weights=weights)
+    print(f"stopped by {summary['stopped_by']} at step {summary['steps']}: {summary['heldout']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

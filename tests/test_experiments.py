@@ -1,0 +1,38 @@
+"""The side-experiment scripts behind docs/DEMO_MODEL.md's findings run, and refuse bad input in one line."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"experiment_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_position_errors_scores_every_object_of_every_scene(tiny_model):
+    from fwd2bot_index.training.demo.scenes import heldout_scenes
+
+    scenes = heldout_scenes(0, 3)
+    result = _script("position_errors").position_errors(tiny_model, scenes, batch=4)
+    assert result["questions"] == sum(len(s.objects) for s in scenes)
+    assert sum(v["questions"] for v in result["by_objects"].values()) == result["questions"]
+    assert 0.0 <= result["exact"] <= min(result["row"], result["column"]) <= 1.0  # exact needs both right
+    assert sum(result["confusions"].values()) <= round((1 - result["exact"]) * result["questions"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--run", "{tmp}/nothing", "--out", "{tmp}/out"], "has no state.pt"),
+    (["--run", "{tmp}", "--out", "{tmp}/out", "--weight", "pos=3"], "expected TYPE=W"),
+])
+def test_base_continue_refuses_in_one_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as stop:
+        _script("base_continue").main([a.format(tmp=tmp_path) for a in args])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
