@@ -64,14 +64,25 @@ else:
 
 echo
 echo "== ask the described scene ($TARGET), answered from its stored tokens only"
+# One Python scores every answer with the library's exact_match, a line "answer<TAB>true answer" in, right or
+# WRONG out (a Python start per question cost ~0.5 s each). Tabs and newlines in an answer become spaces, as
+# exact_match's normalisation would make them.
+coproc SCORER { $PY -c '
+import sys
+from fwd2bot_index.eval import exact_match
+for line in sys.stdin:
+    got, want = line.rstrip("\n").split("\t", 1)
+    print("right" if exact_match(got, want) else "WRONG", flush=True)
+'; }
+SCORER_PROC=$SCORER_PID  # bash may unset SCORER_PID once it has exited
 RIGHT=0
 TOTAL=0
 while IFS=$'\t' read -r QUESTION ANSWER; do
   GOT=$($F2B ask "$TARGET_PATH" "$QUESTION" --collection "$COLLECTION")
-  if $PY -c "import sys; from fwd2bot_index.eval import exact_match; sys.exit(0 if exact_match(sys.argv[1], sys.argv[2]) else 1)" "$GOT" "$ANSWER"; then
-    MARK="right"; RIGHT=$((RIGHT + 1))
-  else
-    MARK="WRONG"
+  printf '%s\t%s\n' "${GOT//[$'\t\n']/ }" "$ANSWER" >&"${SCORER[1]}"
+  read -r MARK <&"${SCORER[0]}"
+  if [ "$MARK" = right ]; then
+    RIGHT=$((RIGHT + 1))
   fi
   TOTAL=$((TOTAL + 1))
   printf '  Q: %s\n  A: %s   (true: %s) %s\n' "$QUESTION" "$GOT" "$ANSWER" "$MARK"
@@ -83,6 +94,8 @@ for r in (json.loads(line) for line in open(f"{root}/qa.jsonl")):
         print(f"{r['question']}\t{r['answer']}")
 PY
 )
+exec {SCORER[1]}>&-  # end of input: the scorer exits
+wait "$SCORER_PROC"
 echo "answers right: $RIGHT of $TOTAL"
 echo
 $F2B info --collection "$COLLECTION"
