@@ -29,11 +29,11 @@ def test_a_collection_from_before_ids_gets_one_on_first_writable_open(world, tmp
     """Migration: a collection written before ids (none in manifest, catalog, shards, state): a
     read-only open changes nothing; the first writable open writes the id into the catalog, then the
     manifest and the state, and new shards carry it; old shards (no id) are never called foreign."""
-    import fwd2bot_index.collection.store as store
+    import fwd2bot_index.collection.creating as creating
 
     root, golden, _, _ = world
     folder = tmp_path / "legacy"
-    monkeypatch.setattr(store, "new_id", lambda: "")  # what create wrote before ids
+    monkeypatch.setattr(creating, "new_id", lambda: "")  # what create wrote before ids
     with Collection.create(folder, manifest()) as col:
         for nums in BATCHES:
             add(col, root, nums)
@@ -56,9 +56,9 @@ def test_a_collection_from_before_ids_gets_one_on_first_writable_open(world, tmp
 
 def _legacy(folder: Path, root: Path, batches, salt: str, monkeypatch) -> None:
     """A collection as written before ids (one shard: compacted before any id existed)."""
-    import fwd2bot_index.collection.store as store
+    import fwd2bot_index.collection.creating as creating
 
-    monkeypatch.setattr(store, "new_id", lambda: "")  # what create wrote before ids
+    monkeypatch.setattr(creating, "new_id", lambda: "")  # what create wrote before ids
     with Collection.create(folder, manifest()) as col:
         for nums in batches:
             add(col, root, nums, salt=salt)
