@@ -36,3 +36,15 @@ def test_base_continue_refuses_in_one_line(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as stop:
         _script("base_continue").main([a.format(tmp=tmp_path) for a in args])
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_object_phrases_reports_precision_and_how_alike_the_phrases_are(tmp_path, capsys):
+    import json
+
+    from fwd2bot_index.synthetic import write_demo_data
+
+    write_demo_data(tmp_path, n=16, seed=2, split_fractions=(0.0, 1.0, 0.0), sugarcrepe_splits=())
+    assert _script("object_phrases").main(["--data", str(tmp_path), "--model", "demo", "--limit", "8"]) == 0
+    report = json.loads(capsys.readouterr().out)["demo"]
+    assert report["images"] == 8 and report["queries"] > 0
+    assert all(0.0 <= report[k] <= 1.0 for k in ("p@1", "p@5", "map")) and -1.0 <= report["phrase_cosine_mean"] <= 1.0
