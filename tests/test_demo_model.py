@@ -249,6 +249,13 @@ def test_a_caption_true_of_another_image_is_not_its_negative():
     plain, masked = losses(), losses(also_true=also)
     assert plain[1] > plain[0] + 0.1  # unmasked, looking like another image's caption costs
     assert masked[0] == pytest.approx(masked[1], abs=1e-6)  # masked, it is not a negative at all
+    both = losses(also_true=also, multi_positive=True)
+    assert both[1] < both[0] - 0.1  # as a positive, looking like it is rewarded
+    # with nothing else true, the multi-positive loss is plain InfoNCE, hard negatives included
+    negative = torch.randn(1, 8)
+    plain_one = demo_recipe.info_nce_with_negatives(image, text, negative, scale, texts, ["not x"])
+    multi_one = demo_recipe.info_nce_with_negatives(image, text, negative, scale, texts, ["not x"], multi_positive=True)
+    assert float(multi_one) == pytest.approx(float(plain_one), rel=1e-6)
 
 
 def test_cell_weights_cover_the_grid():

@@ -43,6 +43,8 @@ VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0,
             "k16-fade": {"k": 16, "ar": 1.0, "distill_fade_from": 0.4},
             # 30% of the contrastive captions name one object of the image ("a blue square")
             "k16-objects": {"k": 16, "ar": 1.0, "object_share": 0.3},
+            # the same, every image holding the phrase's object a positive of it (not masked)
+            "k16-objects-mp": {"k": 16, "ar": 1.0, "object_share": 0.3, "multi_positive": True},
             "nested-c2f": {"k": 32, "ar": 1.0, "nested": (4, 8, 16, 32), "distill_layout": "coarse-to-fine"}}
 #: the compressors the claims table compares (the rest are experiments, measured on request)
 CLAIMS_VARIANTS = ("k8", "k32", "k16-contrastive", "nested")
@@ -50,32 +52,47 @@ CLAIMS_VARIANTS = ("k8", "k32", "k16-contrastive", "nested")
 VARIANT_CHANGES = {"k16-contrastive": "no autoregressive loss and no distillation",
                    "k16-fade": "the distillation weight falling linearly to 0 from 40% of training",
                    "k16-objects": "30% of the contrastive captions naming one object of the image",
+                   "k16-objects-mp": "30% one-object captions, each a positive of every image holding it",
                    "nested-c2f": "coarse-to-fine distillation targets"}
 
 
 def info_nce_with_negatives(image_emb: torch.Tensor, text_emb: torch.Tensor, negative_emb: torch.Tensor | None,
                             logit_scale: torch.Tensor, texts: Sequence[str],
-                            negatives: Sequence[str] = (), also_true: torch.Tensor | None = None) -> torch.Tensor:
+                            negatives: Sequence[str] = (), also_true: torch.Tensor | None = None,
+                            multi_positive: bool = False) -> torch.Tensor:
     """Symmetric InfoNCE whose image->text side also scores hard-negative captions.
 
     ``negative_emb`` (M, D) are extra text columns for every image (each is a negative of one image,
     and a plain negative of the others). A column whose text equals the row's own caption is masked,
     and so is every (image i, caption j) pair that ``also_true`` (bool, N x N) marks: a caption naming
     one object ("a blue square") is true of every image holding one, not a negative of them.
+    ``multi_positive`` counts those pairs as positives instead (the loss of a row is -log of the softmax
+    mass on all its true columns): masked, a phrase learns from one image per batch; as positives, from
+    every image holding its object.
     """
     scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
+    n = len(texts)
     columns = list(texts) + list(negatives)
     candidates = text_emb if negative_emb is None else torch.cat([text_emb, negative_emb])
     logits = scale * image_emb.float() @ candidates.float().t()
-    same = torch.tensor([[columns[j] == texts[i] and j != i for j in range(len(columns))] for i in range(len(texts))],
+    same = torch.tensor([[columns[j] == texts[i] and j != i for j in range(len(columns))] for i in range(n)],
                         dtype=torch.bool, device=logits.device)
+    positive = torch.eye(n, dtype=torch.bool, device=logits.device)
     if also_true is not None:
-        same[:, : len(texts)] |= also_true.to(logits.device) & ~torch.eye(len(texts), dtype=torch.bool,
-                                                                          device=logits.device)
+        positive |= also_true.to(logits.device)
+    if not multi_positive:
+        same[:, :n] |= positive & ~torch.eye(n, dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(same, float("-inf"))
+        target = torch.arange(n, device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :n].t(), target))
+    same[:, :n] &= ~positive  # an identical caption that is true of the image is one more positive
     logits = logits.masked_fill(same, float("-inf"))
-    target = torch.arange(len(texts), device=logits.device)
-    t2i = logits[:, : len(texts)].t()
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(t2i, target))
+
+    def mass_on_positives(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return (torch.logsumexp(rows, dim=1) - torch.logsumexp(rows.masked_fill(~pos, float("-inf")), dim=1)).mean()
+
+    return 0.5 * (mass_on_positives(logits, F.pad(positive, (0, logits.shape[1] - n)))
+                  + mass_on_positives(logits[:, :n].t(), positive.t()))
 
 
 def verify_turns(template: str, caption: str, negative: str, weight: float = 1.0) -> list[tuple[str, str, float]]:
@@ -92,13 +109,14 @@ class HardNegativeTrainer(Trainer):
 
     def __init__(self, config: TrainConfig, pairs: dict[str, list[tuple[str, str]]], share: float,
                  caption_share: float = 0.5, caption_weight: float = 0.5, verify_share: float = 0.0,
-                 objects: dict[str, list[tuple[str, str]]] | None = None, object_share: float = 0.0, **kwargs: Any):
+                 objects: dict[str, list[tuple[str, str]]] | None = None, object_share: float = 0.0,
+                 multi_positive: bool = False, **kwargs: Any):
         super().__init__(config, **kwargs)
         self.pairs = pairs
         self.share = share
         if object_share and not objects:
             raise ValueError("object_share needs each training image's objects (scene_objects)")
-        self.objects, self.object_share = objects or {}, object_share
+        self.objects, self.object_share, self.multi_positive = objects or {}, object_share, multi_positive
         self._also_true: torch.Tensor | None = None
         self.batch_sources: list[str] = []  # the image files of the last batch, in its order
         self.verify_share = verify_share
@@ -163,7 +181,7 @@ class HardNegativeTrainer(Trainer):
             def contrastive(s: torch.Tensor) -> torch.Tensor:
                 return info_nce_with_negatives(model.embed_summary(s), embedded[:n], embedded[n:] if negatives else None,
                                                model.compressor.logit_scale, batch.captions, negatives,
-                                               also_true=self._also_true)
+                                               also_true=self._also_true, multi_positive=self.multi_positive)
 
             def autoregressive(s: torch.Tensor) -> torch.Tensor:
                 return branched_turn_loss(model, s, self._turns, "fwd2bot")
