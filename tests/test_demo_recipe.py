@@ -214,7 +214,7 @@ def test_object_captions_name_an_object_of_their_image_and_are_masked_where_true
     held = [{object_query(o) for o in objects[s]} for s in trainer.batch_sources]
     assert all(caption in names for caption, names in zip(batch.captions, held))
     expected = [[caption in names for caption in batch.captions] for names in held]
-    assert trainer._also_true.tolist() == expected and any(expected[i][j] for i in range(12) for j in range(12) if i != j)
+    assert trainer._object_matches(trainer.batch_sources, batch.captions).tolist() == expected and any(expected[i][j] for i in range(12) for j in range(12) if i != j)
     assert torch.isfinite(trainer.batch_losses(batch)["contrastive"])
     trainer.multi_positive = True  # k16-objects-mp: the same batch, those pairs as positives
     assert torch.isfinite(trainer.batch_losses(batch)["contrastive"])

@@ -117,7 +117,6 @@ class HardNegativeTrainer(Trainer):
         if object_share and not objects:
             raise ValueError("object_share needs each training image's objects (scene_objects)")
         self.objects, self.object_share, self.multi_positive = objects or {}, object_share, multi_positive
-        self._also_true: torch.Tensor | None = None
         self.batch_sources: list[str] = []  # the image files of the last batch, in its order
         self.verify_share = verify_share
         self.caption_share, self.caption_weight = caption_share, caption_weight
@@ -156,7 +155,6 @@ class HardNegativeTrainer(Trainer):
                 turns.append(item_turns)
             if batch.images:
                 self._negatives, self._turns, self.batch_sources = negatives, turns, sources
-                self._also_true = self._object_matches(sources, batch.captions) if self.object_share else None
                 return batch
             if len(self.loader.skipped) >= len(self.train_samples):
                 raise RuntimeError("no training image could be read: " + self.loader.report())
@@ -177,11 +175,12 @@ class HardNegativeTrainer(Trainer):
             texts = list(batch.captions) + negatives
             embedded = model.embed_text_batch(texts, self._text_strategy)
             n = len(batch.captions)
+            also_true = self._object_matches(self.batch_sources, batch.captions) if self.object_share else None
 
             def contrastive(s: torch.Tensor) -> torch.Tensor:
                 return info_nce_with_negatives(model.embed_summary(s), embedded[:n], embedded[n:] if negatives else None,
                                                model.compressor.logit_scale, batch.captions, negatives,
-                                               also_true=self._also_true, multi_positive=self.multi_positive)
+                                               also_true=also_true, multi_positive=self.multi_positive)
 
             def autoregressive(s: torch.Tensor) -> torch.Tensor:
                 return branched_turn_loss(model, s, self._turns, "fwd2bot")

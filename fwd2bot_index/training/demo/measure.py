@@ -30,7 +30,7 @@ from ...model import Fwd2Bot
 from ...model.pooling import pool_visual_tokens
 from ...synthetic import generate_scenes, write_demo_data
 from ...synthetic.world import COLOR_NAMES, POSITIONS, SHAPE_PLURALS, SHAPES, SIZES
-from .compressor import object_query
+from .compressor import object_query, scene_objects
 from .monitor import read_jsonl
 from .recipe import choose_threads, recipe_for, say
 
@@ -65,8 +65,7 @@ def object_queries(data_dir: Path, image_paths: Sequence[Path]) -> tuple[list[st
 
     The query a person types first names one object, not the scene-unique caption the recall rows use;
     many images answer it (``multi_relevant_precision``). Relevance is read from ``scenes.jsonl``."""
-    where = {str((data_dir / r["image"]).resolve()): {(o["color"], o["shape"]) for o in r["scene"]["objects"]}
-             for r in read_jsonl(data_dir / "scenes.jsonl")}
+    where = {str(Path(image).resolve()): set(pairs) for image, pairs in scene_objects(data_dir).items()}
     held = [where[str(Path(p).resolve())] for p in image_paths]
     pairs = [(c, s) for c in COLOR_NAMES for s in SHAPES if any((c, s) in h for h in held)]
     relevant = np.array([[(c, s) in h for h in held] for c, s in pairs], dtype=bool).reshape(len(pairs), len(held))
