@@ -114,6 +114,13 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     assert report["stages"]["base"]["stopped_by"] in {"step budget", "floor reached"}
     assert report["stages"]["compressor-k8"]["num_summary_tokens"] == 8
     assert report["stages"]["compressor-k16-contrastive"]["last"].get("autoregressive") is None
+    # the shipped compressor and the claims' comparisons learn one-object phrases as multi-positives; the
+    # nested compressor, measured before them, does not; the card says which
+    assert {v: report["stages"][f"compressor-{v}"]["multi_positive"] for v in ("k16", "k8", "k16-contrastive",
+                                                                            "nested")} == \
+        {"k16": True, "k8": True, "k16-contrastive": True, "nested": False}
+    assert "name one object of the image (\"a blue square\"), each a positive of every image" in \
+        (out / "README.md").read_text()
     model = Fwd2Bot.from_pretrained(str(out), device="cpu")
     assert model.is_trained and model.resolve_strategy("fwd2bot").budget == demo_recipe.QUICK.num_summary_tokens
     assert model.backbone.config.vision_feature_layer == -1  # the tower's last layer is the one it trained
@@ -148,8 +155,11 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
         # "a blue square": every compressor's own embedding, many relevant images per query
         assert set(measured["object_queries"]) == {"fwd2bot", "fwd2bot-k8", "fwd2bot-k16-contrastive", "fwd2bot-nested"}
         assert measured["n_object_queries"] > 0 and 0.0 < measured["object_query_base_rate"] < 1.0
-        for precision in measured["object_queries"].values():
-            assert set(precision) == {"p@1", "p@5", "map"} and all(0.0 <= v <= 1.0 for v in precision.values())
+        for kind in ("object_queries", "placed_object_queries"):  # with its place: "... at the bottom right"
+            assert set(measured[kind]) == set(measured["object_queries"]) and measured[f"n_{kind}"] > 0
+            for precision in measured[kind].values():
+                assert set(precision) == {"p@1", "p@5", "map"} and all(0.0 <= v <= 1.0 for v in precision.values())
+        assert 0.0 < measured["placed_object_query_base_rate"] < measured["object_query_base_rate"]
     names = [t["target"] for t in results["targets"]]
     assert any("blind" in n for n in names) and any("swap_att" in n for n in names)
     assert set(results["sugarcrepe"]) == {"fwd2bot", "fwd2bot-k8", "fwd2bot-k16-contrastive", "prompt",
@@ -167,6 +177,7 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     assert "contrastive loss only (ablation)" in text and "pool@16" in text
     assert "| Fwd2Bot nested (one compressor), first 4 tokens | 4 |" in text
     assert "Object queries:" in text and "| fwd2bot-k8 | " in text.split("Object queries:")[1]
+    assert "a <colour> <shape> at the <position>" in text.split("Object queries:")[2]
     assert set(results["verification"]["splits"]) == set(demo_recipe.EVAL_SPLITS) and "| verify@20 t2i R@1/5/10 |" in \
         text.replace("| embedding t2i R@1/5/10 ", "")
     assert any("verify@20 adds" in n for n in names) and any("nonsense rejection" in n for n in names)
@@ -296,5 +307,5 @@ def test_experimental_variants_are_valid_settings_and_their_rows_say_which():
     assert labels["fwd2bot-nested-c2f"].endswith("all 32 tokens (nested-c2f)")
     assert labels["fwd2bot-nested-c2f@4"].endswith("first 4 tokens (nested-c2f)")
     card = _variant_list(["k8", "k16", "k16-contrastive", "k16-fade"])  # the card says what each one changes
-    assert card.startswith("k16, k16-contrastive (no autoregressive loss and no distillation), k16-fade (the ")
+    assert card.startswith("k16, k16-contrastive (no autoregressive loss and no distillation), k16-fade (scene captions only, the ")
     assert card.endswith(", k8")

@@ -193,6 +193,16 @@ def test_object_queries_name_every_composition_and_exactly_the_images_holding_it
         _, color, shape = query.split(" ")
         assert list(row) == [(color, shape) in h for h in held]
 
+    # "a blue square at the bottom right": relevant exactly where that object sits in that cell
+    from fwd2bot_index.synthetic import POSITIONS
+
+    placed_queries, placed = object_queries(tmp_path, paths, placed=True)
+    at = [{(o["color"], o["shape"], POSITIONS[o["cell"]]) for o in r["scene"]["objects"]} for r in rows[:10]]
+    assert len(placed_queries) == len(set().union(*at)) > len(queries) and placed.any(axis=1).all()
+    for query, row in zip(placed_queries, placed):
+        _, color, shape, _at, _the, *where = query.split(" ")
+        assert list(row) == [(color, shape, " ".join(where)) in h for h in at]
+
 
 def test_object_captions_name_an_object_of_their_image_and_are_masked_where_true(tmp_path, tiny_llava_dir):
     """k16-objects' batches: with object_share 1 every contrastive caption is "a <colour> <shape>" of an

@@ -60,16 +60,17 @@ def write_eval_world(folder: Path, n_gallery: int, image_size: int = 64) -> dict
                            split_fractions=(0.0, 0.5, 0.5))
 
 
-def object_queries(data_dir: Path, image_paths: Sequence[Path]) -> tuple[list[str], np.ndarray]:
-    """"a <colour> <shape>" for every composition some gallery image holds, and which images hold it.
+def object_queries(data_dir: Path, image_paths: Sequence[Path], placed: bool = False) -> tuple[list[str], np.ndarray]:
+    """"a <colour> <shape>" for every composition some gallery image holds, and which images hold it; with
+    ``placed``, "a <colour> <shape> at the <position>" for every object placed somewhere in the gallery.
 
     The query a person types first names one object, not the scene-unique caption the recall rows use;
     many images answer it (``multi_relevant_precision``). Relevance is read from ``scenes.jsonl``."""
-    where = {str(Path(image).resolve()): set(pairs) for image, pairs in scene_objects(data_dir).items()}
+    where = {str(Path(image).resolve()): set(objs) for image, objs in scene_objects(data_dir, placed).items()}
     held = [where[str(Path(p).resolve())] for p in image_paths]
-    pairs = [(c, s) for c in COLOR_NAMES for s in SHAPES if any((c, s) in h for h in held)]
-    relevant = np.array([[(c, s) in h for h in held] for c, s in pairs], dtype=bool).reshape(len(pairs), len(held))
-    return [object_query(pair) for pair in pairs], relevant
+    present = sorted(set().union(*held)) if held else []
+    relevant = np.array([[obj in h for h in held] for obj in present], dtype=bool).reshape(len(present), len(held))
+    return [object_query(obj) for obj in present], relevant
 
 
 class Embedder:
@@ -134,18 +135,21 @@ def _measure_split(models: dict[str, Fwd2Bot], data_dir: Path, split: str, n_gal
         return (retrieval_recall(sim, owners_all),
                 retrieval_recall(sim[small][:, :SMALL_GALLERY], owners_all[small]) if small.any() else {})
 
-    retrieval, retrieval_small, by_object = {}, {}, {}
+    retrieval, retrieval_small = {}, {}
     retrieval["prompt"], retrieval_small["prompt"] = recalls(text_prompt @ full.embeddings.T)
-    queries, relevant = object_queries(data_dir, gallery.image_paths)
+    asks = {"object_queries": object_queries(data_dir, gallery.image_paths),
+            "placed_object_queries": object_queries(data_dir, gallery.image_paths, placed=True)}
+    by_query: dict[str, dict[str, Any]] = {kind: {} for kind in asks}
     stored: dict[str, np.ndarray] = {"full": full.tokens}
     answerer: dict[str, Fwd2Bot] = {}  # stored form -> the compressor whose pass 2 answers it
     for name, model in models.items():
         enc = model.encode_images(images, batch_size=batch_size, strategy="fwd2bot")
         texts = model.encode_texts(gallery.captions, batch_size=batch_size, strategy="fwd2bot")
         retrieval[name], retrieval_small[name] = recalls(texts @ enc.embeddings.T)
-        if queries:
-            asked = model.encode_texts(queries, batch_size=batch_size, strategy="fwd2bot")
-            by_object[name] = multi_relevant_precision(asked @ enc.embeddings.T, relevant)
+        for kind, (queries, relevant) in asks.items():
+            if queries:
+                asked = model.encode_texts(queries, batch_size=batch_size, strategy="fwd2bot")
+                by_query[kind][name] = multi_relevant_precision(asked @ enc.embeddings.T, relevant)
         stored[name], answerer[name] = enc.tokens, model
         for k in nested_budgets(model):  # one nested compressor: its first k tokens, embedded by the head alone
             sub = f"{name}@{k}"
@@ -167,9 +171,20 @@ def _measure_split(models: dict[str, Fwd2Bot], data_dir: Path, split: str, n_gal
         qa[name] = qa_scores(_answer_all(model, [tokens[i] for i in owners], questions, kind, batch_size), records)
     return {"n_images": gallery.n_images, "n_qa_images": min(n_qa_images, gallery.n_images), "retrieval": retrieval,
             "retrieval_small": retrieval_small, "n_small_gallery": min(SMALL_GALLERY, gallery.n_images),
-            "object_queries": by_object, "n_object_queries": len(queries),
-            "object_query_base_rate": float(relevant.mean()) if queries else None,
+            **_object_query_results(asks, by_query),
             "qa": qa, "stored_tokens": {k: int(v.shape[1]) for k, v in stored.items()}}
+
+
+def _object_query_results(asks: dict[str, tuple[list[str], np.ndarray]],
+                          by_query: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``object_queries`` / ``placed_object_queries`` per compressor, each with its query count and a random
+    ranking's precision (``object_query_base_rate`` / ``placed_object_query_base_rate``)."""
+    out: dict[str, Any] = {}
+    for kind, (queries, relevant) in asks.items():
+        rate = kind.replace("_queries", "_query_base_rate")
+        out.update({kind: by_query[kind], f"n_{kind}": len(queries),
+                    rate: float(relevant.mean()) if queries else None})
+    return out
 
 
 def measure_demo_claims(model_dir: str | os.PathLike[str] = "demo", data_dir: str | os.PathLike[str] | None = None,

@@ -89,6 +89,7 @@ def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) ->
         + (f" + pooled distillation weighted {r['compressor_distill_weight']} (pass 2's input, the projected summary "
            "tokens, regressed onto the base's own 2-D pool@K visual tokens, which the base already answers from)"
            if r.get("compressor_distill_weight") else "")
+        + _phrase_clause(comp.get("k16", {}))
         + f"; LLaVolta staged pooling `{r['compressor_pool_schedule']}` in pass 1 (stride s keeps N/s tokens; "
         f"{_llavolta_layers(r)}). Variants trained the same way: {_variant_list(comp)}.",
         "3. Export: base, adapters and compressor cast to fp16 into one self-contained folder.", "",
@@ -132,6 +133,16 @@ def _llm_init(base: dict[str, Any]) -> str:
                 f"rescaled to the word embeddings' RMS at step 0 (factor {base.get('projector_scale', 1.0):.3g}); "
                 "training moves both afterwards.")
     return "The LLM starts from the warm-up's initialisation."
+
+
+def _phrase_clause(shipped: dict[str, Any]) -> str:
+    """The one-object phrases of the shipped compressor's contrastive captions, when it trained with them."""
+    if not shipped.get("object_share"):
+        return ""
+    how = ("each a positive of every image in the batch that holds its object (multi-positive InfoNCE)"
+           if shipped.get("multi_positive") else "masked from the negatives of every other image holding its object")
+    return (f"; {int(shipped['object_share'] * 100)}% of the contrastive captions name one object of the image "
+            f"(\"a blue square\"), {how}")
 
 
 def _llavolta_layers(r: dict[str, Any]) -> str:
@@ -198,22 +209,30 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, int, str]]:
     return sorted(rows, key=lambda r: (r[2], r[1].startswith("fwd2bot")))
 
 
+#: the object-query blocks of a split's results: (key, the query's words)
+OBJECT_QUERY_KINDS = (("object_queries", "a <colour> <shape>"),
+                      ("placed_object_queries", "a <colour> <shape> at the <position>"))
+
+
 def _object_query_table(seen: dict[str, Any], unseen: dict[str, Any]) -> list[str]:
-    """Queries naming one object ("a blue square"), which many images answer: results measured before
-    this row existed have none, and render without it."""
-    if not seen.get("object_queries"):
-        return []
-    lines = ["", f"Object queries: \"a <colour> <shape>\" for each of the {seen['n_object_queries']} compositions in the "
-             f"seen gallery ({unseen.get('n_object_queries', 0)} unseen), every image holding that object relevant "
-             f"(a random ranking's precision: {_pct(seen['object_query_base_rate'])} seen, "
-             f"{_pct(unseen.get('object_query_base_rate'))} unseen):", "",
-             "| search embedding | seen P@1 / P@5 / mAP | unseen P@1 / P@5 / mAP |", "|---|---|---|"]
+    """Queries naming one object ("a blue square", "a blue square at the bottom right"), which many images
+    answer: results measured before these rows existed have none, and render without them."""
+    lines: list[str] = []
 
     def cell(row: dict[str, float] | None) -> str:
         return " / ".join(_pct(row.get(k)) for k in ("p@1", "p@5", "map")) if row else "-"
 
-    for name, row in seen["object_queries"].items():
-        lines.append(f"| {name} | {cell(row)} | {cell(unseen.get('object_queries', {}).get(name))} |")
+    for kind, words in OBJECT_QUERY_KINDS:
+        if not seen.get(kind):
+            continue
+        what = "composition" if kind == "object_queries" else "object placed somewhere"
+        rate = kind.replace("_queries", "_query_base_rate")
+        lines += ["", f"Object queries: \"{words}\" for each {what} in the seen gallery ({seen[f'n_{kind}']}; "
+                  f"{unseen.get(f'n_{kind}', 0)} unseen), every image holding it relevant (a random ranking's "
+                  f"precision: {_pct(seen[rate])} seen, {_pct(unseen.get(rate))} unseen):", "",
+                  "| search embedding | seen P@1 / P@5 / mAP | unseen P@1 / P@5 / mAP |", "|---|---|---|"]
+        for name, row in seen[kind].items():
+            lines.append(f"| {name} | {cell(row)} | {cell(unseen.get(kind, {}).get(name))} |")
     return lines
 
 
@@ -389,7 +408,7 @@ def only_variants(results: dict[str, Any], keep: Sequence[str]) -> dict[str, Any
         return not any(form == f"fwd2bot-{n}" or form.startswith(f"fwd2bot-{n}@") for n in dropped)
 
     for split in out["splits"].values():
-        for part in ("qa", "retrieval", "retrieval_small", "object_queries", "stored_tokens"):
+        for part in ("qa", "retrieval", "retrieval_small", *(k for k, _ in OBJECT_QUERY_KINDS), "stored_tokens"):
             if part in split:
                 split[part] = {k: v for k, v in split[part].items() if wanted(k)}
     out["sugarcrepe"] = {k: v for k, v in out["sugarcrepe"].items() if wanted(k)}
