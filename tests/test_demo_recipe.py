@@ -230,3 +230,17 @@ def test_object_captions_name_an_object_of_their_image_and_are_masked_where_true
     assert torch.isfinite(trainer.batch_losses(batch)["contrastive"])
     with pytest.raises(ValueError, match="scene_objects"):
         HardNegativeTrainer(config, {}, 0.5, object_share=0.3, progress=False)
+
+    # k16-placed: objects with their place; some phrases say where ("... at the bottom right"), the rest only
+    # what, and an image holding the object elsewhere is no match of a placed phrase
+    placed = scene_objects(tmp_path / "d", placed=True)
+    trainer = HardNegativeTrainer(config, hard_negative_pairs(tmp_path / "d"), 0.5, objects=placed, object_share=1.0,
+                                  multi_positive=True, placed_share=0.5, progress=False)
+    batch = trainer.next_batch()
+    at = [{object_query(o) for o in placed[s]} for s in trainer.batch_sources]
+    short = [{object_query(o[:2]) for o in placed[s]} for s in trainer.batch_sources]
+    assert all(c in a or c in b for c, a, b in zip(batch.captions, at, short))
+    assert any(" at the " in c for c in batch.captions) and any(" at the " not in c for c in batch.captions)
+    expected = [[c in a or c in b for c in batch.captions] for a, b in zip(at, short)]
+    assert trainer._object_matches(trainer.batch_sources, batch.captions).tolist() == expected
+    assert torch.isfinite(trainer.batch_losses(batch)["contrastive"])

@@ -51,6 +51,8 @@ VARIANTS = {"k16": {"k": 16, "ar": 1.0, **OBJECT_PHRASES},
             "k16-scene": {"k": 16, "ar": 1.0},
             # scene captions only, the distillation faded out over the last 60% of training
             "k16-fade": {"k": 16, "ar": 1.0, "distill_fade_from": 0.4},
+            # half of the one-object phrases also say where: "a blue square at the bottom right"
+            "k16-placed": {"k": 16, "ar": 1.0, **OBJECT_PHRASES, "placed_share": 0.5},
             # 30% one-object phrases, a phrase true of another image in the batch masked from its negatives
             "k16-objects": {"k": 16, "ar": 1.0, "object_share": 0.3},
             # nested with coarse-to-fine distillation targets (every token's pool@k cells nested regions)
@@ -62,6 +64,7 @@ VARIANT_CHANGES = {"k16-contrastive": "no autoregressive loss and no distillatio
                    "nested": "scene captions only, no one-object phrases",
                    "k16-scene": "scene captions only, no one-object phrases (the K = 16 shipped until 2026-12-06)",
                    "k16-fade": "scene captions only, the distillation weight falling linearly to 0 from 40% of training",
+                   "k16-placed": "half of the one-object phrases saying where the object is",
                    "k16-objects": "30% one-object captions, masked from the negatives instead of positives",
                    "nested-c2f": "scene captions only, coarse-to-fine distillation targets"}
 
@@ -119,14 +122,17 @@ class HardNegativeTrainer(Trainer):
 
     def __init__(self, config: TrainConfig, pairs: dict[str, list[tuple[str, str]]], share: float,
                  caption_share: float = 0.5, caption_weight: float = 0.5, verify_share: float = 0.0,
-                 objects: dict[str, list[tuple[str, str]]] | None = None, object_share: float = 0.0,
-                 multi_positive: bool = False, **kwargs: Any):
+                 objects: dict[str, list[tuple[str, ...]]] | None = None, object_share: float = 0.0,
+                 multi_positive: bool = False, placed_share: float = 0.0, **kwargs: Any):
         super().__init__(config, **kwargs)
         self.pairs = pairs
         self.share = share
         if object_share and not objects:
             raise ValueError("object_share needs each training image's objects (scene_objects)")
         self.objects, self.object_share, self.multi_positive = objects or {}, object_share, multi_positive
+        # objects given with their place (scene_objects(placed=True)): this share of the one-object phrases
+        # says where ("a blue square at the bottom right"), the rest only what
+        self.placed_share = placed_share
         self.batch_sources: list[str] = []  # the image files of the last batch, in its order
         self.verify_share = verify_share
         self.caption_share, self.caption_weight = caption_share, caption_weight
@@ -147,7 +153,10 @@ class HardNegativeTrainer(Trainer):
                 options = self.pairs.get(str(sample.image), [])
                 held = self.objects.get(str(sample.image), [])
                 if held and self.object_share and rng.random() < self.object_share:
-                    caption, negative = object_query(held[int(rng.integers(len(held)))]), None
+                    obj = held[int(rng.integers(len(held)))]
+                    if len(obj) > 2 and not rng.random() < self.placed_share:
+                        obj = obj[:2]
+                    caption, negative = object_query(obj), None
                 elif options and rng.random() < self.share:
                     caption, negative = options[int(rng.integers(len(options)))]
                 else:
@@ -170,8 +179,9 @@ class HardNegativeTrainer(Trainer):
                 raise RuntimeError("no training image could be read: " + self.loader.report())
 
     def _object_matches(self, sources: Sequence[str], captions: Sequence[str]) -> torch.Tensor:
-        """[image i, caption j]: caption j names one object that image i holds (so it is no negative of i)."""
-        names = [{object_query(o) for o in self.objects.get(source, [])} for source in sources]
+        """[image i, caption j]: caption j names one object that image i holds, with or without its place (so
+        it is no negative of i)."""
+        names = [{object_query(p) for o in self.objects.get(source, []) for p in (o, o[:2])} for source in sources]
         return torch.tensor([[c in held for c in captions] for held in names], dtype=torch.bool)
 
     def batch_losses(self, batch: Batch, stride: int = 1) -> dict[str, torch.Tensor]:

@@ -255,16 +255,18 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
     trainer = HardNegativeTrainer(config, hard_negative_pairs(data), recipe.hard_negative_share,
                                   caption_share=recipe.base_caption_share, caption_weight=recipe.base_caption_weight,
                                   verify_share=recipe.verify_share if spec["ar"] > 0 else 0.0,
-                                  objects=scene_objects(data) if spec.get("object_share") else None,
-                                  object_share=spec.get("object_share", 0.0),
-                                  multi_positive=spec.get("multi_positive", False), progress=progress)
+                                  objects=scene_objects(data, placed=bool(spec.get("placed_share")))
+                                  if spec.get("object_share") else None, object_share=spec.get("object_share", 0.0),
+                                  multi_positive=spec.get("multi_positive", False),
+                                  placed_share=spec.get("placed_share", 0.0), progress=progress)
     monitor = QAMonitor(trainer, data, recipe.monitor_images // 4, "fwd2bot", lambda m: say(progress, m))
     trainer.callbacks.append(monitor)
     summary = stage_summary(trainer.train())
     summary.update(variant=variant, num_summary_tokens=spec["k"], autoregressive_weight=spec["ar"],
                    distill_weight=config.distill_weight, distill_fade_from=config.distill_fade_from,
                    distill_layout=config.distill_layout, object_share=spec.get("object_share", 0.0),
-                   multi_positive=spec.get("multi_positive", False), monitor=monitor.history)
+                   multi_positive=spec.get("multi_positive", False), placed_share=spec.get("placed_share", 0.0),
+                   monitor=monitor.history)
     return finish_stage(folder, summary)
 
 
