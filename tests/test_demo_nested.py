@@ -74,6 +74,15 @@ def test_saved_elsewhere_it_names_its_base_from_there_and_embeds_the_same(nested
     again.save_pretrained(str(out))  # saved again in place: unchanged
     assert json.loads((out / "fwd2bot_config.json").read_text())["base_model"] == saved
 
+    # a base named on saving is written as given (relative to the new folder), and loads from there
+    beside = tmp_path / "deep" / "named"
+    model.save_pretrained(str(beside), base=saved)
+    assert json.loads((beside / "fwd2bot_config.json").read_text())["base_model"] == saved
+    assert np.abs(Fwd2Bot.from_pretrained(str(beside), device="cpu").encode_texts(texts)
+                  - nested.encode_texts(texts)).max() < 1e-6
+    with pytest.raises(ValueError, match="holds its base or names one"):
+        model.save_pretrained(str(tmp_path / "both"), include_base=True, base=saved)
+
 
 def test_relocated_base_keeps_hub_ids_and_own_bases():
     from fwd2bot_index.model.checkpoint import relocated_base

@@ -98,11 +98,15 @@ def relocated_base(base_model: str, source: str | os.PathLike[str] | None, dest:
     return rel if rel.startswith("../") else f"./{rel}"
 
 
-def save_model(model: Fwd2Bot, path: str | Path, include_base: bool | None = None) -> None:
+def save_model(model: Fwd2Bot, path: str | Path, include_base: bool | None = None, base: str | None = None) -> None:
     """Write a checkpoint folder atomically (a temp folder renamed into place). A base named relative to
-    the model's folder is renamed relative to ``path`` (``relocated_base``), so the copy loads wherever it is."""
+    the model's folder is renamed relative to ``path`` (``relocated_base``), so the copy loads wherever it is.
+    ``base`` names the base instead, as given (a path relative to ``path``, a hub id or a folder): a copy
+    that shares a base already beside its destination (the shipped ``demo-nested``)."""
     if model.compressor is None:
         raise ValueError("a stock model has no compressor to save; it is used directly from its folder")
+    if base is not None and include_base:
+        raise ValueError("a checkpoint either holds its base or names one: give include_base or base, not both")
     path = Path(path)
     include_base = model.config.base_model == "base" if include_base is None else include_base
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +120,8 @@ def save_model(model: Fwd2Bot, path: str | Path, include_base: bool | None = Non
             hf = model.peft.get_base_model() if model.peft is not None else model.backbone.hf
             hf.save_pretrained(tmp / "base", state_dict=_clean_base_state_dict(model))
             model.backbone.processor.save_pretrained(tmp / "base")
+        elif base is not None:
+            config.base_model, config.base_revision = base, None
         else:
             config.base_model = relocated_base(config.base_model, model.source, path)
         (tmp / CONFIG_FILE).write_text(config.to_json())

@@ -161,11 +161,11 @@ class Fwd2Bot:
         return load_model(name_or_path, device=device, dtype=dtype, base=base, revision=revision,
                           min_pixels=min_pixels, max_pixels=max_pixels)
 
-    def save_pretrained(self, path: str, include_base: bool | None = None) -> None:
+    def save_pretrained(self, path: str, include_base: bool | None = None, base: str | None = None) -> None:
         """Write the checkpoint folder (see ``checkpoint.save_model``)."""
         from .checkpoint import save_model
 
-        save_model(self, path, include_base=include_base)
+        save_model(self, path, include_base=include_base, base=base)
 
     # -- identity --------------------------------------------------------------------------
     @property

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from ...model import Fwd2Bot
-from ...model.checkpoint import relocated_base
 from ...model.config import Fwd2BotConfig
 from ...model.files import base_folder, is_checkpoint
 from .compressor import CLAIMS_VARIANTS
@@ -34,13 +33,10 @@ def export_sharing_base(checkpoint: str | os.PathLike[str], out_dir: str | os.Pa
     model.backbone.hf.half()
     model.compressor.half()
     model.config.base_signature = model.backbone.signature()
-    # ``base`` is relative to out_dir, a config's relative base to the folder it was read from (the model's
-    # source): name it from there, and saving renames it relative to out_dir (``checkpoint.relocated_base``)
-    model.config.base_model, model.config.base_revision = relocated_base(base, out_dir, model.source), None
     owner = Path(base_folder(out_dir, base)).parent  # the checkpoint whose base is shared (the demo model)
     if is_checkpoint(owner):  # its measured verdict decides the search page's default for this one too
         model.config.relevance_ranks_well = Fwd2BotConfig.read(owner).relevance_ranks_well
-    model.save_pretrained(str(out_dir), include_base=False)
+    model.save_pretrained(str(out_dir), include_base=False, base=base)
     for path in [Path(out_dir), *Path(out_dir).rglob("*")]:  # package data: readable by everyone
         path.chmod(0o755 if path.is_dir() else 0o644)
 
