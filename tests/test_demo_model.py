@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -113,6 +114,7 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     assert report["stages"]["base"]["steps"] == demo_recipe.QUICK.base_max_steps
     assert report["stages"]["base"]["stopped_by"] in {"step budget", "floor reached"}
     assert report["stages"]["compressor-k8"]["num_summary_tokens"] == 8
+    assert report["stages"]["compressor-k8"]["threads"] == torch.get_num_threads()  # what the stage ran on
     assert report["stages"]["compressor-k16-contrastive"]["last"].get("autoregressive") is None
     # the shipped compressor and the claims' comparisons learn one-object phrases as multi-positives; the
     # nested compressor, measured before them, does not; the card says which
@@ -209,6 +211,7 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     assert shared.config.nested_budgets == [4, 8, 16, 32] and not (tmp_path / "nested-out" / "base").exists()
     card = nested_card(results)
     assert "| 4 | " in card and "| 16 | " in card and "--model demo-nested --tokens 8" in card
+    assert "also learned one-object phrases" in card  # the separate K rows were trained with them, nested not
     row8 = next(line for line in card.splitlines() if line.startswith("| 8 | "))
     assert not row8.endswith("| - | - |")  # beside the separately trained K=8
 

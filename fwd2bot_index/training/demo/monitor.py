@@ -60,7 +60,9 @@ class QAMonitor:
 def stage_summary(result: Any) -> dict[str, Any]:
     """The numbers of a finished trainer run worth keeping in the model card."""
     keep = ("loss", "autoregressive", "contrastive", "temperature")
+    # threads: a run's weights differ in the last bits with the thread count, and its outcome can differ more
+    # (docs/DEMO_MODEL.md, the one-object phrases), so the card says what each stage ran on
     return {"steps": result.steps, "samples_seen": result.samples_seen, "seconds": round(result.elapsed_s, 1),
-            "samples_per_s": round(result.samples_per_s, 2),
+            "samples_per_s": round(result.samples_per_s, 2), "threads": torch.get_num_threads(),
             "last": {k: round(v, 4) for k, v in result.last.items() if k in keep},
             "heldout": {k: v for k, v in (result.evals[-1] if result.evals else {}).items() if k not in ("kind",)}}
