@@ -18,6 +18,7 @@ model can be run here).
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -224,6 +225,17 @@ def claims_card() -> str | None:
     return None
 
 
+def _sampling_error(ours: dict, full: dict) -> str:
+    """How far two scores over the same few hundred questions can differ by chance alone: the standard error
+    of the difference of two binomial proportions (their correlation ignored, so an upper figure)."""
+    n = ours.get("qa_n")
+    if not n:
+        return ""
+    a, b = ours["qa_exact"] / 100, full["qa_exact"] / 100
+    se = 100 * math.sqrt((a * (1 - a) + b * (1 - b)) / n)
+    return f"; one standard error of that difference at {n} questions is {se:.1f} points"
+
+
 def goals(seven: list[dict], demo: dict, with_quality: bool, desc: str) -> list[dict]:
     out = []
     best = max((r for r in seven if "summary K=32" in r["item"] and "fp16" in r["item"]), key=lambda r: r["ratio_vs_full"])
@@ -246,7 +258,7 @@ def goals(seven: list[dict], demo: dict, with_quality: bool, desc: str) -> list[
     context = "; " + ", ".join(f"{r['strategy']} {r['token_dtype']} ({r['ratio_stored']:.1f}x): "
                                f"{r['qa_loss_points']:+.1f}" for r in others) if others else ""
     why = "" if met else (f"{top['strategy']} {top['token_dtype']} answers {top['qa_exact']:.1f}% vs "
-                          f"{full['qa_exact']:.1f}% from all visual tokens")
+                          f"{full['qa_exact']:.1f}% from all visual tokens" + _sampling_error(top, full))
     out.append(C.goal("2", text, f"{top['strategy']} {top['token_dtype']} ({top['ratio_stored']:.1f}x smaller "
                       f"stored than all visual tokens): {top['qa_loss_points']:+.1f} points (pooling at similar "
                       f"sizes{context or ': not run'}) on {top.get('qa_n')} questions", met, why))

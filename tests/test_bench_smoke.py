@@ -133,6 +133,19 @@ def test_storage_quick_tiny(bench, tmp_path, capsys):
     assert all(0 <= r["qa_exact"] <= 100 for r in settings.values())
 
 
+def test_storage_goal_says_how_far_chance_alone_moves_a_missed_qa_gap(bench):
+    """A 2.3-point gap over 300 questions is within sampling error: the missed goal says so, by the numbers."""
+    storage = bench("bench_storage")
+    full = {"strategy": "prompt+full", "token_dtype": "fp16", "qa_exact": 90.67, "qa_loss_points": 0.0,
+            "ratio_stored": 1.0, "qa_n": 300}
+    ours = {"strategy": "fwd2bot", "token_dtype": "int8", "qa_exact": 88.33, "qa_loss_points": 2.33,
+            "ratio_stored": 6.0, "qa_n": 300}
+    seven = [{"item": "summary K=32, fp16", "ratio_vs_full": 18.0}, {"item": "summary K=32, int8", "ratio_vs_full": 36.0}]
+    goal = storage.goals(seven, {"settings": [full, ours]}, True, "")[1]
+    se = 100 * ((0.8833 * 0.1167 + 0.9067 * 0.0933) / 300) ** 0.5  # 2.5 points
+    assert goal["met"] is False and f"at 300 questions is {se:.1f} points" in goal["why"]
+
+
 def test_encode_quick_tiny(bench, tmp_path, capsys):
     out, data = run(bench("bench_encode"), ["--quick", "--smoke", "--models", "demo", "--images", "8", "--threads", "1",
                                             "--json", str(tmp_path / "e.json")], capsys)
