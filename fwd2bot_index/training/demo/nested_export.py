@@ -16,7 +16,7 @@ from typing import Any
 from ...model import Fwd2Bot
 from ...model.config import Fwd2BotConfig
 from ...model.files import base_folder, is_checkpoint
-from .compressor import CLAIMS_VARIANTS, VARIANTS
+from .compressor import CLAIMS_VARIANTS
 from .targets import qa_overall, separate_compressors
 
 SHARED_BASE = "../demo_model/base"  # from fwd2bot_index/demo_model_nested/ to the demo model's base
@@ -77,9 +77,8 @@ def nested_card(results: dict[str, Any], variant: str = "nested") -> str:
         f"## Measured (held-out scenes, seed {results['eval_seed']}, {results['measured_on']})", "",
         "QA exact match from the stored tokens and text->image R@1 over each split's "
         f"{seen['n_images']:,} images; beside each budget the separately trained compressor of that K where the "
-        f"recipe trained one. This checkpoint is the recipe's `{variant}` compressor.{_phrase_note(variant)} Commands "
-        "(see the demo model's card): measure once, saving the results, then render the tables and export this "
-        "checkpoint from them:", "",
+        f"recipe trained one. This checkpoint is the recipe's `{variant}` compressor. Commands (see the demo model's "
+        "card): measure once, saving the results, then render the tables and export this checkpoint from them:", "",
         "```bash", *export_commands(variant), "```", "",
         "| tokens / image | QA seen | QA unseen | QA, both | t2i R@1 seen | t2i R@1 unseen | separate K: QA, both "
         "| separate K: t2i R@1 seen |",
@@ -92,14 +91,6 @@ def nested_card(results: dict[str, Any], variant: str = "nested") -> str:
                      f"| {_pct(r1(seen, form))} | {_pct(r1(unseen, form))} "
                      f"| {_pct(qa_overall(results, ref)) if ref else '-'} | {_pct(r1(seen, ref)) if ref else '-'} |")
     return "\n".join(lines) + "\n"
-
-
-def _phrase_note(variant: str) -> str:
-    """Say so when the separate compressors learned one-object phrases and this one did not."""
-    if VARIANTS["k16"].get("object_share") and not VARIANTS.get(variant, {}).get("object_share"):
-        return (" The separate compressors also learned one-object phrases (\"a blue square\") and this one did "
-                "not, so the columns differ in more than nesting.")
-    return ""
 
 
 def export_commands(variant: str, work_dir: str = "runs/demo") -> list[str]:
