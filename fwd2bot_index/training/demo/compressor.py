@@ -48,6 +48,9 @@ VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0,
             "k16-objects": {"k": 16, "ar": 1.0, "object_share": 0.3},
             # the same phrases as positives of every image holding their object
             "k16-objects-mp": {"k": 16, "ar": 1.0, **OBJECT_PHRASES},
+            # the claims' other compressors with the same phrases (the replicates that showed them unreliable)
+            "k8-objects-mp": {"k": 8, "ar": 1.0, **OBJECT_PHRASES}, "k32-objects-mp": {"k": 32, "ar": 1.0, **OBJECT_PHRASES},
+            "k16-objects-mp-contrastive": {"k": 16, "ar": 0.0, "distill": 0.0, **OBJECT_PHRASES},
             # half of those phrases also say where: "a blue square at the bottom right"
             "k16-placed": {"k": 16, "ar": 1.0, **OBJECT_PHRASES, "placed_share": 0.5},
             # nested with coarse-to-fine distillation targets (every token's pool@k cells nested regions)
@@ -59,6 +62,10 @@ VARIANT_CHANGES = {"k16-contrastive": "no autoregressive loss and no distillatio
                    "k16-fade": "the distillation weight falling linearly to 0 from 40% of training",
                    "k16-objects": "30% one-object captions, masked from the negatives of the images holding them",
                    "k16-objects-mp": "30% one-object captions, each a positive of every image holding it",
+                   "k8-objects-mp": "30% one-object captions, each a positive of every image holding it",
+                   "k32-objects-mp": "30% one-object captions, each a positive of every image holding it",
+                   "k16-objects-mp-contrastive": "no autoregressive loss and no distillation; 30% one-object "
+                                                 "captions, each a positive of every image holding it",
                    "k16-placed": "30% one-object captions, half of them saying where the object is",
                    "nested-c2f": "coarse-to-fine distillation targets"}
 
