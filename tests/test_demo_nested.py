@@ -82,6 +82,17 @@ def test_saved_elsewhere_it_names_its_base_from_there_and_embeds_the_same(nested
                   - nested.encode_texts(texts)).max() < 1e-6
     with pytest.raises(ValueError, match="holds its base or names one"):
         model.save_pretrained(str(tmp_path / "both"), include_base=True, base=saved)
+    # a self-contained model (the demo model, base inside) saved with a named base names it and holds none
+    import os
+
+    whole = Fwd2Bot.from_pretrained("demo", device="cpu")
+    slim = tmp_path / "slim"
+    named = os.path.relpath(demo_model_path() / "base", slim)
+    whole.save_pretrained(str(slim), base=named)
+    assert not (slim / "base").exists()
+    assert json.loads((slim / "fwd2bot_config.json").read_text())["base_model"] == named
+    assert np.abs(Fwd2Bot.from_pretrained(str(slim), device="cpu").encode_texts(texts)
+                  - whole.encode_texts(texts)).max() < 1e-6
 
 
 def test_relocated_base_keeps_hub_ids_and_own_bases():

@@ -108,7 +108,8 @@ def save_model(model: Fwd2Bot, path: str | Path, include_base: bool | None = Non
     if base is not None and include_base:
         raise ValueError("a checkpoint either holds its base or names one: give include_base or base, not both")
     path = Path(path)
-    include_base = model.config.base_model == "base" if include_base is None else include_base
+    if include_base is None:  # a self-contained model stays so, unless the caller names a base to share
+        include_base = model.config.base_model == "base" and base is None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

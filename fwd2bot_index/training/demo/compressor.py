@@ -91,11 +91,10 @@ def info_nce_with_negatives(image_emb: torch.Tensor, text_emb: torch.Tensor, neg
     logits = scale * image_emb.float() @ candidates.float().t()
     same = torch.tensor([[columns[j] == texts[i] and j != i for j in range(len(columns))] for i in range(n)],
                         dtype=torch.bool, device=logits.device)
-    positive = torch.eye(n, dtype=torch.bool, device=logits.device)
-    if also_true is not None:
-        positive |= also_true.to(logits.device)
+    own = torch.eye(n, dtype=torch.bool, device=logits.device)
+    positive = own | also_true.to(logits.device) if also_true is not None else own
     if not multi_positive:
-        same[:, :n] |= positive & ~torch.eye(n, dtype=torch.bool, device=logits.device)
+        same[:, :n] |= positive & ~own
         logits = logits.masked_fill(same, float("-inf"))
         target = torch.arange(n, device=logits.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :n].t(), target))

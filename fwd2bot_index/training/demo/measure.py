@@ -60,6 +60,16 @@ def write_eval_world(folder: Path, n_gallery: int, image_size: int = 64) -> dict
                            split_fractions=(0.0, 0.5, 0.5))
 
 
+#: the object-query blocks of a split's results: (key, the query's words, whether the query says where)
+OBJECT_QUERY_KINDS = (("object_queries", "a <colour> <shape>", False),
+                      ("placed_object_queries", "a <colour> <shape> at the <position>", True))
+
+
+def base_rate_key(kind: str) -> str:
+    """Where a split's results keep a random ranking's precision for the object-query block ``kind``."""
+    return kind.replace("_queries", "_query_base_rate")
+
+
 def object_queries(data_dir: Path, image_paths: Sequence[Path], placed: bool = False) -> tuple[list[str], np.ndarray]:
     """"a <colour> <shape>" for every composition some gallery image holds, and which images hold it; with
     ``placed``, "a <colour> <shape> at the <position>" for every object placed somewhere in the gallery.
@@ -137,8 +147,7 @@ def _measure_split(models: dict[str, Fwd2Bot], data_dir: Path, split: str, n_gal
 
     retrieval, retrieval_small = {}, {}
     retrieval["prompt"], retrieval_small["prompt"] = recalls(text_prompt @ full.embeddings.T)
-    asks = {"object_queries": object_queries(data_dir, gallery.image_paths),
-            "placed_object_queries": object_queries(data_dir, gallery.image_paths, placed=True)}
+    asks = {kind: object_queries(data_dir, gallery.image_paths, placed) for kind, _, placed in OBJECT_QUERY_KINDS}
     by_query: dict[str, dict[str, Any]] = {kind: {} for kind in asks}
     stored: dict[str, np.ndarray] = {"full": full.tokens}
     answerer: dict[str, Fwd2Bot] = {}  # stored form -> the compressor whose pass 2 answers it
@@ -181,9 +190,8 @@ def _object_query_results(asks: dict[str, tuple[list[str], np.ndarray]],
     ranking's precision (``object_query_base_rate`` / ``placed_object_query_base_rate``)."""
     out: dict[str, Any] = {}
     for kind, (queries, relevant) in asks.items():
-        rate = kind.replace("_queries", "_query_base_rate")
         out.update({kind: by_query[kind], f"n_{kind}": len(queries),
-                    rate: float(relevant.mean()) if queries else None})
+                    base_rate_key(kind): float(relevant.mean()) if queries else None})
     return out
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from ...model import Fwd2Bot
 from .compressor import CLAIMS_VARIANTS
+from .measure import OBJECT_QUERY_KINDS, base_rate_key
 from .targets import EVAL_SPLITS, qa_by_type, qa_overall
 
 CLAIMS_START = "<!-- demo-claims:start -->"
@@ -209,11 +210,6 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, int, str]]:
     return sorted(rows, key=lambda r: (r[2], r[1].startswith("fwd2bot")))
 
 
-#: the object-query blocks of a split's results: (key, the query's words)
-OBJECT_QUERY_KINDS = (("object_queries", "a <colour> <shape>"),
-                      ("placed_object_queries", "a <colour> <shape> at the <position>"))
-
-
 def _object_query_table(seen: dict[str, Any], unseen: dict[str, Any]) -> list[str]:
     """Queries naming one object ("a blue square", "a blue square at the bottom right"), which many images
     answer: results measured before these rows existed have none, and render without them."""
@@ -222,11 +218,11 @@ def _object_query_table(seen: dict[str, Any], unseen: dict[str, Any]) -> list[st
     def cell(row: dict[str, float] | None) -> str:
         return " / ".join(_pct(row.get(k)) for k in ("p@1", "p@5", "map")) if row else "-"
 
-    for kind, words in OBJECT_QUERY_KINDS:
+    for kind, words, placed in OBJECT_QUERY_KINDS:
         if not seen.get(kind):
             continue
-        what = "composition" if kind == "object_queries" else "object placed somewhere"
-        rate = kind.replace("_queries", "_query_base_rate")
+        what = "object placed somewhere" if placed else "composition"
+        rate = base_rate_key(kind)
         lines += ["", f"Object queries: \"{words}\" for each {what} in the seen gallery ({seen[f'n_{kind}']}; "
                   f"{unseen.get(f'n_{kind}', 0)} unseen), every image holding it relevant (a random ranking's "
                   f"precision: {_pct(seen[rate])} seen, {_pct(unseen.get(rate))} unseen):", "",
@@ -408,7 +404,7 @@ def only_variants(results: dict[str, Any], keep: Sequence[str]) -> dict[str, Any
         return not any(form == f"fwd2bot-{n}" or form.startswith(f"fwd2bot-{n}@") for n in dropped)
 
     for split in out["splits"].values():
-        for part in ("qa", "retrieval", "retrieval_small", *(k for k, _ in OBJECT_QUERY_KINDS), "stored_tokens"):
+        for part in ("qa", "retrieval", "retrieval_small", *(k for k, _, _ in OBJECT_QUERY_KINDS), "stored_tokens"):
             if part in split:
                 split[part] = {k: v for k, v in split[part].items() if wanted(k)}
     out["sugarcrepe"] = {k: v for k, v in out["sugarcrepe"].items() if wanted(k)}
