@@ -7,7 +7,9 @@ The house trainer (``training.Trainer``) runs it, with two changes for this worl
   (the pilot on this world found a contrastive model learns a bag of attributes; the negatives ask
   which attribute belongs to which object and where);
 - autoregressive: pass 2 answers every question of the image (and sometimes captions it) from the
-  K summary tokens, each question a branch of one sequence (``turns.py``), as the base was trained;
+  K summary tokens, each question a branch of one sequence (``turns.py``), as the base was trained,
+  and for a share of the images one question about something the scene does not hold ("what color is
+  the square?" -> "there is no square", ``synthetic.qa.absent_question``);
   for a share of the images also verified search's question, "is there <caption>?", for the true
   caption ("yes") and its hard negative ("no"), so relevance from stored tokens means something.
 
@@ -33,6 +35,8 @@ import torch.nn.functional as F
 from ..losses import MAX_LOGIT_SCALE, weighted_loss
 from ..nested import nested_losses
 from ..trainer import Batch, TrainConfig, Trainer
+from ...synthetic.qa import absent_question
+from ...synthetic.scene import Scene
 from .turns import branched_turn_loss, scene_turns
 
 #: one-object phrases ("a blue square", 30% of the contrastive captions), each a positive of every image in
@@ -42,7 +46,9 @@ OBJECT_PHRASES = {"object_share": 0.3, "multi_positive": True}
 VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0, "distill": 0.0},
             "k8": {"k": 8, "ar": 1.0}, "k32": {"k": 32, "ar": 1.0},
             "nested": {"k": 32, "ar": 1.0, "nested": (4, 8, 16, 32)},
-            # experiments (not in the claims command): the distillation faded out over the last 60% of training
+            # experiments (not in the claims command): the recipe before absent-referent questions
+            "k16-no-absent": {"k": 16, "ar": 1.0, "absent_share": 0.0},
+            # the distillation faded out over the last 60% of training
             "k16-fade": {"k": 16, "ar": 1.0, "distill_fade_from": 0.4},
             # 30% one-object phrases, a phrase true of another image in the batch masked from its negatives
             "k16-objects": {"k": 16, "ar": 1.0, "object_share": 0.3},
@@ -59,6 +65,7 @@ VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0,
 CLAIMS_VARIANTS = ("k8", "k32", "k16-contrastive", "nested")
 #: what a variant changes besides K and nesting, in the card's words
 VARIANT_CHANGES = {"k16-contrastive": "no autoregressive loss and no distillation",
+                   "k16-no-absent": "no questions about missing objects",
                    "k16-fade": "the distillation weight falling linearly to 0 from 40% of training",
                    "k16-objects": "30% one-object captions, masked from the negatives of the images holding them",
                    "k16-objects-mp": "30% one-object captions, each a positive of every image holding it",
@@ -123,8 +130,14 @@ class HardNegativeTrainer(Trainer):
     def __init__(self, config: TrainConfig, pairs: dict[str, list[tuple[str, str]]], share: float,
                  caption_share: float = 0.5, caption_weight: float = 0.5, verify_share: float = 0.0,
                  objects: dict[str, list[tuple[str, ...]]] | None = None, object_share: float = 0.0,
-                 multi_positive: bool = False, placed_share: float = 0.0, **kwargs: Any):
+                 multi_positive: bool = False, placed_share: float = 0.0,
+                 scenes: dict[str, Scene] | None = None, absent_share: float = 0.0, **kwargs: Any):
         super().__init__(config, **kwargs)
+        if absent_share and not scenes:
+            raise ValueError("absent_share needs each training image's scene (training_scenes)")
+        # this share of the images also asks pass 2 about something the scene does not hold ("there is no
+        # square"): the world's own questions never do, so without it the model names a colour for a missing shape
+        self.scenes, self.absent_share = scenes or {}, absent_share
         self.pairs = pairs
         self.share = share
         if object_share and not objects:
@@ -171,6 +184,10 @@ class HardNegativeTrainer(Trainer):
                                          self.caption_share, self.caption_weight)
                 if self.verify_share and options and rng.random() < self.verify_share:
                     item_turns += verify_turns(self.model.config.verify_prompt, *options[int(rng.integers(len(options)))])
+                scene = self.scenes.get(str(sample.image))
+                if scene is not None and rng.random() < self.absent_share:
+                    asked = absent_question(scene, rng)
+                    item_turns.append((asked["question"], asked["answer"], 1.0))
                 turns.append(item_turns)
             if batch.images:
                 self._negatives, self._turns, self.batch_sources = negatives, turns, sources
@@ -252,3 +269,16 @@ def scene_objects(data_dir: Path, placed: bool = False) -> dict[str, list[tuple[
             objects[str(data_dir / row["image"])] = [
                 (o["color"], o["shape"], *((POSITIONS[o["cell"]],) if placed else ())) for o in row["scene"]["objects"]]
     return objects
+
+
+def training_scenes(data_dir: Path) -> dict[str, Scene]:
+    """image path -> its Scene, rebuilt from the demo data's ``scenes.jsonl`` (for questions the written
+    ``qa.jsonl`` does not hold, such as ``absent_question``)."""
+    import json
+
+    scenes: dict[str, Scene] = {}
+    with (data_dir / "scenes.jsonl").open(encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            scenes[str(data_dir / row["image"])] = Scene.from_dict(row["scene"])
+    return scenes

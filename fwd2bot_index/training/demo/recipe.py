@@ -75,6 +75,7 @@ class DemoRecipe:
     compressor_pool_schedule: str = "llavolta"
     hard_negative_share: float = 0.5
     verify_share: float = 0.5  # images whose pass-2 turns also hold verified search's yes/no question (true / negative)
+    absent_share: float = 0.5  # images whose pass-2 turns also hold a question about something the scene lacks
     bf16_autocast: bool = True  # base and compressors (~1.5x on a CPU with bf16 matrix units; losses in fp32)
     # monitoring and measurement
     monitor_images: int = 128
@@ -226,7 +227,7 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
     """Stage 2 (one variant, see ``compressor.VARIANTS``) into ``work / f'compressor-{variant}'``."""
     from ..state import latest_checkpoint
     from ..trainer import TrainConfig
-    from .compressor import VARIANTS, HardNegativeTrainer, hard_negative_pairs, scene_objects
+    from .compressor import VARIANTS, HardNegativeTrainer, hard_negative_pairs, scene_objects, training_scenes
     from .monitor import QAMonitor, stage_summary
 
     folder = work / f"compressor-{variant}"
@@ -252,13 +253,15 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
         min_lr_ratio=0.05, weight_decay=0.01, clip_norm=1.0, dtype="fp32", eval_every=every,
         checkpoint_every=every, keep_checkpoints=1,
         resume=latest_checkpoint(folder / "checkpoints") is not None)
+    absent_share = spec.get("absent_share", recipe.absent_share) if spec["ar"] > 0 else 0.0
     trainer = HardNegativeTrainer(config, hard_negative_pairs(data), recipe.hard_negative_share,
                                   caption_share=recipe.base_caption_share, caption_weight=recipe.base_caption_weight,
                                   verify_share=recipe.verify_share if spec["ar"] > 0 else 0.0,
                                   objects=scene_objects(data, placed=bool(spec.get("placed_share")))
                                   if spec.get("object_share") else None, object_share=spec.get("object_share", 0.0),
                                   multi_positive=spec.get("multi_positive", False),
-                                  placed_share=spec.get("placed_share", 0.0), progress=progress)
+                                  placed_share=spec.get("placed_share", 0.0), absent_share=absent_share,
+                                  scenes=training_scenes(data) if absent_share else None, progress=progress)
     monitor = QAMonitor(trainer, data, recipe.monitor_images // 4, "fwd2bot", lambda m: say(progress, m))
     trainer.callbacks.append(monitor)
     summary = stage_summary(trainer.train())
@@ -266,7 +269,7 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
                    distill_weight=config.distill_weight, distill_fade_from=config.distill_fade_from,
                    distill_layout=config.distill_layout, object_share=spec.get("object_share", 0.0),
                    multi_positive=spec.get("multi_positive", False), placed_share=spec.get("placed_share", 0.0),
-                   monitor=monitor.history)
+                   absent_share=absent_share, monitor=monitor.history)
     return finish_stage(folder, summary)
 
 
