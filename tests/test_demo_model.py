@@ -120,6 +120,9 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     # says nothing of phrases; a card of a compressor trained with them would (below)
     assert not any(report["stages"][f"compressor-{v}"]["object_share"] for v in ("k16", "k8", "k16-contrastive"))
     assert "name one object" not in (out / "README.md").read_text()
+    assert report["stages"]["compressor-k16"]["absent_share"] == demo_recipe.QUICK.absent_share > 0
+    assert report["stages"]["compressor-k16-contrastive"]["absent_share"] == 0.0  # no pass 2 trained
+    assert "\"there is no square\"" in (out / "README.md").read_text()
     from fwd2bot_index.training.demo.report import _phrase_clause
 
     assert "each a positive of every image" in _phrase_clause(report["stages"]["compressor-k16"] | {
@@ -163,6 +166,12 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
             for precision in measured[kind].values():
                 assert set(precision) == {"p@1", "p@5", "map"} and all(0.0 <= v <= 1.0 for v in precision.values())
         assert 0.0 < measured["placed_object_query_base_rate"] < measured["object_query_base_rate"]
+        # questions about a missing object: every answering form, two per QA image, denials of present objects
+        assert set(measured["absent_qa"]) == set(measured["qa"])
+        for scores in measured["absent_qa"].values():
+            assert scores["n"] == 2 * measured["n_qa_images"] and 0.0 <= scores["denies_present"] <= 1.0
+            assert sum(scores["n_by_template"].values()) == scores["n"]
+        assert measured["absent_qa"]["blind"]["exact_match"] == 0.0  # a template's prior never says "there is no"
     names = [t["target"] for t in results["targets"]]
     assert any("blind" in n for n in names) and any("swap_att" in n for n in names)
     assert set(results["sugarcrepe"]) == {"fwd2bot", "fwd2bot-k8", "fwd2bot-k16-contrastive", "prompt",
@@ -181,6 +190,8 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     assert "| Fwd2Bot nested (one compressor), first 4 tokens | 4 |" in text
     assert "Object queries:" in text and "| fwd2bot-k8 | " in text.split("Object queries:")[1]
     assert "a <colour> <shape> at the <position>" in text.split("Object queries:")[2]
+    absent = text.split("Questions about something the image does not hold")[1].split("SugarCrepe")[0]
+    assert "| fwd2bot-k8 | " in absent and "| full | " in absent and "denies a present object" in absent
     assert set(results["verification"]["splits"]) == set(demo_recipe.EVAL_SPLITS) and "| verify@20 t2i R@1/5/10 |" in \
         text.replace("| embedding t2i R@1/5/10 ", "")
     assert any("verify@20 adds" in n for n in names) and any("nonsense rejection" in n for n in names)
@@ -200,6 +211,11 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     kept = only_variants(read_results(saved), ["k8"])
     block = render_claims(kept)
     assert "fwd2bot-k8" in block and "fwd2bot-nested" not in block and "contrastive loss only" not in block
+    assert set(kept["splits"]["test"]["absent_qa"]) == set(kept["splits"]["test"]["qa"])
+    older = read_results(saved)  # measured before absent questions existed: the table renders without them
+    for split in older["splits"].values():
+        del split["absent_qa"]
+    assert "does not hold" not in render_claims(older) and "Object queries:" in render_claims(older)
     assert "| Fwd2Bot summary tokens, K=16 (shipped) | 16 |" in block
     assert set(kept["sugarcrepe"]) == {"fwd2bot", "fwd2bot-k8", "prompt"}
     assert not any("swap_obj (vs contrastive-only)" in t["target"] for t in kept["targets"])

@@ -244,3 +244,80 @@ def test_object_captions_name_an_object_of_their_image_and_are_masked_where_true
     expected = [[c in a or c in b for c in batch.captions] for a, b in zip(at, short)]
     assert trainer._object_matches(trainer.batch_sources, batch.captions).tolist() == expected
     assert torch.isfinite(trainer.batch_losses(batch)["contrastive"])
+
+
+def test_absent_referent_questions_name_only_what_the_scene_lacks():
+    """"what color is the square?" is asked only of scenes without a square, answered "there is no square"."""
+    from fwd2bot_index.synthetic import generate_scenes
+    from fwd2bot_index.synthetic.qa import ABSENT_TEMPLATES, absent_question, absent_questions
+
+    scenes = generate_scenes(60, seed=4, split="train")
+    seen_kinds = set()
+    for scene in scenes:
+        shapes, colors = {o.shape for o in scene.objects}, {o.color for o in scene.objects}
+        cells, pairs = {o.position for o in scene.objects}, {o.pair for o in scene.objects}
+        rng = np.random.default_rng(0)
+        for q in [absent_question(scene, rng) for _ in range(6)] + absent_questions(scene):
+            seen_kinds.add(q["template"])
+            assert q["type"] == "absent" and q["answer"].startswith("there is no ")
+            referent = q["answer"][len("there is no "):]
+            if q["template"] == "color_of_shape":
+                assert referent not in shapes and q["question"] == f"what color is the {referent}?"
+            elif q["template"] == "shape_of_color":
+                assert referent.removesuffix(" object") not in colors
+            elif q["template"] in ("color_at_cell", "shape_at_cell"):
+                assert referent.removeprefix("object at the ") not in cells
+            else:
+                pair = tuple(referent.split(" "))
+                assert pair not in pairs and pair not in HELD_OUT_PAIRS  # a training scene: no held-out pair
+        two = absent_questions(scene)
+        assert two == absent_questions(scene) and len({q["template"] for q in two}) == 2  # stable, two templates
+    assert seen_kinds == set(ABSENT_TEMPLATES)
+
+
+def test_absent_questions_join_a_share_of_the_pass2_turns(tmp_path, tiny_llava_dir):
+    """absent_share 1: every image's turns end with one question about something its scene lacks."""
+    from fwd2bot_index.synthetic import write_demo_data
+    from fwd2bot_index.training import TrainConfig
+    from fwd2bot_index.training.demo.compressor import HardNegativeTrainer, hard_negative_pairs, scenes_by_image
+
+    write_demo_data(tmp_path / "d", n=30, seed=6, image_size=32, split_fractions=(0.9, 0.1, 0.0),
+                    sugarcrepe_splits=())
+    config = TrainConfig(model=str(tiny_llava_dir), data=[str(tmp_path / "d")], output_dir=str(tmp_path / "out"),
+                         objective="fwd2bot", num_summary_tokens=4, embed_dim=32, lora_r=8, batch_size=8,
+                         max_steps=1, eval_split="none", seed=0, device="cpu", dtype="fp32")
+    scenes = scenes_by_image(tmp_path / "d")
+    trainer = HardNegativeTrainer(config, hard_negative_pairs(tmp_path / "d"), 0.5, scenes=scenes, absent_share=1.0,
+                                  progress=False)
+    batch = trainer.next_batch()
+    for source, turns in zip(trainer.batch_sources, trainer._turns):
+        question, answer, _ = turns[-1]
+        assert answer.startswith("there is no ")
+        assert sum(t[1].startswith("there is no ") for t in turns) == 1
+        held = {o.shape for o in scenes[source].objects} | {o.color for o in scenes[source].objects}
+        assert not (question.startswith("what color is the ") and " at the " not in question
+                    and question.removeprefix("what color is the ").rstrip("?") in held)
+    assert torch.isfinite(trainer.batch_losses(batch)["autoregressive"])
+    plain = HardNegativeTrainer(config, hard_negative_pairs(tmp_path / "d"), 0.5, progress=False)
+    plain.next_batch()
+    assert not any(t[1].startswith("there is no ") for turns in plain._turns for t in turns)
+    with pytest.raises(ValueError, match="scenes_by_image"):
+        HardNegativeTrainer(config, {}, 0.5, absent_share=0.5, progress=False)
+
+
+def test_absent_scores_count_right_answers_and_denials_of_present_objects(tmp_path):
+    from fwd2bot_index.synthetic import write_demo_data
+    from fwd2bot_index.training.demo.measure import absent_records, absent_scores
+
+    write_demo_data(tmp_path, n=12, seed=2, image_size=32)
+    rows = [json.loads(line) for line in (tmp_path / "scenes.jsonl").read_text().splitlines()]
+    paths = [tmp_path / r["image"] for r in rows[:5]]
+    records = absent_records(tmp_path, paths)
+    assert len(records) == 10 and [r["owner"] for r in records] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    answers = [r["answer"] for r in records]
+    answers[0] = "red"  # one colour named for a missing shape
+    scores = absent_scores(answers, records, ["red", "there is no red circle", "3", "yes"])
+    assert scores["n"] == 10 and scores["exact_match"] == pytest.approx(0.9)
+    assert scores["denies_present"] == pytest.approx(0.25)
+    assert sum(scores["n_by_template"].values()) == 10
+    assert scores["by_template"][records[0]["template"]] < 1.0

@@ -134,7 +134,7 @@ class HardNegativeTrainer(Trainer):
                  scenes: dict[str, Scene] | None = None, absent_share: float = 0.0, **kwargs: Any):
         super().__init__(config, **kwargs)
         if absent_share and not scenes:
-            raise ValueError("absent_share needs each training image's scene (training_scenes)")
+            raise ValueError("absent_share needs each training image's scene (scenes_by_image)")
         # this share of the images also asks pass 2 about something the scene does not hold ("there is no
         # square"): the world's own questions never do, so without it the model names a colour for a missing shape
         self.scenes, self.absent_share = scenes or {}, absent_share
@@ -271,7 +271,7 @@ def scene_objects(data_dir: Path, placed: bool = False) -> dict[str, list[tuple[
     return objects
 
 
-def training_scenes(data_dir: Path) -> dict[str, Scene]:
+def scenes_by_image(data_dir: Path) -> dict[str, Scene]:
     """image path -> its Scene, rebuilt from the demo data's ``scenes.jsonl`` (for questions the written
     ``qa.jsonl`` does not hold, such as ``absent_question``)."""
     import json

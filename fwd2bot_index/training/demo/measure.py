@@ -30,7 +30,8 @@ from ...model import Fwd2Bot
 from ...model.pooling import pool_visual_tokens
 from ...synthetic import generate_scenes, write_demo_data
 from ...synthetic.world import COLOR_NAMES, POSITIONS, SHAPE_PLURALS, SHAPES, SIZES
-from .compressor import object_query, scene_objects
+from ...synthetic.qa import absent_questions
+from .compressor import object_query, scene_objects, scenes_by_image
 from .monitor import read_jsonl
 from .recipe import choose_threads, recipe_for, say
 
@@ -97,12 +98,41 @@ class Embedder:
 
 
 def _answer_all(model: Fwd2Bot, tokens: Sequence[np.ndarray], questions: Sequence[str], kind: str,
-                batch_size: int) -> list[str]:
+                batch_size: int, max_new_tokens: int = 8) -> list[str]:
     out: list[str] = []
     for start in range(0, len(questions), batch_size):
         out += model.answer_batch(list(tokens[start:start + batch_size]), list(questions[start:start + batch_size]),
-                                  max_new_tokens=8, kind=kind)
+                                  max_new_tokens=max_new_tokens, kind=kind)
     return out
+
+
+ABSENT_PREFIX = "there is no"  # how every absent-referent answer starts
+ABSENT_MAX_TOKENS = 12  # "there is no object at the bottom right" is 8 tokens of the demo BPE
+
+
+def absent_records(data_dir: Path, image_paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """``absent_questions`` (two per image) for ``image_paths``, each with its image's index as ``owner``.
+    Read from ``scenes.jsonl``: the written ``qa.jsonl`` holds only the world's eight questions."""
+    scenes = {str(Path(k).resolve()): v for k, v in scenes_by_image(data_dir).items()}
+    return [{**q, "owner": i} for i, p in enumerate(image_paths) for q in absent_questions(scenes[str(Path(p).resolve())])]
+
+
+def absent_scores(predictions: Sequence[str], records: Sequence[dict[str, Any]],
+                  present_predictions: Sequence[str]) -> dict[str, Any]:
+    """Exact match on the absent-referent questions (overall and per template), and how often the same stored
+    form denies an object that *is* there ("there is no ..." to one of the world's own questions): what the
+    new answer could cost."""
+    from ...evaluation import exact_match
+
+    hits = [exact_match(p, r["answer"]) for p, r in zip(predictions, records)]
+    by_template: dict[str, list[bool]] = {}
+    for hit, r in zip(hits, records):
+        by_template.setdefault(r["template"], []).append(hit)
+    denied = [p.strip().lower().startswith(ABSENT_PREFIX) for p in present_predictions]
+    return {"n": len(hits), "exact_match": float(np.mean(hits)) if hits else float("nan"),
+            "by_template": {t: float(np.mean(v)) for t, v in sorted(by_template.items())},
+            "n_by_template": {t: len(v) for t, v in sorted(by_template.items())},
+            "denies_present": float(np.mean(denied)) if denied else float("nan")}
 
 
 def qa_scores(predictions: Sequence[str], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -170,18 +200,26 @@ def _measure_split(models: dict[str, Fwd2Bot], data_dir: Path, split: str, n_gal
     records = [r for r in read_jsonl(data_dir / "qa.jsonl") if str((data_dir / r["image"]).resolve()) in index]
     owners = [index[str((data_dir / r["image"]).resolve())] for r in records]
     questions = [r["question"] for r in records]
-    qa = {"blind": qa_scores([prior.get(question_template(q), "yes") for q in questions], records)}
+    absent = absent_records(data_dir, gallery.image_paths[:n_qa_images])
+    blind = [prior.get(question_template(q), "yes") for q in questions]
+    qa = {"blind": qa_scores(blind, records)}
+    absent_qa = {"blind": absent_scores([prior.get(question_template(r["question"]), "yes") for r in absent], absent,
+                                        blind)}
     for name, tokens in stored.items():
         if name.endswith("-contrastive"):
             continue  # its pass-2 adapter never trained
-        say(progress, f"{split}: answering {len(records)} questions from {name} tokens")
+        say(progress, f"{split}: answering {len(records)} + {len(absent)} questions from {name} tokens")
         model = answerer.get(name, base)
         kind = "fwd2bot" if name in answerer else ("full" if name == "full" else "pool")
-        qa[name] = qa_scores(_answer_all(model, [tokens[i] for i in owners], questions, kind, batch_size), records)
+        answers = _answer_all(model, [tokens[i] for i in owners], questions, kind, batch_size)
+        qa[name] = qa_scores(answers, records)
+        absent_qa[name] = absent_scores(_answer_all(model, [tokens[r["owner"]] for r in absent],
+                                                    [r["question"] for r in absent], kind, batch_size,
+                                                    ABSENT_MAX_TOKENS), absent, answers)
     return {"n_images": gallery.n_images, "n_qa_images": min(n_qa_images, gallery.n_images), "retrieval": retrieval,
             "retrieval_small": retrieval_small, "n_small_gallery": min(SMALL_GALLERY, gallery.n_images),
             **_object_query_results(asks, by_query),
-            "qa": qa, "stored_tokens": {k: int(v.shape[1]) for k, v in stored.items()}}
+            "qa": qa, "absent_qa": absent_qa, "stored_tokens": {k: int(v.shape[1]) for k, v in stored.items()}}
 
 
 def _object_query_results(asks: dict[str, tuple[list[str], np.ndarray]],

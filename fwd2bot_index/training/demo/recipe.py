@@ -227,7 +227,7 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
     """Stage 2 (one variant, see ``compressor.VARIANTS``) into ``work / f'compressor-{variant}'``."""
     from ..state import latest_checkpoint
     from ..trainer import TrainConfig
-    from .compressor import VARIANTS, HardNegativeTrainer, hard_negative_pairs, scene_objects, training_scenes
+    from .compressor import VARIANTS, HardNegativeTrainer, hard_negative_pairs, scene_objects, scenes_by_image
     from .monitor import QAMonitor, stage_summary
 
     folder = work / f"compressor-{variant}"
@@ -261,7 +261,7 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
                                   if spec.get("object_share") else None, object_share=spec.get("object_share", 0.0),
                                   multi_positive=spec.get("multi_positive", False),
                                   placed_share=spec.get("placed_share", 0.0), absent_share=absent_share,
-                                  scenes=training_scenes(data) if absent_share else None, progress=progress)
+                                  scenes=scenes_by_image(data) if absent_share else None, progress=progress)
     monitor = QAMonitor(trainer, data, recipe.monitor_images // 4, "fwd2bot", lambda m: say(progress, m))
     trainer.callbacks.append(monitor)
     summary = stage_summary(trainer.train())

@@ -86,7 +86,7 @@ def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) ->
         f"2. Compressor: {r['compressor_steps']} steps x {r['compressor_batch']}, lr {r['compressor_lr']}; summary "
         "tokens, both adapters and the heads. Symmetric InfoNCE (the scene-unique caption, or for "
         f"{int(r['hard_negative_share'] * 100)}% of items a hard-negative pair's caption whose negative joins the "
-        "text side) + the branched autoregressive loss after pass 2"
+        "text side) + the branched autoregressive loss after pass 2" + _absent_clause(comp.get("k16", {}))
         + (f" + pooled distillation weighted {r['compressor_distill_weight']} (pass 2's input, the projected summary "
            "tokens, regressed onto the base's own 2-D pool@K visual tokens, which the base already answers from)"
            if r.get("compressor_distill_weight") else "")
@@ -134,6 +134,14 @@ def _llm_init(base: dict[str, Any]) -> str:
                 f"rescaled to the word embeddings' RMS at step 0 (factor {base.get('projector_scale', 1.0):.3g}); "
                 "training moves both afterwards.")
     return "The LLM starts from the warm-up's initialisation."
+
+
+def _absent_clause(shipped: dict[str, Any]) -> str:
+    """The absent-referent questions among the shipped compressor's pass-2 turns, when it trained with them."""
+    if not shipped.get("absent_share"):
+        return ""
+    return (f" (for {int(shipped['absent_share'] * 100)}% of the images one of the questions asks about something the "
+            "scene does not hold: \"what color is the square?\" -> \"there is no square\")")
 
 
 def _phrase_clause(shipped: dict[str, Any]) -> str:
@@ -232,6 +240,32 @@ def _object_query_table(seen: dict[str, Any], unseen: dict[str, Any]) -> list[st
     return lines
 
 
+def _absent_table(results: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """Questions about something the image does not hold, per stored form (measurements made before these
+    questions existed have none, and render without them)."""
+    seen, unseen = results["splits"]["test"].get("absent_qa"), results["splits"]["test_unseen"].get("absent_qa")
+    if not seen or not unseen:
+        return []
+    templates = sorted({*seen["blind"]["by_template"], *unseen["blind"]["by_template"]})
+    lines = ["", f"Questions about something the image does not hold ({seen['blind']['n']} + {unseen['blind']['n']}: "
+             "two per QA image, e.g. \"what color is the square?\" in a scene without a square, answered \"there is no "
+             "square\"; not in the QA columns above, and the base never trained on them). Per template both splits; "
+             "the last column is how often the same stored form answers \"there is no ...\" to one of the world's own "
+             "questions, about something that is there:", "",
+             "| stored form | seen | unseen | " + " | ".join(templates) + " | denies a present object |",
+             "|" + "|".join(["---"] * (len(templates) + 4)) + "|"]
+    for name in names:
+        s, u = seen.get(name), unseen.get(name)
+        if not s or not u:
+            continue
+        both = {t: sum(r["by_template"].get(t, 0.0) * r["n_by_template"].get(t, 0) for r in (s, u))
+                / max(1, sum(r["n_by_template"].get(t, 0) for r in (s, u))) for t in templates}
+        denies = (s["denies_present"] + u["denies_present"]) / 2
+        lines.append(f"| {name} | {_pct(s['exact_match'])} | {_pct(u['exact_match'])} | "
+                     + " | ".join(_pct(both[t]) for t in templates) + f" | {_pct(denies)} |")
+    return lines
+
+
 def render_claims(results: dict[str, Any], command: str = MODULE_COMMAND + " --measure-only") -> str:
     """The markdown block that goes between the claim markers."""
     hidden = results["hidden_size"]
@@ -272,6 +306,7 @@ def render_claims(results: dict[str, Any], command: str = MODULE_COMMAND + " --m
     for name in names:
         by = qa_by_type(results, name)
         lines.append(f"| {name} | " + " | ".join(_pct(by.get(t)) for t in types) + f" | {_pct(qa_overall(results, name))} |")
+    lines += _absent_table(results, names)
     sc = results["sugarcrepe"]
     cats = [c for c in sc["fwd2bot"]["accuracy"] if c[0].islower()]
     lines += ["", f"SugarCrepe-style hard negatives (the held-out scenes' pairs, first {results['n_sugarcrepe']} of "
@@ -404,7 +439,7 @@ def only_variants(results: dict[str, Any], keep: Sequence[str]) -> dict[str, Any
         return not any(form == f"fwd2bot-{n}" or form.startswith(f"fwd2bot-{n}@") for n in dropped)
 
     for split in out["splits"].values():
-        for part in ("qa", "retrieval", "retrieval_small", *(k for k, _, _ in OBJECT_QUERY_KINDS), "stored_tokens"):
+        for part in ("qa", "absent_qa", "retrieval", "retrieval_small", *(k for k, _, _ in OBJECT_QUERY_KINDS), "stored_tokens"):
             if part in split:
                 split[part] = {k: v for k, v in split[part].items() if wanted(k)}
     out["sugarcrepe"] = {k: v for k, v in out["sugarcrepe"].items() if wanted(k)}
