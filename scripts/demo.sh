@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job: generate the shapes world, index it with the default model (demo), search with a
-# held-out scene's own caption, and ask that scene's questions, answered from its stored summary
-# tokens only. It reports what happened, misses included: the rank of the described scene and each
-# answer beside the true one, with a count of matches.
+# held-out scene's own caption, and ask that scene's questions and two about objects it does not hold,
+# answered from its stored summary tokens only. It reports what happened, misses included: the rank of
+# the described scene and each answer beside the true one, with a count of matches.
 set -euo pipefail
 F2B=${F2B:-.venv/bin/f2b}
 PY=${PY:-.venv/bin/python}
@@ -88,10 +88,17 @@ while IFS=$'\t' read -r QUESTION ANSWER; do
   printf '  Q: %s\n  A: %s   (true: %s) %s\n' "$QUESTION" "$GOT" "$ANSWER" "$MARK"
 done < <($PY - "$DIR" "$TARGET" <<'PY'
 import json, sys
+from fwd2bot_index.synthetic.qa import absent_questions
+from fwd2bot_index.synthetic.scene import Scene
 root, target = sys.argv[1], sys.argv[2]
 for r in (json.loads(line) for line in open(f"{root}/qa.jsonl")):
     if r["image"] == target:
         print(f"{r['question']}\t{r['answer']}")
+# and two about something the scene does not hold ("what color is the square?" -> "there is no square")
+for r in (json.loads(line) for line in open(f"{root}/scenes.jsonl")):
+    if r["image"] == target:
+        for q in absent_questions(Scene.from_dict(r["scene"])):
+            print(f"{q['question']}\t{q['answer']}")
 PY
 )
 exec {SCORER[1]}>&-  # end of input: the scorer exits

@@ -325,6 +325,12 @@ def test_experimental_variants_are_valid_settings_and_their_rows_say_which():
     assert labels["fwd2bot-k32"] == "Fwd2Bot summary tokens, K=32"
     assert labels["fwd2bot-nested-c2f"].endswith("all 32 tokens (nested-c2f)")
     assert labels["fwd2bot-nested-c2f@4"].endswith("first 4 tokens (nested-c2f)")
-    card = _variant_list(["k8", "k16", "k16-contrastive", "k16-fade"])  # the card says what each one changes
+    stages = {"k8": {"absent_share": 0.5}, "k16": {"absent_share": 0.5},
+              "k16-contrastive": {"autoregressive_weight": 0.0, "absent_share": 0.0}, "k16-fade": {"absent_share": 0.5}}
+    card = _variant_list(stages)  # the card says what each one changes
     assert card.startswith("k16, k16-contrastive (no autoregressive loss and no distillation), k16-fade (the ")
     assert card.endswith(", k8")
+    # a compressor kept from before the questions about missing objects says so (its stage has no such share)
+    card = _variant_list({**stages, "nested": {}, "k16-no-absent": {"absent_share": 0.0}})
+    assert "nested (no questions about missing objects)" in card
+    assert "k16-no-absent (no questions about missing objects)," in card

@@ -22,6 +22,7 @@ def test_demo_script_goes_through_one_server_and_stops_it(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "answers right:" in done.stdout and "indexed      12 images" in done.stdout
+    assert done.stdout.count("(true: there is no ") == 2  # two questions about objects the scene lacks
     served = done.stderr.count("answered by the running f2b serve")
     asked = done.stdout.count("  Q: ")
     assert asked >= 1 and served == asked + 2, done.stderr[-2000:]  # both searches and every question

@@ -164,11 +164,21 @@ def _llavolta_layers(r: dict[str, Any]) -> str:
     return f"on this {r['spec']['layers']}-layer LLM: {stages}"
 
 
-def _variant_list(names: Any) -> str:
-    """``k32, k8, k16-contrastive (no autoregressive loss and no distillation)``: what each variant changes."""
+def _variant_list(comp: dict[str, dict[str, Any]]) -> str:
+    """``k32, k8, k16-contrastive (no autoregressive loss and no distillation)``: what each variant changes,
+    including a compressor kept from a recipe without the shipped one's questions about missing objects."""
     from .compressor import VARIANT_CHANGES
 
-    return ", ".join(f"{n} ({VARIANT_CHANGES[n]})" if n in VARIANT_CHANGES else n for n in sorted(names))
+    shipped = comp.get("k16", {}).get("absent_share", 0.0)
+    said = {}
+    for name, stage in comp.items():
+        changes = [VARIANT_CHANGES[name]] if name in VARIANT_CHANGES else []
+        mine = stage.get("absent_share", 0.0)
+        if stage.get("autoregressive_weight", 1.0) > 0 and mine != shipped and not any("missing" in c for c in changes):
+            changes.append(f"questions about missing objects in {int(mine * 100)}% of the images" if mine
+                           else "no questions about missing objects")
+        said[name] = f"{name} ({'; '.join(changes)})" if changes else name
+    return ", ".join(said[n] for n in sorted(said))
 
 
 def _curve_table(history: list[dict[str, Any]], rows: int = 12) -> list[str]:
