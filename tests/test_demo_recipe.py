@@ -204,19 +204,25 @@ def test_object_queries_name_every_composition_and_exactly_the_images_holding_it
         assert list(row) == [(color, shape, " ".join(where)) in h for h in at]
 
 
+def _training_world(tmp_path, model_dir, n: int, seed: int, batch: int):
+    """A small demo-data training world in ``tmp_path / 'd'`` and a one-step compressor config over it."""
+    from fwd2bot_index.synthetic import write_demo_data
+    from fwd2bot_index.training import TrainConfig
+
+    write_demo_data(tmp_path / "d", n=n, seed=seed, image_size=32, split_fractions=(0.9, 0.1, 0.0),
+                    sugarcrepe_splits=())
+    return TrainConfig(model=str(model_dir), data=[str(tmp_path / "d")], output_dir=str(tmp_path / "out"),
+                       objective="fwd2bot", num_summary_tokens=4, embed_dim=32, lora_r=8, batch_size=batch,
+                       max_steps=1, eval_split="none", seed=0, device="cpu", dtype="fp32")
+
+
 def test_object_captions_name_an_object_of_their_image_and_are_masked_where_true(tmp_path, tiny_llava_dir):
     """k16-objects' batches: with object_share 1 every contrastive caption is "a <colour> <shape>" of an
     object its image holds, and the loss mask marks exactly the other images that hold it too."""
-    from fwd2bot_index.synthetic import write_demo_data
-    from fwd2bot_index.training import TrainConfig
     from fwd2bot_index.training.demo.compressor import (HardNegativeTrainer, hard_negative_pairs, object_query,
                                                         scene_objects)
 
-    write_demo_data(tmp_path / "d", n=40, seed=5, image_size=32, split_fractions=(0.9, 0.1, 0.0),
-                    sugarcrepe_splits=())
-    config = TrainConfig(model=str(tiny_llava_dir), data=[str(tmp_path / "d")], output_dir=str(tmp_path / "out"),
-                         objective="fwd2bot", num_summary_tokens=4, embed_dim=32, lora_r=8, batch_size=12,
-                         max_steps=1, eval_split="none", seed=0, device="cpu", dtype="fp32")
+    config = _training_world(tmp_path, tiny_llava_dir, n=40, seed=5, batch=12)
     objects = scene_objects(tmp_path / "d")
     trainer = HardNegativeTrainer(config, hard_negative_pairs(tmp_path / "d"), 0.5, objects=objects,
                                   object_share=1.0, progress=False)
@@ -277,15 +283,9 @@ def test_absent_referent_questions_name_only_what_the_scene_lacks():
 
 def test_absent_questions_join_a_share_of_the_pass2_turns(tmp_path, tiny_llava_dir):
     """absent_share 1: every image's turns end with one question about something its scene lacks."""
-    from fwd2bot_index.synthetic import write_demo_data
-    from fwd2bot_index.training import TrainConfig
     from fwd2bot_index.training.demo.compressor import HardNegativeTrainer, hard_negative_pairs, scenes_by_image
 
-    write_demo_data(tmp_path / "d", n=30, seed=6, image_size=32, split_fractions=(0.9, 0.1, 0.0),
-                    sugarcrepe_splits=())
-    config = TrainConfig(model=str(tiny_llava_dir), data=[str(tmp_path / "d")], output_dir=str(tmp_path / "out"),
-                         objective="fwd2bot", num_summary_tokens=4, embed_dim=32, lora_r=8, batch_size=8,
-                         max_steps=1, eval_split="none", seed=0, device="cpu", dtype="fp32")
+    config = _training_world(tmp_path, tiny_llava_dir, n=30, seed=6, batch=8)
     scenes = scenes_by_image(tmp_path / "d")
     trainer = HardNegativeTrainer(config, hard_negative_pairs(tmp_path / "d"), 0.5, scenes=scenes, absent_share=1.0,
                                   progress=False)
