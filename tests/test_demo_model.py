@@ -230,6 +230,7 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     assert "| 4 | " in card and "| 16 | " in card and "--model demo-nested --tokens 8" in card
     row8 = next(line for line in card.splitlines() if line.startswith("| 8 | "))
     assert not row8.endswith("| - | - |")  # beside the separately trained K=8
+    assert "Questions about something the image does not hold" in card and "the demo model " in card
 
 
 def test_claims_table_replaces_only_between_markers():

@@ -90,7 +90,22 @@ def nested_card(results: dict[str, Any], variant: str = "nested") -> str:
         lines.append(f"| {k} | {_pct(qa(seen, form))} | {_pct(qa(unseen, form))} | {_pct(qa_overall(results, form))} "
                      f"| {_pct(r1(seen, form))} | {_pct(r1(unseen, form))} "
                      f"| {_pct(qa_overall(results, ref)) if ref else '-'} | {_pct(r1(seen, ref)) if ref else '-'} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _absent_lines(results, f"fwd2bot-{variant}")) + "\n"
+
+
+def _absent_lines(results: dict[str, Any], form: str) -> list[str]:
+    """Questions about something the image does not hold, for this compressor at all its tokens and for the demo
+    model (measurements made before these questions existed have none)."""
+    rows = [results["splits"][s].get("absent_qa", {}) for s in ("test", "test_unseen")]
+    if not all(form in r and "fwd2bot" in r for r in rows):
+        return []
+
+    def both(name: str) -> float:
+        return sum(r[name]["exact_match"] * r[name]["n"] for r in rows) / sum(r[name]["n"] for r in rows)
+
+    return ["", "Questions about something the image does not hold (\"what color is the square?\" of a scene "
+            f"without a square, answered \"there is no square\"; both splits): {_pct(both(form))} exact match with "
+            f"all its tokens, the demo model {_pct(both('fwd2bot'))}."]
 
 
 def export_commands(variant: str, work_dir: str = "runs/demo") -> list[str]:
