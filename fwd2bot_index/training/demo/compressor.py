@@ -48,6 +48,8 @@ VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0,
             "nested": {"k": 32, "ar": 1.0, "nested": (4, 8, 16, 32)},
             # experiments (not in the claims command): the recipe before absent-referent questions
             "k16-no-absent": {"k": 16, "ar": 1.0, "absent_share": 0.0},
+            # ... and with one for every image (the recipe asks half of them)
+            "k16-absent-all": {"k": 16, "ar": 1.0, "absent_share": 1.0},
             # the distillation faded out over the last 60% of training
             "k16-fade": {"k": 16, "ar": 1.0, "distill_fade_from": 0.4},
             # 30% one-object phrases, a phrase true of another image in the batch masked from its negatives
@@ -66,6 +68,7 @@ CLAIMS_VARIANTS = ("k8", "k32", "k16-contrastive", "nested")
 #: what a variant changes besides K and nesting, in the card's words
 VARIANT_CHANGES = {"k16-contrastive": "no autoregressive loss and no distillation",
                    "k16-no-absent": "no questions about missing objects",
+                   "k16-absent-all": "a question about a missing object for every image",
                    "k16-fade": "the distillation weight falling linearly to 0 from 40% of training",
                    "k16-objects": "30% one-object captions, masked from the negatives of the images holding them",
                    "k16-objects-mp": "30% one-object captions, each a positive of every image holding it",
