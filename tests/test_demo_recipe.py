@@ -298,11 +298,19 @@ def test_absent_questions_join_a_share_of_the_pass2_turns(tmp_path, tiny_llava_d
         assert not (question.startswith("what color is the ") and " at the " not in question
                     and question.removeprefix("what color is the ").rstrip("?") in held)
     assert torch.isfinite(trainer.batch_losses(batch)["autoregressive"])
+    # share 0 (or no scenes): exactly the turns of the recipe before these questions, same draws
     plain = HardNegativeTrainer(config, hard_negative_pairs(tmp_path / "d"), 0.5, progress=False)
     plain.next_batch()
     assert not any(t[1].startswith("there is no ") for turns in plain._turns for t in turns)
+    zero = HardNegativeTrainer(config, hard_negative_pairs(tmp_path / "d"), 0.5, scenes=scenes, absent_share=0.0,
+                               progress=False)
+    zero.next_batch()
+    assert zero._turns == plain._turns and [t[:-1] for t in trainer._turns] == plain._turns
     with pytest.raises(ValueError, match="scenes_by_image"):
         HardNegativeTrainer(config, {}, 0.5, absent_share=0.5, progress=False)
+    with pytest.raises(ValueError, match="scenes_by_image"):  # scenes of another folder: no image has one
+        HardNegativeTrainer(config, {}, 0.5, scenes={"elsewhere.png": scenes[next(iter(scenes))]}, absent_share=0.5,
+                            progress=False)
 
 
 def test_absent_scores_count_right_answers_and_denials_of_present_objects(tmp_path):
@@ -316,8 +324,14 @@ def test_absent_scores_count_right_answers_and_denials_of_present_objects(tmp_pa
     assert len(records) == 10 and [r["owner"] for r in records] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     answers = [r["answer"] for r in records]
     answers[0] = "red"  # one colour named for a missing shape
-    scores = absent_scores(answers, records, ["red", "there is no red circle", "3", "yes"])
-    assert scores["n"] == 10 and scores["exact_match"] == pytest.approx(0.9)
-    assert scores["denies_present"] == pytest.approx(0.25)
+    answers[1] = "there is no blue blob"  # wrong, but it did say the thing is missing
+    world = [{"type": "color", "answer": "red"}, {"type": "existence", "answer": "yes"},
+             {"type": "existence", "answer": "no"}, {"type": "count", "answer": "0"}, {"type": "count", "answer": "2"}]
+    said = ["red", "there is no red circle", "there is no red circle", "there is no circle", "2"]
+    scores = absent_scores(answers, records, (said, world))
+    assert scores["n"] == 10 and scores["exact_match"] == pytest.approx(0.8)
+    assert scores["misses_answered_as_present"] == pytest.approx(0.5)
+    # "there is no ..." for a missing thing (existence "no", count "0") is no denial; for a present one it is
+    assert scores["n_present"] == 3 and scores["denies_present"] == pytest.approx(1 / 3)
     assert sum(scores["n_by_template"].values()) == 10
     assert scores["by_template"][records[0]["template"]] < 1.0

@@ -136,8 +136,8 @@ class HardNegativeTrainer(Trainer):
                  multi_positive: bool = False, placed_share: float = 0.0,
                  scenes: dict[str, Scene] | None = None, absent_share: float = 0.0, **kwargs: Any):
         super().__init__(config, **kwargs)
-        if absent_share and not scenes:
-            raise ValueError("absent_share needs each training image's scene (scenes_by_image)")
+        if absent_share and not any(str(sample.image) in (scenes or {}) for sample in self.train_samples):
+            raise ValueError("absent_share needs each training image's scene (scenes_by_image of its data folder)")
         # this share of the images also asks pass 2 about something the scene does not hold ("there is no
         # square"): the world's own questions never do, so without it the model names a colour for a missing shape
         self.scenes, self.absent_share = scenes or {}, absent_share

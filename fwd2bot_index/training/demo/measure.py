@@ -118,21 +118,34 @@ def absent_records(data_dir: Path, image_paths: Sequence[Path]) -> list[dict[str
 
 
 def absent_scores(predictions: Sequence[str], records: Sequence[dict[str, Any]],
-                  present_predictions: Sequence[str]) -> dict[str, Any]:
+                  present_predictions: tuple[Sequence[str], Sequence[dict[str, Any]]]) -> dict[str, Any]:
     """Exact match on the absent-referent questions (overall and per template), and how often the same stored
-    form denies an object that *is* there ("there is no ..." to one of the world's own questions): what the
-    new answer could cost."""
+    form denies an object that *is* there ("there is no ..." to one of the world's own questions about
+    something the scene holds; ``present_predictions`` = (its answers, those questions)): what the new answer
+    could cost."""
     from ...evaluation import exact_match
 
     hits = [exact_match(p, r["answer"]) for p, r in zip(predictions, records)]
     by_template: dict[str, list[bool]] = {}
     for hit, r in zip(hits, records):
         by_template.setdefault(r["template"], []).append(hit)
-    denied = [p.strip().lower().startswith(ABSENT_PREFIX) for p in present_predictions]
+    says_absent = [p.strip().lower().startswith(ABSENT_PREFIX) for p in predictions]
+    misses = [said for said, hit in zip(says_absent, hits) if not hit]
+    denied = [p.strip().lower().startswith(ABSENT_PREFIX) for p, r in zip(*present_predictions)
+              if names_present_object(r)]
     return {"n": len(hits), "exact_match": float(np.mean(hits)) if hits else float("nan"),
             "by_template": {t: float(np.mean(v)) for t, v in sorted(by_template.items())},
             "n_by_template": {t: len(v) for t, v in sorted(by_template.items())},
-            "denies_present": float(np.mean(denied)) if denied else float("nan")}
+            # of the wrong answers, the share that answered the question as if the referent were there
+            "misses_answered_as_present": float(np.mean([not said for said in misses])) if misses else float("nan"),
+            "denies_present": float(np.mean(denied)) if denied else float("nan"), "n_present": len(denied)}
+
+
+def names_present_object(record: dict[str, Any]) -> bool:
+    """Whether one of the world's own questions is about something the scene holds: all are, except existence
+    questions answered "no" and counts answered "0" (there "there is no ..." would be true, not a denial)."""
+    return not ((record.get("type") == "existence" and record["answer"] == "no")
+                or (record.get("type") == "count" and record["answer"] == "0"))
 
 
 def qa_scores(predictions: Sequence[str], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -204,7 +217,7 @@ def _measure_split(models: dict[str, Fwd2Bot], data_dir: Path, split: str, n_gal
     blind = [prior.get(question_template(q), "yes") for q in questions]
     qa = {"blind": qa_scores(blind, records)}
     absent_qa = {"blind": absent_scores([prior.get(question_template(r["question"]), "yes") for r in absent], absent,
-                                        blind)}
+                                        (blind, records))}
     for name, tokens in stored.items():
         if name.endswith("-contrastive"):
             continue  # its pass-2 adapter never trained
@@ -215,7 +228,7 @@ def _measure_split(models: dict[str, Fwd2Bot], data_dir: Path, split: str, n_gal
         qa[name] = qa_scores(answers, records)
         absent_qa[name] = absent_scores(_answer_all(model, [tokens[r["owner"]] for r in absent],
                                                     [r["question"] for r in absent], kind, batch_size,
-                                                    ABSENT_MAX_TOKENS), absent, answers)
+                                                    ABSENT_MAX_TOKENS), absent, (answers, records))
     return {"n_images": gallery.n_images, "n_qa_images": min(n_qa_images, gallery.n_images), "retrieval": retrieval,
             "retrieval_small": retrieval_small, "n_small_gallery": min(SMALL_GALLERY, gallery.n_images),
             **_object_query_results(asks, by_query),

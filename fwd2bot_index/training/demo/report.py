@@ -261,7 +261,7 @@ def _absent_table(results: dict[str, Any], names: Sequence[str]) -> list[str]:
              "two per QA image, e.g. \"what color is the square?\" in a scene without a square, answered \"there is no "
              "square\"; not in the QA columns above, and the base never trained on them). Per template both splits; "
              "the last column is how often the same stored form answers \"there is no ...\" to one of the world's own "
-             "questions, about something that is there:", "",
+             "questions about something the scene holds (all but existence \"no\" and count \"0\"):", "",
              "| stored form | seen | unseen | " + " | ".join(templates) + " | denies a present object |",
              "|" + "|".join(["---"] * (len(templates) + 4)) + "|"]
     for name in names:
@@ -270,7 +270,8 @@ def _absent_table(results: dict[str, Any], names: Sequence[str]) -> list[str]:
             continue
         both = {t: sum(r["by_template"].get(t, 0.0) * r["n_by_template"].get(t, 0) for r in (s, u))
                 / max(1, sum(r["n_by_template"].get(t, 0) for r in (s, u))) for t in templates}
-        denies = (s["denies_present"] + u["denies_present"]) / 2
+        counts = [r.get("n_present", 1) for r in (s, u)]  # older results: equal splits
+        denies = (s["denies_present"] * counts[0] + u["denies_present"] * counts[1]) / max(1, sum(counts))
         lines.append(f"| {name} | {_pct(s['exact_match'])} | {_pct(u['exact_match'])} | "
                      + " | ".join(_pct(both[t]) for t in templates) + f" | {_pct(denies)} |")
     return lines
