@@ -67,8 +67,6 @@ VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0,
 CLAIMS_VARIANTS = ("k8", "k32", "k16-contrastive", "nested")
 #: what a variant changes besides K and nesting, in the card's words
 VARIANT_CHANGES = {"k16-contrastive": "no autoregressive loss and no distillation",
-                   "k16-no-absent": "no questions about missing objects",
-                   "k16-absent-all": "a question about a missing object for every image",
                    "k16-fade": "the distillation weight falling linearly to 0 from 40% of training",
                    "k16-objects": "30% one-object captions, masked from the negatives of the images holding them",
                    "k16-objects-mp": "30% one-object captions, each a positive of every image holding it",
@@ -261,22 +259,13 @@ def object_query(obj: tuple[str, ...]) -> str:
 def scene_objects(data_dir: Path, placed: bool = False) -> dict[str, list[tuple[str, ...]]]:
     """image path -> its (colour, shape) objects, or (colour, shape, position) with ``placed``, from the
     demo data's ``scenes.jsonl``."""
-    import json
-
-    from ...synthetic import POSITIONS
-
-    objects: dict[str, list[tuple[str, ...]]] = {}
-    with (data_dir / "scenes.jsonl").open(encoding="utf-8") as fh:
-        for line in fh:
-            row = json.loads(line)
-            objects[str(data_dir / row["image"])] = [
-                (o["color"], o["shape"], *((POSITIONS[o["cell"]],) if placed else ())) for o in row["scene"]["objects"]]
-    return objects
+    return {image: [(o.color, o.shape, *((o.position,) if placed else ())) for o in scene.objects]
+            for image, scene in scenes_by_image(data_dir).items()}
 
 
 def scenes_by_image(data_dir: Path) -> dict[str, Scene]:
-    """image path -> its Scene, rebuilt from the demo data's ``scenes.jsonl`` (for questions the written
-    ``qa.jsonl`` does not hold, such as ``absent_question``)."""
+    """image path -> its Scene, rebuilt from the demo data's ``scenes.jsonl`` (for what the written ``qa.jsonl``
+    does not hold: each image's objects, questions such as ``absent_question``)."""
     import json
 
     scenes: dict[str, Scene] = {}

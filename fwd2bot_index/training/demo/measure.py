@@ -129,10 +129,11 @@ def absent_scores(predictions: Sequence[str], records: Sequence[dict[str, Any]],
     by_template: dict[str, list[bool]] = {}
     for hit, r in zip(hits, records):
         by_template.setdefault(r["template"], []).append(hit)
-    says_absent = [p.strip().lower().startswith(ABSENT_PREFIX) for p in predictions]
-    misses = [said for said, hit in zip(says_absent, hits) if not hit]
-    denied = [p.strip().lower().startswith(ABSENT_PREFIX) for p, r in zip(*present_predictions)
-              if names_present_object(r)]
+    def says_absent(prediction: str) -> bool:
+        return prediction.strip().lower().startswith(ABSENT_PREFIX)
+
+    misses = [says_absent(p) for p, hit in zip(predictions, hits) if not hit]
+    denied = [says_absent(p) for p, r in zip(*present_predictions) if names_present_object(r)]
     return {"n": len(hits), "exact_match": float(np.mean(hits)) if hits else float("nan"),
             "by_template": {t: float(np.mean(v)) for t, v in sorted(by_template.items())},
             "n_by_template": {t: len(v) for t, v in sorted(by_template.items())},

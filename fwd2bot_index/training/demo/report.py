@@ -166,7 +166,8 @@ def _llavolta_layers(r: dict[str, Any]) -> str:
 
 def _variant_list(comp: dict[str, dict[str, Any]]) -> str:
     """``k32, k8, k16-contrastive (no autoregressive loss and no distillation)``: what each variant changes,
-    including a compressor kept from a recipe without the shipped one's questions about missing objects."""
+    including its share of questions about missing objects where that differs from the shipped compressor's
+    (a compressor kept from an earlier recipe, or an experiment such as ``k16-no-absent``)."""
     from .compressor import VARIANT_CHANGES
 
     shipped = comp.get("k16", {}).get("absent_share", 0.0)
@@ -174,7 +175,7 @@ def _variant_list(comp: dict[str, dict[str, Any]]) -> str:
     for name, stage in comp.items():
         changes = [VARIANT_CHANGES[name]] if name in VARIANT_CHANGES else []
         mine = stage.get("absent_share", 0.0)
-        if stage.get("autoregressive_weight", 1.0) > 0 and mine != shipped and not any("missing" in c for c in changes):
+        if stage.get("autoregressive_weight", 1.0) > 0 and mine != shipped:
             changes.append(f"questions about missing objects in {int(mine * 100)}% of the images" if mine
                            else "no questions about missing objects")
         said[name] = f"{name} ({'; '.join(changes)})" if changes else name
