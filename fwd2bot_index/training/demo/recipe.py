@@ -237,7 +237,7 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
     data = work / "data-train"
     write_training_world(data, recipe, seed)
     spec = VARIANTS[variant]
-    steps = recipe.compressor_steps
+    steps = max(1, round(recipe.compressor_steps * spec.get("steps_factor", 1.0)))
     # eighths of the run, at least 3 steps apart (the quick recipe's 6 steps were evaluated and checkpointed
     # at every step; now at 3, still proving both paths)
     every = max(3, steps // 8)
