@@ -26,6 +26,32 @@ def test_position_errors_scores_every_object_of_every_scene(tiny_model):
     assert sum(v["questions"] for v in result["by_objects"].values()) == result["questions"]
     assert 0.0 <= result["exact"] <= min(result["row"], result["column"]) <= 1.0  # exact needs both right
     assert sum(result["confusions"].values()) <= round((1 - result["exact"]) * result["questions"])
+    for split in ("by_same_row_objects", "by_objects_sharing_colour_or_shape"):
+        assert sum(v["questions"] for v in result[split].values()) == result["questions"]
+    assert 0.0 <= result["wrong_naming_another_objects_cell"] <= 1.0
+
+
+@pytest.mark.parametrize("layout", ["mirror-columns", "mirror-rows", "transpose"])
+def test_position_layouts_permute_a_grids_ids_and_keep_a_row_major_one(layout):
+    offsets = _script("position_errors").layout_offsets(64, layout)
+    assert sorted(offsets.tolist()) == list(range(64)) and offsets.tolist() != list(range(64))
+    assert _script("position_errors").layout_offsets(64, "row-major").tolist() == list(range(64))
+
+
+def test_a_position_layout_moves_only_the_visual_blocks_ids_and_is_undone(tiny_model):
+    import torch
+
+    script = _script("position_errors")
+    tokens = [torch.zeros(4, tiny_model.backbone.config.text_config.hidden_size)] * 2
+    _, mask, before = tiny_model._pass2_batch(tokens, ["where?", "where is it now?"], "full")
+    with script.visual_layout(tiny_model, "mirror-rows"):
+        _, _, moved = tiny_model._pass2_batch(tokens, ["where?", "where is it now?"], "full")
+    _, _, after = tiny_model._pass2_batch(tokens, ["where?", "where is it now?"], "full")
+    assert before is None and after is None  # a LLaVA lays stored tokens out consecutively
+    consecutive = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    changed = (moved != consecutive) & mask.bool()
+    assert changed.sum(dim=1).tolist() == [4, 4]  # the 2x2 block's ids, nothing else
+    assert torch.equal(moved.sort(dim=1).values, consecutive.sort(dim=1).values)  # same ids, permuted
 
 
 @pytest.mark.parametrize("args, message", [
