@@ -1,17 +1,23 @@
 """Continue a demo base run from its saved state with other answer weights, to see whether a plateau moves.
 
     python experiments/base_continue.py --run RUN --out DIR [--minutes 50] [--weight position=3 --weight count=2]
+                                        [--positions 2d] [--all-tokens] [--fresh-lr]
 
 RUN is a base-run folder of the demo recipe (``state.pt``, ``curves.jsonl``, ``model/``; a recipe's work
 dir keeps it as ``base-run``). Its state and curves are copied to DIR, which then resumes exactly like the
 stage does (same scenes per step, same plateau schedule, its own time budget on top of the time spent),
 with the weights given here instead of the recipe's. Per-type held-out curves go to DIR/curves.jsonl.
-Behind docs/DEMO_MODEL.md's "A longer run alone does not lift position". Rerunning continues DIR.
+``--positions 2d`` gives the visual tokens (row, column) rotary ids (``grid_rope.py``) for the whole
+run (measure the result with ``position_errors.py --positions 2d``); ``--all-tokens`` trains on all
+visual tokens only (no pooled sequences, whose shorter blocks the 2-D mapping does not lay out);
+``--fresh-lr`` restarts the plateau schedule at the full learning rate. Behind docs/DEMO_MODEL.md's
+"A longer run alone does not lift position" and its 2-D positions experiment. Rerunning continues DIR.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import time
@@ -19,7 +25,9 @@ from pathlib import Path
 
 import torch
 
+from fwd2bot_index.model import Fwd2Bot
 from fwd2bot_index.synthetic.qa import QA_TYPES
+from fwd2bot_index.training.demo import base as base_stage
 from fwd2bot_index.training.demo.base import train_base
 from fwd2bot_index.training.demo.recipe import FULL
 from fwd2bot_index.training.demo.stage_state import load_stage_state
@@ -34,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight", action="append", default=[], metavar="TYPE=W",
                         help="answer weight of a question type (repeatable; default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0, help="the recipe seed the run was trained with")
+    parser.add_argument("--positions", choices=("1d", "2d"), default="1d",
+                        help="the visual tokens' rotary ids: 1d as trained, 2d (row, column; grid_rope.py)")
+    parser.add_argument("--all-tokens", action="store_true", help="no pooled sequences: all visual tokens only")
+    parser.add_argument("--fresh-lr", action="store_true", help="restart the plateau schedule at the full rate")
     args = parser.parse_args(argv)
     recipe = FULL
     weights = dict(recipe.base_type_weights)
@@ -49,15 +61,28 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         for name in ("state.pt", "curves.jsonl"):
             shutil.copy(args.run / name, args.out / name)
+        if args.fresh_lr:
+            fresh = torch.load(args.out / "state.pt", weights_only=False)
+            fresh.update(schedule_scale=1.0, schedule_best=0.0, schedule_since_best=0.0, schedule_cuts=0.0)
+            torch.save(fresh, args.out / "state.pt")
     torch.set_num_threads(1)
+    if args.all_tokens:
+        base_stage.POOLED_SHARE = ()
+    positions = contextlib.nullcontext()
+    if args.positions == "2d":
+        from grid_rope import grid_rope, visual_block_start
+
+        model = Fwd2Bot.from_pretrained(str(args.run / "model"), device="cpu", dtype="fp32")
+        positions = grid_rope(visual_block_start(model), int(model.backbone.config.image_seq_length))
     budget = float(state["seconds"]) + args.minutes * 60
     stop = PerTypeStopRule(floor=recipe.base_floor, types=QA_TYPES, max_steps=10 ** 6, max_seconds=budget)
-    summary = train_base(args.run / "model", args.out, seed=args.seed, batch=recipe.base_batch, lr=recipe.base_lr,
-                         check_every=recipe.base_check_every, caption_share=recipe.base_caption_share,
-                         caption_weight=recipe.base_caption_weight, n_monitor=recipe.monitor_images,
-                         say=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True),
-                         schedule=PlateauLR(warmup=recipe.base_warmup, patience=recipe.base_patience), stop=stop,
-                         type_weights=weights)
+    with positions:
+        summary = train_base(args.run / "model", args.out, seed=args.seed, batch=recipe.base_batch, lr=recipe.base_lr,
+                             check_every=recipe.base_check_every, caption_share=recipe.base_caption_share,
+                             caption_weight=recipe.base_caption_weight, n_monitor=recipe.monitor_images,
+                             say=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True),
+                             schedule=PlateauLR(warmup=recipe.base_warmup, patience=recipe.base_patience), stop=stop,
+                             type_weights=weights)
     print(f"stopped by {summary['stopped_by']} at step {summary['steps']}: {summary['heldout']}")
     return 0
 

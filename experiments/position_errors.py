@@ -2,13 +2,15 @@
 in the same row and by objects sharing a colour or shape, and whether a wrong answer names another
 object's cell; optionally with the visual tokens' position ids laid out otherwise than in training.
 
-    python experiments/position_errors.py --model DIR [--scenes 256] [--seed 0] [--layout L ...] [--json FILE]
+    python experiments/position_errors.py --model DIR [--scenes 256] [--seed 0] [--layout L ...] [--positions 2d]
+                                          [--json FILE]
 
 DIR is a stock LLaVA folder (the demo model's ``base/``, or a base run's ``model/``); answers come from all
 visual tokens, the way the base is measured. ``--layout`` (repeatable) re-asks with the 8x8 visual tokens'
 position ids permuted while their content stays: ``mirror-columns`` (a row's ids reversed),
 ``mirror-rows``, ``transpose`` (column-major) or ``shared`` (every visual token at the block's first id).
 If an answer's row or column follows the permuted ids, the LLM reads it from RoPE, not from the tokens.
+``--positions 2d`` answers with (row, column) rotary ids (``grid_rope.py``), for a base trained that way.
 Behind docs/DEMO_MODEL.md's "Where position fails".
 """
 
@@ -120,13 +122,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the recipe seed whose monitor scenes to use")
     parser.add_argument("--layout", action="append", choices=LAYOUTS,
                         help="visual tokens' position ids (repeatable; default: row-major, as trained)")
+    parser.add_argument("--positions", choices=("1d", "2d"), default="1d",
+                        help="the visual tokens' rotary ids: 1d as trained, 2d (row, column; grid_rope.py)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = Fwd2Bot.from_pretrained(args.model, device="cpu", dtype="fp32")
     model.backbone.hf.eval()
     scenes = heldout_scenes(args.seed, args.scenes)
-    results = [position_errors(model, scenes, layout=layout) for layout in args.layout or ["row-major"]]
+    positions = contextlib.nullcontext()
+    if args.positions == "2d":
+        from grid_rope import grid_rope, visual_block_start
+
+        positions = grid_rope(visual_block_start(model), int(model.backbone.config.image_seq_length))
+    with positions:
+        results = [position_errors(model, scenes, layout=layout) for layout in args.layout or ["row-major"]]
     text = json.dumps(results[0] if len(results) == 1 else results, indent=1)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

@@ -74,3 +74,33 @@ def test_object_phrases_reports_precision_and_how_alike_the_phrases_are(tmp_path
     report = json.loads(capsys.readouterr().out)["demo"]
     assert report["images"] == 8 and report["queries"] > 0
     assert all(0.0 <= report[k] <= 1.0 for k in ("p@1", "p@5", "map")) and -1.0 <= report["phrase_cosine_mean"] <= 1.0
+
+
+def test_grid_ids_give_visual_tokens_their_row_and_column_and_resume_text_after_the_grid():
+    import torch
+
+    ids = _script("grid_rope").grid_ids(torch.arange(12)[None], first=2, count=4)  # 2 text, 2x2 grid, 6 text
+    assert ids[:, 0, :2].tolist() == [[0, 1]] * 3  # text before: the same id three times
+    assert ids[:, 0, 2:6].tolist() == [[2, 2, 2, 2], [2, 2, 3, 3], [2, 3, 2, 3]]  # (t, row, column)
+    assert ids[:, 0, 6:].tolist() == [[4, 5, 6, 7, 8, 9]] * 3  # text resumes at first + side
+    with pytest.raises(ValueError, match="not a square grid"):
+        _script("grid_rope").grid_ids(torch.arange(4)[None], first=0, count=6)
+
+
+def test_grid_rope_leaves_text_before_the_grid_alone_and_moves_what_reads_the_grid(tiny_model):
+    import torch
+
+    decoder = tiny_model.backbone.decoder
+    embeds = torch.randn(1, 12, tiny_model.backbone.config.text_config.hidden_size)
+    mask, ids = torch.ones(1, 12, dtype=torch.long), torch.arange(12)[None]
+    with torch.no_grad():
+        plain = decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        cos, _ = decoder.rotary_emb(embeds, ids)
+        with _script("grid_rope").grid_rope(first=2, count=4):
+            grid = decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            grid_cos, _ = decoder.rotary_emb(embeds, ids)
+        again = decoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    assert torch.allclose(plain[:, :3], grid[:, :3], atol=1e-5)  # text and the grid's first token: same ids
+    assert torch.allclose(cos[:, :3], grid_cos[:, :3]) and not torch.allclose(cos[:, 3:], grid_cos[:, 3:])
+    assert not torch.equal(plain[:, 3:], grid[:, 3:])  # what reads the grid sees other ids
+    assert torch.equal(plain, again)  # undone on exit
