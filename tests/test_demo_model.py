@@ -335,3 +335,7 @@ def test_experimental_variants_are_valid_settings_and_their_rows_say_which():
     card = _variant_list({**stages, "nested": {}, "k16-no-absent": {"absent_share": 0.0}})
     assert "nested (no questions about missing objects)" in card
     assert "k16-no-absent (no questions about missing objects)," in card
+    # ... and one kept from a shorter recipe says how long it trained; a variant whose length is its change does not
+    card = _variant_list({"k16": {"steps": 1400}, "k8": {"steps": 700}, "k32": {"steps": 1400},
+                          "k16-short": {"steps": 700}})
+    assert card == "k16, k16-short (half the steps), k32, k8 (700 steps)"

@@ -166,11 +166,13 @@ def _llavolta_layers(r: dict[str, Any]) -> str:
 
 def _variant_list(comp: dict[str, dict[str, Any]]) -> str:
     """``k32, k8, k16-contrastive (no autoregressive loss and no distillation)``: what each variant changes,
-    including its share of questions about missing objects where that differs from the shipped compressor's
-    (a compressor kept from an earlier recipe, or an experiment such as ``k16-no-absent``)."""
+    including its share of questions about missing objects and its number of steps where those differ from
+    the shipped compressor's (a compressor kept from an earlier recipe, or an experiment such as
+    ``k16-no-absent``)."""
     from .compressor import VARIANT_CHANGES
 
     shipped = comp.get("k16", {}).get("absent_share", 0.0)
+    shipped_steps = comp.get("k16", {}).get("steps")
     said = {}
     for name, stage in comp.items():
         changes = [VARIANT_CHANGES[name]] if name in VARIANT_CHANGES else []
@@ -178,6 +180,8 @@ def _variant_list(comp: dict[str, dict[str, Any]]) -> str:
         if stage.get("autoregressive_weight", 1.0) > 0 and mine != shipped:
             changes.append(f"questions about missing objects in {int(mine * 100)}% of the images" if mine
                            else "no questions about missing objects")
+        if name not in VARIANT_CHANGES and shipped_steps and stage.get("steps") not in (None, shipped_steps):
+            changes.append(f"{stage['steps']:,} steps")  # kept from an earlier recipe's length
         said[name] = f"{name} ({'; '.join(changes)})" if changes else name
     return ", ".join(said[n] for n in sorted(said))
 
