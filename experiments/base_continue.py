@@ -27,10 +27,9 @@ import torch
 
 from fwd2bot_index.model import Fwd2Bot
 from fwd2bot_index.synthetic.qa import QA_TYPES
-from fwd2bot_index.training.demo import base as base_stage
-from fwd2bot_index.training.demo.base import train_base
+from fwd2bot_index.training.demo.base import POOLED_SHARE, train_base
 from fwd2bot_index.training.demo.recipe import FULL
-from fwd2bot_index.training.demo.stage_state import load_stage_state
+from fwd2bot_index.training.demo.stage_state import load_stage_state, save_stage_state
 from fwd2bot_index.training.schedule import PerTypeStopRule, PlateauLR
 
 
@@ -59,21 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.run} has no state.pt: not a base run of the demo recipe")
     if not (args.out / "state.pt").is_file():
         args.out.mkdir(parents=True, exist_ok=True)
-        for name in ("state.pt", "curves.jsonl"):
-            shutil.copy(args.run / name, args.out / name)
+        shutil.copy(args.run / "curves.jsonl", args.out / "curves.jsonl")
+        copied = {k: v for k, v in state.items() if k != "history"}
         if args.fresh_lr:
-            fresh = torch.load(args.out / "state.pt", weights_only=False)
-            fresh.update(schedule_scale=1.0, schedule_best=0.0, schedule_since_best=0.0, schedule_cuts=0.0)
-            torch.save(fresh, args.out / "state.pt")
+            copied.update(schedule_scale=1.0, schedule_best=0.0, schedule_since_best=0.0, schedule_cuts=0.0)
+        save_stage_state(args.out / "state.pt", copied, state["history"])
     torch.set_num_threads(1)
-    if args.all_tokens:
-        base_stage.POOLED_SHARE = ()
     positions = contextlib.nullcontext()
     if args.positions == "2d":
-        from grid_rope import grid_rope, visual_block_start
+        from grid_rope import positions_for
 
-        model = Fwd2Bot.from_pretrained(str(args.run / "model"), device="cpu", dtype="fp32")
-        positions = grid_rope(visual_block_start(model), int(model.backbone.config.image_seq_length))
+        positions = positions_for(Fwd2Bot.from_pretrained(str(args.run / "model"), device="cpu", dtype="fp32"), "2d")
     budget = float(state["seconds"]) + args.minutes * 60
     stop = PerTypeStopRule(floor=recipe.base_floor, types=QA_TYPES, max_steps=10 ** 6, max_seconds=budget)
     with positions:
@@ -82,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                              caption_weight=recipe.base_caption_weight, n_monitor=recipe.monitor_images,
                              say=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True),
                              schedule=PlateauLR(warmup=recipe.base_warmup, patience=recipe.base_patience), stop=stop,
-                             type_weights=weights)
+                             type_weights=weights, pooled_share=() if args.all_tokens else POOLED_SHARE)
     print(f"stopped by {summary['stopped_by']} at step {summary['steps']}: {summary['heldout']}")
     return 0
 

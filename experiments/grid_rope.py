@@ -24,13 +24,21 @@ from typing import Iterator
 
 import torch
 
+from fwd2bot_index.model.pooling import grid_side
+
+
+def square_side(count: int) -> int:
+    """The side of the square grid of ``count`` visual tokens (a LLaVA's 8x8 for the demo base)."""
+    side = grid_side(count)
+    if side is None:
+        raise ValueError(f"{count} visual tokens are not a square grid")
+    return side
+
 
 def grid_ids(position_ids: torch.Tensor, first: int, count: int) -> torch.Tensor:
     """(3, ...) M-RoPE ids (time, row, column) for 1-D ``position_ids`` with a square visual grid of
     ``count`` tokens starting at id ``first``."""
-    side = int(round(count ** 0.5))
-    if side * side != count:
-        raise ValueError(f"{count} visual tokens are not a square grid")
+    side = square_side(count)
     p = position_ids
     k = (p - first).clamp(0, count - 1)
     inside = (p >= first) & (p < first + count)
@@ -70,3 +78,11 @@ def visual_block_start(model) -> int:
     """The 1-D id of the first visual token in the base's answering layout (the chat text before it)."""
     before, _, _ = model.pass2_parts(torch.zeros(1, model.backbone.config.text_config.hidden_size), "?", "full")
     return int(before.shape[0])
+
+
+def positions_for(model, positions: str) -> contextlib.AbstractContextManager:
+    """The scripts' ``--positions``: ``1d`` as the base was trained (nothing changes), ``2d`` this module's ids
+    for ``model``'s visual block."""
+    if positions == "1d":
+        return contextlib.nullcontext()
+    return grid_rope(visual_block_start(model), int(model.backbone.config.image_seq_length))

@@ -20,7 +20,6 @@ import argparse
 import collections
 import contextlib
 import json
-import math
 import sys
 import types
 from typing import Any, Iterator
@@ -31,6 +30,7 @@ import torch
 from fwd2bot_index.model import Fwd2Bot
 from fwd2bot_index.synthetic.world import POSITIONS
 from fwd2bot_index.training.demo.scenes import heldout_scenes
+from grid_rope import positions_for, square_side
 
 LAYOUTS = ("row-major", "mirror-columns", "mirror-rows", "transpose", "shared")
 
@@ -41,9 +41,7 @@ def _cell(position: str) -> tuple[int, int]:
 
 def layout_offsets(count: int, layout: str) -> torch.Tensor:
     """(count,) position offsets of a square grid of visual tokens (row-major is how they were trained)."""
-    side = math.isqrt(count)
-    if side * side != count:
-        raise ValueError(f"{count} visual tokens are not a square grid")
+    side = square_side(count)
     row, col = torch.arange(count) // side, torch.arange(count) % side
     offsets = {"row-major": row * side + col, "mirror-columns": row * side + (side - 1 - col),
                "mirror-rows": (side - 1 - row) * side + col, "transpose": col * side + row,
@@ -130,12 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     model = Fwd2Bot.from_pretrained(args.model, device="cpu", dtype="fp32")
     model.backbone.hf.eval()
     scenes = heldout_scenes(args.seed, args.scenes)
-    positions = contextlib.nullcontext()
-    if args.positions == "2d":
-        from grid_rope import grid_rope, visual_block_start
-
-        positions = grid_rope(visual_block_start(model), int(model.backbone.config.image_seq_length))
-    with positions:
+    with positions_for(model, args.positions):
         results = [position_errors(model, scenes, layout=layout) for layout in args.layout or ["row-major"]]
     text = json.dumps(results[0] if len(results) == 1 else results, indent=1)
     if args.json:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _grid_side(n: int) -> int | None:
+def grid_side(n: int) -> int | None:
+    """The side of a square grid of ``n`` tokens, or ``None`` when ``n`` is not a square."""
     side = math.isqrt(n)
     return side if side * side == n else None
 
@@ -64,7 +65,7 @@ def pool_visual_tokens(tokens: torch.Tensor, budget: int) -> torch.Tensor:
     if budget <= 0:
         raise ValueError(f"token budget must be positive, got {budget}")
     n = tokens.shape[1]
-    side = _grid_side(n)
+    side = grid_side(n)
     if side is not None:
         return pool_grid(tokens, side, side, budget)
     if budget >= n:
@@ -85,7 +86,7 @@ def pool_by_stride(tokens: torch.Tensor, stride: int) -> torch.Tensor:
         return tokens
     n = tokens.shape[1]
     keep = max(1, n // stride)
-    side = _grid_side(n)
+    side = grid_side(n)
     if side is not None:
         return pool_grid(tokens, side, side, keep)
     pooled = F.avg_pool1d(tokens[:, : keep * stride].transpose(1, 2).float(), stride)

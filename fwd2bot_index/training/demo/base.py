@@ -65,12 +65,13 @@ def tower_features(hf: Any, pixels: torch.Tensor) -> torch.Tensor:
         return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
 
 
-def pooled_forms(visual: torch.Tensor, rng: np.random.Generator) -> list[torch.Tensor]:
-    """Per item, all visual tokens or (with the POOLED_SHARE odds) a 2-D pooled budget."""
+def pooled_forms(visual: torch.Tensor, rng: np.random.Generator,
+                 pooled_share: Sequence[tuple[float, int]] = POOLED_SHARE) -> list[torch.Tensor]:
+    """Per item, all visual tokens or (with the ``pooled_share`` odds) a 2-D pooled budget."""
     out = []
     for tokens in visual:
         draw, budget = rng.random(), None
-        for share, b in POOLED_SHARE:
+        for share, b in pooled_share:
             if draw < share:
                 budget = b
                 break
@@ -146,7 +147,8 @@ def train_base(init_dir: Path, out_dir: Path, *, seed: int, batch: int, lr: floa
                caption_share: float, caption_weight: float, n_monitor: int, say: Callable[[str], None],
                schedule: PlateauLR, stop: PerTypeStopRule, type_weights: dict[str, float] | None = None,
                layers: int | None = None, llm_init_std: float | None = None,
-               autocast: bool = True) -> dict[str, Any]:
+               autocast: bool = True,
+               pooled_share: Sequence[tuple[float, int]] = POOLED_SHARE) -> dict[str, Any]:
     """Train projector + LLM of the warmed-up LLaVA in ``init_dir`` until every question type answers;
     the result goes to ``out_dir/model``.
 
@@ -154,7 +156,8 @@ def train_base(init_dir: Path, out_dir: Path, *, seed: int, batch: int, lr: floa
     ends by ``stop`` (every type >= the floor on held-out scenes, or a step / CPU-time budget). Every
     answer is trained in the layout answering uses (branched turns); ``type_weights`` weight answer
     tokens by question type. ``layers``: the LLM's depth when it should differ from the one built
-    with the warm-up; ``llm_init_std``: re-initialise the LLM at that std (None keeps ``init_dir``'s).
+    with the warm-up; ``llm_init_std``: re-initialise the LLM at that std (None keeps ``init_dir``'s);
+    ``pooled_share``: (share, budget) of the sequences that see pooled visual tokens (empty: all tokens only).
     Per-type curves go to ``out_dir/curves.jsonl`` as they are measured.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +212,7 @@ def train_base(init_dir: Path, out_dir: Path, *, seed: int, batch: int, lr: floa
                 turns.append(scene_turns(s.captions(), [(q["question"], q["answer"]) for q in qa], rng,
                                          CAPTION_PROMPT, caption_share, caption_weight,
                                          weights=type_weights_for(qa, weights)))
-            loss = branched_turn_loss(model, pooled_forms(visual, rng), turns, "full")
+            loss = branched_turn_loss(model, pooled_forms(visual, rng, pooled_share), turns, "full")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -239,7 +242,7 @@ def train_base(init_dir: Path, out_dir: Path, *, seed: int, batch: int, lr: floa
     final = history[-1] if history else {}
     return {"steps": step, "batch": batch, "projector_scale": factor, "seconds": round(time.perf_counter() - started, 1),
             "heldout": final, "history": history, "stopped_by": stopped_by, "lr_cuts": schedule.cuts,
-            "floor": stop.floor, "type_weights": weights, "pooled_share": [list(x) for x in POOLED_SHARE],
+            "floor": stop.floor, "type_weights": weights, "pooled_share": [list(x) for x in pooled_share],
             "llm_layers": hf.config.text_config.num_hidden_layers, "llm_init_std": llm_init_std,
             "visual_rms_vs_words": visual_rms_ratio(model, monitor[:64])}
 

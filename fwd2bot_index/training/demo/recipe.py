@@ -67,7 +67,7 @@ class DemoRecipe:
     lora_r: int = 16
     lora_alpha: int = 32
     # 1,400 (~5.6 passes over the training world): twice the earlier 700 lifted t2i R@1 from 53.3 to 75.0 and
-    # QA from 86.2 to 87.9 on the held-out world (docs/DEMO_MODEL.md, "training length")
+    # QA from 86.2 to 87.8 on the held-out world (docs/DEMO_MODEL.md, "training length")
     compressor_steps: int = 1400
     compressor_batch: int = 32
     compressor_lr: float = 3e-3  # 1e-3 moved pass 1 too slowly: a distillation loss 1.2 -> 0.8 in 180 steps vs -> 0.2
