@@ -10,7 +10,8 @@ with the weights given here instead of the recipe's. Per-type held-out curves go
 ``--positions 2d`` gives the visual tokens (row, column) rotary ids (``grid_rope.py``) for the whole
 run (measure the result with ``position_errors.py --positions 2d``); ``--all-tokens`` trains on all
 visual tokens only (no pooled sequences, whose shorter blocks the 2-D mapping does not lay out);
-``--fresh-lr`` restarts the plateau schedule at the full learning rate. Behind docs/DEMO_MODEL.md's
+``--fresh-lr`` restarts the plateau schedule at the full learning rate (with ``--all-tokens``: the
+recipe's ``base-finish`` stage, which this experiment found). Behind docs/DEMO_MODEL.md's
 "A longer run alone does not lift position" and its 2-D positions experiment. Rerunning continues DIR.
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,7 +27,7 @@ import torch
 
 from fwd2bot_index.model import Fwd2Bot
 from fwd2bot_index.synthetic.qa import QA_TYPES
-from fwd2bot_index.training.demo.base import POOLED_SHARE, train_base
+from fwd2bot_index.training.demo.base import POOLED_SHARE, restart_state, train_base
 from fwd2bot_index.training.demo.recipe import FULL
 from fwd2bot_index.training.demo.stage_state import load_stage_state, save_stage_state
 from fwd2bot_index.training.schedule import PerTypeStopRule, PlateauLR
@@ -56,13 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     state = load_stage_state(args.run / "state.pt")
     if state is None:
         parser.error(f"{args.run} has no state.pt: not a base run of the demo recipe")
-    if not (args.out / "state.pt").is_file():
+    if args.fresh_lr:  # what the recipe's base-finish stage does
+        restart_state(args.run, args.out)
+    elif not (args.out / "state.pt").is_file():
         args.out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(args.run / "curves.jsonl", args.out / "curves.jsonl")
-        copied = {k: v for k, v in state.items() if k != "history"}
-        if args.fresh_lr:
-            copied.update(schedule_scale=1.0, schedule_best=0.0, schedule_since_best=0.0, schedule_cuts=0.0)
-        save_stage_state(args.out / "state.pt", copied, state["history"])
+        save_stage_state(args.out / "state.pt", {k: v for k, v in state.items() if k != "history"}, state["history"])
     torch.set_num_threads(1)
     positions = contextlib.nullcontext()
     if args.positions == "2d":

@@ -109,10 +109,15 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     report = demo_recipe.train_demo_model(out, quick=True, seed=0, device="cpu", progress=False, work_dir=work,
                                           variants=("k8", "k16-contrastive", "nested"))
     assert report["size_bytes"] < MAX_BYTES
-    assert set(report["stages"]) == {"warmup", "base", "compressor-k16", "compressor-k8", "compressor-k16-contrastive",
-                                     "compressor-nested"}
+    assert set(report["stages"]) == {"warmup", "base", "base-finish", "compressor-k16", "compressor-k8",
+                                     "compressor-k16-contrastive", "compressor-nested"}
     assert report["stages"]["base"]["steps"] == demo_recipe.QUICK.base_max_steps
     assert report["stages"]["base"]["stopped_by"] in {"step budget", "floor reached"}
+    finish = report["stages"]["base-finish"]  # goes on from the base's step, all visual tokens only
+    assert finish["started_at_step"] == demo_recipe.QUICK.base_max_steps
+    assert finish["steps"] == demo_recipe.QUICK.base_max_steps + demo_recipe.QUICK.base_finish_max_steps
+    assert finish["pooled_share"] == [] and report["stages"]["base"]["pooled_share"]
+    assert "1b. Base, finish: from step 6 to 9" in (out / "README.md").read_text()
     assert report["stages"]["compressor-k8"]["num_summary_tokens"] == 8
     assert report["stages"]["compressor-k8"]["threads"] == torch.get_num_threads()  # what the stage ran on
     assert report["stages"]["compressor-k16-contrastive"]["last"].get("autoregressive") is None

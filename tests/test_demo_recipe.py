@@ -151,6 +151,40 @@ def test_base_stage_resumes_bit_exactly_after_an_interruption(tiny_base, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_base_finish_restarts_the_rate_and_keeps_the_runs_weights_optimizer_step_and_curve(tiny_base, tmp_path):
+    from fwd2bot_index.synthetic.qa import QA_TYPES
+    from fwd2bot_index.training.demo.base import restart_state
+    from fwd2bot_index.training.demo.stage_state import load_stage_state
+
+    def args(max_steps):
+        return dict(seed=0, batch=3, lr=1e-3, check_every=2, caption_share=0.5, caption_weight=0.5, n_monitor=2,
+                    schedule=PlateauLR(warmup=2, patience=1), stop=PerTypeStopRule(types=QA_TYPES, max_steps=max_steps),
+                    type_weights={"relation": 2.0}, llm_init_std=0.088)
+
+    run = train_base(tiny_base, tmp_path / "run", say=lambda m: None, **args(6))
+    before = load_stage_state(tmp_path / "run" / "state.pt")
+    before["schedule_scale"] = 0.25  # as if the run had cut its rate twice
+    from fwd2bot_index.training.demo.stage_state import save_stage_state
+
+    save_stage_state(tmp_path / "run" / "state.pt", {k: v for k, v in before.items() if k != "history"},
+                     before["history"])
+    restart_state(tmp_path / "run", tmp_path / "finish")
+    started = load_stage_state(tmp_path / "finish" / "state.pt")
+    assert started["step"] == 6 and started["schedule_scale"] == 1.0 and started["schedule_cuts"] == 0
+    assert started["history"] == run["history"]
+    assert all(torch.equal(started["model"][k], before["model"][k]) for k in before["model"])
+    restart_state(tmp_path / "run", tmp_path / "finish")  # a rerun keeps the finish's own state
+    said = []
+    finish = train_base(tmp_path / "run" / "model", tmp_path / "finish", say=said.append,
+                        **(args(10) | {"llm_init_std": None}), pooled_share=())
+    assert any("resuming at step 6" in m for m in said)
+    assert finish["steps"] == 10 and finish["pooled_share"] == []
+    assert [r["step"] for r in finish["history"]] == [2, 4, 6, 8, 10]
+    assert finish["history"][3]["lr"] == pytest.approx(1e-3)  # the full rate again at step 8
+    with pytest.raises(FileNotFoundError, match="not a base run"):
+        restart_state(tmp_path / "nothing", tmp_path / "other")
+
+
 def test_verify_turns_ask_verified_searchs_own_question():
     from fwd2bot_index.model.config import VERIFY_PROMPT
     from fwd2bot_index.model.relevance import verify_question

@@ -14,6 +14,12 @@ question type reaches the floor on held-out scenes, or at its step / CPU-time bu
 50% and a decayed learning rate, and the same weights left that plateau within 300 steps of a fresh
 warm-up at the full rate.
 
+A second phase (``restart_state``, the recipe's ``base-finish``) goes on from the first phase's saved
+state on all visual tokens only, the learning rate back at its full value under the same plateau rule:
+LLaVolta's last stage, no compression. The first phase had stopped at its time budget with position at
+0.68 and count at 0.77 on the monitor; the finish took them to 0.83 / 0.83 (docs/DEMO_MODEL.md, "a
+longer base"), where 2-D position ids for the visual tokens had not helped.
+
 Resumable: every ``check_every`` steps the projector, the LLM, the optimizer, the step and the
 schedule's state go to ``state.pt``; a later call continues from there, with the same fresh scenes per step.
 """
@@ -245,6 +251,21 @@ def train_base(init_dir: Path, out_dir: Path, *, seed: int, batch: int, lr: floa
             "floor": stop.floor, "type_weights": weights, "pooled_share": [list(x) for x in pooled_share],
             "llm_layers": hf.config.text_config.num_hidden_layers, "llm_init_std": llm_init_std,
             "visual_rms_vs_words": visual_rms_ratio(model, monitor[:64])}
+
+
+def restart_state(run: Path, out_dir: Path) -> None:
+    """Start ``out_dir`` from the base run in ``run``: its saved weights, optimizer, step, time spent and
+    curve, with the plateau schedule back at the full rate (a fresh ``PlateauLR`` state). Nothing happens
+    when ``out_dir`` already has a state: a rerun continues that one."""
+    if (out_dir / STATE_FILE).is_file():
+        return
+    state = load_stage_state(run / STATE_FILE)
+    if state is None:
+        raise FileNotFoundError(f"{run} has no {STATE_FILE}: not a base run of the demo recipe")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    history = state.pop("history")
+    state.update({f"schedule_{k}": v for k, v in PlateauLR().state_dict().items()})
+    save_stage_state(out_dir / STATE_FILE, state, history)
 
 
 def visual_rms_ratio(model: Fwd2Bot, scenes: Sequence[Any]) -> float:

@@ -4,8 +4,9 @@ Stages, each resumable inside ``work_dir`` (a killed run continues with ``reuse=
 
 0. ``warmup`` (warmup.py): vision tower + projector read the scene from its ground truth;
 1. ``base`` (base.py): a byte-level BPE tokenizer and a small Llama LLM learn to caption scenes and
-   answer all of a scene's questions in one multi-turn sequence, from all visual tokens, on the
-   frozen tower;
+   answer all of a scene's questions in one multi-turn sequence, from all visual tokens (a share of
+   sequences from pooled ones), on the frozen tower; ``base-finish`` goes on from its state on all
+   visual tokens only with the learning rate restarted, until the plateau rule ends it;
 2. ``compressor`` (compressor.py): Fwd2Bot on the frozen base: K summary tokens, both LoRA adapters
    and the heads, contrastive (with hard negatives) + autoregressive losses;
 3. export: one self-contained fp16 checkpoint folder with a model card.
@@ -61,6 +62,10 @@ class DemoRecipe:
     base_llm_init_std: float | None = 0.088  # ~1/sqrt(hidden); None keeps the warm-up's LLM init
     base_check_every: int = 200
     base_layers: int | None = None  # the LLM's depth for the base stage (None: the spec's)
+    # stage 1b: the base goes on from stage 1's state on all visual tokens, the rate back at base_lr, until the
+    # plateau rule ends it (stage 1 had stopped at its time budget unconverged: position 0.68, count 0.77)
+    base_finish_max_steps: int = 12000
+    base_finish_max_minutes: float = 150.0
     # stage 2: the compressor
     num_summary_tokens: int = 16
     embed_dim: int = 128
@@ -95,6 +100,7 @@ QUICK = DemoRecipe(
     spec=TinySpec(image_size=64, patch_size=8, vision_hidden=32, vision_layers=2, hidden=64, layers=2, heads=4,
                   kv_heads=2, intermediate=128, max_positions=512),
     n_train=160, vocab_size=400, vision_max_steps=6, vision_batch=8, vision_check_every=3, vision_heldout=16, base_max_steps=6,
+    base_finish_max_steps=3,
     base_batch=4, base_check_every=3, base_warmup=2, compressor_steps=6, compressor_batch=8, monitor_images=8, n_gallery=24,
     n_qa_images=6, n_sugarcrepe=12,
 )
@@ -212,6 +218,33 @@ def base_stage(recipe: DemoRecipe, work: Path, seed: int, progress: bool,
     return finish_stage(folder, summary)
 
 
+def base_finish_stage(recipe: DemoRecipe, work: Path, seed: int, progress: bool,
+                      base: dict[str, Any]) -> dict[str, Any]:
+    """Stage 1b into ``work / 'base-finish'``: stage 1's run (``base``, its summary) goes on from its saved
+    state on all visual tokens only, the learning rate restarted, until every type answers, the plateau
+    rule ends it or its own budget (``base_finish_*``) is spent; compressors train on its ``model``."""
+    from ...synthetic.qa import QA_TYPES
+    from ..schedule import PerTypeStopRule, PlateauLR
+    from .base import restart_state, train_base
+
+    folder = work / "base-finish"
+    done = stage_done(folder)
+    if done is not None:
+        return done
+    restart_state(work / "base-run", folder)
+    stop = PerTypeStopRule(floor=recipe.base_floor, types=QA_TYPES,
+                           max_steps=int(base["steps"]) + recipe.base_finish_max_steps,
+                           max_seconds=float(base["seconds"]) + recipe.base_finish_max_minutes * 60)
+    summary = train_base(work / "base-run" / "model", folder, seed=seed, batch=recipe.base_batch, lr=recipe.base_lr,
+                         check_every=recipe.base_check_every, caption_share=recipe.base_caption_share,
+                         caption_weight=recipe.base_caption_weight, n_monitor=recipe.monitor_images,
+                         say=lambda m: say(progress, m), schedule=PlateauLR(warmup=0, patience=recipe.base_patience),
+                         stop=stop, type_weights=dict(recipe.base_type_weights), autocast=recipe.bf16_autocast,
+                         pooled_share=())
+    summary["started_at_step"] = int(base["steps"])
+    return finish_stage(folder, summary)
+
+
 def write_training_world(folder: Path, recipe: DemoRecipe, seed: int) -> dict[str, Any]:
     """The compressor's training set on disk (the house trainer reads folders): 95% 'train' scenes,
     5% 'test' scenes the trainer monitors (never trained on)."""
@@ -244,7 +277,7 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
     # at every step; now at 3, still proving both paths)
     every = max(3, steps // 8)
     config = TrainConfig(
-        model=str(work / "base-run" / "model"), data=[str(data)], output_dir=str(folder), objective="fwd2bot",
+        model=str(work / "base-finish" / "model"), data=[str(data)], output_dir=str(folder), objective="fwd2bot",
         num_summary_tokens=spec["k"], nested=list(spec.get("nested", ())) or None, embed_dim=recipe.embed_dim, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
         lr=recipe.compressor_lr, batch_size=recipe.compressor_batch, pool_schedule=recipe.compressor_pool_schedule,
         bf16=recipe.bf16_autocast,
@@ -286,8 +319,8 @@ def train_demo_model(out_dir: str | os.PathLike[str], quick: bool = False, seed:
     Stages and intermediate models live in ``work_dir`` (a temporary folder when not given); a stage
     that finished there is kept and an interrupted one continues from its last checkpoint, so the
     same command after a kill goes on where it stopped. ``variants`` adds the other compressors the
-    claims table compares (``k8``, ``k32``, ``k16-contrastive``); ``stop_after`` ('warmup', 'base')
-    ends the run early. ``base_from`` (a stock LLaVA folder, e.g. an earlier demo model's ``base/``)
+    claims table compares (``k8``, ``k32``, ``k16-contrastive``); ``stop_after`` ('warmup', 'base': both
+    base phases) ends the run early. ``base_from`` (a stock LLaVA folder, e.g. an earlier demo model's ``base/``)
     replaces stages 0 and the LLM's fresh start: the base stage continues that model, and the card
     says so. ``compressors_only`` trains exactly ``variants`` (k16 not implied) and exports nothing:
     several processes can then train different variants in one work folder at once (one core each),
@@ -321,6 +354,7 @@ def train_demo_model(out_dir: str | os.PathLike[str], quick: bool = False, seed:
         if stop_after == "warmup":
             return report
         report["stages"]["base"] = base_stage(recipe, work, seed, progress, base_from)
+        report["stages"]["base-finish"] = base_finish_stage(recipe, work, seed, progress, report["stages"]["base"])
         if stop_after == "base":
             return report
         for variant in (variants if compressors_only else dict.fromkeys(("k16", *variants))):

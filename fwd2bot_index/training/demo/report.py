@@ -46,7 +46,7 @@ def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) ->
     r, stages = report["recipe"], report["stages"]
     spec = r["spec"]
     tokens = (spec["image_size"] // spec["patch_size"]) ** 2
-    warm, base = stages.get("warmup", {}), stages.get("base", {})
+    warm, base, finish = stages.get("warmup", {}), stages.get("base", {}), stages.get("base-finish", {})
     comp = {k[len("compressor-"):]: v for k, v in stages.items() if k.startswith("compressor-")}
     lines = [
         "# fwd2bot-index demo model", "",
@@ -83,6 +83,7 @@ def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) ->
         "answered by a base trained on them. Visual tokens' RMS over the word embeddings' at the end: "
         f"{base.get('visual_rms_vs_words', '?')}. Held-out monitor at the end: `{_json(base.get('heldout'))}`; "
         "the per-type curve is below.",
+        *([_finish_line(r, base, finish)] if finish else []),
         f"2. Compressor: {r['compressor_steps']} steps x {r['compressor_batch']}, lr {r['compressor_lr']}; summary "
         "tokens, both adapters and the heads. Symmetric InfoNCE (the scene-unique caption, or for "
         f"{int(r['hard_negative_share'] * 100)}% of items a hard-negative pair's caption whose negative joins the "
@@ -98,7 +99,7 @@ def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) ->
         "",
         f"Training time: {report.get('stage_seconds', 0) / 60:.0f} min over all stages on {report['threads']} CPU "
         "thread(s) of a shared 2-core machine.", "",
-        *_curve_table(base.get("history") or []),
+        *_curve_table(finish.get("history") or base.get("history") or []),
         "## Reproduce", "",
         "```bash", f"{MODULE_COMMAND}   # train (resumable), measure, write the tables",
         f"{TRAIN_COMMAND}   # the shipped model's training alone, into ./f2b-demo", "```", "",
@@ -112,6 +113,15 @@ def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) ->
     path = Path(out_dir) / "README.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _finish_line(r: dict[str, Any], base: dict[str, Any], finish: dict[str, Any]) -> str:
+    return (f"1b. Base, finish: from step {finish.get('started_at_step', base.get('steps', '?'))} to "
+            f"{finish.get('steps', '?')} on all visual tokens only (LLaVolta's last stage, no compression), the "
+            f"optimizer's state kept and lr back at {r['base_lr']}, halved after {r['base_patience']} checks without "
+            f"a rise ({finish.get('lr_cuts', 0)} cuts); stopped by {finish.get('stopped_by', '?')} (rule as above, or "
+            f"{r['base_finish_max_steps']} more steps / {r['base_finish_max_minutes']:.0f} more min). Held-out "
+            f"monitor at the end: `{_json(finish.get('heldout'))}`. The compressors train on this base.")
 
 
 def _warmup_line(r: dict[str, Any], warm: dict[str, Any]) -> str:
