@@ -112,8 +112,9 @@ def refusal(service: ServiceView) -> str | None:
 
 def verify_by_default(model: Any) -> bool:
     """Whether a search that does not say should verify with ``model``: yes unless the model declares that
-    re-ranking by its relevance was measured not to help (``config.relevance_ranks_well`` False: the demo
-    model, whose P(yes) lowers R@1 on its own held-out scenes). Unmeasured models (stock checkpoints) verify."""
+    re-ranking by its relevance was measured not to help (``config.relevance_ranks_well`` False: a model whose
+    P(yes) lowered R@1 on its own held-out scenes, as earlier demo models' did). Unmeasured models (stock
+    checkpoints) verify."""
     return getattr(getattr(model, "config", None), "relevance_ranks_well", None) is not False
 
 

@@ -136,12 +136,15 @@ def test_it_warns_like_the_demo_model_off_its_world():
     assert demo_world_status("my-photos-model", 10, 3)["warning"] is None
 
 
-def test_verified_search_is_off_by_default_as_for_the_demo_model(nested):
-    """It shares the demo model's base, whose P(yes) was measured to rank worse than the embedding: an
-    unmeasured verdict (null) turned verified search on by default on the search page."""
+def test_verified_search_defaults_as_for_the_demo_model(nested):
+    """It shares the demo model's base, whose recipe measured whether re-ranking by P(yes) helps: the nested
+    model carries that verdict (an unmeasured one, null, would turn verified search on whatever was measured)."""
+    from fwd2bot_index.model.config import Fwd2BotConfig
     from fwd2bot_index.verification import verify_by_default
 
-    assert nested.config.relevance_ranks_well is False and not verify_by_default(nested)
+    shipped = Fwd2BotConfig.read(demo_model_path()).relevance_ranks_well
+    assert shipped is not None and nested.config.relevance_ranks_well is shipped
+    assert verify_by_default(nested) is shipped
 
 
 def test_a_re_export_copies_the_verdict_of_the_model_whose_base_it_shares(tmp_path):
@@ -150,11 +153,12 @@ def test_a_re_export_copies_the_verdict_of_the_model_whose_base_it_shares(tmp_pa
 
     shutil.copytree(demo_model_path(), tmp_path / "demo_model")
     owner = Fwd2BotConfig.read(tmp_path / "demo_model")
-    owner.relevance_ranks_well = True  # not the shipped verdict: proves it is read from the base's owner
+    verdict = not owner.relevance_ranks_well  # not the shipped verdict: proves it is read from the base's owner
+    owner.relevance_ranks_well = verdict
     (tmp_path / "demo_model" / "fwd2bot_config.json").write_text(owner.to_json())
     export_sharing_base(demo_model_path("demo-nested"), tmp_path / "demo_model_nested")
     exported = Fwd2BotConfig.read(tmp_path / "demo_model_nested")
-    assert exported.relevance_ranks_well is True and exported.base_model == "../demo_model/base"
+    assert exported.relevance_ranks_well is verdict and exported.base_model == "../demo_model/base"
     assert Fwd2Bot.from_pretrained(str(tmp_path / "demo_model_nested"), device="cpu").config.nested_budgets
 
 

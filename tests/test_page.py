@@ -267,19 +267,26 @@ def test_docs_work_with_no_network(server, browser, tmp_path):
 
 @pytest.fixture(scope="module")
 def unhelpful_relevance_server(tmp_path_factory):
-    """The demo images indexed with the shipped demo model, whose recipe measured that re-ranking by its
-    relevance makes its search worse (``relevance_ranks_well`` False in its config), served read-only."""
+    """The demo images indexed with a copy of the demo model whose config says its recipe measured that
+    re-ranking by its relevance makes search worse (``relevance_ranks_well`` False, as earlier demo models'
+    measurement wrote), served read-only."""
+    import shutil
+
     import fwd2bot_index
     from fwd2bot_index.model.config import Fwd2BotConfig
     from fwd2bot_index.service import open_service
 
     shipped = Path(fwd2bot_index.__file__).parent / "demo_model"  # the package's, editable or installed
-    assert Fwd2BotConfig.read(shipped).relevance_ranks_well is False
+    model = tmp_path_factory.mktemp("unhelpful-model") / "demo_model"
+    shutil.copytree(shipped, model)
+    config = Fwd2BotConfig.read(model)
+    config.relevance_ranks_well = False
+    (model / "fwd2bot_config.json").write_text(config.to_json(), encoding="utf-8")
     demo = demo_collection(tmp_path_factory.getbasetemp() / "api-demo", n=40, seed=0)
     collection = tmp_path_factory.mktemp("unhelpful") / "collection"
-    with open_service(collection=collection, model="demo", create=True) as service:
+    with open_service(collection=collection, model=str(model), create=True) as service:
         assert service.index([demo.data_dir / "images"]).indexed == 40
-    live = LiveServer(server=make_server(collection, model="demo", port=free_port(), writable=False,
+    live = LiveServer(server=make_server(collection, model=str(model), port=free_port(), writable=False,
                                          log_level="warning"))
     with live as url:
         live.wait_ready()
@@ -288,7 +295,7 @@ def unhelpful_relevance_server(tmp_path_factory):
 
 def test_page_searches_unverified_when_the_model_says_its_relevance_does_not_help(unhelpful_relevance_server,
                                                                                    browser, server):
-    """With the demo model, whose relevance was measured to make ranking worse, text searches are not verified
+    """With a model whose relevance was measured to make ranking worse, text searches are not verified
     unless the address asks (?verify=N); a model that says nothing (the other server's) still verifies."""
     url = unhelpful_relevance_server
     assert httpx.get(url + "/v1/collection").json()["verify_by_default"] is False
