@@ -28,8 +28,8 @@ import torch
 from fwd2bot_index.model import Fwd2Bot
 from fwd2bot_index.synthetic.qa import QA_TYPES
 from fwd2bot_index.training.demo.base import POOLED_SHARE, restart_state, train_base
-from fwd2bot_index.training.demo.recipe import FULL
-from fwd2bot_index.training.demo.stage_state import load_stage_state, save_stage_state
+from fwd2bot_index.training.demo.recipe import FULL, base_training_args
+from fwd2bot_index.training.demo.stage_state import load_stage_state
 from fwd2bot_index.training.schedule import PerTypeStopRule, PlateauLR
 
 
@@ -56,11 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     state = load_stage_state(args.run / "state.pt")
     if state is None:
         parser.error(f"{args.run} has no state.pt: not a base run of the demo recipe")
-    if args.fresh_lr:  # what the recipe's base-finish stage does
-        restart_state(args.run, args.out)
-    elif not (args.out / "state.pt").is_file():
-        args.out.mkdir(parents=True, exist_ok=True)
-        save_stage_state(args.out / "state.pt", {k: v for k, v in state.items() if k != "history"}, state["history"])
+    restart_state(args.run, args.out, fresh_rate=args.fresh_lr)  # fresh: what the recipe's base-finish does
     torch.set_num_threads(1)
     positions = contextlib.nullcontext()
     if args.positions == "2d":
@@ -70,12 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     budget = float(state["seconds"]) + args.minutes * 60
     stop = PerTypeStopRule(floor=recipe.base_floor, types=QA_TYPES, max_steps=10 ** 6, max_seconds=budget)
     with positions:
-        summary = train_base(args.run / "model", args.out, seed=args.seed, batch=recipe.base_batch, lr=recipe.base_lr,
-                             check_every=recipe.base_check_every, caption_share=recipe.base_caption_share,
-                             caption_weight=recipe.base_caption_weight, n_monitor=recipe.monitor_images,
-                             say=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True),
+        shared = base_training_args(recipe, args.seed, lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True))
+        summary = train_base(args.run / "model", args.out, **{**shared, "type_weights": weights},
                              schedule=PlateauLR(warmup=recipe.base_warmup, patience=recipe.base_patience), stop=stop,
-                             type_weights=weights, pooled_share=() if args.all_tokens else POOLED_SHARE)
+                             pooled_share=() if args.all_tokens else POOLED_SHARE)
     print(f"stopped by {summary['stopped_by']} at step {summary['steps']}: {summary['heldout']}")
     return 0
 

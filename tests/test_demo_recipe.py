@@ -154,7 +154,7 @@ def test_base_stage_resumes_bit_exactly_after_an_interruption(tiny_base, tmp_pat
 def test_base_finish_restarts_the_rate_and_keeps_the_runs_weights_optimizer_step_and_curve(tiny_base, tmp_path):
     from fwd2bot_index.synthetic.qa import QA_TYPES
     from fwd2bot_index.training.demo.base import restart_state
-    from fwd2bot_index.training.demo.stage_state import load_stage_state
+    from fwd2bot_index.training.demo.stage_state import load_stage_state, save_stage_state
 
     def args(max_steps):
         return dict(seed=0, batch=3, lr=1e-3, check_every=2, caption_share=0.5, caption_weight=0.5, n_monitor=2,
@@ -164,8 +164,6 @@ def test_base_finish_restarts_the_rate_and_keeps_the_runs_weights_optimizer_step
     run = train_base(tiny_base, tmp_path / "run", say=lambda m: None, **args(6))
     before = load_stage_state(tmp_path / "run" / "state.pt")
     before["schedule_scale"] = 0.25  # as if the run had cut its rate twice
-    from fwd2bot_index.training.demo.stage_state import save_stage_state
-
     save_stage_state(tmp_path / "run" / "state.pt", {k: v for k, v in before.items() if k != "history"},
                      before["history"])
     restart_state(tmp_path / "run", tmp_path / "finish")
@@ -174,6 +172,8 @@ def test_base_finish_restarts_the_rate_and_keeps_the_runs_weights_optimizer_step
     assert started["history"] == run["history"]
     assert all(torch.equal(started["model"][k], before["model"][k]) for k in before["model"])
     restart_state(tmp_path / "run", tmp_path / "finish")  # a rerun keeps the finish's own state
+    restart_state(tmp_path / "run", tmp_path / "kept", fresh_rate=False)  # the experiment's plain continuation
+    assert load_stage_state(tmp_path / "kept" / "state.pt")["schedule_scale"] == 0.25
     said = []
     finish = train_base(tmp_path / "run" / "model", tmp_path / "finish", say=said.append,
                         **(args(10) | {"llm_init_std": None}), pooled_share=())

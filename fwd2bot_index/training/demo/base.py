@@ -253,10 +253,10 @@ def train_base(init_dir: Path, out_dir: Path, *, seed: int, batch: int, lr: floa
             "visual_rms_vs_words": visual_rms_ratio(model, monitor[:64])}
 
 
-def restart_state(run: Path, out_dir: Path) -> None:
+def restart_state(run: Path, out_dir: Path, fresh_rate: bool = True) -> None:
     """Start ``out_dir`` from the base run in ``run``: its saved weights, optimizer, step, time spent and
-    curve, with the plateau schedule back at the full rate (a fresh ``PlateauLR`` state). Nothing happens
-    when ``out_dir`` already has a state: a rerun continues that one."""
+    curve, with the plateau schedule back at the full rate (a fresh ``PlateauLR`` state; ``fresh_rate``
+    False keeps the run's). Nothing happens when ``out_dir`` already has a state: a rerun continues that one."""
     if (out_dir / STATE_FILE).is_file():
         return
     state = load_stage_state(run / STATE_FILE)
@@ -264,7 +264,8 @@ def restart_state(run: Path, out_dir: Path) -> None:
         raise FileNotFoundError(f"{run} has no {STATE_FILE}: not a base run of the demo recipe")
     out_dir.mkdir(parents=True, exist_ok=True)
     history = state.pop("history")
-    state.update({f"schedule_{k}": v for k, v in PlateauLR().state_dict().items()})
+    if fresh_rate:
+        state.update({f"schedule_{k}": v for k, v in PlateauLR().state_dict().items()})
     save_stage_state(out_dir / STATE_FILE, state, history)
 
 

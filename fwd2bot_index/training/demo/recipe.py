@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -189,6 +189,14 @@ def warmup_stage(recipe: DemoRecipe, work: Path, seed: int, device: torch.device
     return finish_stage(folder, summary)
 
 
+def base_training_args(recipe: DemoRecipe, seed: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """The ``train_base`` arguments both base phases (and the continuation experiment) share."""
+    return dict(seed=seed, batch=recipe.base_batch, lr=recipe.base_lr, check_every=recipe.base_check_every,
+                caption_share=recipe.base_caption_share, caption_weight=recipe.base_caption_weight,
+                n_monitor=recipe.monitor_images, say=log, type_weights=dict(recipe.base_type_weights),
+                autocast=recipe.bf16_autocast)
+
+
 def base_stage(recipe: DemoRecipe, work: Path, seed: int, progress: bool,
                base_from: Path | None = None) -> dict[str, Any]:
     """Stage 1 into ``work / 'base-run'`` (the pretrained stock LLaVA in ``base-run/model``); ``base_from``:
@@ -207,12 +215,8 @@ def base_stage(recipe: DemoRecipe, work: Path, seed: int, progress: bool,
     init, std = work / "base-init", recipe.base_llm_init_std
     if base_from is not None:  # continue an existing base instead of a fresh LLM
         init, std = Path(base_from), None
-    summary = train_base(init, folder, seed=seed, batch=recipe.base_batch, lr=recipe.base_lr,
-                         check_every=recipe.base_check_every, caption_share=recipe.base_caption_share,
-                         caption_weight=recipe.base_caption_weight, n_monitor=recipe.monitor_images,
-                         say=lambda m: say(progress, m), schedule=schedule, stop=stop,
-                         type_weights=dict(recipe.base_type_weights), layers=recipe.base_layers, llm_init_std=std,
-                         autocast=recipe.bf16_autocast)
+    summary = train_base(init, folder, **base_training_args(recipe, seed, lambda m: say(progress, m)),
+                         schedule=schedule, stop=stop, layers=recipe.base_layers, llm_init_std=std)
     if base_from is not None:
         summary["started_from"] = str(base_from)
     return finish_stage(folder, summary)
@@ -235,12 +239,8 @@ def base_finish_stage(recipe: DemoRecipe, work: Path, seed: int, progress: bool,
     stop = PerTypeStopRule(floor=recipe.base_floor, types=QA_TYPES,
                            max_steps=int(base["steps"]) + recipe.base_finish_max_steps,
                            max_seconds=float(base["seconds"]) + recipe.base_finish_max_minutes * 60)
-    summary = train_base(work / "base-run" / "model", folder, seed=seed, batch=recipe.base_batch, lr=recipe.base_lr,
-                         check_every=recipe.base_check_every, caption_share=recipe.base_caption_share,
-                         caption_weight=recipe.base_caption_weight, n_monitor=recipe.monitor_images,
-                         say=lambda m: say(progress, m), schedule=PlateauLR(warmup=0, patience=recipe.base_patience),
-                         stop=stop, type_weights=dict(recipe.base_type_weights), autocast=recipe.bf16_autocast,
-                         pooled_share=())
+    summary = train_base(work / "base-run" / "model", folder, **base_training_args(recipe, seed, lambda m: say(progress, m)),
+                         schedule=PlateauLR(warmup=0, patience=recipe.base_patience), stop=stop, pooled_share=())
     summary["started_at_step"] = int(base["steps"])
     return finish_stage(folder, summary)
 
