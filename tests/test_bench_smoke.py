@@ -276,6 +276,19 @@ def test_service_tiny(bench, tmp_path, capsys):
     assert all(isinstance(g["met"], bool) and (g["met"] or g["why"]) for g in goals)
 
 
+def test_service_like_goal_says_why_missed_when_its_cpu_time_did_not_tick(bench):
+    """A short run on a loaded machine can miss the like goal with 0 CPU ms per request measured (the process
+    clock did not tick): the goal still says why, without dividing by that 0."""
+    def row(kind, level, qps):
+        return {"round": 0, "kind": kind, "concurrency": level, "qps": qps, "max_queue": level, "server_cpu_ms": 0.0,
+                "client_cpu_ms": 0.0, "texts_per_call": 1.0, "model_calls": 1}
+
+    goals = bench("bench_service").goals([row("text", 1, 100.0), row("text", 4, 120.0), row("like", 1, 100.0),
+                                          row("like", 4, 110.0)])
+    assert [g["met"] for g in goals] == [False, False]  # 1.2x of 1.5x; 110 QPS of 3 x 538
+    assert all("too little CPU time to measure" in g["why"] for g in goals)
+
+
 def test_nested_quick_tiny(bench, tmp_path, capsys):
     out, data = run(bench("bench_nested"), ["--quick", "--smoke", "--images", "12", "--threads", "1",
                                             "--json", str(tmp_path / "nested.json")], capsys)
