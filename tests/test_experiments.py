@@ -107,3 +107,63 @@ def test_grid_rope_leaves_text_before_the_grid_alone_and_moves_what_reads_the_gr
     assert torch.allclose(cos[:, :3], grid_cos[:, :3]) and not torch.allclose(cos[:, 3:], grid_cos[:, 3:])
     assert not torch.equal(plain[:, 3:], grid[:, 3:])  # what reads the grid sees other ids
     assert torch.equal(plain, again)  # undone on exit
+
+
+def test_embedding_head_scores_the_shipped_and_fresh_heads_on_frozen_tokens(tmp_path, capsys):
+    import json
+
+    from fwd2bot_index.synthetic import write_demo_data
+
+    write_demo_data(tmp_path, n=32, seed=2, split_fractions=(0.5, 0.25, 0.25))
+    script = _script("embedding_head")
+    args = ["--train", str(tmp_path), "--eval", str(tmp_path), "--model", "demo", "--n-train", "12",
+            "--n-gallery", "6", "--n-pairs", "6", "--steps", "2", "--batch", "6", "--cache", str(tmp_path / "cache")]
+    assert script.main(args + ["--heads", ",".join(script.HEADS) + ",mixer+mlp,mixer+mixer"]) == 0
+    rows = json.loads(capsys.readouterr().out)["demo"]
+    assert set(rows) == {"text_pair_distance", "shipped", *script.HEADS, "mixer+mlp", "mixer+mixer"}
+    assert all(v >= 0.0 for v in rows.pop("text_pair_distance").values())
+    assert script.main(args + ["--heads", "mean-linear"]) == 0  # the second run reads the cached features
+    again = capsys.readouterr()
+    assert "features from" in again.err and json.loads(again.out)["demo"]["shipped"] == rows["shipped"]
+    assert script.main(args + ["--heads", "mean-linear", "--hard-categories", "swap_att"]) == 0  # fewer texts:
+    again = capsys.readouterr()  # still read from the cache
+    assert "features from" in again.err and json.loads(again.out)["demo"]["shipped"] == rows["shipped"]
+    for row in rows.values():
+        assert set(row["sugarcrepe"]) >= {"swap_att", "swap_obj"}
+        assert all(0.0 <= v <= 100.0 for v in [*row["sugarcrepe"].values(), row["t2i_r1_test"], row["t2i_r1_test_unseen"]])
+
+
+def test_embedding_heads_keep_the_embedding_shape_and_the_mlp_head_is_not_a_mean_of_linear_maps():
+    import torch
+
+    heads = _script("embedding_head").HEADS
+    tokens = torch.randn(3, 4, 8)
+    for make in heads.values():
+        assert make(4, 8, 5)(tokens).shape == (3, 5)
+    # a DeepSets head tells apart two token sets with the same mean (which a mean-linear head cannot)
+    a = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    b = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    torch.manual_seed(0)
+    mlp, linear = heads["mlp-mean"](2, 2, 3), heads["mean-linear"](2, 2, 3)
+    assert torch.allclose(linear(a), linear(b)) and not torch.allclose(mlp(a), mlp(b))
+
+
+def test_embedding_head_refuses_an_unknown_head_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _script("embedding_head").main(["--train", str(tmp_path), "--eval", str(tmp_path), "--model", "demo",
+                                        "--heads", "mean-linear,nope,mixer+nope"])
+    assert stop.value.code == 2 and "unknown head(s) nope+linear, mixer+nope" in capsys.readouterr().err
+
+
+def test_text_heads_read_left_padded_states_and_padding_changes_nothing():
+    import torch
+
+    script = _script("embedding_head")
+    torch.manual_seed(0)
+    states, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
+    padded = torch.cat([torch.zeros(2, 3, 8), states], dim=1)
+    padded_mask = torch.cat([torch.zeros(2, 3, dtype=torch.bool), mask], dim=1)
+    for make in script.TEXT_HEADS.values():
+        head = make(8, 6).eval()
+        with torch.no_grad():
+            assert torch.allclose(head(states, mask), head(padded, padded_mask), atol=1e-5)

@@ -240,15 +240,16 @@ class HardNegativeTrainer(Trainer):
         return parts
 
 
-def hard_negative_pairs(data_dir: Path) -> dict[str, list[tuple[str, str]]]:
-    """image path -> [(caption, negative caption)] for the training split (all seven categories)."""
+def hard_negative_pairs(data_dir: Path, categories: Sequence[str] = ()) -> dict[str, list[tuple[str, str]]]:
+    """image path -> [(caption, negative caption)] for the training split (all seven categories, or only
+    ``categories``)."""
     import json
 
     pairs: dict[str, list[tuple[str, str]]] = {}
     with (data_dir / "hard_negatives.jsonl").open(encoding="utf-8") as fh:
         for line in fh:
             row = json.loads(line)
-            if row["split"] == "train":
+            if row["split"] == "train" and (not categories or row["category"] in categories):
                 pairs.setdefault(str(data_dir / row["image"]), []).append((row["caption"], row["negative_caption"]))
     return pairs
 
