@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     for name in args.model:
         model = Fwd2Bot.from_pretrained(name, device="cpu", dtype="fp32")
-        say(f"{name}: K={model.config.num_summary_tokens}, encoding")
+        say(f"{name}: K={model.config.num_summary_tokens}")
         feats = cached_features(args, model, name, train, say)
         rows: dict[str, Any] = {"text_pair_distance": pair_distances(feats, args.seed),
                                 "shipped": score(model.embed_summary, lambda s, m: model.compressor.text_head(s[:, -1]), feats)}
