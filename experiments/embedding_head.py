@@ -3,11 +3,11 @@
 The shipped head is linear on the *mean* of the summary tokens. If each token holds colour and shape as
 separate features, a mean keeps the bag of attributes and loses which colour went with which shape, and no
 loss on the tokens can show through it. Here every compressor's pass 1 is frozen: its summary tokens and
-its text side's last states are computed once, then fresh heads are trained on them with the recipe's
+its text prompt's token states are computed once, then fresh heads are trained on them with the recipe's
 contrastive loss (in-batch + the training world's hard negatives, ``info_nce_with_negatives``), and the
 held-out world's SugarCrepe pairs and t2i recall are scored per head. A head that lifts swap_att / swap_obj
 on the AR-trained tokens more than on the contrastive-only ones says the AR loss's binding is in the tokens
-and the head hid it.
+and the head hid it; ``text_pair_distance`` says whether the text side can tell a negative from its caption.
 
     python experiments/embedding_head.py --train WORK/data-train --eval EVAL --model demo \\
         --model WORK/compressor-k16-contrastive/model [--heads mean-linear,mlp-mean,attention,flatten]
@@ -34,11 +34,8 @@ from torch import nn
 from fwd2bot_index.evaluation import read_captions_jsonl, read_sugarcrepe, retrieval_recall
 from fwd2bot_index.imaging import load_image
 from fwd2bot_index.model import Fwd2Bot
-from fwd2bot_index.model.fwd2bot import PASS1, _left_pad
+from fwd2bot_index.model.fwd2bot import PASS1
 from fwd2bot_index.training.demo.compressor import hard_negative_pairs, info_nce_with_negatives
-
-SWAPS = ("swap_att", "swap_obj")
-
 
 class MeanLinear(nn.Module):
     """The shipped form: a linear layer on the mean of the tokens."""
@@ -164,13 +161,8 @@ def text_states(model: Fwd2Bot, texts: Sequence[str], batch: int = 128) -> tuple
     adapter), left-padded to one length, and the (n, L) mask of real tokens."""
     chunks = []
     for start in range(0, len(texts), batch):
-        seqs = []
-        for text in texts[start:start + batch]:
-            parts = model.backbone.chat(model.config.text_embed_prompt.format(text=text))
-            seqs.append(model.backbone.embed_ids(model.backbone.token_ids(parts.before + parts.after, bos=True)))
-        embeds, mask = _left_pad(seqs)
-        with model.adapter(PASS1):
-            chunks.append((model.backbone.run_decoder(embeds, mask).half(), mask.bool()))
+        hidden, mask = model.text_states(texts[start:start + batch], model.config.text_embed_prompt, PASS1)
+        chunks.append((hidden.half(), mask.bool()))
     length = max(h.shape[1] for h, _ in chunks)
     states = torch.cat([F.pad(h, (0, 0, length - h.shape[1], 0)) for h, _ in chunks])
     return states, torch.cat([F.pad(m, (length - m.shape[1], 0)) for _, m in chunks])
@@ -188,7 +180,7 @@ def embed_texts(head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], feat
     return torch.cat(out)
 
 
-def training_rows(data: Path, n_images: int, seed: int, categories: Sequence[str] = ()) -> list[dict[str, Any]]:
+def training_rows(data: Path, n_images: int, categories: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The first ``n_images`` 'train' images with their captions and hard-negative pairs (of ``categories``
     only, when given)."""
     pairs = hard_negative_pairs(data, categories)
@@ -199,10 +191,9 @@ def training_rows(data: Path, n_images: int, seed: int, categories: Sequence[str
     return rows
 
 
-def features(model: Fwd2Bot, train: list[dict[str, Any]], eval_dir: Path, n_gallery: int,
-             n_pairs: int, say: Callable[[str], None], encode: bool = True) -> dict[str, Any]:
-    """Everything the heads train and are scored on, from one frozen compressor (``encode=False``: the
-    rows only, without tokens and states)."""
+def feature_rows(train: list[dict[str, Any]], eval_dir: Path, n_gallery: int, n_pairs: int) -> dict[str, Any]:
+    """Which images and texts the heads train and are scored on (row numbers), and the held-out pairs and
+    galleries; ``encode`` adds a compressor's tokens and states for those rows."""
     sugar = read_sugarcrepe(eval_dir / "sugarcrepe", eval_dir / "images", limit=n_pairs)
     galleries = {s: read_captions_jsonl(eval_dir / "captions.jsonl", split=s, limit=n_gallery, max_captions_per_image=1)
                  for s in ("test", "test_unseen")}
@@ -211,16 +202,18 @@ def features(model: Fwd2Bot, train: list[dict[str, Any]], eval_dir: Path, n_gall
                                + [t for g in galleries.values() for t in g.captions]))
     images = list(dict.fromkeys([r["image"] for r in train] + [p.image for c in sugar.values() for p in c.pairs]
                                 + [p for g in galleries.values() for p in g.image_paths]))
-    rows = {"image_row": {p: i for i, p in enumerate(images)}, "text_row": {t: i for i, t in enumerate(texts)},
+    return {"image_row": {p: i for i, p in enumerate(images)}, "text_row": {t: i for i, t in enumerate(texts)},
             "sugarcrepe": sugar, "galleries": galleries}
-    if not encode:
-        return rows
+
+
+def encode(model: Fwd2Bot, rows: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+    """``rows`` with the frozen compressor's summary tokens and text states for them."""
     started = time.perf_counter()
-    tokens = summary_tokens(model, images)
-    say(f"{len(images)} images in {time.perf_counter() - started:.0f} s")
+    tokens = summary_tokens(model, list(rows["image_row"]))
+    say(f"{len(tokens)} images in {time.perf_counter() - started:.0f} s")
     started = time.perf_counter()
-    states, mask = text_states(model, texts)
-    say(f"{len(texts)} texts in {time.perf_counter() - started:.0f} s")
+    states, mask = text_states(model, list(rows["text_row"]))
+    say(f"{len(states)} texts in {time.perf_counter() - started:.0f} s")
     return {**rows, "tokens": tokens, "states": states, "mask": mask}
 
 
@@ -299,12 +292,12 @@ def pair_distances(feats: dict[str, Any], seed: int = 0) -> dict[str, float]:
 
 def cached_features(args: argparse.Namespace, model: Fwd2Bot, name: str, train: list[dict[str, Any]],
                     say: Callable[[str], None]) -> dict[str, Any]:
-    """``features``, read from / written to ``args.cache`` under the model's fingerprint and the sizes asked."""
-    key = f"{model.fingerprint[:12]}-tokens-{args.n_train}-{args.n_gallery}-{args.n_pairs}-{args.seed}.pt"
+    """``encode``'s features, read from / written to ``args.cache`` under the model's fingerprint and the sizes asked."""
+    key = f"{model.fingerprint[:12]}-tokens-{args.n_train}-{args.n_gallery}-{args.n_pairs}.pt"
     path = args.cache / key if args.cache else None
+    feats = feature_rows(train, args.eval, args.n_gallery, args.n_pairs)
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=True)
-        feats = features(model, train, args.eval, args.n_gallery, args.n_pairs, say, encode=False)
         images = {p: i for i, p in enumerate(saved["images"])}
         texts = {t: i for i, t in enumerate(saved["texts"])}
         if all(str(p) in images for p in feats["image_row"]) and all(t in texts for t in feats["text_row"]):
@@ -312,7 +305,7 @@ def cached_features(args: argparse.Namespace, model: Fwd2Bot, name: str, train: 
             keep = torch.tensor([texts[t] for t in feats["text_row"]])
             return {**feats, "tokens": saved["tokens"][[images[str(p)] for p in feats["image_row"]]],
                     "states": saved["states"][keep], "mask": saved["mask"][keep]}
-    feats = features(model, train, args.eval, args.n_gallery, args.n_pairs, say)
+    feats = encode(model, feats, say)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"images": [str(p) for p in feats["image_row"]], "texts": list(feats["text_row"]),
@@ -355,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     def say(message: str) -> None:
         print(f"[embedding_head {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
-    train = training_rows(args.train, args.n_train, args.seed, [c for c in args.hard_categories.split(",") if c])
+    train = training_rows(args.train, args.n_train, [c for c in args.hard_categories.split(",") if c])
     report: dict[str, Any] = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     for name in args.model:
         model = Fwd2Bot.from_pretrained(name, device="cpu", dtype="fp32")

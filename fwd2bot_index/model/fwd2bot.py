@@ -325,7 +325,9 @@ class Fwd2Bot:
 
         return embed_stored(self, tokens, budget, batch_size)
 
-    def _text_last_states(self, texts: Sequence[str], template: str, adapter: str | None) -> torch.Tensor:
+    def text_states(self, texts: Sequence[str], template: str, adapter: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, H) last-layer states of every token of the prompted texts, left-padded, and their (B, L) mask:
+        what the text embedding reads (its last position) and what a readout of every token would."""
         seqs = []
         for text in texts:
             parts = self.backbone.chat(template.format(text=text))
@@ -333,8 +335,10 @@ class Fwd2Bot:
             seqs.append(self.backbone.embed_ids(ids))
         embeds, mask = _left_pad(seqs)
         with self.adapter(adapter):
-            hidden = self.backbone.run_decoder(embeds, mask)
-        return hidden[:, -1]
+            return self.backbone.run_decoder(embeds, mask), mask
+
+    def _text_last_states(self, texts: Sequence[str], template: str, adapter: str | None) -> torch.Tensor:
+        return self.text_states(texts, template, adapter)[0][:, -1]  # left-padded: every text's last token
 
     def embed_text_batch(self, texts: Sequence[str], strategy: Strategy) -> torch.Tensor:
         """(B,) texts -> (B, D) normalized embeddings under ``strategy.embed``."""
