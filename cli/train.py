@@ -25,6 +25,12 @@ def train(
                                          help="Nested budgets, e.g. 4,8,16,32 (K = the largest): the first k summary "
                                               "tokens are trained as a stored form for each k."),
     embed_dim: Optional[int] = typer.Option(None, "--embed-dim", help="Size of the retrieval embedding (default 256)."),
+    image_readout: Optional[str] = typer.Option(
+        None, "--image-readout", help="How the image embedding reads the summary tokens: mean (default) or mixer "
+                                      "(two small transformer layers over them first)."),
+    text_readout: Optional[str] = typer.Option(
+        None, "--text-readout", help="How the text embedding reads its prompt: last (default: the last token's "
+                                     "state) or mixer (every token's state through two small transformer layers)."),
     lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank of both adapters (default 16)."),
     lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 32)."),
     lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Regex of LLM module names for LoRA."),

@@ -191,7 +191,8 @@ def load_checkpoint(path: str | Path, device: str | None = "auto", dtype: str | 
     trained_with = {k: v if v is not None else config.image_options.get(k) for k, v in image_options.items()}
     backbone = load_backbone(base_ref, device=device, dtype=dtype, revision=base_rev, **trained_with)
     _check_signature(config.base_signature, backbone.signature(), base_ref)
-    compressor = Compressor(config.hidden_size, config.num_summary_tokens, config.embed_dim)
+    compressor = Compressor(config.hidden_size, config.num_summary_tokens, config.embed_dim,
+                            image_readout=config.image_readout, text_readout=config.text_readout)
     compressor.load_state_dict(load_file(str(path / COMPRESSOR_FILE)))
     compressor.to(backbone.device, backbone.dtype)
     peft_model = PeftModel.from_pretrained(backbone.hf, str(path / "adapters" / PASS1), adapter_name=PASS1)

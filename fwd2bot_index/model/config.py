@@ -12,6 +12,10 @@ from pathlib import Path
 FORMAT_VERSION = 1
 EMBED_STRATEGIES = ("fwd2bot", "prompt")
 TOKEN_STRATEGIES = ("fwd2bot", "pool", "full")
+#: how the contrastive heads read their tokens (``model.readout``): the paper's mean of the summary tokens and
+#: last state of the text prompt, or a small token mixer over all of them
+IMAGE_READOUTS = ("mean", "mixer")
+TEXT_READOUTS = ("last", "mixer")
 
 # E5-V style prompts (one-word summary, last token); the image slot is filled with visual tokens.
 IMAGE_EMBED_PROMPT = "<image>\nSummary above image in one word:"
@@ -129,6 +133,10 @@ class Fwd2BotConfig:
     # positions, mapped back into the input-embedding space by a learned linear projection.
     summary_states: str = "last_layer_normed"
     pass2_projection: str = "linear"
+    # the contrastive heads' readouts (IMAGE_READOUTS / TEXT_READOUTS); checkpoints from before they existed
+    # load as mean / last, which is what they were trained with
+    image_readout: str = "mean"
+    text_readout: str = "last"
     lora: LoraSettings = field(default_factory=LoraSettings)
     trained_steps: int = 0
     format_version: int = FORMAT_VERSION

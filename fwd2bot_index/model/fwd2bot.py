@@ -3,7 +3,8 @@
 Pass 1 (compress): [chat prefix] + visual tokens + [compression prompt] + K learnable summary tokens
 run through the LLM with the ``pass1`` LoRA adapter; the last-layer states at the K summary positions
 are the image's *summary tokens*. A contrastive head turns them into one normalized embedding, and
-texts are embedded by the same LLM and adapter (prompted, last token) through their own head.
+texts are embedded by the same LLM and adapter (prompted, last token) through their own head; a compressor
+may read all tokens through a small mixer instead (``readout.py``).
 
 Pass 2 (answer): the stored summary tokens, projected back into the input-embedding space, stand
 where the image tokens would be, and the LLM with the ``pass2`` adapter generates. No image, no
@@ -27,8 +28,9 @@ from torch import nn
 
 from . import answering
 from .backbone import LlavaBackbone
-from .config import PASS1, PASS2, Fwd2BotConfig, Strategy, StrategyError
+from .config import IMAGE_READOUTS, PASS1, PASS2, TEXT_READOUTS, Fwd2BotConfig, Strategy, StrategyError
 from .layer_pool import run_with_layer_pooling, supports_layer_pooling
+from .readout import TokenMixer, readout_width
 
 
 class UntrainedCompressorError(StrategyError):
@@ -50,11 +52,19 @@ class ImageEncoding:
 class Compressor(nn.Module):
     """The parameters Fwd2Bot adds to a backbone: summary tokens, heads, pass-2 projection."""
 
-    def __init__(self, hidden: int, num_summary: int, embed_dim: int, init_std: float = 0.02):
+    def __init__(self, hidden: int, num_summary: int, embed_dim: int, init_std: float = 0.02,
+                 image_readout: str = "mean", text_readout: str = "last"):
         super().__init__()
+        if image_readout not in IMAGE_READOUTS or text_readout not in TEXT_READOUTS:
+            raise StrategyError(f"unknown readout {image_readout!r} / {text_readout!r}: the image side reads "
+                                f"{' or '.join(IMAGE_READOUTS)}, the text side {' or '.join(TEXT_READOUTS)} "
+                                "(a checkpoint from a newer fwd2bot-index: upgrade it)")
         self.summary_tokens = nn.Parameter(torch.randn(num_summary, hidden) * init_std)
-        self.image_head = nn.Linear(hidden, embed_dim)
-        self.text_head = nn.Linear(hidden, embed_dim)
+        # the readouts (``readout.py``): a token mixer is a module of its own; mean / last are parameter-free
+        self.image_mixer = TokenMixer(hidden) if image_readout == "mixer" else None
+        self.text_mixer = TokenMixer(hidden) if text_readout == "mixer" else None
+        self.image_head = nn.Linear(readout_width(hidden, image_readout), embed_dim)
+        self.text_head = nn.Linear(readout_width(hidden, text_readout), embed_dim)
         self.pass2_projection = nn.Linear(hidden, hidden)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         with torch.no_grad():  # start as identity so pass 2 first sees the states as they are
@@ -117,7 +127,8 @@ class Fwd2Bot:
     @classmethod
     def create(cls, backbone: LlavaBackbone, num_summary_tokens: int = 32, embed_dim: int = 256,
                lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0,
-               lora_targets: str | None = None, pool_budget: int = 16, seed: int = 0) -> "Fwd2Bot":
+               lora_targets: str | None = None, pool_budget: int = 16, seed: int = 0,
+               image_readout: str = "mean", text_readout: str = "last") -> "Fwd2Bot":
         """A fresh, untrained compressor over ``backbone`` with two LoRA adapters (pass1, pass2)."""
         from peft import LoraConfig, get_peft_model
 
@@ -134,11 +145,14 @@ class Fwd2Bot:
             hidden_size=backbone.hidden_size,
             embed_dim=embed_dim,
             pool_budget=pool_budget,
+            image_readout=image_readout,
+            text_readout=text_readout,
             lora=lora,
         )
         torch.manual_seed(seed)
         std = float(backbone.hf.get_input_embeddings().weight.detach().float().std())
-        compressor = Compressor(backbone.hidden_size, num_summary_tokens, embed_dim, init_std=std)
+        compressor = Compressor(backbone.hidden_size, num_summary_tokens, embed_dim, init_std=std,
+                                image_readout=image_readout, text_readout=text_readout)
         compressor.to(backbone.device, backbone.dtype)
         lora_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                  target_modules=lora.target_modules)
@@ -314,9 +328,11 @@ class Fwd2Bot:
 
     def embed_summary(self, summary: torch.Tensor) -> torch.Tensor:
         """(B, k, H) summary tokens -> (B, D) normalized image embeddings (contrastive head: the mean of
-        the tokens given, then a linear layer). Given the first k of K tokens it is the embedding at
-        budget k, which is what nested training trains and what ``embed_stored`` recomputes."""
-        return _normalize(self.compressor.image_head(summary.mean(dim=1)))
+        the tokens given, or the mixer's readout of them, then a linear layer). Given the first k of K tokens
+        it is the embedding at budget k, which is what nested training trains and what ``embed_stored``
+        recomputes."""
+        mixer = self.compressor.image_mixer
+        return _normalize(self.compressor.image_head(summary.mean(dim=1) if mixer is None else mixer(summary)))
 
     def embed_stored(self, tokens: Any, budget: int | None = None, batch_size: int = 1024) -> np.ndarray:
         """Stored summary tokens (n, T, H) -> (n, D) float32 embeddings from their first ``budget``
@@ -343,7 +359,11 @@ class Fwd2Bot:
     def embed_text_batch(self, texts: Sequence[str], strategy: Strategy) -> torch.Tensor:
         """(B,) texts -> (B, D) normalized embeddings under ``strategy.embed``."""
         if strategy.embed == "fwd2bot":
-            states = self._text_last_states(texts, self.config.text_embed_prompt, PASS1)
+            mixer = self.compressor.text_mixer
+            if mixer is None:
+                states = self._text_last_states(texts, self.config.text_embed_prompt, PASS1)
+            else:
+                states = mixer(*self.text_states(texts, self.config.text_embed_prompt, PASS1))
             return _normalize(self.compressor.text_head(states))
         return _normalize(self._text_last_states(texts, self.config.text_embed_prompt, None))
 

@@ -85,7 +85,7 @@ class LeanTextEncoder:
         tok_cfg = json.loads((base / "tokenizer_config.json").read_text())
         rope = text.get("rope_parameters") or {"rope_type": "default"}
         supported = (
-            config.get("base_family") == "llava"
+            config.get("base_family") == "llava" and config.get("text_readout", "last") == "last"
             and base_config.get("model_type") == "llava" and text.get("model_type") == "llama"
             and rope.get("rope_type", "default") == "default" and not text.get("attention_bias")
             and not text.get("mlp_bias") and text.get("hidden_act", "silu") == "silu"

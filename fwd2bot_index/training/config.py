@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..model.config import IMAGE_READOUTS, TEXT_READOUTS
 from .schedule import PoolSchedule
 
 OBJECTIVES = ("fwd2bot", "pretrain")
@@ -22,7 +23,7 @@ RESUME_FIXED = ("objective", "data", "batch_size", "grad_accum", "seed", "num_su
                  "lora_r", "lora_alpha", "lora_targets", "lr", "max_steps", "epochs", "pool_schedule",
                  "train_summary_tokens", "train_adapters", "train_heads", "train_projector", "train_llm",
                  "train_vision_tower", "min_pixels", "max_pixels", "nested",
-                 "distill_weight", "distill_fade_from", "distill_layout")
+                 "distill_weight", "distill_fade_from", "distill_layout", "image_readout", "text_readout")
 
 
 class TrainingError(RuntimeError):
@@ -44,6 +45,9 @@ class TrainConfig:
     # every k in the list, whose largest is K; None or []: plain training at K only
     nested: list[int] | None = None
     embed_dim: int = 256
+    # how the contrastive heads read their tokens (``model.readout``): mean / last (the paper's) or mixer
+    image_readout: str = "mean"
+    text_readout: str = "last"
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -154,6 +158,10 @@ class TrainConfig:
             problems.append(f"distill_weight must be 0 or more, got {self.distill_weight}")
         if not 0 <= self.distill_fade_from <= 1:
             problems.append(f"distill_fade_from is a share of training within [0, 1], got {self.distill_fade_from}")
+        if self.image_readout not in IMAGE_READOUTS:
+            problems.append(f"image_readout {self.image_readout!r}: use {' or '.join(IMAGE_READOUTS)}")
+        if self.text_readout not in TEXT_READOUTS:
+            problems.append(f"text_readout {self.text_readout!r}: use {' or '.join(TEXT_READOUTS)}")
         if self.distill_layout not in DISTILL_LAYOUTS:
             problems.append(f"distill_layout {self.distill_layout!r}: use {' or '.join(DISTILL_LAYOUTS)}")
         if not any(self.parts().values()) and not self.train_vision_tower:

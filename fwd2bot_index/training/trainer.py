@@ -146,7 +146,8 @@ class Trainer(StepMixin, RecordsMixin):
         backbone = load_backbone(source, device=device, dtype=cfg.dtype, **pixels)
         return Fwd2Bot.create(backbone, num_summary_tokens=cfg.num_summary_tokens, embed_dim=cfg.embed_dim,
                               lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              lora_targets=cfg.lora_targets, seed=cfg.seed)
+                              lora_targets=cfg.lora_targets, seed=cfg.seed, image_readout=cfg.image_readout,
+                              text_readout=cfg.text_readout)
 
     def _nested_budgets(self) -> list[int]:
         """The nested budgets this run trains (``training.nested``), recorded in the model's config so the

@@ -43,6 +43,8 @@ from .turns import branched_turn_loss, scene_turns
 #: the batch holding its object (multi-positive InfoNCE): an experiment, not in the shipped recipe, because
 #: it did not replicate (docs/DEMO_MODEL.md, "one-object phrases")
 OBJECT_PHRASES = {"object_share": 0.3, "multi_positive": True}
+#: both heads read every token through a small mixer (``model.readout``); the hard negatives are the swap kinds
+MIXER_READOUTS = {"image_readout": "mixer", "text_readout": "mixer", "hard_categories": ("swap_att", "swap_obj")}
 VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0, "distill": 0.0},
             "k8": {"k": 8, "ar": 1.0}, "k32": {"k": 32, "ar": 1.0},
             "nested": {"k": 32, "ar": 1.0, "nested": (4, 8, 16, 32)},
@@ -64,7 +66,11 @@ VARIANTS = {"k16": {"k": 16, "ar": 1.0}, "k16-contrastive": {"k": 16, "ar": 0.0,
             # half of those phrases also say where: "a blue square at the bottom right"
             "k16-placed": {"k": 16, "ar": 1.0, **OBJECT_PHRASES, "placed_share": 0.5},
             # nested with coarse-to-fine distillation targets (every token's pool@k cells nested regions)
-            "nested-c2f": {"k": 32, "ar": 1.0, "nested": (4, 8, 16, 32), "distill_layout": "coarse-to-fine"}}
+            "nested-c2f": {"k": 32, "ar": 1.0, "nested": (4, 8, 16, 32), "distill_layout": "coarse-to-fine"},
+            # token-mixer readouts on both sides and swap-kind hard negatives only: the embedding-head probe's
+            # setting that let the AR tokens' embedding tell colour swaps apart (docs/DEMO_MODEL.md)
+            "k16-mixer": {"k": 16, "ar": 1.0, **MIXER_READOUTS},
+            "k16-mixer-contrastive": {"k": 16, "ar": 0.0, "distill": 0.0, **MIXER_READOUTS}}
 #: the compressors the claims table compares (the rest are experiments, measured on request)
 CLAIMS_VARIANTS = ("k8", "k32", "k16-contrastive", "nested")
 #: what a variant changes besides K and nesting, in the card's words
@@ -78,7 +84,10 @@ VARIANT_CHANGES = {"k16-contrastive": "no autoregressive loss and no distillatio
                    "k16-objects-mp-contrastive": "no autoregressive loss and no distillation; 30% one-object "
                                                  "captions, each a positive of every image holding it",
                    "k16-placed": "30% one-object captions, half of them saying where the object is",
-                   "nested-c2f": "coarse-to-fine distillation targets"}
+                   "nested-c2f": "coarse-to-fine distillation targets",
+                   "k16-mixer": "token-mixer readouts of both embeddings; swap-kind hard negatives only",
+                   "k16-mixer-contrastive": "no autoregressive loss and no distillation; token-mixer readouts of "
+                                            "both embeddings; swap-kind hard negatives only"}
 
 
 def info_nce_with_negatives(image_emb: torch.Tensor, text_emb: torch.Tensor, negative_emb: torch.Tensor | None,

@@ -278,7 +278,9 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
     every = max(3, steps // 8)
     config = TrainConfig(
         model=str(work / "base-finish" / "model"), data=[str(data)], output_dir=str(folder), objective="fwd2bot",
-        num_summary_tokens=spec["k"], nested=list(spec.get("nested", ())) or None, embed_dim=recipe.embed_dim, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+        num_summary_tokens=spec["k"], nested=list(spec.get("nested", ())) or None, embed_dim=recipe.embed_dim,
+        image_readout=spec.get("image_readout", "mean"), text_readout=spec.get("text_readout", "last"),
+        lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
         lr=recipe.compressor_lr, batch_size=recipe.compressor_batch, pool_schedule=recipe.compressor_pool_schedule,
         bf16=recipe.bf16_autocast,
         autoregressive_weight=spec["ar"], distill_weight=recipe.compressor_distill_weight * spec.get("distill", 1.0),
@@ -289,7 +291,8 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
         checkpoint_every=every, keep_checkpoints=1,
         resume=latest_checkpoint(folder / "checkpoints") is not None)
     absent_share = spec.get("absent_share", recipe.absent_share) if spec["ar"] > 0 else 0.0
-    trainer = HardNegativeTrainer(config, hard_negative_pairs(data), recipe.hard_negative_share,
+    hard_categories = spec.get("hard_categories", ())
+    trainer = HardNegativeTrainer(config, hard_negative_pairs(data, hard_categories), recipe.hard_negative_share,
                                   caption_share=recipe.base_caption_share, caption_weight=recipe.base_caption_weight,
                                   verify_share=recipe.verify_share if spec["ar"] > 0 else 0.0,
                                   objects=scene_objects(data, placed=bool(spec.get("placed_share")))
@@ -304,7 +307,8 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
                    distill_weight=config.distill_weight, distill_fade_from=config.distill_fade_from,
                    distill_layout=config.distill_layout, object_share=spec.get("object_share", 0.0),
                    multi_positive=spec.get("multi_positive", False), placed_share=spec.get("placed_share", 0.0),
-                   absent_share=absent_share, monitor=monitor.history)
+                   absent_share=absent_share, image_readout=config.image_readout,
+                   text_readout=config.text_readout, hard_categories=list(hard_categories), monitor=monitor.history)
     return finish_stage(folder, summary)
 
 
