@@ -369,3 +369,32 @@ def test_absent_scores_count_right_answers_and_denials_of_present_objects(tmp_pa
     assert scores["n_present"] == 3 and scores["denies_present"] == pytest.approx(1 / 3)
     assert sum(scores["n_by_template"].values()) == 10
     assert scores["by_template"][records[0]["template"]] < 1.0
+
+
+def test_mixer_variant_trains_its_readouts_on_swap_kind_negatives_only(tmp_path, tiny_llava_dir):
+    """k16-mixer's batches: every hard negative is a swap of its caption (same words, other binding), and the
+    contrastive loss reaches the two token mixers, which a fresh compressor with these readouts holds."""
+    import json
+    from dataclasses import replace
+
+    from fwd2bot_index.training.demo.compressor import MIXER_READOUTS, VARIANTS, HardNegativeTrainer, hard_negative_pairs
+
+    assert VARIANTS["k16-mixer"]["ar"] > 0 and VARIANTS["k16-mixer-contrastive"]["ar"] == 0
+    config = replace(_training_world(tmp_path, tiny_llava_dir, n=40, seed=7, batch=12),
+                     image_readout="mixer", text_readout="mixer")
+    pairs = hard_negative_pairs(tmp_path / "d", MIXER_READOUTS["hard_categories"])
+    rows = [json.loads(line) for line in (tmp_path / "d" / "hard_negatives.jsonl").read_text().splitlines()]
+    swaps = {(r["caption"], r["negative_caption"]) for r in rows if r["category"] in ("swap_att", "swap_obj")}
+    assert pairs and {p for ps in pairs.values() for p in ps} == {
+        (r["caption"], r["negative_caption"]) for r in rows if r["split"] == "train"} & swaps
+    trainer = HardNegativeTrainer(config, pairs, 1.0, progress=False)
+    batch = trainer.next_batch()
+    negatives = [n for n in trainer._negatives if n is not None]
+    assert negatives and all(sorted(c.replace(",", " ").split()) == sorted(n.replace(",", " ").split())
+                             for c, n in zip(batch.captions, trainer._negatives) if n is not None)
+    mixers = trainer.model.compressor.image_mixer, trainer.model.compressor.text_mixer
+    assert all(m is not None for m in mixers)
+    loss = trainer.batch_losses(batch)["contrastive"]
+    loss.backward()
+    for mixer in mixers:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mixer.parameters())

@@ -35,6 +35,15 @@ def test_what_the_lean_path_does_not_cover_is_left_to_the_model(tmp_path, monkey
     stock = save_tiny_llava(tmp_path / "tiny", TinySpec(image_size=64), seed=0)  # no Fwd2Bot checkpoint
     assert LeanTextEncoder.load(str(stock)) is None
     assert LeanTextEncoder.load(str(tmp_path / "nowhere")) is None
+    import shutil
+
+    from fwd2bot_index.model import demo_model_path
+
+    mixer = shutil.copytree(demo_model_path("demo"), tmp_path / "mixer")  # a text readout the numpy path lacks
+    config = json.loads((mixer / "fwd2bot_config.json").read_text())
+    assert LeanTextEncoder.load(str(mixer)) is not None
+    (mixer / "fwd2bot_config.json").write_text(json.dumps({**config, "text_readout": "mixer"}))
+    assert LeanTextEncoder.load(str(mixer)) is None
     monkeypatch.setenv("F2B_LEAN", "0")
     assert LeanTextEncoder.load("demo") is None
 

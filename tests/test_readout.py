@@ -26,11 +26,13 @@ def test_mixer_reads_every_token_and_padding_changes_nothing():
     padded = torch.cat([torch.full((1, 3, 16), 7.0), states], dim=1)  # left padding holding junk
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
     torch.testing.assert_close(mixer(padded, mask), mixer(states), atol=1e-5, rtol=1e-5)
-    swapped = states[:, [1, 0, 2, 3, 4]]  # the mean of the tokens is unchanged; the mixer's readout of
-    changed = states.clone()
-    changed[0, 0] = states[0, 1] * 0.5 + states[0, 0] * 0.5
-    assert not torch.allclose(mixer(changed), mixer(states))  # ... a changed token moves it
-    torch.testing.assert_close(mixer(swapped), mixer(states), atol=1e-5, rtol=1e-5)  # a set: order-free
+    # a set (no positions): reordering the tokens changes nothing ...
+    torch.testing.assert_close(mixer(states[:, [1, 0, 2, 3, 4]]), mixer(states), atol=1e-5, rtol=1e-5)
+    # ... but unlike a mean, moving one feature between two tokens (same sum) changes the readout
+    moved = states.clone()
+    moved[0, 0, :8], moved[0, 1, :8] = states[0, 1, :8], states[0, 0, :8]
+    assert torch.allclose(moved.mean(1), states.mean(1), atol=1e-6)
+    assert not torch.allclose(mixer(moved), mixer(states), atol=1e-4)
 
 
 def test_wide_states_are_projected_down():
