@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,10 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fwd2bot_index.evaluation import read_captions_jsonl, read_sugarcrepe, retrieval_recall
-from fwd2bot_index.imaging import load_image
 from fwd2bot_index.model import Fwd2Bot
-from fwd2bot_index.model.fwd2bot import PASS1
-from fwd2bot_index.training.demo.compressor import hard_negative_pairs, info_nce_with_negatives
+from fwd2bot_index.training.demo.heads import embed_texts, fit_heads, summary_tokens, text_states, training_rows
 
 class MeanLinear(nn.Module):
     """The shipped form: a linear layer on the mean of the tokens."""
@@ -145,52 +142,6 @@ HEADS: dict[str, Callable[[int, int, int], nn.Module]] = {
 TEXT_HEADS: dict[str, Callable[[int, int], nn.Module]] = {"linear": LastLinear, "mlp": LastMlp, "mixer": TextMixer}
 
 
-@torch.inference_mode()
-def summary_tokens(model: Fwd2Bot, paths: Sequence[Path], batch: int = 64) -> torch.Tensor:
-    """(n, K, H) pass-1 summary tokens of the images, float32."""
-    out = []
-    for start in range(0, len(paths), batch):
-        images = [load_image(p).convert("RGB") for p in paths[start:start + batch]]
-        out.append(model.compress(model.visual_tokens(model.backbone.pixel_values(images))).float())
-    return torch.cat(out)
-
-
-@torch.inference_mode()
-def text_states(model: Fwd2Bot, texts: Sequence[str], batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, L, H) fp16 states of every token of the texts as the model embeds them (its prompt, the pass-1
-    adapter), left-padded to one length, and the (n, L) mask of real tokens."""
-    chunks = []
-    for start in range(0, len(texts), batch):
-        hidden, mask = model.text_states(texts[start:start + batch], model.config.text_embed_prompt, PASS1)
-        chunks.append((hidden.half(), mask.bool()))
-    length = max(h.shape[1] for h, _ in chunks)
-    states = torch.cat([F.pad(h, (0, 0, length - h.shape[1], 0)) for h, _ in chunks])
-    return states, torch.cat([F.pad(m, (length - m.shape[1], 0)) for _, m in chunks])
-
-
-def embed_texts(head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], feats: dict[str, Any],
-                rows: Sequence[int] | None = None, chunk: int = 2048) -> torch.Tensor:
-    """Normalized text embeddings of the given text rows (all when None) under ``head``."""
-    index = torch.arange(len(feats["mask"])) if rows is None else torch.as_tensor(rows, dtype=torch.long)
-    out = []
-    for i in index.split(chunk):
-        mask = feats["mask"][i]
-        start = int((~mask.any(dim=0)).sum())  # left padding no row of this chunk needs
-        out.append(F.normalize(head(feats["states"][i, start:].float(), mask[:, start:]), dim=-1))
-    return torch.cat(out)
-
-
-def training_rows(data: Path, n_images: int, categories: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """The first ``n_images`` 'train' images with their captions and hard-negative pairs (of ``categories``
-    only, when given)."""
-    pairs = hard_negative_pairs(data, categories)
-    gallery = read_captions_jsonl(data / "captions.jsonl", split="train", limit=n_images)
-    rows = [{"image": p, "captions": [], "pairs": pairs.get(str(p), [])} for p in gallery.image_paths]
-    for caption, owner in zip(gallery.captions, gallery.caption_to_image):
-        rows[int(owner)]["captions"].append(caption)
-    return rows
-
-
 def feature_rows(train: list[dict[str, Any]], eval_dir: Path, n_gallery: int, n_pairs: int) -> dict[str, Any]:
     """Which images and texts the heads train and are scored on (row numbers), and the held-out pairs and
     galleries; ``encode`` adds a compressor's tokens and states for those rows."""
@@ -221,33 +172,12 @@ def train_head(name: str, feats: dict[str, Any], train: list[dict[str, Any]], mo
                batch: int, lr: float, hard_share: float, seed: int, text: str = "linear") -> tuple[nn.Module, nn.Module]:
     """A fresh image head ``name`` and a fresh text head ``text``, trained together on the frozen features."""
     torch.manual_seed(seed)
-    rng = random.Random(seed)
     k, hidden = feats["tokens"].shape[1:]
     dim = model.compressor.image_head.out_features
     image_head, text_head = HEADS[name](k, hidden, dim), TEXT_HEADS[text](hidden, dim)
     logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
-    optimizer = torch.optim.AdamW([*image_head.parameters(), *text_head.parameters(), logit_scale], lr=lr,
-                                  weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
-    image_row, text_row = feats["image_row"], feats["text_row"]
-    for _ in range(steps):
-        rows = rng.sample(train, min(batch, len(train)))
-        captions, negatives = [], []
-        for r in rows:
-            if r["pairs"] and rng.random() < hard_share:
-                caption, negative = rng.choice(r["pairs"])
-                negatives.append(negative)
-            else:
-                caption = rng.choice(r["captions"])
-            captions.append(caption)
-        image_emb = F.normalize(image_head(feats["tokens"][[image_row[r["image"]] for r in rows]]), dim=-1)
-        text_emb = embed_texts(text_head, feats, [text_row[t] for t in captions])
-        negative_emb = embed_texts(text_head, feats, [text_row[t] for t in negatives]) if negatives else None
-        loss = info_nce_with_negatives(image_emb, text_emb, negative_emb, logit_scale, captions, negatives)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    fit_heads(image_head, text_head, [*image_head.parameters(), *text_head.parameters()], logit_scale, feats, train,
+              steps, batch, lr, hard_share, seed)
     return image_head.eval(), text_head.eval()
 
 
@@ -355,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{name}: K={model.config.num_summary_tokens}")
         feats = cached_features(args, model, name, train, say)
         rows: dict[str, Any] = {"text_pair_distance": pair_distances(feats, args.seed),
-                                "shipped": score(model.embed_summary, lambda s, m: model.compressor.text_head(s[:, -1]), feats)}
+                                "shipped": score(model.embed_summary, model.compressor.text_vector, feats)}
         for image, text in heads:
             label = image if text == "linear" else f"{image}+{text}"
             trained = train_head(image, feats, train, model, args.steps, args.batch, args.lr, args.hard_share,

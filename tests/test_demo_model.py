@@ -110,7 +110,11 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
                                           variants=("k8", "k16-contrastive", "nested"))
     assert report["size_bytes"] < MAX_BYTES
     assert set(report["stages"]) == {"warmup", "base", "base-finish", "compressor-k16", "compressor-k8",
-                                     "compressor-k16-contrastive", "compressor-nested"}
+                                     "compressor-k16-contrastive", "compressor-nested", "heads-k16", "heads-k8",
+                                     "heads-k16-contrastive", "heads-nested"}
+    refit = report["stages"]["heads-k16"]  # stage 2b: the heads refitted on frozen features, into the export
+    assert refit["steps"] == demo_recipe.QUICK.head_refit_steps and len(refit["loss_curve"]) >= 2
+    assert "2b. Heads refitted" in (out / "README.md").read_text()
     assert report["stages"]["base"]["steps"] == demo_recipe.QUICK.base_max_steps
     assert report["stages"]["base"]["stopped_by"] in {"step budget", "floor reached"}
     finish = report["stages"]["base-finish"]  # goes on from the base's step, all visual tokens only
@@ -136,6 +140,11 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
     assert model.is_trained and model.resolve_strategy("fwd2bot").budget == demo_recipe.QUICK.num_summary_tokens
     assert model.backbone.config.vision_feature_layer == -1  # the tower's last layer is the one it trained
     assert (out / "base" / "config.json").is_file()  # self-contained
+    from safetensors.torch import load_file
+
+    shipped, refitted, joint = (load_file(str(f / "compressor.safetensors"))["text_head.weight"]
+                                for f in (out, work / "heads-k16" / "model", work / "compressor-k16" / "model"))
+    assert torch.equal(shipped, refitted.half()) and not torch.equal(shipped, joint.half())  # the refitted heads ship
 
     # the same command on the same work folder keeps every finished stage: the same checkpoint, no retraining;
     # another seed is refused
@@ -147,7 +156,7 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
         demo_recipe.train_demo_model(tmp_path / "other", quick=True, seed=1, device="cpu", progress=False,
                                      work_dir=work)
 
-    variants = {v: str(work / f"compressor-{v}" / "model") for v in ("k8", "k16-contrastive", "nested")}
+    variants = {v: str(work / f"heads-{v}" / "model") for v in ("k8", "k16-contrastive", "nested")}
     results = demo_recipe.measure_demo_claims(out, data_dir=tmp_path / "eval", quick=True, device="cpu",
                                               variants=variants)
     for split in demo_recipe.EVAL_SPLITS:
@@ -322,7 +331,8 @@ def test_experimental_variants_are_valid_settings_and_their_rows_say_which():
         TrainConfig(model="m", data=["d"], num_summary_tokens=spec["k"], nested=list(spec.get("nested", ())) or None,
                     autoregressive_weight=spec["ar"], distill_weight=4.0 * spec.get("distill", 1.0),
                     distill_fade_from=spec.get("distill_fade_from", 1.0),
-                    distill_layout=spec.get("distill_layout", "row-major")).validate()
+                    distill_layout=spec.get("distill_layout", "row-major"),
+                    image_readout=spec.get("image_readout", "mean"), text_readout=spec.get("text_readout", "last")).validate()
     assert set(CLAIMS_VARIANTS) < set(demo_recipe.VARIANTS)
     results = {"num_summary_tokens": 16, "budgets": [16], "visual_tokens": 64,
                "variants": {"k32": {"num_summary_tokens": 32, "nested_budgets": []},

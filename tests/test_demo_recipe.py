@@ -398,3 +398,29 @@ def test_mixer_variant_trains_its_readouts_on_swap_kind_negatives_only(tmp_path,
     loss.backward()
     for mixer in mixers:
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mixer.parameters())
+
+
+def test_head_refit_trains_the_heads_alone_and_lowers_their_loss(tmp_path, tiny_llava_dir):
+    """Stage 2b on a fresh mixer compressor: the contrastive loss on the frozen features falls, the heads and
+    readouts move, and pass 1's summary tokens and pass 2 (adapters, projection) stay exactly as they were."""
+    from fwd2bot_index.model import Fwd2Bot
+    from fwd2bot_index.training.demo.heads import refit_heads, summary_tokens, training_rows
+
+    _training_world(tmp_path, tiny_llava_dir, n=40, seed=8, batch=8)
+    model = Fwd2Bot.create(Fwd2Bot.from_pretrained(str(tiny_llava_dir), device="cpu", dtype="fp32").backbone,
+                           num_summary_tokens=4, embed_dim=16, lora_r=4, image_readout="mixer", text_readout="mixer")
+    model.config.trained_steps = 1
+    before = {k: v.clone() for k, v in model.compressor.state_dict().items()}
+    adapters = {k: v.clone() for k, v in model.peft.state_dict().items() if "lora_" in k}
+    paths = [r["image"] for r in training_rows(tmp_path / "d", 6)]
+    tokens = summary_tokens(model, paths)
+    result = refit_heads(model, tmp_path / "d", n_images=24, steps=40, batch=12, lr=3e-3, hard_share=0.5)
+    assert result["images"] == 24 and result["loss_curve"][-1] < result["loss_curve"][0]
+    after = model.compressor.state_dict()
+    for name in ("summary_tokens", "pass2_projection.weight", "pass2_projection.bias"):
+        assert torch.equal(after[name], before[name])
+    assert all(torch.equal(v, adapters[k]) for k, v in model.peft.state_dict().items() if k in adapters)
+    for prefix in ("image_head.", "text_head.", "image_mixer.", "text_mixer."):
+        assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith(prefix))
+    assert torch.equal(summary_tokens(model, paths), tokens)
+    assert not model.compressor.image_mixer.training  # left in eval mode, as loaded models are

@@ -71,6 +71,15 @@ class Compressor(nn.Module):
             self.pass2_projection.weight.copy_(torch.eye(hidden))
             self.pass2_projection.bias.zero_()
 
+    def image_vector(self, summary: torch.Tensor) -> torch.Tensor:
+        """(B, k, H) summary tokens -> (B, D) image embeddings before normalisation: the readout, then the head."""
+        return self.image_head(summary.mean(dim=1) if self.image_mixer is None else self.image_mixer(summary))
+
+    def text_vector(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) left-padded states of the text prompt's tokens and their (B, L) mask -> (B, D) text embeddings
+        before normalisation (the last position is every text's last token)."""
+        return self.text_head(states[:, -1] if self.text_mixer is None else self.text_mixer(states, mask))
+
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
@@ -331,8 +340,7 @@ class Fwd2Bot:
         the tokens given, or the mixer's readout of them, then a linear layer). Given the first k of K tokens
         it is the embedding at budget k, which is what nested training trains and what ``embed_stored``
         recomputes."""
-        mixer = self.compressor.image_mixer
-        return _normalize(self.compressor.image_head(summary.mean(dim=1) if mixer is None else mixer(summary)))
+        return _normalize(self.compressor.image_vector(summary))
 
     def embed_stored(self, tokens: Any, budget: int | None = None, batch_size: int = 1024) -> np.ndarray:
         """Stored summary tokens (n, T, H) -> (n, D) float32 embeddings from their first ``budget``
@@ -359,12 +367,7 @@ class Fwd2Bot:
     def embed_text_batch(self, texts: Sequence[str], strategy: Strategy) -> torch.Tensor:
         """(B,) texts -> (B, D) normalized embeddings under ``strategy.embed``."""
         if strategy.embed == "fwd2bot":
-            mixer = self.compressor.text_mixer
-            if mixer is None:
-                states = self._text_last_states(texts, self.config.text_embed_prompt, PASS1)
-            else:
-                states = mixer(*self.text_states(texts, self.config.text_embed_prompt, PASS1))
-            return _normalize(self.compressor.text_head(states))
+            return _normalize(self.compressor.text_vector(*self.text_states(texts, self.config.text_embed_prompt, PASS1)))
         return _normalize(self._text_last_states(texts, self.config.text_embed_prompt, None))
 
     def prompt_embed_images(self, visual: torch.Tensor) -> torch.Tensor:

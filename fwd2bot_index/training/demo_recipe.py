@@ -13,6 +13,7 @@ from typing import Sequence
 
 from .demo import *  # noqa: F401,F403 - the historical import path
 from .demo import VARIANTS, measure_demo_claims, train_demo_model, write_claims_table
+from .demo.recipe import variant_model
 from .demo.report import only_variants, read_results, record_relevance_verdict
 from .demo.report import _replace_between_markers  # noqa: F401 - used by tests
 
@@ -95,8 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "size_bytes": report["size_bytes"]}))
     if args.no_measure:
         return 0
-    paths = {v: str(Path(args.work_dir) / f"compressor-{v}" / "model") for v in variants if v != "k16"} \
-        if args.work_dir else {}
+    paths = {v: str(variant_model(Path(args.work_dir), v)) for v in variants if v != "k16"} if args.work_dir else {}
     results = measure_demo_claims(out, data_dir=args.eval_dir, n_gallery=args.n_gallery, quick=args.quick,
                                   device=args.device, progress=True, threads=args.threads, variants=paths)
     results["relevance_ranks_well"] = record_relevance_verdict(out, results)  # the search page's default

@@ -81,6 +81,11 @@ class DemoRecipe:
     compressor_distill_weight: float = 4.0
     compressor_pool_schedule: str = "llavolta"
     hard_negative_share: float = 0.5
+    # stage 2b (``heads.py``): the contrastive heads refitted on the compressor's frozen features; 0 steps: off
+    head_refit_images: int = 3000
+    head_refit_steps: int = 1500
+    head_refit_batch: int = 128
+    head_refit_lr: float = 2e-3
     verify_share: float = 0.5  # images whose pass-2 turns also hold verified search's yes/no question (true / negative)
     absent_share: float = 0.5  # images whose pass-2 turns also hold a question about something the scene lacks
     bf16_autocast: bool = True  # base and compressors (~1.5x on a CPU with bf16 matrix units; losses in fp32)
@@ -102,6 +107,7 @@ QUICK = DemoRecipe(
     n_train=160, vocab_size=400, vision_max_steps=6, vision_batch=8, vision_check_every=3, vision_heldout=16, base_max_steps=6,
     base_finish_max_steps=3,
     base_batch=4, base_check_every=3, base_warmup=2, compressor_steps=6, compressor_batch=8, monitor_images=8, n_gallery=24,
+    head_refit_images=40, head_refit_steps=4, head_refit_batch=8,
     n_qa_images=6, n_sugarcrepe=12,
 )
 
@@ -312,6 +318,35 @@ def compressor_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, de
     return finish_stage(folder, summary)
 
 
+def variant_model(work: Path, variant: str) -> Path:
+    """Where a variant's finished model is: after the head refit (stage 2b) when it ran, else the compressor's."""
+    refitted = work / f"heads-{variant}" / "model"
+    return refitted if stage_done(refitted.parent) is not None else work / f"compressor-{variant}" / "model"
+
+
+def heads_stage(recipe: DemoRecipe, work: Path, seed: int, variant: str, progress: bool) -> dict[str, Any] | None:
+    """Stage 2b (``heads.py``): the compressor of ``variant`` with its contrastive heads refitted on frozen
+    features, into ``work / f'heads-{variant}'``; None when the recipe refits nothing."""
+    from ...model.fwd2bot import Fwd2Bot
+    from .compressor import VARIANTS
+    from .heads import refit_heads
+
+    if recipe.head_refit_steps <= 0:
+        return None
+    folder = work / f"heads-{variant}"
+    done = stage_done(folder)
+    if done is not None:
+        return done
+    started = time.perf_counter()
+    model = Fwd2Bot.from_pretrained(str(work / f"compressor-{variant}" / "model"), device="cpu", dtype="fp32")
+    summary = refit_heads(model, work / "data-train", recipe.head_refit_images, recipe.head_refit_steps,
+                          recipe.head_refit_batch, recipe.head_refit_lr, recipe.hard_negative_share,
+                          VARIANTS[variant].get("hard_categories", ()), seed, lambda m: say(progress, m))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder / "model"))  # on the same base as the compressor it refits
+    return finish_stage(folder, {**summary, "variant": variant, "seconds": round(time.perf_counter() - started, 1)})
+
+
 def train_demo_model(out_dir: str | os.PathLike[str], quick: bool = False, seed: int = 0, device: str = "auto",
                      progress: bool = True, work_dir: str | os.PathLike[str] | None = None,
                      threads: int | None = None, variants: tuple[str, ...] = ("k16",),
@@ -363,12 +398,15 @@ def train_demo_model(out_dir: str | os.PathLike[str], quick: bool = False, seed:
             return report
         for variant in (variants if compressors_only else dict.fromkeys(("k16", *variants))):
             report["stages"][f"compressor-{variant}"] = compressor_stage(recipe, work, seed, variant, device, progress)
+            refit = heads_stage(recipe, work, seed, variant, progress)
+            if refit is not None:
+                report["stages"][f"heads-{variant}"] = refit
         if compressors_only:
             return report
         from .report import export_fp16, folder_bytes, write_model_card
 
-        export_fp16(work / "compressor-k16" / "model", out_dir)
-        report["variants"] = {v: str(work / f"compressor-{v}" / "model") for v in variants if v != "k16"}
+        export_fp16(variant_model(work, "k16"), out_dir)
+        report["variants"] = {v: str(variant_model(work, v)) for v in variants if v != "k16"}
         report["model_dir"] = str(out_dir)
         report["size_bytes"] = folder_bytes(Path(out_dir))
         report["seconds"] = round(time.perf_counter() - started, 1)

@@ -67,7 +67,8 @@ def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) ->
         f"- base parameters: {warm.get('parameters', 0) / 1e6:.2f}M; weights stored in fp16 "
         f"(checkpoint folder {report.get('size_bytes', 0) / 2**20:.1f} MiB, base included)",
         f"- Fwd2Bot: K = {r['num_summary_tokens']} summary tokens, embedding dimension {r['embed_dim']}, LoRA "
-        f"r = {r['lora_r']} (alpha {r['lora_alpha']}) adapters for pass 1 and pass 2; the base stays frozen", "",
+        f"r = {r['lora_r']} (alpha {r['lora_alpha']}) adapters for pass 1 and pass 2; the base stays frozen; "
+        + _readout_clause(comp.get("k16", {})), "",
         "## Recipe (seed " + str(report["seed"]) + ")", "",
         _warmup_line(r, warm),
         f"1. Base: {base.get('steps', '?')} steps x {r['base_batch']} fresh scenes (stopped by "
@@ -94,6 +95,7 @@ def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) ->
         + _phrase_clause(comp.get("k16", {}))
         + f"; LLaVolta staged pooling `{r['compressor_pool_schedule']}` in pass 1 (stride s keeps N/s tokens; "
         f"{_llavolta_layers(r)}). Variants trained the same way: {_variant_list(comp)}.",
+        *([_refit_line(stages["heads-k16"])] if "heads-k16" in stages else []),
         "3. Export: base, adapters and compressor cast to fp16 into one self-contained folder.", "",
         f"Stage summaries: `{_json({k: {kk: vv for kk, vv in v.items() if kk not in ('history', 'monitor')} for k, v in stages.items()})}`",
         "",
@@ -113,6 +115,23 @@ def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) ->
     path = Path(out_dir) / "README.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _readout_clause(k16: dict[str, Any]) -> str:
+    image, text = k16.get("image_readout", "mean"), k16.get("text_readout", "last")
+    return ("the image embedding is a linear head on " + ("the mean of the summary tokens" if image == "mean" else
+            "two small transformer layers over the summary tokens, then their mean")
+            + ", the text embedding one on " + ("the prompt's last token state" if text == "last" else
+            "two small transformer layers over every token state of the prompt, then their mean"))
+
+
+def _refit_line(refit: dict[str, Any]) -> str:
+    curve = refit.get("loss_curve") or ["?"]
+    return (f"2b. Heads refitted: pass 1 frozen, the summary tokens of {refit.get('images', '?')} training images and "
+            f"the token states of their captions and hard-negative pairs computed once, then the contrastive heads, "
+            f"their readouts and the temperature trained on them for {refit.get('steps', '?')} steps x "
+            f"{refit.get('batch', '?')} (lr {refit.get('lr', '?')}, one cycle) with the same loss; loss {curve[0]} -> "
+            f"{curve[-1]}. Pass 2 does not read the heads: answers are unchanged.")
 
 
 def _finish_line(r: dict[str, Any], base: dict[str, Any], finish: dict[str, Any]) -> str:
