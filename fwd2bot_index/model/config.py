@@ -16,6 +16,10 @@ TOKEN_STRATEGIES = ("fwd2bot", "pool", "full")
 #: last state of the text prompt, or a small token mixer over all of them
 IMAGE_READOUTS = ("mean", "mixer")
 TEXT_READOUTS = ("last", "mixer")
+#: the mixer's shape (``model.readout.TokenMixer``; the lean query path computes the same layers in numpy): pre-norm
+#: transformer layers of MIXER_HEADS heads; wider states are first projected to MAX_MIXER_WIDTH (a 2-layer mixer at
+#: a 7B model's 4,096 would add ~400M parameters to a head whose job is one embedding)
+MIXER_LAYERS, MIXER_HEADS, MAX_MIXER_WIDTH = 2, 4, 256
 
 # E5-V style prompts (one-word summary, last token); the image slot is filled with visual tokens.
 IMAGE_EMBED_PROMPT = "<image>\nSummary above image in one word:"

@@ -8,10 +8,11 @@ positions, no chat template, LoRA adapters without DoRA), the query embedding is
 same files, in float32, exactly as ``Fwd2Bot.encode_texts`` computes it (tests compare the two). Anything
 else returns None from ``LeanTextEncoder.load`` and the caller loads the real model.
 
-The steps mirror ``Fwd2Bot._text_last_states`` and ``embed_text_batch``: the text inside the checkpoint's
+The steps mirror ``Fwd2Bot.text_states`` and ``embed_text_batch``: the text inside the checkpoint's
 text prompt, in the LLaVA-1.5 chat convention the backbone uses without a template; BOS, then the
 tokenizer's ids without its own specials; the language model with the pass-1 LoRA adapter; the
-final-norm state of the last token; the text head; L2 normalisation.
+final-norm state of the last token (or, for ``text_readout: mixer``, every token's state through the
+token mixer's pre-norm transformer layers, then their mean); the text head; L2 normalisation.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .config import MIXER_HEADS
 from .files import (
     COMPRESSOR_FILE, CONFIG_FILE, base_folder, demo_model_path, folder_fingerprint, is_demo_name, is_local_base,
 )
@@ -38,13 +40,46 @@ def _silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
+def _softmax_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: np.ndarray | float = 0.0) -> np.ndarray:
+    """(heads, n, d) queries, keys, values -> (heads, n, d), scaled dot-product."""
+    scores = q @ k.transpose(0, 2, 1) / np.sqrt(q.shape[-1]) + bias
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return (scores / scores.sum(axis=-1, keepdims=True)) @ v
+
+
+def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    centred = x - x.mean(axis=-1, keepdims=True)
+    return centred / np.sqrt(np.mean(centred * centred, axis=-1, keepdims=True) + eps) * weight + bias
+
+
+def mix_tokens(states: np.ndarray, w: dict[str, np.ndarray], heads: int = MIXER_HEADS) -> np.ndarray:
+    """``readout.TokenMixer`` in numpy for one unpadded text: (n, H) states -> (W,), with ``w`` its state dict
+    (``project.*`` when it projects, then ``layers.layers.{i}.*`` of torch's pre-norm encoder layers, ReLU)."""
+    x = states @ w["project.weight"].T + w["project.bias"] if "project.weight" in w else states
+    n, width = x.shape
+    i = 0
+    while f"layers.layers.{i}.norm1.weight" in w:
+        p = f"layers.layers.{i}."
+        y = _layer_norm(x, w[p + "norm1.weight"], w[p + "norm1.bias"])
+        q, k, v = np.split(y @ w[p + "self_attn.in_proj_weight"].T + w[p + "self_attn.in_proj_bias"], 3, axis=-1)
+        q, k, v = (t.reshape(n, heads, width // heads).transpose(1, 0, 2) for t in (q, k, v))
+        attn = _softmax_attention(q, k, v).transpose(1, 0, 2).reshape(n, width)
+        x = x + attn @ w[p + "self_attn.out_proj.weight"].T + w[p + "self_attn.out_proj.bias"]
+        y = _layer_norm(x, w[p + "norm2.weight"], w[p + "norm2.bias"])
+        hidden = np.maximum(y @ w[p + "linear1.weight"].T + w[p + "linear1.bias"], 0.0)
+        x = x + hidden @ w[p + "linear2.weight"].T + w[p + "linear2.bias"]
+        i += 1
+    return x.mean(axis=0)
+
+
 class LeanTextEncoder:
     """Query embeddings of a small LLaVA-Llama Fwd2Bot checkpoint, computed with numpy."""
 
     def __init__(self, folder: Path, config: dict[str, Any], text: dict[str, Any], weights: dict[str, np.ndarray],
                  lora: dict[str, tuple[np.ndarray, np.ndarray]], scale: float, head: tuple[np.ndarray, np.ndarray],
-                 tokenizer: Any, bos_id: int | None):
+                 tokenizer: Any, bos_id: int | None, mixer: dict[str, np.ndarray] | None = None):
         self.folder, self.config, self.text = folder, config, text
+        self.mixer = mixer  # the text readout's weights (``text_readout: mixer``), else None: the last state
         self.w, self.lora, self.scale, self.head = weights, lora, scale, head
         self.tokenizer, self.bos_id = tokenizer, bos_id
         self.heads = int(text["num_attention_heads"])
@@ -85,7 +120,7 @@ class LeanTextEncoder:
         tok_cfg = json.loads((base / "tokenizer_config.json").read_text())
         rope = text.get("rope_parameters") or {"rope_type": "default"}
         supported = (
-            config.get("base_family") == "llava" and config.get("text_readout", "last") == "last"
+            config.get("base_family") == "llava" and config.get("text_readout", "last") in ("last", "mixer")
             and base_config.get("model_type") == "llava" and text.get("model_type") == "llama"
             and rope.get("rope_type", "default") == "default" and not text.get("attention_bias")
             and not text.get("mlp_bias") and text.get("hidden_act", "silu") == "silu"
@@ -125,13 +160,16 @@ class LeanTextEncoder:
         if not lora:
             return None
         head = load_file(str(folder / COMPRESSOR_FILE))
+        mixer = {k[len("text_mixer."):]: v.astype(np.float32) for k, v in head.items() if k.startswith("text_mixer.")}
+        if (config.get("text_readout") == "mixer") != bool(mixer):
+            return None
         tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
         bos = tok_cfg.get("bos_token")
         bos_id = tokenizer.token_to_id(bos) if isinstance(bos, str) else None
         scale = float(lora_cfg["lora_alpha"]) / float(lora_cfg["r"])
         return cls(folder, config, text, weights, lora, scale,
                    (head["text_head.weight"].astype(np.float32), head["text_head.bias"].astype(np.float32)),
-                   tokenizer, bos_id)
+                   tokenizer, bos_id, mixer or None)
 
     @property
     def fingerprint(self) -> str:
@@ -142,7 +180,7 @@ class LeanTextEncoder:
 
     # ------------------------------------------------------------------ encoding
     def token_ids(self, text: str) -> list[int]:
-        """As ``Fwd2Bot._text_last_states``: the prompt in the no-template chat convention, BOS + ids."""
+        """As ``Fwd2Bot.text_states``: the prompt in the no-template chat convention, BOS + ids."""
         prompt = self.config["text_embed_prompt"].format(text=text)
         before, _, after = f"USER: {prompt} ASSISTANT:".partition("<image>")  # as LlavaBackbone.chat splits it
         ids = self.tokenizer.encode(before + after, add_special_tokens=False).ids
@@ -152,7 +190,8 @@ class LeanTextEncoder:
         """(n, D) float32 L2-normalized embeddings, one text at a time (no padding)."""
         out = []
         for text in texts:
-            state = self._last_state(self.token_ids(text))
+            states = self._states(self.token_ids(text))
+            state = states[-1] if self.mixer is None else mix_tokens(states, self.mixer)
             weight, bias = self.head
             vec = state @ weight.T + bias
             out.append(vec / max(float(np.linalg.norm(vec)), 1e-12))
@@ -170,7 +209,8 @@ class LeanTextEncoder:
         variance = np.mean(x * x, axis=-1, keepdims=True)
         return self.w[name] * (x / np.sqrt(variance + self.eps))
 
-    def _last_state(self, ids: list[int]) -> np.ndarray:
+    def _states(self, ids: list[int]) -> np.ndarray:
+        """(n, H) final-norm states of every token."""
         h = self.w["embed_tokens.weight"][np.asarray(ids)]
         n, hd = len(ids), self.head_dim
         inv_freq = 1.0 / (self.theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
@@ -193,11 +233,9 @@ class LeanTextEncoder:
             if self.kv_heads != self.heads:
                 k = np.repeat(k, self.heads // self.kv_heads, axis=0)
                 v = np.repeat(v, self.heads // self.kv_heads, axis=0)
-            scores = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + causal
-            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-            attn = (scores / scores.sum(axis=-1, keepdims=True)) @ v
+            attn = _softmax_attention(q, k, v, causal)
             h = h + self._linear(attn.transpose(1, 0, 2).reshape(n, self.heads * hd), f"{p}.self_attn.o_proj")
             x = self._norm(h, f"{p}.post_attention_layernorm.weight")
             gated = _silu(self._linear(x, f"{p}.mlp.gate_proj")) * self._linear(x, f"{p}.mlp.up_proj")
             h = h + self._linear(gated, f"{p}.mlp.down_proj")
-        return self._norm(h, "norm.weight")[-1]
+        return self._norm(h, "norm.weight")

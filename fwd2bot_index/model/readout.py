@@ -14,9 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-#: widest mixer: a 7B model's 4,096-wide states are projected down first (a 2-layer mixer at full width would
-#: add ~400M parameters to a head whose job is one embedding)
-MAX_MIXER_WIDTH = 256
+from .config import MAX_MIXER_WIDTH, MIXER_HEADS, MIXER_LAYERS
 
 
 def readout_width(hidden: int, readout: str) -> int:
@@ -28,7 +26,7 @@ class TokenMixer(nn.Module):
     """(B, L, H) token states (+ (B, L) mask of the real ones) -> (B, W): two transformer layers over the
     tokens, then the mean over the real ones. Padding changes nothing (masked in attention and in the mean)."""
 
-    def __init__(self, hidden: int, layers: int = 2, heads: int = 4):
+    def __init__(self, hidden: int, layers: int = MIXER_LAYERS, heads: int = MIXER_HEADS):
         super().__init__()
         width = readout_width(hidden, "mixer")
         self.project = nn.Linear(hidden, width) if width != hidden else nn.Identity()
