@@ -354,3 +354,8 @@ def test_experimental_variants_are_valid_settings_and_their_rows_say_which():
     card = _variant_list({"k16": {"steps": 1400}, "k8": {"steps": 700}, "k32": {"steps": 1400},
                           "k16-short": {"steps": 700}})
     assert card == "k16, k16-short (half the steps), k32, k8 (700 steps)"
+    # ... and one kept from a recipe with other heads says which readouts and negatives it trained with
+    mixer = {"image_readout": "mixer", "text_readout": "mixer", "hard_categories": ["swap_att", "swap_obj"]}
+    card = _variant_list({"k16": mixer, "k8": {}, "k32": mixer})
+    assert card == "k16, k32, k8 (mean / last readouts, all seven kinds of hard negatives)"
+    assert "k8 (mixer / mixer readouts, swap_att and swap_obj only hard negatives)" in _variant_list({"k16": {}, "k8": mixer})

@@ -202,6 +202,7 @@ def _variant_list(comp: dict[str, dict[str, Any]]) -> str:
 
     shipped = comp.get("k16", {}).get("absent_share", 0.0)
     shipped_steps = comp.get("k16", {}).get("steps")
+    readouts = _readouts(comp.get("k16", {}))
     said = {}
     for name, stage in comp.items():
         changes = [VARIANT_CHANGES[name]] if name in VARIANT_CHANGES else []
@@ -211,11 +212,20 @@ def _variant_list(comp: dict[str, dict[str, Any]]) -> str:
                            else "no questions about missing objects")
         if name not in VARIANT_CHANGES and shipped_steps and stage.get("steps") not in (None, shipped_steps):
             changes.append(f"{stage['steps']:,} steps")  # kept from an earlier recipe's length
+        if name not in VARIANT_CHANGES and _readouts(stage) != readouts:  # kept from a recipe with other heads
+            changes.append("{} / {} readouts, {} hard negatives".format(*_readouts(stage)))
         said[name] = f"{name} ({'; '.join(changes)})" if changes else name
     return ", ".join(said[n] for n in sorted(said))
 
 
-def _curve_table(history: list[dict[str, Any]], rows: int = 12) -> list[str]:
+def _readouts(stage: dict[str, Any]) -> tuple[str, str, str]:
+    """A compressor stage's image and text readouts and hard-negative kinds (stages from before them: the defaults)."""
+    kinds = stage.get("hard_categories") or []
+    return (stage.get("image_readout", "mean"), stage.get("text_readout", "last"),
+            " and ".join(kinds) + " only" if kinds else "all seven kinds of")
+
+
+def _curve_table(history: list[dict[str, Any]], rows: int = 16) -> list[str]:
     """The base stage's held-out curve (per question type), thinned to about ``rows`` checks."""
     if not history:
         return []
