@@ -130,18 +130,22 @@ def fit_heads(image_head: ImageHead, text_head: TextHead, parameters: Sequence[n
 
 
 def refit_heads(model: Fwd2Bot, data: Path, n_images: int, steps: int, batch: int, lr: float, hard_share: float,
-                categories: Sequence[str] = (), seed: int = 0,
-                say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Refit ``model``'s contrastive heads, their readouts and temperature in place, from where the joint run
-    left them, on ``n_images`` training images of ``data``; the rest of the model is untouched. Each image's
+                categories: Sequence[str] = (), seed: int = 0, say: Callable[[str], None] = lambda _: None,
+                readouts: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Refit ``model``'s contrastive heads, their readouts and temperature in place (from where the joint run left
+    them, or fresh when ``readouts`` differ from the compressor's), on ``n_images`` training images of ``data``;
+    the rest of the model is untouched. Each image's
     caption is its first, the scene-unique one the compressor's contrastive loss trained on (the shorter ones,
     "four shapes on a gradient gray background", are true of many images, and the heads never saw them: on all
     five, the contrastive-only mixer compressor's joint heads started the refit at chance, loss 5.2 for a batch
     of 128, while they find the first caption's image at R@1 0.98)."""
-    compressor = model.compressor
-    if compressor is None:
+    if model.compressor is None:
         raise ValueError("only a Fwd2Bot compressor has contrastive heads to refit")
     torch.manual_seed(seed)
+    fresh = readouts is not None and tuple(readouts) != (model.config.image_readout, model.config.text_readout)
+    if fresh:
+        _fresh_heads(model, *readouts)
+    compressor = model.compressor
     rows = training_rows(data, n_images, categories, captions_per_image=1)
     feats = row_features(model, rows, say)
     heads = [m for m in (compressor.image_mixer, compressor.image_head, compressor.text_mixer, compressor.text_head)
@@ -163,6 +167,21 @@ def refit_heads(model: Fwd2Bot, data: Path, n_images: int, steps: int, batch: in
             m.eval()
         compressor.to(dtype)
     say(f"heads refitted: {steps} steps of {batch} in {time.perf_counter() - started:.0f} s, loss {curve[0]} -> {curve[-1]}")
-    return {"images": len(rows), "steps": steps, "batch": batch, "lr": lr, "hard_share": hard_share,
+    return {"images": len(rows), "steps": steps, "image_readout": model.config.image_readout,
+            "text_readout": model.config.text_readout, "fresh_heads": fresh, "batch": batch, "lr": lr, "hard_share": hard_share,
             "hard_categories": list(categories), "loss_curve": curve,
             "temperature": round(float(1 / compressor.logit_scale.detach().float().exp()), 4)}
+
+
+def _fresh_heads(model: Fwd2Bot, image_readout: str, text_readout: str) -> None:
+    """Give ``model`` new, untrained heads with these readouts; summary tokens, pass-2 projection and temperature
+    stay (a compressor trained with the paper's readouts gets a mixer's; the tokens it stores do not change)."""
+    from ...model.fwd2bot import Compressor
+
+    old, config = model.compressor, model.config
+    new = Compressor(config.hidden_size, config.num_summary_tokens, config.embed_dim,
+                     image_readout=image_readout, text_readout=text_readout)
+    kept = {k: v for k, v in old.state_dict().items() if k.startswith(("summary_tokens", "pass2_projection", "logit_scale"))}
+    new.load_state_dict(kept, strict=False)
+    model.compressor = new.to(old.summary_tokens.device, old.summary_tokens.dtype).eval()
+    config.image_readout, config.text_readout = image_readout, text_readout
