@@ -371,15 +371,16 @@ def test_absent_scores_count_right_answers_and_denials_of_present_objects(tmp_pa
     assert scores["by_template"][records[0]["template"]] < 1.0
 
 
-def test_mixer_variant_trains_its_readouts_on_swap_kind_negatives_only(tmp_path, tiny_llava_dir):
-    """k16-mixer's batches: every hard negative is a swap of its caption (same words, other binding), and the
+def test_the_shipped_variant_trains_mixer_readouts_on_swap_kind_negatives_only(tmp_path, tiny_llava_dir):
+    """The shipped compressor's batches (k16: token-mixer readouts): every hard negative is a swap of its caption (same words, other binding), and the
     contrastive loss reaches the two token mixers, which a fresh compressor with these readouts holds."""
     import json
     from dataclasses import replace
 
     from fwd2bot_index.training.demo.compressor import MIXER_READOUTS, VARIANTS, HardNegativeTrainer, hard_negative_pairs
 
-    assert VARIANTS["k16-mixer"]["ar"] > 0 and VARIANTS["k16-mixer-contrastive"]["ar"] == 0
+    assert all(VARIANTS[v].items() >= MIXER_READOUTS.items() for v in ("k16", "k16-contrastive", "k8", "k32"))
+    assert "image_readout" not in VARIANTS["k16-mean"] and VARIANTS["k16-mean-contrastive"]["ar"] == 0
     config = replace(_training_world(tmp_path, tiny_llava_dir, n=40, seed=7, batch=12),
                      image_readout="mixer", text_readout="mixer")
     pairs = hard_negative_pairs(tmp_path / "d", MIXER_READOUTS["hard_categories"])
@@ -424,3 +425,19 @@ def test_head_refit_trains_the_heads_alone_and_lowers_their_loss(tmp_path, tiny_
         assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith(prefix))
     assert torch.equal(summary_tokens(model, paths), tokens)
     assert not model.compressor.image_mixer.training  # left in eval mode, as loaded models are
+
+    # a compressor trained with the paper's readouts gets fresh mixer heads; what it stores stays
+    plain = Fwd2Bot.create(Fwd2Bot.from_pretrained(str(tiny_llava_dir), device="cpu", dtype="fp32").backbone,
+                           num_summary_tokens=4, embed_dim=16, lora_r=4)
+    plain.config.trained_steps = 1
+    kept = {k: v.clone() for k, v in plain.compressor.state_dict().items() if not k.startswith(("image_", "text_"))}
+    result = refit_heads(plain, tmp_path / "d", n_images=24, steps=40, batch=12, lr=3e-3, hard_share=0.5,
+                         readouts=("mixer", "mixer"))
+    assert result["fresh_heads"] and (plain.config.image_readout, plain.config.text_readout) == ("mixer", "mixer")
+    assert plain.compressor.image_mixer is not None and plain.compressor.text_mixer is not None
+    assert result["loss_curve"][-1] < result["loss_curve"][0]
+    assert all(torch.equal(plain.compressor.state_dict()[k], v) for k, v in kept.items() if k != "logit_scale")
+    plain.save_pretrained(str(tmp_path / "refitted"))
+    again = Fwd2Bot.from_pretrained(str(tmp_path / "refitted"), device="cpu", dtype="fp32")
+    texts = ["a red circle", "two blue squares"]
+    assert torch.allclose(torch.as_tensor(again.encode_texts(texts)), torch.as_tensor(plain.encode_texts(texts)), atol=1e-5)
