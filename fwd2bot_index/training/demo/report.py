@@ -68,7 +68,7 @@ def write_model_card(out_dir: str | os.PathLike[str], report: dict[str, Any]) ->
         f"(checkpoint folder {report.get('size_bytes', 0) / 2**20:.1f} MiB, base included)",
         f"- Fwd2Bot: K = {r['num_summary_tokens']} summary tokens, embedding dimension {r['embed_dim']}, LoRA "
         f"r = {r['lora_r']} (alpha {r['lora_alpha']}) adapters for pass 1 and pass 2; the base stays frozen; "
-        + _readout_clause(comp.get("k16", {})), "",
+        + _readout_clause(stages.get("heads-k16") or comp.get("k16", {})), "",
         "## Recipe (seed " + str(report["seed"]) + ")", "",
         _warmup_line(r, warm),
         f"1. Base: {base.get('steps', '?')} steps x {r['base_batch']} fresh scenes (stopped by "
@@ -127,9 +127,12 @@ def _readout_clause(k16: dict[str, Any]) -> str:
 
 def _refit_line(refit: dict[str, Any]) -> str:
     curve = refit.get("loss_curve") or ["?"]
+    what = (f"new contrastive heads (image readout {refit.get('image_readout')}, text readout "
+            f"{refit.get('text_readout')}) in place of the compressor's, and the temperature," if refit.get("fresh_heads")
+            else "the contrastive heads, their readouts and the temperature")
     return (f"2b. Heads refitted: pass 1 frozen, the summary tokens of {refit.get('images', '?')} training images and "
-            f"the token states of their captions and hard-negative pairs computed once, then the contrastive heads, "
-            f"their readouts and the temperature trained on them for {refit.get('steps', '?')} steps x "
+            f"the token states of their first (scene-unique) captions and hard-negative pairs computed once, then "
+            f"{what} trained on them for {refit.get('steps', '?')} steps x "
             f"{refit.get('batch', '?')} (lr {refit.get('lr', '?')}, one cycle) with the same loss; loss {curve[0]} -> "
             f"{curve[-1]}. Pass 2 does not read the heads: answers are unchanged.")
 
