@@ -26,7 +26,8 @@ _OPTION_NAMES = {"model": "MODEL", "device": "DEVICE", "dtype": "DTYPE", "backen
                  "index_kind": "KIND", "faiss_index": "KIND", "qdrant_collection": "NAME",
                  "qdrant_quantization": "KIND", "token_dtype": "DTYPE", "ray": "ADDRESS", "allowed_hosts": "HOST",
                  "recipe": "NAME", "objective": "NAME", "nested": "K,K,...", "lora_targets": "REGEX",
-                 "pool_schedule": "SCHEDULE", "distill_layout": "LAYOUT"}
+                 "pool_schedule": "SCHEDULE", "distill_layout": "LAYOUT", "image_readout": "READOUT",
+                 "text_readout": "READOUT"}
 
 
 def _metavar(name: str, annotation: typing.Any, argument: bool) -> str:
