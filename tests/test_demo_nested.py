@@ -138,13 +138,14 @@ def test_it_warns_like_the_demo_model_off_its_world():
 
 def test_verified_search_defaults_as_for_the_demo_model(nested):
     """It shares the demo model's base, whose recipe measured whether re-ranking by P(yes) helps: the nested
-    model carries that verdict (an unmeasured one, null, would turn verified search on whatever was measured)."""
-    from fwd2bot_index.model.config import Fwd2BotConfig
+    model carries the verdict measured when it was exported (an unmeasured one, null, would turn verified search
+    on whatever was measured). That was on the K = 16 compressor with its joint heads (t2i R@1 86.9 / 62.3, which
+    verify@20 raised): the shipped demo model's mixer heads since find 98.7 / 92.5 and verification now lowers
+    that, while demo-nested's own embedding is weaker still, so its verdict stays."""
     from fwd2bot_index.verification import verify_by_default
 
-    shipped = Fwd2BotConfig.read(demo_model_path()).relevance_ranks_well
-    assert shipped is not None and nested.config.relevance_ranks_well is shipped
-    assert verify_by_default(nested) is shipped
+    assert nested.config.relevance_ranks_well is True
+    assert verify_by_default(nested) is True
 
 
 def test_a_re_export_copies_the_verdict_of_the_model_whose_base_it_shares(tmp_path):

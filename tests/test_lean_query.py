@@ -31,34 +31,35 @@ def test_lean_embeddings_equal_the_models(demo_model):
     assert np.abs(lean.encode(TEXTS) - demo_model.encode_texts(TEXTS)).max() < 1e-5
 
 
-def test_a_mixer_text_readout_embeds_as_the_model_does(tmp_path):
-    """text_readout: mixer (every token's state through the token mixer) on the demo model's own LLM and LoRA:
-    the numpy path computes the same layers; config and weights that disagree are left to the model."""
+def test_both_text_readouts_embed_as_the_model_does(tmp_path):
+    """The demo model reads its text prompt through the token mixer (``text_readout: mixer``); the same LLM and
+    LoRA with the paper's last-state readout (a random text head) embed alike on both paths too; config and
+    weights that disagree are left to the model."""
+    import shutil
+
     import torch
 
-    from fwd2bot_index.model import Fwd2Bot
+    from fwd2bot_index.model import Fwd2Bot, demo_model_path
     from fwd2bot_index.model.fwd2bot import Compressor
 
-    demo_model = Fwd2Bot.from_pretrained("demo", device="cpu")  # its own copy: changed below
-    config = demo_model.config
-    mixer = Compressor(config.hidden_size, config.num_summary_tokens, config.embed_dim, text_readout="mixer")
+    assert LeanTextEncoder.load("demo").mixer is not None
+    model = Fwd2Bot.from_pretrained("demo", device="cpu")  # its own copy: changed below
+    config = model.config
+    last = Compressor(config.hidden_size, config.num_summary_tokens, config.embed_dim, image_readout="mixer")
     torch.manual_seed(0)
-    with torch.no_grad():  # random, but not the fresh init: every weight of the layers must be read right
-        for name, p in mixer.named_parameters():
-            if name.startswith("text_"):
-                p.add_(torch.randn_like(p) * 0.1)
-    mixer.load_state_dict({k: v for k, v in demo_model.compressor.state_dict().items() if not k.startswith("text_")},
-                          strict=False)
-    demo_model.compressor, demo_model.config.text_readout = mixer.to(demo_model.backbone.dtype), "mixer"
-    demo_model.save_pretrained(str(tmp_path / "mixer"), include_base=True)
-    model = Fwd2Bot.from_pretrained(str(tmp_path / "mixer"), device="cpu")
-    lean = LeanTextEncoder.load(str(tmp_path / "mixer"))
-    assert lean is not None and lean.mixer is not None
-    assert np.abs(lean.encode(TEXTS) - model.encode_texts(TEXTS)).max() < 1e-5
-    assert np.abs(lean.encode(TEXTS) - LeanTextEncoder.load("demo").encode(TEXTS)).max() > 0.1  # the mixer acts
-    path = tmp_path / "mixer" / "fwd2bot_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "text_readout": "last"}))  # weights say otherwise
-    assert LeanTextEncoder.load(str(tmp_path / "mixer")) is None
+    last.load_state_dict({k: v for k, v in model.compressor.state_dict().items() if not k.startswith("text_")},
+                         strict=False)
+    model.compressor, model.config.text_readout = last.to(model.backbone.dtype), "last"
+    model.save_pretrained(str(tmp_path / "last"), include_base=True)
+    reloaded = Fwd2Bot.from_pretrained(str(tmp_path / "last"), device="cpu")
+    lean = LeanTextEncoder.load(str(tmp_path / "last"))
+    assert lean is not None and lean.mixer is None
+    assert np.abs(lean.encode(TEXTS) - reloaded.encode_texts(TEXTS)).max() < 1e-5
+    assert np.abs(lean.encode(TEXTS) - LeanTextEncoder.load("demo").encode(TEXTS)).max() > 0.1  # the readouts differ
+    mixer = shutil.copytree(demo_model_path("demo"), tmp_path / "mixer")
+    path = mixer / "fwd2bot_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "text_readout": "last"}))  # weights say mixer
+    assert LeanTextEncoder.load(str(mixer)) is None
 
 
 def test_what_the_lean_path_does_not_cover_is_left_to_the_model(tmp_path, monkeypatch):
