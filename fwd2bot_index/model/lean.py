@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .config import MIXER_HEADS
+from .config import MIXER_HEADS, TEXT_READOUTS
 from .files import (
     COMPRESSOR_FILE, CONFIG_FILE, base_folder, demo_model_path, folder_fingerprint, is_demo_name, is_local_base,
 )
@@ -120,7 +120,7 @@ class LeanTextEncoder:
         tok_cfg = json.loads((base / "tokenizer_config.json").read_text())
         rope = text.get("rope_parameters") or {"rope_type": "default"}
         supported = (
-            config.get("base_family") == "llava" and config.get("text_readout", "last") in ("last", "mixer")
+            config.get("base_family") == "llava" and config.get("text_readout", "last") in TEXT_READOUTS
             and base_config.get("model_type") == "llava" and text.get("model_type") == "llama"
             and rope.get("rope_type", "default") == "default" and not text.get("attention_bias")
             and not text.get("mlp_bias") and text.get("hidden_act", "silu") == "silu"
